@@ -1,0 +1,126 @@
+"""The contract between the engine and a stage.
+
+The engine knows nothing about video or speech: it sees named stages that depend on each other,
+each cut into shards. A stage module (``stages/<name>.py``) exposes one ``Stage`` object.
+
+For every shard the engine calls ``stage.run(ctx, shard)`` in a worker (in-process, a local
+subprocess or a Slurm array task). ``run`` must be a pure per-shard function: it reads its inputs
+(from ``ctx``), writes exactly the paths that ``stage.outputs(ctx, shard)`` declares, each under a
+temporary name renamed when complete (see ``pipeline.atomic``), and returns a small JSON-able dict
+of statistics. The engine then records a completion marker for the shard. A shard is complete only
+when its marker exists *and* every declared output exists, so a SIGKILL at any moment leaves
+nothing a later stage could mistake for output.
+
+After all shards of a stage are complete the engine calls ``stage.finalize(ctx, shard_stats)``
+once, in the launching process (merging per-shard files, summaries, failure-rate checks). It is
+idempotent and its outputs (``stage.final_outputs``) are atomic too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work of a stage. ``key`` is unique within (iteration, stage) and is used for
+    the completion marker and the log file name; ``params`` is stage-specific (e.g. split/rank)."""
+
+    index: int
+    count: int
+    key: str
+    params: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class Resources:
+    """What one job of a stage asks the scheduler for. Filled from the cluster config
+    (``cluster.stages.<name>`` over ``cluster.defaults``)."""
+
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    gpus_per_task: int = 0
+    timeout_min: int = 60
+    nodes: int = 1
+    tasks_per_node: int = 1
+
+
+@dataclass
+class StageContext:
+    """Everything a shard function may look at. Picklable (sent to Slurm workers).
+
+    ``cfg`` is the whole resolved pipeline config (an omegaconf DictConfig; ``cfg.<stage_name>``
+    is the stage's own typed section). ``iteration`` is None for stages that run once (crop,
+    manifest) and 1..N for per-iteration stages.
+    """
+
+    cfg: Any
+    workdir: Path
+    iteration: Optional[int] = None
+    force: bool = False
+
+    def stage_dir(self, stage_name: str, iteration: Optional[int] = None) -> Path:
+        """Output directory of a stage: ``WORKDIR/<stage>`` for once-only stages,
+        ``WORKDIR/iter{N}/<stage>`` for per-iteration ones. ``iteration`` defaults to ours."""
+        it = self.iteration if iteration is None else iteration
+        if it is None:
+            return Path(self.workdir) / stage_name
+        return Path(self.workdir) / f"iter{it}" / stage_name
+
+    def with_iteration(self, iteration: Optional[int]) -> "StageContext":
+        return dataclasses.replace(self, iteration=iteration)
+
+
+class Stage:
+    """Base class of a pipeline stage. Subclasses set the class attributes and implement
+    ``shards``, ``outputs`` and ``run``.
+
+    - ``name``: the stage's name on the command line and in the work dir.
+    - ``depends_on``: names of stages that must be complete first (same iteration, or the
+      once-only stages).
+    - ``per_iteration``: True for stages that run once per pretraining iteration.
+    - ``depends_on_previous``: stages of iteration N-1 that must be complete before this stage
+      runs in iteration N > 1 (features of iteration N read iteration N-1's checkpoint).
+    - ``multi_task``: True when one shard is a multi-task job (distributed training): ``run`` is
+      called in every task (rank); only rank 0's return value is recorded.
+    - ``checkpointable``: True when a killed/preempted job should be requeued and ``run`` called
+      again (it must resume from its own checkpoints).
+    """
+
+    name: str = ""
+    depends_on: Sequence[str] = ()
+    per_iteration: bool = False
+    depends_on_previous: Sequence[str] = ()
+    multi_task: bool = False
+    checkpointable: bool = False
+
+    def enabled(self, ctx: StageContext) -> bool:
+        """Whether this stage takes part in this iteration (e.g. finetune only when asked)."""
+        return True
+
+    def validate(self, ctx: StageContext) -> None:
+        """Raise ``pipeline.errors.ConfigError`` naming the setting/path and the reason, before
+        anything is submitted. Inputs produced by earlier stages may not exist yet."""
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        raise NotImplementedError
+
+    def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
+        """Files this shard writes. All must exist for the shard to count as complete."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext, shard: Shard) -> dict:
+        raise NotImplementedError
+
+    def final_outputs(self, ctx: StageContext) -> list[Path]:
+        """Files ``finalize`` writes (checked for stage completeness)."""
+        return []
+
+    def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
+        """Called once after all shards are complete; returns a summary dict (printed, stored)."""
+        return {}
+
+
+StageFactory = Callable[[], Stage]
