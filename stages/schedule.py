@@ -18,6 +18,17 @@ class IterationSpec:
 
 
 def _paper_schedule() -> list:
+    # Checked (train stage work, issue 6) against the reference code and its authors:
+    # - layers: the AV-HuBERT author answering facebookresearch/av_hubert issue #82 says the
+    #   models of iterations 1-4 are clustered at layers {9, 12, 12, 12} (paper, appendix B.4),
+    #   i.e. iteration 2 trains on layer-9 clusters of iteration 1, iterations 3-5 on layer 12;
+    # - iteration 1 = MFCC targets at 100 Hz: avhubert/conf/pretrain/base_lrs3_iter1.yaml has
+    #   labels ["mfcc"], model.label_rate 100; the later configs (base_lrs3_iter3/iter5,
+    #   base_vox_iter4/iter5) have labels ["km"] and label_rate 25 (or ??? = given per run);
+    # - cluster counts 100 (MFCC), then 100, 500, 1000, 2000: the paper's setup (sec. 4.1); the
+    #   reference configs do not carry K (it comes from dict.km.txt).
+    # The configs also differ per iteration beyond the targets (e.g. iter5: masking_type input,
+    # mask_prob_image 0.3, modality_dropout 0.5): see train.iteration_overrides in presets/base.yaml.
     return [
         IterationSpec("mfcc", None, 100),
         IterationSpec("layer", 9, 100),
