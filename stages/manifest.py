@@ -231,13 +231,13 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
             text = (text.lower() if lowercase else text) or None
         rows[rec["split"]].append((item_id, rec["video"], rec["audio"], n_frames, n_samples, text))
 
+    atomic.write_text(out_dir / "failures.jsonl",
+                      "".join(json.dumps(f, sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: f["id"])))
     if not rows["train"]:
         raise RuntimeError(
             f"no usable train pairs in {crop_dir / 'results'} ({len(failures)} failures, see "
             f"{out_dir / 'failures.jsonl'})"
         )
-    atomic.write_text(out_dir / "failures.jsonl",
-                      "".join(json.dumps(f, sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: f["id"])))
     for split in SPLITS:
         rows[split].sort(key=lambda r: r[0])
         lines = [str(crop_dir)] + ["\t".join(map(str, r[:5])) for r in rows[split]]

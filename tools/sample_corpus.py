@@ -13,7 +13,7 @@ the clip's video duration) as its audio track, and that sentence as its same-nam
 transcript. A clip whose source window is *not* silent keeps its own audio and gets no transcript.
 Cutting, flipping and muxing use the static ffmpeg of ``imageio-ffmpeg`` (no system ffmpeg).
 
-Result (20 clips of 2-2.4 s; ids are paths relative to the corpus dir, without extension)::
+Result (20 clips of 1.97-2.4 s; ids are paths relative to the corpus dir, without extension)::
 
     sample_corpus_v1/
       pexels_langer/{00..07}.mp4 + .txt       consecutive 2.4 s windows
@@ -323,7 +323,17 @@ def _build_clip(ffmpeg: str, spec: ClipSpec, source: Path, src: SourceClip, root
         _run([*common, "-filter_complex", audio_filter, "-map", "0:v:0", "-map", "[a]",
               *encode_video, *encode_audio, "-movflags", "+faststart", str(out)])
         record.update(text=None)
+    made = _count_frames(out)
+    if made != n_frames:
+        raise RuntimeError(f"{out}: expected {n_frames} frames from {source} at {spec.start} s, got {made}")
     return record
+
+
+def _count_frames(video: Path) -> int:
+    import av
+
+    with av.open(str(video)) as container:
+        return sum(1 for _ in container.decode(video=0))
 
 
 _SOURCES_MD = """\
