@@ -31,6 +31,7 @@ with absolute ones.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SAMPLES_PER_FRAME = 640  # 16000 Hz / 25 fps
+PARALLEL_MIN_PAIRS = 256  # below this, counting in one process beats starting a pool
 SPM_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 
 
@@ -68,6 +70,7 @@ class Config:
     av_tolerance_frames: float = 2.0  # |n_samples - 640 n_frames| allowed, in video frames
     lowercase: bool = True  # .wrd and spm text (the reference lower-cases LRS3 text)
     spm_vocab_size: int = 1000
+    workers: int = 0  # processes recounting frames/samples; 0 = every CPU the job has
 
 
 class ManifestStage(Stage):
@@ -197,6 +200,13 @@ def _check_pair(rec: dict, crop_dir: Path, tolerance_frames: float, count_frames
     return n_frames, n_samples
 
 
+def _check_pair_or_reason(job):
+    try:
+        return _check_pair(*job)
+    except ValueError as e:
+        return str(e)
+
+
 def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
     """The whole stage: read the crop results under ``crop_dir``, write the manifest into
     ``out_dir``; returns the summary."""
@@ -209,6 +219,7 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
     rows: dict[str, list[tuple[str, str, str, int, int, Optional[str]]]] = {s: [] for s in SPLITS}
     failures = []
     seen = set()
+    ok = []
     for rec, where in _read_results(crop_dir / "results"):
         item_id = rec["id"]
         if item_id in seen:
@@ -219,17 +230,26 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
         if status != "ok":
             failures.append({"id": item_id, "split": rec.get("split"), "stage": "crop",
                              "reason": str(rec.get("reason") or f"crop status {status!r}")})
+        else:
+            ok.append(rec)
+
+    jobs = [(rec, crop_dir, tolerance, count_frames, count_samples) for rec in ok]
+    workers = int(settings.workers) or len(os.sched_getaffinity(0))
+    if workers > 1 and len(jobs) >= PARALLEL_MIN_PAIRS:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            checked = list(pool.map(_check_pair_or_reason, jobs, chunksize=64))
+    else:
+        checked = [_check_pair_or_reason(job) for job in jobs]
+    for rec, result in zip(ok, checked):
+        if isinstance(result, str):
+            failures.append({"id": rec["id"], "split": rec.get("split"), "stage": "manifest", "reason": result})
             continue
-        try:
-            n_frames, n_samples = _check_pair(rec, crop_dir, tolerance, count_frames, count_samples)
-        except ValueError as e:
-            failures.append({"id": item_id, "split": rec.get("split"), "stage": "manifest", "reason": str(e)})
-            continue
+        n_frames, n_samples = result
         text = rec.get("text")
         if text is not None:
             text = " ".join(str(text).split())
             text = (text.lower() if lowercase else text) or None
-        rows[rec["split"]].append((item_id, rec["video"], rec["audio"], n_frames, n_samples, text))
+        rows[rec["split"]].append((rec["id"], rec["video"], rec["audio"], n_frames, n_samples, text))
 
     atomic.write_text(out_dir / "failures.jsonl",
                       "".join(json.dumps(f, sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: f["id"])))

@@ -206,3 +206,15 @@ def test_validate_rejects_bad_settings(tmp_path):
         with pytest.raises(ConfigError):
             STAGE.validate(ctx)
     STAGE.validate(StageContext(cfg=OmegaConf.create({"manifest": settings()}), workdir=tmp_path))
+
+
+def test_parallel_recount_gives_the_same_manifest(manifest, crop_dir, tmp_path, monkeypatch):
+    import stages.manifest as manifest_module
+
+    ctx, stats = manifest
+    monkeypatch.setattr(manifest_module, "PARALLEL_MIN_PAIRS", 1)
+    summary = build_manifest(crop_dir, tmp_path / "par", settings(workers=2))
+    serial = ctx.stage_dir("manifest")
+    for name in ("train.tsv", "valid.tsv", "test.tsv", "train.wrd", "failures.jsonl"):
+        assert (tmp_path / "par" / name).read_text() == (serial / name).read_text(), name
+    assert summary["counts"] == stats["counts"]
