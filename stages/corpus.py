@@ -95,7 +95,7 @@ def list_items(cfg) -> list[Item]:
 
     if settings.include_ids:
         keep = _read_id_list(settings.include_ids, root, "manifest.include_ids")
-        entries = [e for e in _matching(entries, keep, "manifest.include_ids", settings.include_ids)]
+        entries = _matching(entries, keep, "manifest.include_ids", settings.include_ids)
     return _assign_splits(entries, layout, root, settings)
 
 
@@ -179,7 +179,7 @@ def segment_words(
     def cut_time(k: int) -> float:  # cut between word k-1 and word k
         return (words[k - 1][2] + words[k][1]) / 2
 
-    def bounds(a: int, b: int, cuts: list[int]) -> tuple[float, float]:
+    def bounds(a: int, b: int) -> tuple[float, float]:
         start = 0.0 if a == 0 else cut_time(a)
         end = words[-1][2] if b == n else cut_time(b)
         return start, end
@@ -189,7 +189,7 @@ def segment_words(
     done = []
     while pieces:
         a, b = pieces.pop(0)
-        start, end = bounds(a, b, cuts)
+        start, end = bounds(a, b)
         if end - start <= max_seconds or b - a == 1:
             if b - a == 1 and end - start > max_seconds:
                 log.warning("a single word lasts %.1f s (> %.1f s); kept whole", end - start, max_seconds)

@@ -4,7 +4,6 @@ failures, failure records, sentencepiece model and fairseq dictionary."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
