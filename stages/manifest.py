@@ -99,7 +99,10 @@ class ManifestStage(Stage):
         return [out / f"{s}.tsv" for s in SPLITS] + [out / "failures.jsonl", out / "summary.json"]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        return build_manifest(ctx.stage_dir("crop"), ctx.stage_dir(self.name), ctx.cfg.manifest)
+        from stages.corpus import list_items
+
+        items = list_items(ctx.cfg) if ctx.cfg.get("corpus") else None
+        return build_manifest(ctx.stage_dir("crop"), ctx.stage_dir(self.name), ctx.cfg.manifest, items)
 
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
         return read_summary(ctx)
@@ -207,9 +210,14 @@ def _check_pair_or_reason(job):
         return str(e)
 
 
-def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
+def build_manifest(crop_dir: Path, out_dir: Path, settings, items=None) -> dict:
     """The whole stage: read the crop results under ``crop_dir``, write the manifest into
-    ``out_dir``; returns the summary."""
+    ``out_dir``; returns the summary.
+
+    ``items`` (``stages.corpus.list_items`` of the current config) when given decides each pair's
+    split and text, so changing the split lists or fixing a transcript needs no new crop; results
+    of ids no longer in the corpus are left out, and corpus items without a result are counted
+    (both with a warning). Without ``items`` the split and text recorded by the crop stage are used."""
     crop_dir = Path(crop_dir).resolve()
     out_dir = Path(out_dir)
     count_frames, count_samples = _media()
@@ -220,18 +228,33 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
     failures = []
     seen = set()
     ok = []
+    corpus = {item.id: item for item in items} if items is not None else None
+    dropped = []
     for rec, where in _read_results(crop_dir / "results"):
         item_id = rec["id"]
         if item_id in seen:
             log.warning("%s: id %s appears twice in the crop results; keeping the first", where, item_id)
             continue
         seen.add(item_id)
+        if corpus is not None:
+            if item_id not in corpus:
+                dropped.append(item_id)
+                continue
+            rec = {**rec, "split": corpus[item_id].split, "text": corpus[item_id].text}
         status = rec.get("status")
         if status != "ok":
             failures.append({"id": item_id, "split": rec.get("split"), "stage": "crop",
                              "reason": str(rec.get("reason") or f"crop status {status!r}")})
         else:
             ok.append(rec)
+
+    if dropped:
+        log.warning("%d crop results are for ids no longer in the corpus (e.g. %s); left out",
+                    len(dropped), ", ".join(dropped[:3]))
+    not_cropped = sorted(set(corpus) - seen) if corpus is not None else []
+    if not_cropped:
+        log.warning("%d corpus items have no crop result (e.g. %s): the crop ran on other settings; "
+                    "re-run it to include them", len(not_cropped), ", ".join(not_cropped[:3]))
 
     jobs = [(rec, crop_dir, tolerance, count_frames, count_samples) for rec in ok]
     workers = int(settings.workers) or len(os.sched_getaffinity(0))
@@ -269,6 +292,8 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings) -> dict:
         "counts": {s: len(rows[s]) for s in SPLITS},
         "frames": {s: sum(r[3] for r in rows[s]) for s in SPLITS},
         "failures": len(failures),
+        "not_in_corpus": len(dropped),
+        "not_cropped": len(not_cropped),
         "has_text": has_text,
         "spm_model": None,
         "spm_vocab_size": None,

@@ -217,3 +217,20 @@ def test_parallel_recount_gives_the_same_manifest(manifest, crop_dir, tmp_path, 
     for name in ("train.tsv", "valid.tsv", "test.tsv", "train.wrd", "failures.jsonl"):
         assert (tmp_path / "par" / name).read_text() == (serial / name).read_text(), name
     assert summary["counts"] == stats["counts"]
+
+
+def test_current_corpus_listing_decides_split_and_text(crop_dir, tmp_path):
+    from stages.corpus import Item
+
+    items = [Item(i, f"/corpus/{i}.mp4", split="train", text="Old text") for i in
+             ("spk1/a", "spk1/b", "c", "noface", "bad_av", "gone", "corrupt")]
+    items += [Item("v1", "/corpus/v1.mp4", split="train", text="A Fixed Transcript"),
+              Item("never_cropped", "/corpus/n.mp4", split="valid")]  # t1 is gone from the corpus
+    summary = build_manifest(crop_dir, tmp_path / "m", settings(), items)
+    out = tmp_path / "m"
+    assert [r.split("\t")[0] for r in (out / "train.tsv").read_text().splitlines()[1:]] == ["c", "spk1/a", "spk1/b", "v1"]
+    assert (out / "valid.tsv").read_text() == (out / "test.tsv").read_text() == f"{crop_dir.resolve()}\n"
+    assert (out / "train.wrd").read_text().splitlines()[-1] == "a fixed transcript"
+    assert (out / "valid.wrd").read_text() == ""
+    assert summary["not_in_corpus"] == 1 and summary["not_cropped"] == 1
+    assert summary["counts"] == {"train": 4, "valid": 0, "test": 0}
