@@ -5,7 +5,8 @@ Runs once, one shard (it only reads headers and counts). Reads ``crop/results/*.
 relative to the crop dir, or ``{"id", "status": "failed", "reason"}``), recounts the frames and
 samples of every produced pair, checks that the audio covers the video (``n_samples`` within
 ``av_tolerance_frames`` x 640 of ``n_frames`` x 640: 16 kHz audio, 25 fps video) and writes into
-``WORKDIR/manifest/``:
+``WORKDIR/manifest/``. Split and text come from the current corpus listing (``list_items``), so a
+new split list or a fixed transcript only needs a manifest re-run, not a new crop:
 
 - ``{train,valid,test}.tsv``: first line the root (the crop dir, absolute), then one row per pair
   ``id<TAB>video<TAB>audio<TAB>n_video_frames<TAB>n_audio_samples`` (paths relative to the root),
