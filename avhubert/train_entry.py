@@ -1,0 +1,92 @@
+"""Run fairseq's hydra training in-process for one rank (one process per rank, started by the
+caller, e.g. a submitit task). Equivalent to
+
+    fairseq-hydra-train --config-dir CONFIG_DIR --config-name CONFIG_NAME common.user_dir=<avhubert> ...
+
+with the distributed settings of this rank added: ``distributed_no_spawn`` (no fairseq spawning),
+gloo + ``ddp_backend=no_c10d`` on CPU, nccl on GPU. Checkpoint reading (resume from
+``checkpoint_last.pt``) runs with the fairseq checkpoint allow-list of
+:mod:`avhubert.checkpoint` in force, for this call only.
+"""
+import logging
+import os
+import sys
+from typing import List, Optional
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip().lstrip("+~")
+
+
+def rank_overrides(rank: int, world_size: int, init_method: Optional[str], device: str) -> List[str]:
+    """Overrides that make the composed config run as this rank on this device."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if world_size > 1 and not init_method:
+        raise ValueError("world_size > 1 needs init_method (e.g. tcp://HOST:PORT)")
+    on_cpu = device == "cpu"
+    out = [
+        f"common.user_dir={PLUGIN_DIR}",
+        f"common.cpu={'true' if on_cpu else 'false'}",
+        f"distributed_training.distributed_world_size={world_size}",
+        f"distributed_training.distributed_rank={rank}",
+        "distributed_training.distributed_no_spawn=true",
+        f"distributed_training.distributed_backend={'gloo' if on_cpu else 'nccl'}",
+        # no fairseq guessing of the rendezvous from Slurm/torchrun variables: we were given it
+        "distributed_training.distributed_port=-1",
+    ]
+    if on_cpu:
+        out += ["distributed_training.ddp_backend=no_c10d", "common.fp16=false",
+                "common.memory_efficient_fp16=false", "common.bf16=false"]
+    out.append(f"distributed_training.distributed_init_method={init_method if world_size > 1 else 'null'}")
+    return out
+
+
+def compose_config(config_dir: str, config_name: str, overrides: List[str]):
+    """The training config as fairseq-hydra-train would build it (without hydra's own section)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fairseq.dataclass.initialize import hydra_init
+
+    config_dir = os.path.abspath(config_dir)
+    if not os.path.isfile(os.path.join(config_dir, f"{config_name}.yaml")):
+        raise FileNotFoundError(f"{config_dir}/{config_name}.yaml: training config not found")
+    hydra_init(config_name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_fairseq_train(config_dir: str, config_name: str, overrides: List[str], rank: int = 0,
+                      world_size: int = 1, init_method: Optional[str] = None, device: str = "cpu") -> None:
+    """Train one rank to completion (max_update / max_epoch), resuming from the save dir's
+    ``checkpoint_last.pt`` when present (fairseq's restore_file default). Raises on failure."""
+    from fairseq_cli.hydra_train import _hydra_main
+
+    from .checkpoint import fairseq_checkpoint_loading
+    from .extract import ensure_plugin_registered
+
+    ensure_plugin_registered()  # task/model/criterion registered before the config is checked
+    ours = rank_overrides(rank, world_size, init_method, device)
+    own_keys = {_key(o) for o in ours}
+    # the caller's overrides first, ours last; drop the caller's duplicates of keys we own
+    merged = [o for o in overrides if _key(o) not in own_keys] + ours
+    cfg = compose_config(config_dir, config_name, merged)
+    if not logging.getLogger().handlers:  # hydra would have configured logging; do the same
+        logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                            level=logging.INFO, stream=sys.stdout)
+
+    import torch.distributed as dist
+
+    was_initialized = dist.is_available() and dist.is_initialized()
+    try:
+        with fairseq_checkpoint_loading():
+            _hydra_main(cfg)
+    finally:
+        if world_size > 1 and not was_initialized and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
