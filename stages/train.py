@@ -380,6 +380,7 @@ def plot_loss_curve(tensorboard_dir: Path, png: Path, title: str) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search spam at DEBUG
     import matplotlib.pyplot as plt
 
     tensorboard_dir = Path(tensorboard_dir)
@@ -421,6 +422,26 @@ def plot_loss_curve(tensorboard_dir: Path, png: Path, title: str) -> dict:
         "last_valid_loss": valid[-1][1] if valid else None,
         "resumed_at_updates": resumes,
     }
+
+
+def _close_fairseq_tensorboard_writers() -> None:
+    """fairseq keeps one SummaryWriter per log tag ("train_inner", "valid", ...) in a module-level
+    dict, keyed by tag only, flushed at interpreter exit. In-process (debug executor) the next
+    iteration would write into this iteration's log dir and finalize would read unflushed files:
+    close and forget them around each training run."""
+    try:
+        from fairseq.logging import progress_bar
+    except ImportError:  # pragma: no cover
+        return
+    writers = getattr(progress_bar, "_tensorboard_writers", None)
+    if not writers:
+        return
+    for writer in list(writers.values()):
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - a writer that cannot flush must not fail training
+            log.warning("could not close a TensorBoard writer", exc_info=True)
+    writers.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,15 +512,19 @@ class TrainStage(Stage):
             from avhubert.train_entry import run_fairseq_train
 
             base = base_config_path(cfg)
-            run_fairseq_train(
-                str(base.parent),
-                base.stem,
-                fairseq_overrides(ctx, dist, device, n_gpus),
-                rank=dist.rank,
-                world_size=dist.world_size,
-                init_method=dist.init_method,
-                device=device,
-            )
+            _close_fairseq_tensorboard_writers()
+            try:
+                run_fairseq_train(
+                    str(base.parent),
+                    base.stem,
+                    fairseq_overrides(ctx, dist, device, n_gpus),
+                    rank=dist.rank,
+                    world_size=dist.world_size,
+                    init_method=dist.init_method,
+                    device=device,
+                )
+            finally:
+                _close_fairseq_tensorboard_writers()
             trained = True
 
         if dist.rank != 0:
