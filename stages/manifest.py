@@ -314,8 +314,25 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings, items=None) -> dict:
             summary.update(spm_model=model.relative_to(out_dir).as_posix(), spm_vocab_size=size)
         else:
             log.warning("the train split has no transcripts: no sentencepiece model")
+    _remove_stale(out_dir, summary)
     atomic.write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _remove_stale(out_dir: Path, summary: dict) -> None:
+    """Text outputs of an earlier run that this run did not write (a forced re-run after the corpus
+    lost its transcripts, or a differently sized spm model)."""
+    keep = {out_dir / summary["spm_model"], (out_dir / summary["spm_model"]).with_suffix(".vocab")} \
+        if summary["spm_model"] else set()
+    stale = [p for p in (out_dir / "spm").glob("spm_unigram*") if p not in keep]
+    if not summary["spm_model"]:
+        stale += [out_dir / "dict.wrd.txt", out_dir / "spm" / "dict.wrd.txt"]
+    if not summary["has_text"]:
+        stale += [out_dir / f"{split}.wrd" for split in SPLITS]
+    for path in stale:
+        if path.is_file():
+            log.info("removing %s, left by an earlier run", path)
+            path.unlink()
 
 
 def train_sentencepiece(texts: list[str], vocab_size: int, spm_dir: Path) -> tuple[Path, int]:

@@ -234,3 +234,13 @@ def test_current_corpus_listing_decides_split_and_text(crop_dir, tmp_path):
     assert (out / "valid.wrd").read_text() == ""
     assert summary["not_in_corpus"] == 1 and summary["not_cropped"] == 1
     assert summary["counts"] == {"train": 4, "valid": 0, "test": 0}
+
+
+def test_rerun_replaces_text_outputs_of_an_earlier_run(crop_dir, tmp_path):
+    out = tmp_path / "m"
+    first = build_manifest(crop_dir, out, settings(spm_vocab_size=20))
+    assert first["spm_model"] == "spm/spm_unigram20.model"
+    second = build_manifest(crop_dir, out, settings(spm_vocab_size=16))
+    assert sorted(p.name for p in (out / "spm").iterdir()) == ["dict.wrd.txt", "spm_unigram16.model",
+                                                              "spm_unigram16.vocab"]
+    assert second["spm_vocab_size"] == 16 and len((out / "dict.wrd.txt").read_text().splitlines()) == 12
