@@ -238,9 +238,9 @@ def test_current_corpus_listing_decides_split_and_text(crop_dir, tmp_path):
 
 def test_rerun_replaces_text_outputs_of_an_earlier_run(crop_dir, tmp_path):
     out = tmp_path / "m"
-    first = build_manifest(crop_dir, out, settings(spm_vocab_size=20))
-    assert first["spm_model"] == "spm/spm_unigram20.model"
-    second = build_manifest(crop_dir, out, settings(spm_vocab_size=16))
-    assert sorted(p.name for p in (out / "spm").iterdir()) == ["dict.wrd.txt", "spm_unigram16.model",
-                                                              "spm_unigram16.vocab"]
-    assert second["spm_vocab_size"] == 16 and len((out / "dict.wrd.txt").read_text().splitlines()) == 12
+    first = build_manifest(crop_dir, out, settings(spm_vocab_size=27))
+    assert first["spm_model"] == "spm/spm_unigram27.model"
+    second = build_manifest(crop_dir, out, settings(spm_vocab_size=24))
+    assert sorted(p.name for p in (out / "spm").iterdir()) == ["dict.wrd.txt", "spm_unigram24.model",
+                                                              "spm_unigram24.vocab"]
+    assert second["spm_vocab_size"] == 24 and len((out / "dict.wrd.txt").read_text().splitlines()) == 20
