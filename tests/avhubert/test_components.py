@@ -1,0 +1,204 @@
+"""Dataset, inputs, masking, model and criterion on generated clips (no training)."""
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avhubert import features as feat
+
+
+def _task(corpus: Path, label_rate=25, **over):
+    from omegaconf import OmegaConf
+
+    from avhubert.task import AVHubertPretrainingConfig, AVHubertPretrainingTask
+
+    cfg = OmegaConf.structured(AVHubertPretrainingConfig)
+    base = dict(data=str(corpus), label_dir=str(corpus), labels=["km"], label_rate=label_rate, sample_rate=25,
+                normalize=True, stack_order_audio=4, pad_audio=True, random_crop=False,
+                max_sample_size=500, min_sample_size=5, max_trim_sample_size=500, image_aug=False)
+    base.update(over)
+    for k, v in base.items():
+        cfg[k] = v
+    return AVHubertPretrainingTask(cfg)
+
+
+def _tiny_model(task, **over):
+    from omegaconf import OmegaConf
+
+    from avhubert.model import AVHubertConfig, AVHubertModel
+
+    cfg = OmegaConf.structured(AVHubertConfig)
+    vals = dict(label_rate=task.cfg.label_rate, encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                encoder_attention_heads=4, final_dim=16, conv_pos=8, conv_pos_groups=4, resnet_layers=[1, 0, 0, 0],
+                audio_feat_dim=104, untie_final_proj=True, layer_norm_first=True, masking_type="feature",
+                mask_prob_audio=0.5, mask_prob_image=0.5, mask_length_audio=5, mask_length_image=5,
+                feature_grad_mult=0.1)
+    vals.update(over)
+    for k, v in vals.items():
+        cfg[k] = v
+    return AVHubertModel(cfg, task.cfg, task.dictionaries)
+
+
+def test_dataset_items_and_padded_batch(av_corpus_25hz):
+    task = _task(av_corpus_25hz)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    assert len(ds) == 2
+    item = ds[0]
+    n = int(ds.sizes[0])
+    assert item["video_source"].shape == (n, 88, 88, 1)
+    assert item["audio_source"].shape == (n, 104)
+    a = item["audio_source"]
+    assert torch.allclose(a.mean(-1), torch.zeros(n), atol=1e-4)  # layer-normed per frame
+    # eval path = centre crop of the decoded frames, normalised
+    frames = feat.read_video_gray(str(av_corpus_25hz / "video" / "valid00.mp4"))
+    expect = feat.image_transform(frames, 88, 0.421, 0.165)
+    assert np.abs(item["video_source"][..., 0].numpy() - expect).max() < 1e-6
+
+    batch = ds.collater([ds[0], ds[1]])
+    sizes = [int(s) for s in ds.sizes]
+    T = max(sizes)
+    assert batch["net_input"]["source"]["video"].shape == (2, 1, T, 88, 88)
+    assert batch["net_input"]["source"]["audio"].shape == (2, 104, T)
+    pad = batch["net_input"]["padding_mask"]
+    assert pad.sum(1).tolist() == [T - s for s in sizes]
+    assert batch["target_list"][0].shape == (2, T)
+    short = int(np.argmin(sizes))
+    assert (batch["target_list"][0][short, sizes[short]:] == task.dictionaries[0].pad()).all()
+
+
+def test_crop_keeps_modalities_and_labels_aligned(av_corpus_100hz):
+    task = _task(av_corpus_100hz, label_rate=100, pad_audio=False, random_crop=True, max_trim_sample_size=20)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    samples = [ds[i] for i in range(3)]
+    np.random.seed(3)
+    batch = ds.collater(samples)
+    video, audio = batch["net_input"]["source"]["video"], batch["net_input"]["source"]["audio"]
+    assert video.shape[2] == audio.shape[2] == 20
+    assert not batch["net_input"]["padding_mask"].any()
+    labels = batch["target_list"][0]
+    assert labels.shape == (3, 80)  # 4 labels per frame at 100 Hz
+    for i, s in enumerate(samples):
+        # find the crop start from the video and check audio and labels were cut at the same frame
+        full_v = s["video_source"][..., 0]
+        starts = [t for t in range(len(full_v) - 19) if torch.equal(full_v[t:t + 20], video[i, 0])]
+        assert len(starts) == 1
+        t0 = starts[0]
+        assert torch.equal(s["audio_source"][t0:t0 + 20].T, audio[i])
+        assert torch.equal(s["label_list"][0][4 * t0:4 * t0 + 80], labels[i])
+
+
+def test_label_alignment_filter_and_clear_errors(av_corpus_25hz, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "c"
+    shutil.copytree(av_corpus_25hz, corpus)
+    lines = (corpus / "valid.km").read_text().splitlines()
+    lines[1] = " ".join(lines[1].split()[:-10])  # 0.4 s short: beyond the 0.1 s tolerance
+    (corpus / "valid.km").write_text("\n".join(lines) + "\n")
+    task = _task(corpus)
+    task.load_dataset("valid")
+    assert len(task.dataset("valid")) == 1
+    (corpus / "valid.km").write_text("\n".join(lines[:1]) + "\n")
+    with pytest.raises(ValueError, match="valid.km"):
+        task.load_dataset("valid")
+    with pytest.raises(FileNotFoundError, match="test.tsv"):
+        task.load_dataset("test")
+
+
+def test_train_augmentation_random_crop_and_flip():
+    rng = np.random.RandomState(0)
+    frames = rng.randint(0, 255, size=(3, 96, 96)).astype(np.uint8)
+    outs = [feat.image_transform(frames, 88, 0.421, 0.165, train_aug=True, rng=rng) for _ in range(20)]
+    full = (frames.astype(np.float64) / 255 - 0.421) / 0.165
+    n_flipped = 0
+    for out in outs:
+        assert out.shape == (3, 88, 88)
+        found = False
+        for flip in (False, True):
+            src = full[:, :, ::-1] if flip else full
+            for top in range(9):
+                for left in range(9):
+                    if np.allclose(src[:, top:top + 88, left:left + 88], out, atol=1e-5):
+                        found, n_flipped = True, n_flipped + flip
+                        break
+                if found:
+                    break
+            if found:
+                break
+        assert found
+    assert 0 < n_flipped < 20
+    assert len({o.tobytes() for o in outs}) > 5
+
+
+def test_noise_mixing_snr_and_dataset_noise(av_corpus_25hz, tmp_path):
+    import soundfile as sf
+
+    rng = np.random.RandomState(1)
+    clean = (np.sin(np.arange(16000) * 0.05) * 5000).astype(np.int16)
+    noise = (rng.randn(7000) * 3000).astype(np.int16)
+    mixed = feat.mix_noise(clean, noise, snr_db=10.0)
+    added = mixed.astype(np.float64) - clean
+    snr = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(added ** 2))
+    assert abs(snr - 10.0) < 0.2
+
+    noise_dir = tmp_path / "noise"
+    noise_dir.mkdir()
+    sf.write(str(noise_dir / "n.wav"), noise, 16000, subtype="PCM_16")
+    (noise_dir / "valid.tsv").write_text("n.wav\n")
+    clean_task = _task(av_corpus_25hz)
+    clean_task.load_dataset("valid")
+    noisy_task = _task(av_corpus_25hz, noise_wav=str(noise_dir), noise_prob=1.0, noise_snr="(0, 5)")
+    noisy_task.load_dataset("valid")
+    a_clean = clean_task.dataset("valid")[0]["audio_source"]
+    a_noisy = noisy_task.dataset("valid")[0]["audio_source"]
+    assert a_clean.shape == a_noisy.shape and (a_clean - a_noisy).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("masking", [dict(masking_type="feature"),
+                                     dict(masking_type="input", selection_type="same_seq"),
+                                     dict(masking_type="input", selection_type="same_other_seq")])
+def test_model_and_criterion_step(av_corpus_25hz, masking):
+    from avhubert.criterion import AVHubertCriterion
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    task = _task(av_corpus_25hz)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    batch = ds.collater([ds[0], ds[1]])
+    model = _tiny_model(task, **masking)
+    assert model.feature_extractor_video.resnet.backend_out == 64
+    model.train()
+    crit = AVHubertCriterion(task, pred_masked_weight=1.0, pred_nomask_weight=0.5, loss_weights=[10.0])
+    loss, sample_size, log = crit(model, batch)
+    assert torch.isfinite(loss) and loss.item() > 0
+    n_valid = int((~batch["net_input"]["padding_mask"]).sum())
+    assert log["count_m_0"] + log["count_u_0"] == n_valid
+    assert log["count_m_0"] > 0 and sample_size == n_valid
+    loss.backward()
+    assert model.feature_extractor_video.resnet.frontend3D[0].weight.grad.abs().sum() > 0
+    assert model.label_embs_concat.grad.abs().sum() > 0
+    assert crit.logging_outputs_can_be_summed()
+    assert all(isinstance(v, (int, float)) for v in log.values())
+
+
+def test_single_modality_extract_matches_zero_features(av_corpus_25hz):
+    task = _task(av_corpus_25hz)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    batch = ds.collater([ds[0]])
+    model = _tiny_model(task).eval()
+    src = batch["net_input"]["source"]
+    with torch.no_grad():
+        x_video, _ = model.extract_finetune({"video": src["video"], "audio": None}, output_layer=1)
+        # zero *features* for the missing stream (not zero input): differs from a zero audio input
+        x_zero_in, _ = model.extract_finetune({"video": src["video"], "audio": torch.zeros_like(src["audio"])},
+                                              output_layer=1)
+        x_av, _ = model.extract_finetune(src, output_layer=1)
+    assert x_video.shape == x_av.shape == (1, src["video"].shape[2], 32)
+    assert (x_video - x_zero_in).abs().max() > 1e-3
+    assert (x_video - x_av).abs().max() > 1e-3

@@ -1,0 +1,128 @@
+"""Real fairseq training of a tiny AV-HuBERT on generated clips (CPU): the fairseq-hydra-train CLI,
+resume through avhubert.train_entry, and a 2-rank gloo run (one process per rank)."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "avhubert" / "conf" / "pretrain"
+PY = sys.executable
+CLI = Path(PY).with_name("fairseq-hydra-train")
+# a one-block ResNet trunk keeps each update around a second on 2 cores
+FAST = ["model.resnet_layers=[1,0,0,0]", "dataset.max_tokens=200", "task.max_trim_sample_size=100"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def _data_overrides(corpus: Path, label_rate: int):
+    return [f"task.data={corpus}", f"task.label_dir={corpus}", f"model.label_rate={label_rate}"]
+
+
+def _entry_cmd(overrides, rank=0, world_size=1, init_method=None):
+    code = ("import sys, json; from avhubert.train_entry import run_fairseq_train; "
+            f"run_fairseq_train({str(CONF)!r}, 'tiny', json.loads(sys.argv[1]), rank={rank}, "
+            f"world_size={world_size}, init_method={init_method!r}, device='cpu')")
+    return [PY, "-c", code, json.dumps(overrides)]
+
+
+def _run(cmd, log: Path, timeout=240):
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=str(log.parent),
+                              timeout=timeout)
+    return proc.returncode, log.read_text()
+
+
+def _records(log_text: str, tag: str):
+    """The json stats fairseq logs under logger ``tag`` (train_inner, valid, train)."""
+    out = []
+    for line in log_text.splitlines():
+        m = re.search(r"\b" + tag + r"\b\]?(?:\[INFO\])?\s*[-:]\s*(\{.*\})\s*$", line)
+        if m:
+            out.append(json.loads(m.group(1)))
+    return out
+
+
+def _updates(ckpt: Path) -> int:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return int(state["optimizer_history"][-1]["num_updates"])
+
+
+@pytest.mark.timeout(400)
+def test_cli_pretraining_then_resume_with_train_entry(av_corpus_100hz, tmp_path):
+    save = tmp_path / "ckpt"
+    common = _data_overrides(av_corpus_100hz, 100) + FAST + [
+        f"checkpoint.save_dir={save}", "optimization.lr=[0.002]", "lr_scheduler.warmup_updates=3",
+        "+lr_scheduler.total_num_update=30", "checkpoint.save_interval_updates=0",
+    ]
+    # segment 1: the real fairseq-hydra-train CLI, 12 updates
+    rc, log1 = _run([str(CLI), "--config-dir", str(CONF), "--config-name", "tiny",
+                     f"common.user_dir={REPO / 'avhubert'}", "common.cpu=true",
+                     f"hydra.run.dir={tmp_path / 'hydra'}", "optimization.max_update=12"] + common,
+                    tmp_path / "cli.log")
+    assert rc == 0, log1[-3000:]
+    assert _updates(save / "checkpoint_last.pt") == 12
+    inner1 = _records(log1, "train_inner")
+    assert [int(r["num_updates"]) for r in inner1] == list(range(1, 13))
+
+    # segment 2: the Python entry resumes from checkpoint_last.pt and continues to 24 updates
+    rc, log2 = _run(_entry_cmd(common + ["optimization.max_update=24"]), tmp_path / "resume.log")
+    assert rc == 0, log2[-3000:]
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 12 updates\)", log2), log2[-3000:]
+    inner2 = _records(log2, "train_inner")
+    assert [int(r["num_updates"]) for r in inner2] == list(range(13, 25))
+    assert _updates(save / "checkpoint_last.pt") == 24
+
+    losses = [float(r["loss"]) for r in inner1 + inner2]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.5, f"training loss did not decrease: {losses}"
+    valid = [float(r["valid_loss"]) for r in _records(log1 + "\n" + log2, "valid")]
+    assert len(valid) >= 4 and min(valid[-2:]) < valid[0], valid
+
+
+@pytest.mark.timeout(400)
+def test_two_rank_cpu_distributed(av_corpus_25hz, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init = f"tcp://127.0.0.1:{port}"
+    procs, logs = [], []
+    for rank in range(2):
+        overrides = _data_overrides(av_corpus_25hz, 25) + FAST + [
+            f"checkpoint.save_dir={tmp_path / f'ckpt_rank{rank}'}", "optimization.max_update=3",
+        ]
+        logs.append(tmp_path / f"rank{rank}.log")
+        f = open(logs[-1], "w")
+        procs.append((subprocess.Popen(_entry_cmd(overrides, rank, 2, init), stdout=f,
+                                       stderr=subprocess.STDOUT, env=_env(), cwd=str(tmp_path)), f))
+    for p, f in procs:
+        try:
+            p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    texts = [log.read_text() for log in logs]
+    for rank, ((p, _), text) in enumerate(zip(procs, texts)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{text[-3000:]}"
+        assert f"distributed init (rank {rank})" in text
+    # rank 0 trained 3 updates on batches gathered from both ranks and wrote the checkpoints
+    assert _updates(tmp_path / "ckpt_rank0" / "checkpoint_last.pt") == 3
+    inner = _records(texts[0], "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == [1, 2, 3]
+    # 4 train clips, 2 ranks: the summed logging outputs count the sentences of both ranks
+    assert sum(float(r["bsz"]) for r in inner) >= 4 * 3 - 1e-6
+    # rank 1 never writes a checkpoint
+    rank1_dir = tmp_path / "ckpt_rank1"
+    assert not rank1_dir.exists() or not any(rank1_dir.glob("*.pt"))
