@@ -28,7 +28,9 @@ def _paper_schedule() -> list:
     # - cluster counts 100 (MFCC), then 100, 500, 1000, 2000: the paper's setup (sec. 4.1); the
     #   reference configs do not carry K (it comes from dict.km.txt).
     # The configs also differ per iteration beyond the targets (e.g. iter5: masking_type input,
-    # mask_prob_image 0.3, modality_dropout 0.5): see train.iteration_overrides in presets/base.yaml.
+    # mask_prob_image 0.3, modality_dropout 0.5; iter3/iter4: feature masking, 0.8): presets/base.yaml
+    # trains iteration 1 from avhubert/conf/pretrain/base_iter1.yaml, 2-5 from base.yaml, with
+    # feature masking restored for 2-4 (train.model_config list + train.iteration_overrides).
     return [
         IterationSpec("mfcc", None, 100),
         IterationSpec("layer", 9, 100),

@@ -66,8 +66,9 @@ STAGE_OWNED_KEYS = (
 @dataclass
 class Config:
     # Base fairseq config: a name in avhubert/conf/pretrain/ ("base", "large", "tiny") or a path
-    # to a .yaml file of the same form.
-    model_config: str = "base"
+    # to a .yaml file of the same form; or a list with one per iteration (the paper trains
+    # iteration 1 with other masking settings: presets/base.yaml uses [base_iter1, base, ...]).
+    model_config: Any = "base"
     # Updates per iteration: None = the base config's optimization.max_update; an int for every
     # iteration; or a list with one entry per iteration (the paper trains iterations differently).
     max_update: Any = None
@@ -83,17 +84,26 @@ class Config:
 # config building
 
 
-def base_config_path(cfg) -> Path:
-    name = str(cfg.train.model_config)
+def base_config_path(cfg, iteration: int) -> Path:
+    from omegaconf import ListConfig
+
+    name = cfg.train.model_config
+    if isinstance(name, (list, tuple, ListConfig)):
+        if not 1 <= iteration <= len(name):
+            raise ConfigError(
+                f"train.model_config lists {len(name)} configs, but iteration {iteration} needs one"
+            )
+        name = name[iteration - 1]
+    name = str(name)
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         return Path(name).expanduser().resolve()
     return PRETRAIN_CONFIG_DIR / f"{name}.yaml"
 
 
-def _base_max_update(cfg) -> Optional[int]:
+def _base_max_update(cfg, iteration: int) -> Optional[int]:
     from omegaconf import OmegaConf
 
-    path = base_config_path(cfg)
+    path = base_config_path(cfg, iteration)
     if not path.is_file():
         return None
     base = OmegaConf.load(path)
@@ -113,10 +123,10 @@ def max_update_for(cfg, iteration: int) -> int:
             )
         value = value[iteration - 1]
     if value is None:
-        value = _base_max_update(cfg)
+        value = _base_max_update(cfg, iteration)
         if value is None:
             raise ConfigError(
-                f"train.max_update is not set and {base_config_path(cfg)} has no "
+                f"train.max_update is not set and {base_config_path(cfg, iteration)} has no "
                 "optimization.max_update"
             )
     try:
@@ -468,15 +478,16 @@ class TrainStage(Stage):
                     f"train.overrides: {key} is set by the train stage from the schedule and the "
                     "work dir; use train.max_update / schedule.* instead of overriding it"
                 )
-        path = base_config_path(cfg)
-        if not path.is_file():
-            raise ConfigError(
-                f"train.model_config: base fairseq config {path} does not exist "
-                f"(names available: {sorted(p.stem for p in PRETRAIN_CONFIG_DIR.glob('*.yaml'))})"
-            )
         n_iterations = int(cfg.get("iterations", 0) or 0)
         iterations = [ctx.iteration] if ctx.iteration else range(1, max(n_iterations, 1) + 1)
         for it in iterations:
+            path = base_config_path(cfg, it)
+            if not path.is_file():
+                raise ConfigError(
+                    f"train.model_config: base fairseq config {path} (iteration {it}) does not "
+                    f"exist (names available: "
+                    f"{sorted(p.stem for p in PRETRAIN_CONFIG_DIR.glob('*.yaml'))})"
+                )
             max_update_for(cfg, it)
 
     def shards(self, ctx: StageContext) -> list[Shard]:
@@ -511,7 +522,7 @@ class TrainStage(Stage):
         if not done_before and start_updates < max_update:
             from avhubert.train_entry import run_fairseq_train
 
-            base = base_config_path(cfg)
+            base = base_config_path(cfg, iteration)
             _close_fairseq_tensorboard_writers()
             try:
                 run_fairseq_train(

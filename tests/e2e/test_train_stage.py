@@ -231,3 +231,37 @@ def test_loss_png_without_events_fails_clearly(tmp_path):
     with pytest.raises(RuntimeError, match="no loss values"):
         train_stage.plot_loss_curve(tmp_path / "tensorboard", tmp_path / "loss.png", "x")
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("preset", ["base", "large", "smoke"])
+def test_presets_compose_a_fairseq_config_for_every_iteration(tmp_path, preset):
+    """Each iteration of each preset composes (hydra + fairseq's schema, as training does) with
+    the schedule's label rate and the reference per-iteration masking recipe."""
+    from avhubert.extract import ensure_plugin_registered
+    from avhubert.train_entry import compose_config, rank_overrides
+
+    ensure_plugin_registered()
+    spec = OmegaConf.load(REPO_ROOT / "presets" / f"{preset}.yaml")
+    cfg = OmegaConf.create({
+        "workdir": str(tmp_path / "work"),
+        "iterations": spec.iterations,
+        "schedule": OmegaConf.merge(OmegaConf.structured(ScheduleConfig), spec.get("schedule", {})),
+        "train": OmegaConf.merge(OmegaConf.structured(train_stage.Config), spec.train),
+    })
+    train_stage.STAGE.validate(ctx_for(cfg, None))
+    seen = []
+    for it in range(1, int(cfg.iterations) + 1):
+        base = train_stage.base_config_path(cfg, it)
+        overrides = train_stage.fairseq_overrides(ctx_for(cfg, it)) + rank_overrides(0, 1, None, "cpu")
+        fs = compose_config(str(base.parent), base.stem, overrides)
+        assert fs.model.label_rate == fs.task.label_rate == (100 if it == 1 else 25)
+        assert fs.task.label_dir == str(tmp_path / "work" / f"iter{it}" / "labels")
+        assert fs.optimization.max_update == train_stage.max_update_for(cfg, it)
+        seen.append((fs.model.masking_type, fs.model.mask_prob_image, fs.model.modality_dropout))
+    if preset in ("base", "large"):
+        assert int(cfg.iterations) == 5
+        # reference base_vox_iter{3,4,5}.yaml / base_lrs3_iter1.yaml
+        assert seen[0] == ("feature", 0.8, 0.0)
+        assert seen[1:4] == [("feature", 0.8, 0.5)] * 3
+        assert seen[4] == ("input", 0.3, 0.5)
+        assert train_stage.max_update_for(cfg, 1) >= 400000
