@@ -353,31 +353,45 @@ def _read_event_records(path: Path):
             yield data
 
 
+def read_scalars_file(path: Path) -> Dict[str, List[Tuple[int, float, float]]]:
+    """``{tag: [(step, value, wall_time), ...]}`` of one events file, in file order."""
+    from tensorboardX.proto import event_pb2
+
+    out: Dict[str, List[Tuple[int, float, float]]] = {}
+    for data in _read_event_records(Path(path)):
+        event = event_pb2.Event()
+        event.ParseFromString(data)
+        if not event.HasField("summary"):
+            continue
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append(
+                    (int(event.step), float(value.simple_value), float(event.wall_time)))
+    return out
+
+
+def events_files(logdir: Path) -> List[Path]:
+    """tfevents files of a log dir in creation order (their names start with the unix time)."""
+
+    def created(path: Path):  # events.out.tfevents.<unix time>.<host>...
+        stamp = path.name.split(".")[3] if path.name.count(".") >= 3 else ""
+        return (int(stamp) if stamp.isdigit() else int(path.stat().st_mtime), path.name)
+
+    return sorted(Path(logdir).glob("events.out.tfevents.*"), key=created)
+
+
 def read_scalars(logdir: Path) -> Dict[str, List[Tuple[int, float, float, int]]]:
     """``{tag: [(step, value, wall_time, file_index), ...]}`` from every events file under
     ``logdir`` (files in creation order). A step logged twice (work redone after a resume from
     an earlier checkpoint) keeps its latest value."""
-    from tensorboardX.proto import event_pb2
-
-    def created(path: Path):  # events.out.tfevents.<unix time>.<host>...: creation order
-        stamp = path.name.split(".")[3] if path.name.count(".") >= 3 else ""
-        return (int(stamp) if stamp.isdigit() else int(path.stat().st_mtime), path.name)
-
-    files = sorted(Path(logdir).glob("events.out.tfevents.*"), key=created)
     latest: Dict[str, Dict[int, Tuple[float, float, int]]] = {}
-    for index, path in enumerate(files):
-        for data in _read_event_records(path):
-            event = event_pb2.Event()
-            event.ParseFromString(data)
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                if not value.HasField("simple_value"):
-                    continue
-                seen = latest.setdefault(value.tag, {})
-                prev = seen.get(event.step)
-                if prev is None or event.wall_time >= prev[1]:
-                    seen[event.step] = (float(value.simple_value), float(event.wall_time), index)
+    for index, path in enumerate(events_files(logdir)):
+        for tag, points in read_scalars_file(path).items():
+            seen = latest.setdefault(tag, {})
+            for step, value, wall_time in points:
+                prev = seen.get(step)
+                if prev is None or wall_time >= prev[1]:
+                    seen[step] = (value, wall_time, index)
     return {
         tag: [(step, v, t, i) for step, (v, t, i) in sorted(steps.items())]
         for tag, steps in latest.items()
