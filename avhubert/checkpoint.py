@@ -6,6 +6,7 @@ known to contain are allow-listed for the weights-only unpickler (nothing else i
 still cannot run). Outside it, ``torch.load`` behaves as torch ships it.
 """
 import argparse
+import collections
 import contextlib
 import typing
 from typing import Any, Dict, List
@@ -16,8 +17,13 @@ import torch
 
 def _checkpoint_globals() -> List[Any]:
     from fairseq.data.dictionary import Dictionary
+    from fairseq.distributed import utils as distributed_utils
 
-    allowed: List[Any] = [Dictionary, argparse.Namespace, typing.Any, dict, list, set, tuple]
+    allowed: List[Any] = [Dictionary, argparse.Namespace, typing.Any, dict, list, set, tuple, int, float,
+                          str, bool, collections.defaultdict, collections.OrderedDict]
+    # fairseq's broadcast_object (resume on ranks > 0) pickles the state with tensors cut out
+    if hasattr(distributed_utils, "_TensorPlaceholder"):
+        allowed.append(distributed_utils._TensorPlaceholder)
     try:  # published checkpoints may carry an omegaconf DictConfig instead of a plain dict
         import omegaconf
         from omegaconf import base, nodes
@@ -38,7 +44,11 @@ def _checkpoint_globals() -> List[Any]:
 
 @contextlib.contextmanager
 def fairseq_checkpoint_loading():
-    """Allow-list fairseq checkpoint objects for torch.load(weights_only=True) in this block only."""
+    """Allow-list fairseq checkpoint objects for torch.load(weights_only=True) in this block only.
+
+    Covers the files fairseq writes (Dictionary in task_state, plain-dict or omegaconf cfg, argparse
+    args of older versions, numpy scalars in extra_state) and the in-memory copies fairseq
+    broadcasts from rank 0 when resuming distributed training (a DictConfig cfg)."""
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:  # torch < 2.5: nothing to do, weights_only was not the default
         yield
