@@ -90,3 +90,35 @@ def run_fairseq_train(config_dir: str, config_name: str, overrides: List[str], r
     finally:
         if world_size > 1 and not was_initialized and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Command line with fairseq-hydra-train's arguments, plus the scoped checkpoint allow-list
+    (the plain CLI cannot resume from a checkpoint under torch >= 2.6)::
+
+        python -m avhubert.train_entry --config-dir avhubert/conf/pretrain --config-name base \\
+            task.data=... task.label_dir=... model.label_rate=25 checkpoint.save_dir=...
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="AV-HuBERT pretraining, one rank (fairseq hydra)")
+    parser.add_argument("--config-dir", required=True)
+    parser.add_argument("--config-name", required=True)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--init-method", default=None, help="tcp://HOST:PORT (world size > 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available")
+    parser.add_argument("overrides", nargs="*", help="hydra key=value overrides")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_fairseq_train(args.config_dir, args.config_name, args.overrides, rank=args.rank,
+                      world_size=args.world_size, init_method=args.init_method, device=device)
+
+
+if __name__ == "__main__":
+    main()

@@ -202,3 +202,32 @@ def test_single_modality_extract_matches_zero_features(av_corpus_25hz):
     assert x_video.shape == x_av.shape == (1, src["video"].shape[2], 32)
     assert (x_video - x_zero_in).abs().max() > 1e-3
     assert (x_video - x_av).abs().max() > 1e-3
+
+
+def test_input_masking_same_seq_copies_other_spans(av_corpus_25hz):
+    task = _task(av_corpus_25hz)
+    model = _tiny_model(task, masking_type="input", selection_type="same_seq", mask_prob_image=0.3,
+                        mask_length_image=5, mask_prob_audio=0.5, mask_length_audio=5)
+    np.random.seed(0)
+    B, T = 2, 60
+    # every frame carries its (batch, time) identity in its pixels
+    ident = (torch.arange(B)[:, None] * 1000 + torch.arange(T)[None, :]).float()
+    video = ident[:, None, :, None, None].expand(B, 1, T, 4, 4).clone()
+    masked_video, mask = model.apply_input_mask(video, None, "video")
+    assert mask.shape == (B, T) and mask.any()
+    src = masked_video[:, 0, :, 0, 0]
+    assert torch.equal(src[~mask], ident[~mask])  # unmasked frames untouched
+    for b in range(B):
+        t = mask[b].nonzero().flatten().tolist()
+        for start in [i for i in t if i - 1 not in t]:
+            end = start
+            while end + 1 in t:
+                end += 1
+            copied = src[b, start:end + 1]
+            assert (copied // 1000 == b).all()  # same sequence
+            frames = (copied % 1000).long()
+            assert not ((frames >= start) & (frames <= end)).all()  # from another place
+    audio = torch.randn(B, 104, T)
+    masked_audio, amask = model.apply_input_mask(audio, None, "audio")
+    assert torch.allclose(masked_audio.transpose(1, 2)[amask], model.mask_emb.expand(int(amask.sum()), -1))
+    assert torch.equal(masked_audio.transpose(1, 2)[~amask], audio.transpose(1, 2)[~amask])

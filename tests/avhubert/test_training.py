@@ -76,13 +76,22 @@ def test_cli_pretraining_then_resume_with_train_entry(av_corpus_100hz, tmp_path)
     inner1 = _records(log1, "train_inner")
     assert [int(r["num_updates"]) for r in inner1] == list(range(1, 11))
 
-    # segment 2: the Python entry resumes from checkpoint_last.pt and continues to 20 updates
-    rc, log2 = _run(_entry_cmd(common + ["optimization.max_update=20"]), tmp_path / "resume.log")
+    # segment 2: our command line (run_fairseq_train) resumes from checkpoint_last.pt, to 20 updates
+    rc, log2 = _run([PY, "-m", "avhubert.train_entry", "--config-dir", str(CONF), "--config-name", "tiny",
+                     "--device", "cpu", "optimization.max_update=20"] + common, tmp_path / "resume.log")
     assert rc == 0, log2[-3000:]
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log2), log2[-3000:]
     inner2 = _records(log2, "train_inner")
     assert [int(r["num_updates"]) for r in inner2] == list(range(11, 21))
     assert _updates(save / "checkpoint_last.pt") == 20
+
+    # what the features stage does with it: load our checkpoint and extract a layer
+    from avhubert.extract import extract_layer, load_pretrained
+
+    model, task_cfg = load_pretrained(str(save / "checkpoint_last.pt"))
+    assert not model.training and task_cfg.label_rate == 100
+    feats = extract_layer(model, torch.randn(1, 1, 30, 88, 88), torch.randn(1, 104, 30), None, layer=1)
+    assert feats.shape == (1, 30, 64) and torch.isfinite(feats).all()
 
     losses = [float(r["loss"]) for r in inner1 + inner2]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
