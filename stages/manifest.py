@@ -112,14 +112,19 @@ class ManifestStage(Stage):
 STAGE = ManifestStage()
 
 
+def manifest_dir(ctx: StageContext) -> Path:
+    """``WORKDIR/manifest`` from any stage's context (the manifest runs once, not per iteration)."""
+    return ctx.with_iteration(None).stage_dir("manifest")
+
+
 def read_summary(ctx: StageContext) -> dict:
-    return json.loads((ctx.stage_dir("manifest") / "summary.json").read_text())
+    return json.loads((manifest_dir(ctx) / "summary.json").read_text())
 
 
 def spm_model_path(ctx: StageContext) -> Optional[Path]:
     """The sentencepiece model the manifest stage trained, None when the corpus has no text."""
     rel = read_summary(ctx).get("spm_model")
-    return ctx.stage_dir("manifest") / rel if rel else None
+    return manifest_dir(ctx) / rel if rel else None
 
 
 # ---------------------------------------------------------------------------------------------

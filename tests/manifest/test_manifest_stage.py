@@ -244,3 +244,9 @@ def test_rerun_replaces_text_outputs_of_an_earlier_run(crop_dir, tmp_path):
     assert sorted(p.name for p in (out / "spm").iterdir()) == ["dict.wrd.txt", "spm_unigram24.model",
                                                               "spm_unigram24.vocab"]
     assert second["spm_vocab_size"] == 24 and len((out / "dict.wrd.txt").read_text().splitlines()) == 20
+
+
+def test_spm_model_path_from_a_per_iteration_context(manifest):
+    ctx, stats = manifest
+    later = ctx.with_iteration(3)  # e.g. the finetune or features stage of iteration 3
+    assert spm_model_path(later) == ctx.stage_dir("manifest") / stats["spm_model"]
