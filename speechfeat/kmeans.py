@@ -1,0 +1,189 @@
+"""k-means for the pseudo-labels: sampling frames from feature shards, two training backends, and
+the nearest-centroid assignment the labels stage applies.
+
+Backends (``fit``):
+- ``sklearn``: MiniBatchKMeans with the reference ``learn_kmeans.py`` settings (k-means++ init,
+  n_init 20, max_iter 100, batch 10000, tol 0, max_no_improvement 100, reassignment_ratio 0,
+  init_size = 3 x batch as sklearn's default).
+- ``faiss``: faiss-cpu's Lloyd k-means (full-batch iterations on at most
+  ``max_points_per_centroid`` x K sampled points), much faster at a lower or equal inertia
+  (bench/kmeans.py measures both).
+
+The saved model (``save_model``/``load_model``, joblib) is a plain dict whatever the backend:
+``{"format": "speechfeat-kmeans-1", "centroids": float32 (K, D), "backend", "inertia",
+"n_frames", "params", "sklearn_model" (sklearn backend only, for tools expecting it)}``.
+``load_centroids`` also accepts a bare sklearn model (e.g. one made by the reference scripts).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from pipeline import atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = "speechfeat-kmeans-1"
+BACKENDS = ("sklearn", "faiss")
+
+SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10000, tol=0.0,
+                        max_no_improvement=100, reassignment_ratio=0.0, init_size=None)
+# k-means++ seeding on init_points_per_centroid x K frames, then Lloyd iterations (faiss) on
+# max_points_per_centroid x K frames: the seeding is what keeps the inertia at or below sklearn's
+# (faiss's own random seeding ends ~1% above it); bench/kmeans.py measures both.
+FAISS_DEFAULTS = dict(init="k-means++", niter=25, nredo=1, max_points_per_centroid=256,
+                      init_points_per_centroid=64, threads=0)
+
+
+# ------------------------------------------------------------------------------------ sampling
+def choose_utterances(n_utts: int, percent: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of the utterances kept: ceil(percent x n) of them drawn without
+    replacement (as the reference), all of them for percent -1 (or >= 1)."""
+    if percent == -1 or percent >= 1:
+        return np.arange(n_utts)
+    if not 0 < percent < 1:
+        raise ValueError(f"percent={percent}: must be in (0, 1) or -1 (all frames)")
+    n = min(n_utts, int(np.ceil(n_utts * percent)))
+    return np.sort(rng.choice(n_utts, n, replace=False))
+
+
+def sample_frames(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int) -> np.ndarray:
+    """Frames of a seeded draw of utterances from every shard (``(npy, len)`` paths), as one
+    float32 (N, D) array. Shards are memory-mapped and the result is preallocated, so the peak
+    memory is about the sample itself."""
+    from speechfeat.shards import open_shard
+
+    picks = []
+    total, dim = 0, None
+    for i, (npy, len_path) in enumerate(shards):
+        feats, lengths = open_shard(npy, len_path)
+        if dim is None:
+            dim = feats.shape[1]
+        elif feats.shape[1] != dim:
+            raise ValueError(f"{npy}: {feats.shape[1]}-d features, other shards have {dim}")
+        rng = np.random.default_rng([int(seed), i])
+        idx = choose_utterances(len(lengths), percent, rng)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        picks.append((npy, len_path, idx, offsets))
+        total += int(lengths[idx].sum())
+        del feats
+    if dim is None:
+        raise ValueError("no feature shards to sample from")
+    out = np.empty((total, dim), dtype=np.float32)
+    pos = 0
+    for npy, len_path, idx, offsets in picks:
+        feats, _ = open_shard(npy, len_path)
+        for j in idx:
+            a, b = offsets[j], offsets[j + 1]
+            out[pos:pos + b - a] = feats[a:b]
+            pos += b - a
+        del feats
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
+        params: Optional[dict] = None) -> dict:
+    """Train k-means on (N, D) frames; returns the model dict (see module doc)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kmeans backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x) < n_clusters:
+        raise ValueError(f"{len(x)} sampled frames are fewer than {n_clusters} clusters: raise kmeans.percent")
+    t0 = time.time()
+    if backend == "sklearn":
+        used = {**SKLEARN_DEFAULTS, **(params or {})}
+        model = _fit_sklearn(x, n_clusters, seed, used)
+        centroids = model.cluster_centers_.astype(np.float32)
+        extra = {"sklearn_model": model}
+    else:
+        used = {**FAISS_DEFAULTS, **(params or {})}
+        centroids = _fit_faiss(x, n_clusters, seed, used)
+        extra = {}
+    seconds = time.time() - t0
+    _, inertia = assign(x, centroids, return_inertia=True)
+    return {"format": FORMAT, "backend": backend, "centroids": centroids, "inertia": float(inertia),
+            "n_frames": int(len(x)), "dim": int(x.shape[1]), "seed": int(seed), "params": used,
+            "train_seconds": seconds, **extra}
+
+
+def _fit_sklearn(x, k, seed, p):
+    from sklearn.cluster import MiniBatchKMeans
+
+    model = MiniBatchKMeans(n_clusters=k, init=p["init"], max_iter=p["max_iter"], batch_size=p["batch_size"],
+                            verbose=0, compute_labels=False, tol=p["tol"],
+                            max_no_improvement=p["max_no_improvement"], init_size=p["init_size"],
+                            n_init=p["n_init"], reassignment_ratio=p["reassignment_ratio"], random_state=seed)
+    model.fit(x)
+    return model
+
+
+def _fit_faiss(x, k, seed, p):
+    import faiss
+
+    if int(p.get("threads") or 0) > 0:
+        faiss.omp_set_num_threads(int(p["threads"]))
+    rng = np.random.default_rng(seed)
+    init = None
+    if p["init"] == "k-means++":
+        from sklearn.cluster import kmeans_plusplus
+
+        n_init_pts = min(len(x), int(p["init_points_per_centroid"]) * k)
+        sample = x[np.sort(rng.choice(len(x), n_init_pts, replace=False))] if n_init_pts < len(x) else x
+        init, _ = kmeans_plusplus(sample, k, random_state=seed)
+        init = np.ascontiguousarray(init, dtype=np.float32)
+    elif p["init"] != "random":
+        raise ValueError(f"kmeans faiss init {p['init']!r}: must be k-means++ or random")
+    km = faiss.Kmeans(x.shape[1], k, niter=int(p["niter"]), nredo=int(p["nredo"]), seed=int(seed) + 1,
+                      max_points_per_centroid=int(p["max_points_per_centroid"]), verbose=False)
+    km.train(x, init_centroids=init)
+    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+
+
+# ------------------------------------------------------------------------------------ applying
+def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 32768,
+           return_inertia: bool = False):
+    """Nearest centroid of every row (squared Euclidean, chunked BLAS products), int64 (N,);
+    with ``return_inertia`` also the sum of squared distances (float64)."""
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    c_sq = (c.astype(np.float64) ** 2).sum(1)
+    labels = np.empty(len(x), dtype=np.int64)
+    inertia = 0.0
+    for a in range(0, len(x), chunk):
+        xb = np.ascontiguousarray(x[a:a + chunk], dtype=np.float32)
+        # ||x||^2 is the same for every centroid: leave it out of the argmin, add it for the inertia
+        d = c_sq[None, :].astype(np.float32) - 2.0 * (xb @ c.T)
+        lab = d.argmin(1)
+        labels[a:a + len(xb)] = lab
+        if return_inertia:
+            x_sq = (xb.astype(np.float64) ** 2).sum(1)
+            inertia += float(np.maximum(x_sq + d[np.arange(len(xb)), lab].astype(np.float64), 0).sum())
+    return (labels, inertia) if return_inertia else labels
+
+
+# ------------------------------------------------------------------------------------ storage
+def save_model(path, model: dict) -> None:
+    import joblib
+
+    with atomic.atomic_path(path) as tmp:
+        joblib.dump(model, tmp)
+
+
+def load_model(path) -> dict:
+    import joblib
+
+    obj = joblib.load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return obj
+    if hasattr(obj, "cluster_centers_"):  # a bare sklearn model (reference learn_kmeans.py)
+        c = np.asarray(obj.cluster_centers_, dtype=np.float32)
+        return {"format": FORMAT, "backend": "sklearn", "centroids": c, "dim": c.shape[1], "sklearn_model": obj}
+    raise ValueError(f"{path}: not a k-means model (neither {FORMAT} nor an sklearn KMeans)")
+
+
+def load_centroids(path) -> np.ndarray:
+    return load_model(path)["centroids"]
