@@ -1,0 +1,207 @@
+"""Beam-search decoding and word error rate for ``av_hubert_seq2seq`` models.
+
+    model, cfg, task = load_finetuned("checkpoint_final.pt", modalities=["video"])
+    generator = build_generator(model, task, beam=50)
+    spm = load_sentencepiece(cfg.task, "checkpoint_final.pt")
+    results = decode_split(model, task, "test", generator, spm)   # [(utt_id, ref, hyp)]
+    wer = word_error_rate(results)
+
+fairseq's ``SequenceGenerator`` sizes its buffers from ``net_input["src_tokens"]`` (or a tensor
+``source``); AV-HuBERT's ``source`` is a dict of two streams, so :class:`AVSequenceGenerator` hands
+it a stand-in ``src_tokens`` of the right batch size, frame count and device. The encoder ignores it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fairseq.sequence_generator import SequenceGenerator
+
+from .extract import _PLUGIN_DIR, ensure_plugin_registered
+
+logger = logging.getLogger(__name__)
+
+MODALITY_CHOICES = {"video": ["video"], "audio": ["audio"], "av": ["audio", "video"]}
+# reference decoding settings (beam search without a language model, length = frames)
+DEFAULT_BEAM = 50
+DEFAULT_MAX_LEN_A = 1.0
+DEFAULT_MAX_LEN_B = 0
+DEFAULT_LENPEN = 1.0
+
+
+def register() -> None:
+    """The plugin (task, av_hubert) and the seq2seq model registered with fairseq."""
+    ensure_plugin_registered()
+    from . import hubert_asr  # noqa: F401  (registers av_hubert_seq2seq)
+
+
+def modality_list(modalities) -> List[str]:
+    """'video' | 'audio' | 'av' (or a list of stream names) -> the task's ``modalities`` list."""
+    if isinstance(modalities, str):
+        if modalities not in MODALITY_CHOICES:
+            raise ValueError(f"modalities must be one of {sorted(MODALITY_CHOICES)}, got {modalities!r}")
+        return list(MODALITY_CHOICES[modalities])
+    streams = sorted(set(modalities))
+    if not streams or set(streams) - {"audio", "video"}:
+        raise ValueError(f"modalities must be audio and/or video, got {list(modalities)}")
+    return streams
+
+
+class AVSequenceGenerator(SequenceGenerator):
+    """fairseq's beam search over AV-HuBERT's two-stream ``source``."""
+
+    def _generate(self, sample, **kwargs):
+        net_input = sample["net_input"]
+        if "src_tokens" not in net_input:
+            source = net_input["source"]
+            stream = next((s for s in (source.get("audio"), source.get("video")) if s is not None), None)
+            if stream is None:
+                raise ValueError("net_input['source'] holds neither audio nor video")
+            n_frames = stream.size(2)  # audio (B, F, T), video (B, C, T, H, W)
+            stand_in = torch.zeros(stream.size(0), n_frames, dtype=torch.long, device=stream.device)
+            sample = dict(sample)
+            sample["net_input"] = dict(net_input, src_tokens=stand_in)
+        return super()._generate(sample, **kwargs)
+
+
+def build_generator(model, task, beam: int = DEFAULT_BEAM, max_len_a: float = DEFAULT_MAX_LEN_A,
+                    max_len_b: int = DEFAULT_MAX_LEN_B, lenpen: float = DEFAULT_LENPEN,
+                    min_len: int = 1) -> AVSequenceGenerator:
+    from fairseq.dataclass.configs import GenerationConfig
+
+    gen_cfg = GenerationConfig(beam=beam, max_len_a=max_len_a, max_len_b=max_len_b, lenpen=lenpen,
+                               min_len=min_len)
+    return task.build_generator([model], gen_cfg, seq_gen_cls=AVSequenceGenerator)
+
+
+def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrides: Optional[dict] = None):
+    """(model in eval mode, saved cfg, task) of a fine-tuned ``av_hubert_seq2seq`` checkpoint
+    (ours or the reference's). ``modalities`` ('video'|'audio'|'av' or a list) replaces the
+    streams the task loads; the model gets zeros for a stream it is not given."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: fine-tuned checkpoint not found")
+    register()
+    from fairseq import checkpoint_utils
+    from omegaconf import open_dict
+
+    from .checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu
+
+    state = load_checkpoint_to_cpu(path)
+    cfg = state.get("cfg")
+    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != "av_hubert_seq2seq":
+        name = None if cfg is None or cfg.get("model") is None else cfg.model.get("_name")
+        raise ValueError(f"{path}: model {name!r} is not an av_hubert_seq2seq (fine-tuned) checkpoint")
+    with open_dict(cfg):
+        if cfg.get("common") is not None:
+            cfg.common.user_dir = _PLUGIN_DIR  # where it was trained is not where we are
+        if modalities is not None:
+            cfg.task.modalities = modality_list(modalities)
+        for key, value in (task_overrides or {}).items():
+            cfg.task[key] = value
+    with fairseq_checkpoint_loading():
+        models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    model = models[0].to(device).eval()
+    return model, saved_cfg, task
+
+
+# ------------------------------------------------------------------------------------- text
+
+
+class Detokenizer:
+    """Token ids -> words: the dictionary's pieces, then sentencepiece decoding (with the model
+    when it is available; otherwise pieces joined and '▁' read as a space, which is what a
+    sentencepiece unigram model without byte fallback decodes to)."""
+
+    def __init__(self, dictionary, spm_model: Optional[str] = None):
+        self.dictionary = dictionary
+        self.spm = None
+        if spm_model is not None:
+            import sentencepiece
+
+            self.spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+
+    def __call__(self, tokens: torch.Tensor) -> str:
+        d = self.dictionary
+        ids = [int(t) for t in tokens if int(t) not in (d.eos(), d.pad(), d.bos())]
+        pieces = [d[i] for i in ids]
+        if self.spm is not None:
+            text = self.spm.decode_pieces(pieces)
+        else:
+            text = "".join(pieces).replace("\u2581", " ")
+        return " ".join(text.split())
+
+
+def find_spm_model(task_cfg, checkpoint: Optional[str] = None) -> Optional[Path]:
+    """The sentencepiece model of a fine-tuned checkpoint: the path in its task config when it
+    exists, else a file of that name next to the checkpoint (the finetune stage copies it there)."""
+    configured = task_cfg.get("tokenizer_bpe_model") if task_cfg is not None else None
+    if configured and os.path.isfile(configured):
+        return Path(configured)
+    if configured and checkpoint is not None:
+        beside = Path(checkpoint).resolve().parent / Path(configured).name
+        if beside.is_file():
+            return beside
+    return None
+
+
+def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
+    """(word edit distance, number of reference words)."""
+    r, h = ref.split(), hyp.split()
+    prev = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        cur = [i] + [0] * len(h)
+        for j, hw in enumerate(h, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
+        prev = cur
+    return prev[-1], len(r)
+
+
+def word_error_rate(results: Sequence[Tuple[str, str, str]]) -> Dict[str, Optional[float]]:
+    errors = words = 0
+    for _, ref, hyp in results:
+        e, n = word_errors(ref, hyp)
+        errors, words = errors + e, words + n
+    return {"wer": (100.0 * errors / words) if words else None, "errors": errors, "ref_words": words,
+            "utterances": len(results)}
+
+
+# ------------------------------------------------------------------------------------- decoding
+
+
+@torch.no_grad()
+def decode_sample(model, generator, sample, detok: Detokenizer) -> List[str]:
+    """Best hypothesis (words) of every item of a collated batch."""
+    hypos = generator.generate([model], sample)
+    return [detok(h[0]["tokens"].cpu()) for h in hypos]
+
+
+@torch.no_grad()
+def decode_split(model, task, split: str, generator, detok: Detokenizer, max_tokens: int = 2000,
+                 device: str = "cpu") -> List[Tuple[str, str, str]]:
+    """[(utt_id, reference words, hypothesis words)] over a manifest split, references read from
+    the split's ``.wrd`` lines (not from the token ids: an unknown piece cannot hide an error)."""
+    from fairseq import utils as fairseq_utils
+
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    if len(dataset) == 0:
+        return []
+    itr = task.get_batch_iterator(
+        dataset=dataset, max_tokens=max_tokens, max_sentences=None, ignore_invalid_inputs=False,
+        required_batch_size_multiple=1, seed=1, num_shards=1, shard_id=0, num_workers=0,
+    ).next_epoch_itr(shuffle=False)
+    out = []
+    for sample in itr:
+        if not sample:
+            continue
+        if device != "cpu":
+            sample = fairseq_utils.move_to_cuda(sample)
+        hyps = decode_sample(model, generator, sample, detok)
+        for index, utt_id, hyp in zip(sample["id"].tolist(), sample["utt_id"], hyps):
+            ref = " ".join(dataset.label_list[0][index].split())
+            out.append((utt_id, ref, hyp))
+    return sorted(out)

@@ -1,0 +1,373 @@
+"""finetune: sequence-to-sequence fine-tuning of the pretrained AV-HuBERT, then beam-search
+decoding of the valid and test splits and their word error rates.
+
+Runs once, after the last pretraining iteration. Input: the last iteration's
+``iter{N}/train/checkpoints/checkpoint_final.pt`` (N = ``iterations``), or
+``finetune.pretrained_checkpoint`` (any av_hubert pretraining checkpoint, ours or one written by the
+reference code, e.g. a published one; published AV-HuBERT weights are under a non-commercial
+research licence, which a model fine-tuned from them inherits). Targets: the manifest stage's
+``{split}.wrd`` transcripts, as pieces of its sentencepiece model (``dict.wrd.txt``).
+
+Model and training: ``avhubert/hubert_asr.py`` (``av_hubert_seq2seq``: the pretrained encoder and a
+transformer decoder), fairseq's label-smoothed cross-entropy, the encoder frozen for the first
+``model.freeze_finetune_updates`` updates, input streams from ``finetune.modalities``
+(``video`` = lip reading, ``audio``, ``av``; a missing stream is fed as zeros, as in pretraining's
+modality dropout). Base configs: ``avhubert/conf/finetune/{tiny,base,large}.yaml``.
+
+Like the train stage, one shard = one submitit job of ``nodes x tasks_per_node`` tasks, ``run`` is
+called in every task (one fairseq rank each) and a requeued or relaunched job resumes from
+``checkpoints/checkpoint_last.pt``. Rank 0 then copies it to ``checkpoint_final.pt`` (atomic), next
+to a copy of the sentencepiece model (so the checkpoint directory is self-contained for
+``launch.py infer``), decodes valid and test with beam search and writes ``results.json``:
+
+    {"checkpoint": ..., "pretrained": ..., "modalities": [...], "num_updates": ...,
+     "generation": {"beam": ..., ...},
+     "splits": {"valid": {"wer": 12.5, "errors": 2, "ref_words": 16, "utterances": 2,
+                          "hypotheses": [{"id": ..., "ref": ..., "hyp": ...}, ...]},
+                "test": {...}}}
+
+(``wer`` in percent; null for a split without reference words.)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from pipeline import atomic
+from pipeline.errors import ConfigError
+from pipeline.stage import Shard, Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_CONFIG_DIR = REPO_ROOT / "avhubert" / "conf" / "finetune"
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_CHECKPOINT = "checkpoint_final.pt"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+TENSORBOARD_DIR = "tensorboard"
+RESULTS = "results.json"
+DECODE_SPLITS = ("valid", "test")
+
+STAGE_OWNED_KEYS = (
+    "task.data",
+    "task.label_dir",
+    "task.labels",
+    "task.tokenizer_bpe_model",
+    "task.modalities",
+    "model.w2v_path",
+    "model.w2v_args",
+    "optimization.max_update",
+    "checkpoint.save_dir",
+    "checkpoint.restore_file",
+    "common.tensorboard_logdir",
+    "distributed_training.distributed_world_size",
+    "distributed_training.distributed_rank",
+    "distributed_training.distributed_init_method",
+    "distributed_training.distributed_no_spawn",
+    "distributed_training.distributed_backend",
+    "distributed_training.device_id",
+)
+
+
+@dataclass
+class Config:
+    # Run fine-tuning as part of the pipeline (needs transcripts: the manifest's .wrd files).
+    enabled: bool = True
+    # Base fairseq config: a name in avhubert/conf/finetune/ ("base", "large", "tiny") or a path.
+    model_config: str = "base"
+    # Pretrained checkpoint; None = the last pretraining iteration's checkpoint_final.pt.
+    pretrained_checkpoint: Optional[str] = None
+    # Input streams: "video" (lip reading, the paper's main setting), "audio" or "av".
+    modalities: str = "video"
+    # Updates; None = the base config's optimization.max_update.
+    max_update: Optional[int] = None
+    # Encoder frozen for this many updates; None = the base config's model.freeze_finetune_updates.
+    freeze_finetune_updates: Optional[int] = None
+    # Extra fairseq key=value overrides (hydra syntax), e.g. "model.decoder_layers=9".
+    overrides: List[str] = field(default_factory=list)
+    # Decoding of valid/test (the reference's settings: beam 50, max length = number of frames).
+    beam: int = 50
+    max_len_a: float = 1.0
+    max_len_b: int = 0
+    lenpen: float = 1.0
+    decode_max_tokens: int = 2000  # frames per decoding batch
+    # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
+    master_port: Optional[int] = None
+
+
+def base_config_path(cfg) -> Path:
+    name = str(cfg.finetune.model_config)
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return Path(name).expanduser().resolve()
+    return FINETUNE_CONFIG_DIR / f"{name}.yaml"
+
+
+def _base_value(cfg, key: str):
+    from omegaconf import OmegaConf
+
+    path = base_config_path(cfg)
+    if not path.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(path), key, default=None, throw_on_missing=False)
+
+
+def max_update(cfg) -> int:
+    value = cfg.finetune.max_update
+    if value is None:
+        value = _base_value(cfg, "optimization.max_update")
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"finetune.max_update: {value!r} is not an integer (and "
+                          f"{base_config_path(cfg)} sets no optimization.max_update)") from None
+    if value <= 0:
+        raise ConfigError(f"finetune.max_update must be positive, got {value}")
+    return value
+
+
+def pretrained_checkpoint(ctx: StageContext) -> Path:
+    """The checkpoint fine-tuning starts from."""
+    from stages import train as train_stage
+
+    configured = ctx.cfg.finetune.get("pretrained_checkpoint")
+    if configured:
+        return Path(str(configured)).expanduser().resolve()
+    n = int(ctx.cfg.get("iterations", 0) or 0)
+    if n < 1:
+        raise ConfigError("finetune needs finetune.pretrained_checkpoint or iterations >= 1 "
+                          "(it reads the last pretraining iteration's checkpoint)")
+    return ctx.stage_dir("train", iteration=n) / train_stage.CHECKPOINT_DIR / train_stage.FINAL_CHECKPOINT
+
+
+def manifest_dir(ctx: StageContext) -> Path:
+    return ctx.with_iteration(None).stage_dir("manifest")
+
+
+def spm_model(ctx: StageContext) -> Path:
+    from stages.manifest import spm_model_path
+
+    summary = manifest_dir(ctx) / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{summary}: the manifest stage has not run")
+    path = spm_model_path(ctx.with_iteration(None))
+    if path is None or not Path(path).is_file():
+        raise RuntimeError(f"{manifest_dir(ctx)}: no sentencepiece model: the corpus has no transcripts, "
+                           "so there is nothing to fine-tune on (set finetune.enabled=false)")
+    return Path(path)
+
+
+def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
+                      n_visible_gpus: Optional[int] = None) -> List[str]:
+    """Hydra overrides turning the base fine-tuning config into this run's config."""
+    from avhubert.s2s_decode import modality_list
+    from stages.train import DistributedEnv, _hydra_value
+
+    cfg = ctx.cfg
+    dist = dist or DistributedEnv()
+    stage_dir = ctx.with_iteration(None).stage_dir("finetune")
+    manifest = manifest_dir(ctx)
+    streams = modality_list(str(cfg.finetune.modalities))
+    overrides = [
+        f"task.data={_hydra_value(manifest)}",
+        f"task.label_dir={_hydra_value(manifest)}",
+        "task.labels=[wrd]",
+        f"task.tokenizer_bpe_model={_hydra_value(spm_model(ctx))}",
+        f"task.modalities=[{','.join(streams)}]",
+        f"model.w2v_path={_hydra_value(pretrained_checkpoint(ctx))}",
+        f"optimization.max_update={max_update(cfg)}",
+        f"checkpoint.save_dir={_hydra_value(stage_dir / CHECKPOINT_DIR)}",
+        "checkpoint.restore_file=checkpoint_last.pt",
+        f"common.tensorboard_logdir={_hydra_value(stage_dir / TENSORBOARD_DIR)}",
+        f"distributed_training.distributed_world_size={dist.world_size}",
+        f"distributed_training.distributed_rank={dist.rank}",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.ddp_backend=no_c10d",
+        f"distributed_training.distributed_backend={'nccl' if device == 'cuda' else 'gloo'}",
+    ]
+    if cfg.finetune.get("freeze_finetune_updates") is not None:
+        overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
+    if dist.init_method:
+        overrides.append(f"distributed_training.distributed_init_method={_hydra_value(dist.init_method)}")
+    if device == "cuda":
+        overrides.append(f"distributed_training.device_id={dist.local_rank % (n_visible_gpus or 1)}")
+    return overrides + [str(o) for o in (cfg.finetune.overrides or [])]
+
+
+def decode_and_score(checkpoint: Path, modalities, beam: int, max_len_a: float, max_len_b: int,
+                     lenpen: float, splits=DECODE_SPLITS, data_dir: Optional[Path] = None,
+                     max_tokens: int = 2000, device: str = "cpu") -> dict:
+    """Beam-search decode ``splits`` of the manifest with a fine-tuned checkpoint; WER per split."""
+    from avhubert import s2s_decode
+
+    overrides = {"data": str(data_dir), "label_dir": str(data_dir)} if data_dir is not None else None
+    model, saved_cfg, task = s2s_decode.load_finetuned(str(checkpoint), modalities=modalities, device=device,
+                                                       task_overrides=overrides)
+    spm = s2s_decode.find_spm_model(saved_cfg.task, str(checkpoint))
+    detok = s2s_decode.Detokenizer(task.target_dictionary, str(spm) if spm else None)
+    generator = s2s_decode.build_generator(model, task, beam=beam, max_len_a=max_len_a,
+                                           max_len_b=max_len_b, lenpen=lenpen)
+    out = {}
+    for split in splits:
+        tsv = Path(task.cfg.data) / f"{split}.tsv"
+        if not tsv.is_file():
+            raise FileNotFoundError(f"{tsv}: manifest split {split!r} not found")
+        results = s2s_decode.decode_split(model, task, split, generator, detok, max_tokens=max_tokens,
+                                          device=device)
+        scores = s2s_decode.word_error_rate(results)
+        scores["hypotheses"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in results]
+        out[split] = scores
+        log.info("%s: WER %s over %d utterances", split, scores["wer"], scores["utterances"])
+    return out
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+    depends_on = ("manifest", "train")
+    per_iteration = False
+    # runs once, after the last pretraining iteration (engine hint; see docs/DESIGN.md)
+    after_iterations = True
+    multi_task = True
+    checkpointable = True
+
+    def enabled(self, ctx: StageContext) -> bool:
+        return bool(ctx.cfg.finetune.get("enabled", True))
+
+    def validate(self, ctx: StageContext) -> None:
+        from avhubert.s2s_decode import modality_list
+        from stages.train import _override_key
+
+        cfg = ctx.cfg
+        for override in cfg.finetune.overrides or []:
+            if "=" not in str(override) and not str(override).startswith("~"):
+                raise ConfigError(f"finetune.overrides: {override!r} is not a key=value override")
+            key = _override_key(str(override))
+            if key in STAGE_OWNED_KEYS:
+                raise ConfigError(f"finetune.overrides: {key} is set by the finetune stage "
+                                  "(use finetune.* settings instead)")
+        path = base_config_path(cfg)
+        if not path.is_file():
+            raise ConfigError(
+                f"finetune.model_config: {path} does not exist (names available: "
+                f"{sorted(p.stem for p in FINETUNE_CONFIG_DIR.glob('*.yaml'))})")
+        try:
+            modality_list(str(cfg.finetune.modalities))
+        except ValueError as e:
+            raise ConfigError(f"finetune.modalities: {e}") from None
+        max_update(cfg)
+        configured = cfg.finetune.get("pretrained_checkpoint")
+        if configured and not Path(str(configured)).expanduser().is_file():
+            raise ConfigError(f"finetune.pretrained_checkpoint: {configured} does not exist")
+        if not configured:
+            pretrained_checkpoint(ctx)  # iterations >= 1
+        if int(cfg.finetune.beam) < 1:
+            raise ConfigError(f"finetune.beam must be >= 1, got {cfg.finetune.beam}")
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return [Shard(index=0, count=1, key="finetune")]
+
+    def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
+        stage_dir = ctx.with_iteration(None).stage_dir("finetune")
+        return [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]
+
+    def run(self, ctx: StageContext, shard: Shard) -> dict:
+        from stages import train as train_stage
+
+        start = time.time()
+        ctx = ctx.with_iteration(None)
+        cfg = ctx.cfg
+        target = max_update(cfg)
+        dist = train_stage.distributed_env(cfg.finetune.get("master_port", None))
+        device, n_gpus = train_stage.train_device()
+        stage_dir = ctx.stage_dir("finetune")
+        ckpt_dir = stage_dir / CHECKPOINT_DIR
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final, last = ckpt_dir / FINAL_CHECKPOINT, ckpt_dir / LAST_CHECKPOINT
+        pretrained = pretrained_checkpoint(ctx)
+        if not pretrained.is_file():
+            raise FileNotFoundError(f"{pretrained}: pretrained checkpoint not found "
+                                    "(finetune.pretrained_checkpoint or the last train iteration)")
+        spm = spm_model(ctx)
+
+        final_updates = train_stage.checkpoint_updates(final)
+        done_before = final_updates is not None and final_updates >= target
+        start_updates = 0
+        if not done_before:
+            _, start_updates = train_stage.resume_point(ckpt_dir, repair=dist.rank == 0)
+        log.info("finetune rank %d/%d on %s from %s: %s", dist.rank, dist.world_size, device, pretrained,
+                 f"resuming at {start_updates} updates" if start_updates else "from the start")
+
+        trained = False
+        if not done_before and start_updates < target:
+            from avhubert.s2s_decode import register
+            from avhubert.train_entry import run_fairseq_train
+
+            register()  # av_hubert_seq2seq known to fairseq before the config is composed
+            base = base_config_path(cfg)
+            train_stage._close_fairseq_tensorboard_writers()
+            try:
+                run_fairseq_train(str(base.parent), base.stem, fairseq_overrides(ctx, dist, device, n_gpus),
+                                  rank=dist.rank, world_size=dist.world_size, init_method=dist.init_method,
+                                  device=device)
+            finally:
+                train_stage._close_fairseq_tensorboard_writers()
+            trained = True
+
+        if dist.rank != 0:
+            return {"rank": dist.rank}
+
+        if done_before:
+            end_updates = final_updates
+        else:
+            end_updates = train_stage.checkpoint_updates(last)
+            if end_updates is None or end_updates < target:
+                raise RuntimeError(
+                    f"fine-tuning stopped at {end_updates or 0} updates, before max_update={target} "
+                    f"({last}); see the job log (an epoch or lr limit in the fairseq config ends "
+                    "training early)")
+        # the sentencepiece model beside the checkpoint: the directory is all `infer` needs
+        with atomic.atomic_path(ckpt_dir / spm.name) as tmp:
+            shutil.copyfile(spm, tmp)
+        if not done_before:
+            with atomic.atomic_path(final) as tmp:
+                shutil.copyfile(last, tmp)
+
+        f = cfg.finetune
+        splits = decode_and_score(final, str(f.modalities), int(f.beam), float(f.max_len_a), int(f.max_len_b),
+                                  float(f.lenpen), data_dir=manifest_dir(ctx),
+                                  max_tokens=int(f.decode_max_tokens), device=device)
+        results = {
+            "checkpoint": str(final),
+            "pretrained": str(pretrained),
+            "modalities": str(f.modalities),
+            "num_updates": int(end_updates),
+            "generation": {"beam": int(f.beam), "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b),
+                           "lenpen": float(f.lenpen)},
+            "splits": splits,
+        }
+        atomic.write_json(stage_dir / RESULTS, results)
+        return {
+            "num_updates": int(end_updates),
+            "resumed_from_updates": int(start_updates),
+            "trained": trained,
+            "world_size": dist.world_size,
+            "host": socket.gethostname(),
+            "wall_s": round(time.time() - start, 1),
+            **{f"wer_{s}": v["wer"] for s, v in splits.items()},
+        }
+
+    def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
+        import json
+
+        results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
+        return {"num_updates": results["num_updates"], "modalities": results["modalities"],
+                **{f"wer_{s}": v["wer"] for s, v in results["splits"].items()}}
+
+
+STAGE = FinetuneStage()
