@@ -1,0 +1,262 @@
+"""Labels stage: iteration N's k-means applied to every feature shard, merged into the files the
+training task reads (``task.label_dir`` = ``iter{N}/labels``, ``task.labels=[km]``).
+
+Per shard (same shards as the features stage): nearest centroid of every frame (chunked BLAS
+distance products, ``speechfeat.kmeans.assign``), one line of space-separated labels per
+utterance, written to ``{split}_{rank}_{nshard}.km``. The labels are a pure function of the
+features and the saved centroids, so they are deterministic for a given k-means seed.
+
+``finalize`` (once):
+- ``{split}.km``: the shards concatenated in rank order = tsv order, one line per tsv row (an
+  utterance the features stage could not read has an empty line; the dataset drops it);
+- ``dict.km.txt``: ``"{i} 1"`` for i in 0..K-1, a fairseq Dictionary. The reference README's
+  recipe writes 1..K-1 (dropping label 0, which then maps to <unk>); we keep all K labels;
+- checks: every line has exactly the frames of the features' ``.len`` (one label per feature
+  frame, so labels/s = frames/s x label_rate / feature_rate with equal rates), and its duration at
+  the schedule's label rate (100 Hz MFCC, 25 Hz layer) is within ``labels.tolerance_seconds`` of
+  the video's (``n_video_frames / 25``), as the training dataset checks (its label_tolerance);
+- ``report.json``: per split, clusters used, entropy (bits), share of frames in the 10 largest
+  clusters, failed utterances and, where the manifest has ``{split}.wrd`` transcripts, the purity
+  of the labels against characters aligned uniformly over each clip (a cheap reference to compare
+  iterations: cluster purity = share of frames whose cluster's most frequent character is theirs,
+  character purity the converse, and H(char | label) in bits);
+- ``cluster_usage.png``: frames per cluster (sorted) for each split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.errors import ConfigError
+from pipeline.stage import Shard, Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+VIDEO_RATE = 25
+
+
+@dataclass
+class Config:
+    tolerance_seconds: float = 0.1  # |label duration - video duration| allowed (dataset label_tolerance)
+    chunk_frames: int = 32768  # frames per distance computation
+    report_splits: Optional[List[str]] = None  # None = every featurized split
+
+
+def split_names(ctx: StageContext) -> list:
+    return list(ctx.cfg.features.splits)
+
+
+class LabelsStage(Stage):
+    name = "labels"
+    depends_on = ("features", "kmeans")
+    per_iteration = True
+
+    def validate(self, ctx: StageContext) -> None:
+        c = ctx.cfg.labels
+        if float(c.tolerance_seconds) < 0:
+            raise ConfigError(f"labels.tolerance_seconds={c.tolerance_seconds}: must be >= 0")
+        if int(c.chunk_frames) < 1:
+            raise ConfigError(f"labels.chunk_frames={c.chunk_frames}: must be >= 1")
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        from stages.features import STAGE as FEATURES
+
+        return FEATURES.shards(ctx)
+
+    def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
+        return [ctx.stage_dir(self.name) / f"{shard.key}.km"]
+
+    def run(self, ctx: StageContext, shard: Shard) -> dict:
+        from stages.kmeans import model_path
+
+        feat_dir = ctx.stage_dir("features")
+        return apply_kmeans_shard(model_path(ctx), feat_dir / f"{shard.key}.npy", feat_dir / f"{shard.key}.len",
+                                  self.outputs(ctx, shard)[0], int(ctx.cfg.labels.chunk_frames))
+
+    def final_outputs(self, ctx: StageContext) -> list[Path]:
+        d = ctx.stage_dir(self.name)
+        return [d / f"{s}.km" for s in split_names(ctx)] + [d / "dict.km.txt", d / "report.json",
+                                                            d / "cluster_usage.png"]
+
+    def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
+        from speechfeat.kmeans import load_centroids
+        from speechfeat.shards import read_lengths, read_tsv
+        from stages.kmeans import model_path
+        from stages.schedule import iteration_spec, label_rate
+
+        out = ctx.stage_dir(self.name)
+        k = len(load_centroids(model_path(ctx)))
+        rate = label_rate(ctx.cfg, ctx.iteration)
+        spec = iteration_spec(ctx.cfg, ctx.iteration)
+        nshard = int(ctx.cfg.features.nshard)
+        tol = float(ctx.cfg.labels.tolerance_seconds)
+        report = {"iteration": ctx.iteration, "n_clusters": k, "label_rate": rate, "features": spec.features,
+                  "layer": spec.layer, "splits": {}}
+        usage = {}
+        wanted = ctx.cfg.labels.get("report_splits")
+        for split in split_names(ctx):
+            _, rows = read_tsv(ctx.stage_dir("manifest") / f"{split}.tsv")
+            shard_files = [out / f"{split}_{r}_{nshard}.km" for r in range(nshard)]
+            lengths = np.concatenate([read_lengths(ctx.stage_dir("features") / f"{split}_{r}_{nshard}.len")
+                                      for r in range(nshard)]) if nshard else np.zeros(0, np.int64)
+            wrd = ctx.stage_dir("manifest") / f"{split}.wrd"
+            texts = wrd.read_text(encoding="utf-8").split("\n")[: len(rows)] if wrd.is_file() else None
+            stats = merge_split(shard_files, out / f"{split}.km", rows, lengths, k, rate, tol, texts)
+            if wanted is None or split in wanted:
+                usage[split] = stats.pop("counts")
+                report["splits"][split] = stats
+        atomic.write_text(out / "dict.km.txt", "".join(f"{i} 1\n" for i in range(k)))
+        plot_usage(usage, out / "cluster_usage.png", f"iteration {ctx.iteration}: K={k}")
+        atomic.write_json(out / "report.json", report)
+        return report
+
+
+STAGE = LabelsStage()
+
+
+# ---------------------------------------------------------------------------------------------
+def apply_kmeans_shard(kmeans_path, npy_path, len_path, km_path, chunk_frames: int = 32768) -> dict:
+    """Label every frame of a feature shard; one line per utterance into ``km_path`` (atomic)."""
+    from speechfeat.kmeans import assign, load_centroids
+    from speechfeat.shards import open_shard
+
+    centroids = load_centroids(kmeans_path)
+    feats, lengths = open_shard(npy_path, len_path)
+    if len(feats) and feats.shape[1] != centroids.shape[1]:
+        raise ValueError(f"{npy_path}: {feats.shape[1]}-d features but {kmeans_path} has "
+                         f"{centroids.shape[1]}-d centroids (features and kmeans of different iterations?)")
+    counts = np.zeros(len(centroids), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    # utterances are labelled in groups of about chunk_frames frames, so memory stays bounded
+    with atomic.atomic_open(km_path, "w") as f:
+        u = 0
+        while u < len(lengths):
+            v = u + 1
+            while v < len(lengths) and offsets[v + 1] - offsets[u] <= chunk_frames:
+                v += 1
+            a, b = int(offsets[u]), int(offsets[v])
+            labels = assign(feats[a:b], centroids, chunk=chunk_frames) if b > a else np.zeros(0, np.int64)
+            counts += np.bincount(labels, minlength=len(centroids))
+            for j in range(u, v):
+                s, e = int(offsets[j]) - a, int(offsets[j + 1]) - a
+                f.write(" ".join(map(str, labels[s:e].tolist())) + "\n")
+            u = v
+    return {"utterances": int(len(lengths)), "frames": int(len(feats)),
+            "clusters_used": int((counts > 0).sum())}
+
+
+def merge_split(shard_files, merged_path, rows, lengths, k: int, label_rate: int, tolerance_seconds: float,
+                texts: Optional[List[str]] = None) -> dict:
+    """Concatenate a split's shard label files in order into ``merged_path`` while checking them
+    against the tsv rows and feature lengths; returns the split's statistics (with ``counts``)."""
+    counts = np.zeros(k, dtype=np.int64)
+    n_lines = 0
+    failed = []
+    char_vocab: Dict[str, int] = {}
+    joint: Dict[tuple, int] = {}
+    with atomic.atomic_open(merged_path, "w") as out:
+        for path in shard_files:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    i = n_lines
+                    n_lines += 1
+                    if i >= len(rows):
+                        raise ValueError(f"{path}: more label lines than the {len(rows)} rows of the tsv")
+                    labels = np.array(line.split(), dtype=np.int64)
+                    row = rows[i]
+                    if len(labels) != lengths[i]:
+                        raise ValueError(f"{path}: utterance {row.id} has {len(labels)} labels but "
+                                         f"{lengths[i]} feature frames")
+                    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+                        raise ValueError(f"{path}: utterance {row.id} has labels outside 0..{k - 1}")
+                    if len(labels) == 0:
+                        failed.append(row.id)
+                    else:
+                        gap = abs(len(labels) / label_rate - row.n_video_frames / VIDEO_RATE)
+                        if gap > tolerance_seconds:
+                            raise ValueError(
+                                f"{path}: utterance {row.id}: {len(labels)} labels at {label_rate} Hz last "
+                                f"{len(labels) / label_rate:.3f}s but the video lasts "
+                                f"{row.n_video_frames / VIDEO_RATE:.3f}s (labels.tolerance_seconds={tolerance_seconds})")
+                        counts += np.bincount(labels, minlength=k)
+                        if texts is not None and i < len(texts):
+                            _add_char_alignment(labels, texts[i], char_vocab, joint)
+                    out.write(line + "\n")
+    if n_lines != len(rows):
+        raise ValueError(f"{merged_path}: {n_lines} label lines for {len(rows)} tsv rows")
+    stats = usage_stats(counts)
+    stats.update({"utterances": len(rows), "failed_utterances": len(failed), "failed_ids": failed[:20]})
+    if texts is not None:
+        stats["char_purity"] = purity_stats(joint, k, len(char_vocab))
+    stats["counts"] = counts.tolist()
+    return stats
+
+
+def usage_stats(counts: np.ndarray) -> dict:
+    total = int(counts.sum())
+    p = counts[counts > 0] / max(total, 1)
+    top10 = np.sort(counts)[::-1][:10].sum() / max(total, 1)
+    return {"frames": total, "clusters_used": int((counts > 0).sum()), "n_clusters": int(len(counts)),
+            "entropy_bits": float(-(p * np.log2(p)).sum()) if total else 0.0,
+            "max_entropy_bits": float(math.log2(len(counts))), "top10_share": float(top10)}
+
+
+def _add_char_alignment(labels: np.ndarray, text: str, vocab: Dict[str, int], joint: Dict[tuple, int]) -> None:
+    # characters of the transcript (spaces as "|"), spread uniformly over the clip's label frames
+    chars = ["|" if ch.isspace() else ch for ch in " ".join(text.split())]
+    if not chars:
+        return
+    n = len(labels)
+    char_of_frame = (np.arange(n) * len(chars)) // n
+    ids = np.array([vocab.setdefault(ch, len(vocab)) for ch in chars])[char_of_frame]
+    pairs, c = np.unique(np.stack([labels, ids], 1), axis=0, return_counts=True)
+    for (lab, ch), m in zip(pairs.tolist(), c.tolist()):
+        joint[(lab, ch)] = joint.get((lab, ch), 0) + m
+
+
+def purity_stats(joint: Dict[tuple, int], k: int, n_chars: int) -> dict:
+    if not joint:
+        return {"frames": 0}
+    m = np.zeros((k, n_chars), dtype=np.float64)
+    for (lab, ch), c in joint.items():
+        m[lab, ch] += c
+    total = m.sum()
+    p_joint = m / total
+    p_lab = p_joint.sum(1, keepdims=True)
+    nz = p_joint > 0
+    h_char_given_label = float(-(p_joint[nz] * np.log2((p_joint / np.maximum(p_lab, 1e-300))[nz])).sum())
+    p_char = p_joint.sum(0)
+    h_char = float(-(p_char[p_char > 0] * np.log2(p_char[p_char > 0])).sum())
+    return {"frames": int(total), "n_chars": int(n_chars), "cluster_purity": float(m.max(1).sum() / total),
+            "char_purity": float(m.max(0).sum() / total), "majority_char_share": float(p_char.max()),
+            "h_char_bits": h_char, "h_char_given_label_bits": h_char_given_label,
+            "mutual_information_bits": h_char - h_char_given_label}
+
+
+def plot_usage(usage: Dict[str, list], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(usage) or 1, 1, figsize=(8, 2.6 * max(len(usage), 1)), squeeze=False)
+    for ax, (split, counts) in zip(axes[:, 0], usage.items()):
+        c = np.sort(np.asarray(counts))[::-1]
+        total = max(int(c.sum()), 1)
+        ax.bar(np.arange(len(c)), c / total, width=1.0)
+        ax.set_ylabel("share of frames")
+        ax.set_title(f"{split}: {int((c > 0).sum())}/{len(c)} clusters used", fontsize=9)
+    axes[-1, 0].set_xlabel("cluster rank (most frequent first)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+from feat_helpers import audio_corpus  # noqa: F401  (fixture)
