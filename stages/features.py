@@ -128,7 +128,7 @@ class FeaturesStage(Stage):
         c = ctx.cfg.features
         split, rank, nshard = shard.params["split"], int(shard.params["rank"]), int(shard.params["nshard"])
         npy, len_path = self.outputs(ctx, shard)
-        tsv = ctx.stage_dir("manifest") / f"{split}.tsv"
+        tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.tsv"
         if spec.features == "mfcc":
             return featurize_mfcc(tsv, rank, nshard, npy, len_path, float(c.max_failure_fraction))
         return featurize_layer(tsv, rank, nshard, npy, len_path, checkpoint_path(ctx), int(spec.layer),

@@ -102,11 +102,11 @@ class LabelsStage(Stage):
         usage = {}
         wanted = ctx.cfg.labels.get("report_splits")
         for split in split_names(ctx):
-            _, rows = read_tsv(ctx.stage_dir("manifest") / f"{split}.tsv")
+            _, rows = read_tsv(ctx.with_iteration(None).stage_dir("manifest") / f"{split}.tsv")
             shard_files = [out / f"{split}_{r}_{nshard}.km" for r in range(nshard)]
             lengths = np.concatenate([read_lengths(ctx.stage_dir("features") / f"{split}_{r}_{nshard}.len")
                                       for r in range(nshard)]) if nshard else np.zeros(0, np.int64)
-            wrd = ctx.stage_dir("manifest") / f"{split}.wrd"
+            wrd = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.wrd"
             texts = wrd.read_text(encoding="utf-8").split("\n")[: len(rows)] if wrd.is_file() else None
             stats = merge_split(shard_files, out / f"{split}.km", rows, lengths, k, rate, tol, texts)
             if wanted is None or split in wanted:

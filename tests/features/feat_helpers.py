@@ -30,7 +30,7 @@ def make_cfg(iterations=None, **sections):
         "labels": OmegaConf.structured(labels.Config),
     })
     if iterations is not None:
-        cfg.schedule.iterations = iterations
+        cfg.schedule = OmegaConf.merge(cfg.schedule, {"iterations": iterations})
     for name, values in sections.items():
         cfg[name] = OmegaConf.merge(cfg[name], values)
     return cfg
