@@ -27,16 +27,17 @@ def load_manifest(manifest_path: str, max_keep: Optional[int], min_keep: Optiona
     """Read the manifest, dropping too short/long utterances and those whose label duration differs
     from the video duration by more than ``tol`` seconds. Returns (root, names, kept row indices,
     total rows, sizes in video frames)."""
-    label_durations = []
+    label_durations, duration_paths = [], []
     for path, rate in zip(label_paths, label_rates):
-        if rate == -1:
+        if rate == -1:  # sequence labels (e.g. words): no per-frame alignment to check
             continue
         with open(path) as f:
             label_durations.append([len(line.split()) / rate for line in f])
+        duration_paths.append(path)
     with open(manifest_path) as f:
         root = f.readline().strip()
         rows = [line.rstrip("\n") for line in f if line.strip()]
-    for path, durs in zip(label_paths, label_durations):
+    for path, durs in zip(duration_paths, label_durations):
         if len(durs) != len(rows):
             raise ValueError(f"{path}: {len(durs)} label lines but {manifest_path} has {len(rows)} rows")
     names, inds, sizes = [], [], []
@@ -325,6 +326,10 @@ class AVHubertDataset(FairseqDataset):
 
     def num_tokens(self, index: int) -> int:
         return self.size(index)
+
+    def num_tokens_vec(self, indices):
+        sizes = self.sizes[indices]
+        return sizes if self.pad_audio else np.minimum(sizes, self.max_sample_size)
 
     def size(self, index: int) -> int:
         if self.pad_audio:
