@@ -71,14 +71,6 @@ def match_length(audio_feats: np.ndarray, n_frames: int) -> np.ndarray:
     return audio_feats[:n_frames] if diff > 0 else audio_feats
 
 
-def layer_norm_np(x: np.ndarray) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    return F.layer_norm(t, t.shape[1:]).numpy()
-
-
 def mix_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
     """Add ``noise`` (tiled/cut to the clean length) at ``snr_db``; rescale to avoid int16 clipping."""
     clean = clean.astype(np.float32)
