@@ -480,6 +480,8 @@ class TrainStage(Stage):
     checkpointable = True
 
     def validate(self, ctx: StageContext) -> None:
+        from stages.schedule import label_rate
+
         cfg = ctx.cfg
         for override in list(cfg.train.overrides or []) + [
             o for per in (cfg.train.iteration_overrides or []) for o in (per or [])
@@ -495,6 +497,10 @@ class TrainStage(Stage):
         n_iterations = int(cfg.get("iterations", 0) or 0)
         iterations = [ctx.iteration] if ctx.iteration else range(1, max(n_iterations, 1) + 1)
         for it in iterations:
+            try:
+                label_rate(cfg, it)
+            except ValueError as e:
+                raise ConfigError(f"schedule.iterations: {e}") from None
             path = base_config_path(cfg, it)
             if not path.is_file():
                 raise ConfigError(

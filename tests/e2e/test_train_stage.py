@@ -265,3 +265,10 @@ def test_presets_compose_a_fairseq_config_for_every_iteration(tmp_path, preset):
         assert seen[1:4] == [("feature", 0.8, 0.5)] * 3
         assert seen[4] == ("input", 0.3, 0.5)
         assert train_stage.max_update_for(cfg, 1) >= 400000
+
+
+def test_validate_wants_a_schedule_entry_per_iteration(tmp_path):
+    cfg = make_cfg(tmp_path, max_update=3)
+    cfg.iterations = 3  # the smoke schedule lists 2
+    with pytest.raises(ConfigError, match="schedule.iterations: iteration 3 is outside"):
+        train_stage.STAGE.validate(ctx_for(cfg, None))
