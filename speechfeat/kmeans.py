@@ -32,11 +32,15 @@ BACKENDS = ("sklearn", "faiss")
 
 SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10000, tol=0.0,
                         max_no_improvement=100, reassignment_ratio=0.0, init_size=None)
-# k-means++ seeding on init_points_per_centroid x K frames, then Lloyd iterations (faiss) on
-# max_points_per_centroid x K frames: the seeding is what keeps the inertia at or below sklearn's
-# (faiss's own random seeding ends ~1% above it); bench/kmeans.py measures both.
-FAISS_DEFAULTS = dict(init="k-means++", niter=25, nredo=1, max_points_per_centroid=256,
-                      init_points_per_centroid=64, threads=0)
+# faiss backend: n_init k-means++ seedings on init_points_per_centroid x K frames (the best one on
+# that sample kept, as sklearn's n_init does), Lloyd iterations (faiss) on max_points_per_centroid
+# x K frames, then refine_niter iterations on refine_points_per_centroid x K frames. The seeding is
+# what keeps the inertia at or below sklearn's (faiss's own random seeding ends ~1-2% above it on
+# the bench data); bench/kmeans.py measures both backends.
+# Each sample is also capped (``*_max_points``) so 768-d features with a large K stay cheap.
+FAISS_DEFAULTS = dict(init="k-means++", n_init=3, init_points_per_centroid=512, init_max_points=65536,
+                      niter=20, max_points_per_centroid=256, refine_niter=10, refine_points_per_centroid=4096,
+                      refine_max_points=262144, threads=0)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -122,26 +126,44 @@ def _fit_sklearn(x, k, seed, p):
     return model
 
 
+def _subsample(x, n, rng):
+    return x if n >= len(x) else x[np.sort(rng.choice(len(x), n, replace=False))]
+
+
 def _fit_faiss(x, k, seed, p):
     import faiss
 
     if int(p.get("threads") or 0) > 0:
         faiss.omp_set_num_threads(int(p["threads"]))
     rng = np.random.default_rng(seed)
-    init = None
+    d = x.shape[1]
     if p["init"] == "k-means++":
         from sklearn.cluster import kmeans_plusplus
 
-        n_init_pts = min(len(x), int(p["init_points_per_centroid"]) * k)
-        sample = x[np.sort(rng.choice(len(x), n_init_pts, replace=False))] if n_init_pts < len(x) else x
-        init, _ = kmeans_plusplus(sample, k, random_state=seed)
-        init = np.ascontiguousarray(init, dtype=np.float32)
-    elif p["init"] != "random":
+        n_seed = max(k, min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"])))
+        sample = _subsample(x, n_seed, rng)
+        best = None
+        for r in range(max(1, int(p["n_init"]))):
+            c, _ = kmeans_plusplus(sample, k, random_state=int(rng.integers(2**31 - 1)))
+            _, inertia = assign(sample, c, return_inertia=True)
+            if best is None or inertia < best[0]:
+                best = (inertia, np.ascontiguousarray(c, dtype=np.float32))
+        init = best[1]
+    elif p["init"] == "random":
+        init = np.ascontiguousarray(_subsample(x, k, rng), dtype=np.float32)
+    else:
         raise ValueError(f"kmeans faiss init {p['init']!r}: must be k-means++ or random")
-    km = faiss.Kmeans(x.shape[1], k, niter=int(p["niter"]), nredo=int(p["nredo"]), seed=int(seed) + 1,
-                      max_points_per_centroid=int(p["max_points_per_centroid"]), verbose=False)
-    km.train(x, init_centroids=init)
-    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+    centroids = init
+    for niter, per_centroid, cap in ((p["niter"], p["max_points_per_centroid"], None),
+                                     (p["refine_niter"], p["refine_points_per_centroid"], p["refine_max_points"])):
+        if int(niter) <= 0:
+            continue
+        xs = x if cap is None else _subsample(x, max(k, min(int(per_centroid) * k, int(cap))), rng)
+        km = faiss.Kmeans(d, k, niter=int(niter), seed=int(rng.integers(2**31 - 1)),
+                          max_points_per_centroid=int(per_centroid), verbose=False)
+        km.train(xs, init_centroids=centroids)
+        centroids = np.asarray(km.centroids, dtype=np.float32).reshape(k, d).copy()
+    return centroids
 
 
 # ------------------------------------------------------------------------------------ applying

@@ -38,10 +38,15 @@ class Config:
     tol: float = 0.0
     max_no_improvement: int = 100
     reassignment_ratio: float = 0.0
-    # faiss
-    niter: int = 25
+    # faiss (speechfeat.kmeans.FAISS_DEFAULTS; n_init above is sklearn's, faiss_n_init this one's)
+    faiss_n_init: int = 3  # k-means++ seedings, the best on the seeding sample kept
+    init_points_per_centroid: int = 512  # seeding sample = this x K frames, at most init_max_points
+    init_max_points: int = 65536
+    niter: int = 20  # Lloyd iterations on max_points_per_centroid x K frames
     max_points_per_centroid: int = 256
-    init_points_per_centroid: int = 64
+    refine_niter: int = 10  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
+    refine_points_per_centroid: int = 4096
+    refine_max_points: int = 262144
     threads: int = 0  # 0 = all the job's CPUs
 
 
@@ -61,8 +66,10 @@ def backend_params(c) -> dict:
         return {"init": str(c.init), "n_init": int(c.n_init), "max_iter": int(c.max_iter),
                 "batch_size": int(c.batch_size), "tol": float(c.tol), "max_no_improvement": int(c.max_no_improvement),
                 "reassignment_ratio": float(c.reassignment_ratio)}
-    return {"init": str(c.init), "niter": int(c.niter), "max_points_per_centroid": int(c.max_points_per_centroid),
-            "init_points_per_centroid": int(c.init_points_per_centroid), "threads": int(c.threads)}
+    return {"init": str(c.init), "n_init": int(c.faiss_n_init), "init_points_per_centroid": int(c.init_points_per_centroid),
+            "init_max_points": int(c.init_max_points), "niter": int(c.niter), "max_points_per_centroid": int(c.max_points_per_centroid),
+            "refine_niter": int(c.refine_niter), "refine_points_per_centroid": int(c.refine_points_per_centroid),
+            "refine_max_points": int(c.refine_max_points), "threads": int(c.threads)}
 
 
 class KmeansStage(Stage):
