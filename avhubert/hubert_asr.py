@@ -149,13 +149,27 @@ def _as_omegaconf(args) -> DictConfig:
     return args
 
 
-def load_pretraining_state(path: str) -> Dict[str, Any]:
-    """A pretraining checkpoint (ours or the reference's) read to CPU, its config as omegaconf."""
+def _load_checkpoint_to_cpu(path: str) -> Dict[str, Any]:
+    """fairseq's checkpoint reader with the fairseq allow-list of ``avhubert.checkpoint``. When the
+    model is built during training (``run_fairseq_train``), the allow-list is already in force, and
+    entering it again would remove it on exit (torch's safe_globals contexts do not nest): the
+    trainer's own checkpoint reads that follow would then fail."""
+    from fairseq import checkpoint_utils
+    from fairseq.data.dictionary import Dictionary
+
     from .checkpoint import load_checkpoint_to_cpu
 
+    allowed = getattr(torch.serialization, "get_safe_globals", None)
+    if allowed is not None and Dictionary in allowed():
+        return checkpoint_utils.load_checkpoint_to_cpu(path)
+    return load_checkpoint_to_cpu(path)
+
+
+def load_pretraining_state(path: str) -> Dict[str, Any]:
+    """A pretraining checkpoint (ours or the reference's) read to CPU, its config as omegaconf."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: pretrained AV-HuBERT checkpoint not found (model.w2v_path)")
-    state = load_checkpoint_to_cpu(path)
+    state = _load_checkpoint_to_cpu(path)
     w2v_args = state.get("cfg")
     if w2v_args is None:
         if state.get("args") is None:
