@@ -294,3 +294,25 @@ def test_infer_bad_paths(tmp_path, capsys):
     rc = infer.main([str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
     assert rc == 1 and "missing.mp4" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model_config", ["tiny", "base", "large"])
+def test_configs_compose_with_fairseq_schema(model_config, ft_workdir, fresh_pretrained):
+    """Every fine-tuning config, with the stage's overrides, is a valid fairseq config."""
+    from avhubert.s2s_decode import register
+    from avhubert.train_entry import compose_config
+
+    register()
+    ctx = make_ctx(ft_workdir, fresh_pretrained, model_config=model_config, modalities="av", max_update=None,
+                   overrides=["model.decoder_layers=3"])
+    finetune.STAGE.validate(ctx)
+    path = finetune.base_config_path(ctx.cfg)
+    cfg = compose_config(str(path.parent), path.stem, finetune.fairseq_overrides(ctx) + [
+        "common.user_dir=" + str(Path(finetune.REPO_ROOT) / "avhubert")])
+    assert cfg.model._name == "av_hubert_seq2seq" and cfg.criterion._name == "label_smoothed_cross_entropy"
+    assert list(cfg.task.modalities) == ["audio", "video"] and cfg.task.is_s2s and cfg.task.fine_tuning
+    assert cfg.model.w2v_path == str(fresh_pretrained) and cfg.model.decoder_layers == 3
+    assert cfg.task.tokenizer_bpe_model.endswith(".model") and Path(cfg.task.tokenizer_bpe_model).is_file()
+    assert cfg.checkpoint.save_dir == str(ft_workdir / "finetune" / "checkpoints")
+    expected = {"tiny": 100, "base": 45000, "large": 30000}[model_config]
+    assert cfg.optimization.max_update == expected == finetune.max_update(ctx.cfg)
