@@ -245,6 +245,7 @@ def plot_usage(usage: Dict[str, list], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search floods a DEBUG log
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(usage) or 1, 1, figsize=(8, 2.6 * max(len(usage), 1)), squeeze=False)
