@@ -14,7 +14,8 @@ from finetune_data import REPO_ROOT, TEST_IDS, TRAIN_IDS, VALID_IDS
 
 def save_fresh_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A pretraining checkpoint (fairseq layout, as our train stage writes it) of a randomly
-    initialised tiny av_hubert (avhubert/conf/pretrain/tiny.yaml, one-block ResNet stages)."""
+    initialised tiny av_hubert (avhubert/conf/pretrain/tiny.yaml with the smoke preset's one-block
+    ResNet trunk: the video stream costs little on CPU)."""
     import torch
     from fairseq.dataclass.utils import merge_with_parent
     from omegaconf import OmegaConf
@@ -26,7 +27,7 @@ def save_fresh_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     ensure_plugin_registered()
     composed = compose_config(str(REPO_ROOT / "avhubert" / "conf" / "pretrain"), "tiny", [
         "task.data=/nonexistent", "task.label_dir=/nonexistent", "model.label_rate=100",
-        f"common.user_dir={_PLUGIN_DIR}",
+        f"common.user_dir={_PLUGIN_DIR}", "model.resnet_layers=[1,0,0,0]",
     ])
     cfg = OmegaConf.create(OmegaConf.to_container(composed, resolve=True, enum_to_str=True))
     torch.manual_seed(seed)

@@ -316,3 +316,16 @@ def test_configs_compose_with_fairseq_schema(model_config, ft_workdir, fresh_pre
     assert cfg.checkpoint.save_dir == str(ft_workdir / "finetune" / "checkpoints")
     expected = {"tiny": 100, "base": 45000, "large": 30000}[model_config]
     assert cfg.optimization.max_update == expected == finetune.max_update(ctx.cfg)
+
+
+def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
+    """Both streams through the stage (video frames through the ResNet trunk): a few updates,
+    then beam-search decoding of valid/test."""
+    work = tmp_path / "work"
+    shutil.copytree(ft_workdir / "manifest", work / "manifest")  # its tsv root is the crop dir
+    ctx = make_ctx(work, fresh_pretrained, modalities="av", max_update=2, beam=2)
+    stats = finetune.STAGE.run(ctx, finetune.STAGE.shards(ctx)[0])
+    assert stats["trained"] and stats["num_updates"] == 2
+    results = json.loads((work / "finetune" / "results.json").read_text())
+    assert results["modalities"] == "av"
+    assert results["splits"]["valid"]["utterances"] == 1 and results["splits"]["test"]["utterances"] == 1
