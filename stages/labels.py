@@ -45,6 +45,7 @@ VIDEO_RATE = 25
 @dataclass
 class Config:
     tolerance_seconds: float = 0.1  # |label duration - video duration| allowed (dataset label_tolerance)
+    max_mismatch_fraction: float = 0.01  # of a split's utterances beyond the tolerance before failing
     chunk_frames: int = 32768  # frames per distance computation
     report_splits: Optional[List[str]] = None  # None = every featurized split
 
@@ -108,7 +109,8 @@ class LabelsStage(Stage):
                                       for r in range(nshard)]) if nshard else np.zeros(0, np.int64)
             wrd = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.wrd"
             texts = wrd.read_text(encoding="utf-8").split("\n")[: len(rows)] if wrd.is_file() else None
-            stats = merge_split(shard_files, out / f"{split}.km", rows, lengths, k, rate, tol, texts)
+            stats = merge_split(shard_files, out / f"{split}.km", rows, lengths, k, rate, tol, texts,
+                                float(ctx.cfg.labels.max_mismatch_fraction))
             if wanted is None or split in wanted:
                 usage[split] = stats.pop("counts")
                 report["splits"][split] = stats
@@ -153,12 +155,18 @@ def apply_kmeans_shard(kmeans_path, npy_path, len_path, km_path, chunk_frames: i
 
 
 def merge_split(shard_files, merged_path, rows, lengths, k: int, label_rate: int, tolerance_seconds: float,
-                texts: Optional[List[str]] = None) -> dict:
+                texts: Optional[List[str]] = None, max_mismatch_fraction: float = 0.0) -> dict:
     """Concatenate a split's shard label files in order into ``merged_path`` while checking them
-    against the tsv rows and feature lengths; returns the split's statistics (with ``counts``)."""
+    against the tsv rows and feature lengths; returns the split's statistics (with ``counts``).
+
+    A line whose label count differs from its feature frames, or labels outside 0..K-1, is an
+    error. A duration off the video's by more than ``tolerance_seconds`` (the manifest allows a
+    little A/V drift; the dataset drops such an utterance) is reported, and an error only for more
+    than ``max_mismatch_fraction`` of the utterances."""
     counts = np.zeros(k, dtype=np.int64)
     n_lines = 0
     failed = []
+    mismatched = []
     char_vocab: Dict[str, int] = {}
     joint: Dict[tuple, int] = {}
     with atomic.atomic_open(merged_path, "w") as out:
@@ -182,18 +190,24 @@ def merge_split(shard_files, merged_path, rows, lengths, k: int, label_rate: int
                     else:
                         gap = abs(len(labels) / label_rate - row.n_video_frames / VIDEO_RATE)
                         if gap > tolerance_seconds:
-                            raise ValueError(
+                            mismatched.append(
                                 f"{path}: utterance {row.id}: {len(labels)} labels at {label_rate} Hz last "
                                 f"{len(labels) / label_rate:.3f}s but the video lasts "
                                 f"{row.n_video_frames / VIDEO_RATE:.3f}s (labels.tolerance_seconds={tolerance_seconds})")
+                            log.warning("%s", mismatched[-1])
                         counts += np.bincount(labels, minlength=k)
                         if texts is not None and i < len(texts):
                             _add_char_alignment(labels, texts[i], char_vocab, joint)
                     out.write(line + "\n")
-    if n_lines != len(rows):
-        raise ValueError(f"{merged_path}: {n_lines} label lines for {len(rows)} tsv rows")
+        # inside the block: a failed check leaves no merged file behind
+        if n_lines != len(rows):
+            raise ValueError(f"{merged_path}: {n_lines} label lines for {len(rows)} tsv rows")
+        if len(mismatched) > max_mismatch_fraction * len(rows):
+            raise ValueError(f"{len(mismatched)} of {len(rows)} utterances have label durations off their "
+                             f"video's (labels.max_mismatch_fraction={max_mismatch_fraction}); first: {mismatched[0]}")
     stats = usage_stats(counts)
-    stats.update({"utterances": len(rows), "failed_utterances": len(failed), "failed_ids": failed[:20]})
+    stats.update({"utterances": len(rows), "failed_utterances": len(failed), "failed_ids": failed[:20],
+                  "duration_mismatches": len(mismatched), "duration_mismatch_examples": mismatched[:5]})
     if texts is not None:
         stats["char_purity"] = purity_stats(joint, k, len(char_vocab))
     stats["counts"] = counts.tolist()

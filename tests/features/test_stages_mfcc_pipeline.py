@@ -153,3 +153,22 @@ def test_broken_wav_is_a_failure_record_not_a_crash(audio_corpus):
     ctx = _ctx(work, features={"splits": ["train"], "max_failure_fraction": 0.0})
     with pytest.raises(RuntimeError, match="u1"):
         _run_stage(FEATURES, ctx)
+
+
+def test_a_little_av_drift_is_reported_not_fatal(audio_corpus):
+    from stages.features import STAGE as FEATURES
+    from stages.kmeans import STAGE as KMEANS
+    from stages.labels import STAGE as LABELS
+
+    work, rows = audio_corpus
+    ctx = _ctx(work, features={"splits": ["train"]}, kmeans={"backend": "faiss", "percent": -1},
+               labels={"max_mismatch_fraction": 0.2})
+    for st in (FEATURES, KMEANS, LABELS):
+        _run_stage(st, ctx)
+    bad = list(rows["train"])
+    bad[2] = bad[2][:3] + (bad[2][3] + 10, bad[2][4])
+    write_manifest(work / "manifest", "train", work.parent / "crop", bad)
+    report = LABELS.finalize(ctx, {})
+    assert report["splits"]["train"]["duration_mismatches"] == 1
+    assert "u2" in report["splits"]["train"]["duration_mismatch_examples"][0]
+    assert len((work / "iter1/labels/train.km").read_text().splitlines()) == 7
