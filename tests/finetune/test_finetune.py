@@ -329,3 +329,22 @@ def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
     results = json.loads((work / "finetune" / "results.json").read_text())
     assert results["modalities"] == "av"
     assert results["splits"]["valid"]["utterances"] == 1 and results["splits"]["test"]["utterances"] == 1
+
+
+@pytest.mark.slow
+def test_two_rank_cpu_job(ft_workdir, fresh_pretrained, tmp_path):
+    """One submitit job of two tasks (local executor): two gloo ranks fine-tune together (the
+    criterion's logging outputs are summed across ranks), rank 0 decodes and writes results."""
+    import submitit
+
+    work = tmp_path / "work"
+    shutil.copytree(ft_workdir / "manifest", work / "manifest")
+    ctx = make_ctx(work, fresh_pretrained, max_update=4, beam=2)
+    (shard,) = finetune.STAGE.shards(ctx)
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
+    executor.update_parameters(nodes=1, tasks_per_node=2, timeout_min=10)
+    job = executor.submit(finetune.STAGE.run, ctx, shard)
+    results = job.results()
+    assert results[1] == {"rank": 1}
+    assert results[0]["world_size"] == 2 and results[0]["num_updates"] == 4
+    assert json.loads((work / "finetune" / "results.json").read_text())["num_updates"] == 4
