@@ -288,12 +288,20 @@ def test_infer_fails_cleanly_without_face(finetuned, ft_workdir, tmp_path, capsy
     assert "no face" in err and "Traceback" not in err
 
 
-def test_infer_bad_paths(tmp_path, capsys):
+def test_infer_bad_inputs(tmp_path, capsys, fresh_pretrained, sample_corpus):
     from stages import infer
 
     rc = infer.main([str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
     assert rc == 1 and "missing.mp4" in err and "Traceback" not in err
+    video = sample_corpus / f"{TRAIN_IDS[0]}.mp4"
+    rc = infer.main([str(video), "--checkpoint", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "x.pt" in err and "Traceback" not in err
+    # a pretraining checkpoint is not a fine-tuned one
+    rc = infer.main([str(video), "--checkpoint", str(fresh_pretrained)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "not an av_hubert_seq2seq" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("model_config", ["tiny", "base", "large"])
