@@ -78,8 +78,9 @@ STAGE_OWNED_KEYS = (
 
 @dataclass
 class Config:
-    # Run fine-tuning as part of the pipeline (needs transcripts: the manifest's .wrd files).
-    enabled: bool = True
+    # Run fine-tuning as part of the pipeline. It needs transcripts (the manifest's .wrd files):
+    # None = on, except for the vox2 layout (VoxCeleb2 has no transcripts).
+    enabled: Optional[bool] = None
     # Base fairseq config: a name in avhubert/conf/finetune/ ("base", "large", "tiny") or a path.
     model_config: str = "base"
     # Pretrained checkpoint; None = the last pretraining iteration's checkpoint_final.pt.
@@ -237,7 +238,10 @@ class FinetuneStage(Stage):
     checkpointable = True
 
     def enabled(self, ctx: StageContext) -> bool:
-        return bool(ctx.cfg.finetune.get("enabled", True))
+        setting = ctx.cfg.finetune.get("enabled", None)
+        if setting is None:
+            return str(ctx.cfg.get("layout", "plain") or "plain") != "vox2"
+        return bool(setting)
 
     def validate(self, ctx: StageContext) -> None:
         from avhubert.s2s_decode import modality_list

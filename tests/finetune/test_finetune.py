@@ -194,6 +194,12 @@ def test_validate_refuses_bad_settings(tmp_path, fresh_pretrained):
         stage.validate(make_ctx(tmp_path, tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="model_config"):
         stage.validate(make_ctx(tmp_path, fresh_pretrained, model_config="nope"))
+    assert stage.enabled(make_ctx(tmp_path, fresh_pretrained))
+    vox2 = make_ctx(tmp_path, fresh_pretrained)
+    vox2.cfg.layout = "vox2"  # no transcripts: off unless asked for
+    assert not stage.enabled(vox2)
+    vox2.cfg.finetune.enabled = True
+    assert stage.enabled(vox2)
     # without a configured checkpoint: the last pretraining iteration's final checkpoint
     ctx = make_ctx(tmp_path, fresh_pretrained, pretrained_checkpoint=None)
     assert finetune.pretrained_checkpoint(ctx) == tmp_path / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
