@@ -150,8 +150,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    if not args.verbose:  # fairseq and the model log at INFO on import/load
-        for name in ("fairseq", "avhubert", "stages", "hydra"):
+    if not args.verbose:  # fairseq and the model log at INFO (and warn about deprecations) on load
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for name in ("fairseq", "avhubert", "stages", "hydra", "infer"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if args.beam < 1:
         print("infer: --beam must be at least 1", file=sys.stderr)
