@@ -1,10 +1,11 @@
-"""k-means for the pseudo-labels: sampling frames from feature shards, two training backends, and
+"""k-means for the pseudo-labels: sampling frames from feature shards, three training backends, and
 the nearest-centroid assignment the labels stage applies.
 
 Backends (``fit``):
 - ``sklearn``: MiniBatchKMeans with the reference ``learn_kmeans.py`` settings (k-means++ init,
   n_init 20, max_iter 100, batch 10000, tol 0, max_no_improvement 100, reassignment_ratio 0,
   init_size = 3 x batch as sklearn's default).
+- ``torch``: the same seeding and Lloyd iterations written in torch, for a GPU (``device``).
 - ``faiss``: faiss-cpu's Lloyd k-means (full-batch iterations on at most
   ``max_points_per_centroid`` x K sampled points), much faster at a lower or equal inertia
   (bench/kmeans.py measures both).
@@ -28,7 +29,7 @@ from pipeline import atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "speechfeat-kmeans-1"
-BACKENDS = ("sklearn", "faiss")
+BACKENDS = ("sklearn", "faiss", "torch")
 
 SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10000, tol=0.0,
                         max_no_improvement=100, reassignment_ratio=0.0, init_size=None)
@@ -105,8 +106,8 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
         centroids = model.cluster_centers_.astype(np.float32)
         extra = {"sklearn_model": model}
     else:
-        used = {**FAISS_DEFAULTS, **(params or {})}
-        centroids = _fit_faiss(x, n_clusters, seed, used)
+        used = {**FAISS_DEFAULTS, **({"device": "auto"} if backend == "torch" else {}), **(params or {})}
+        centroids = (_fit_faiss if backend == "faiss" else _fit_torch)(x, n_clusters, seed, used)
         extra = {}
     seconds = time.time() - t0
     _, inertia = assign(x, centroids, return_inertia=True)
@@ -130,13 +131,7 @@ def _subsample(x, n, rng):
     return x if n >= len(x) else x[np.sort(rng.choice(len(x), n, replace=False))]
 
 
-def _fit_faiss(x, k, seed, p):
-    import faiss
-
-    if int(p.get("threads") or 0) > 0:
-        faiss.omp_set_num_threads(int(p["threads"]))
-    rng = np.random.default_rng(seed)
-    d = x.shape[1]
+def _seed_centroids(x, k, p, rng):
     if p["init"] == "k-means++":
         from sklearn.cluster import kmeans_plusplus
 
@@ -152,8 +147,18 @@ def _fit_faiss(x, k, seed, p):
     elif p["init"] == "random":
         init = np.ascontiguousarray(_subsample(x, k, rng), dtype=np.float32)
     else:
-        raise ValueError(f"kmeans faiss init {p['init']!r}: must be k-means++ or random")
-    centroids = init
+        raise ValueError(f"kmeans init {p['init']!r}: must be k-means++ or random")
+    return init
+
+
+def _fit_faiss(x, k, seed, p):
+    import faiss
+
+    if int(p.get("threads") or 0) > 0:
+        faiss.omp_set_num_threads(int(p["threads"]))
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    centroids = _seed_centroids(x, k, p, rng)
     for niter, per_centroid, cap in ((p["niter"], p["max_points_per_centroid"], None),
                                      (p["refine_niter"], p["refine_points_per_centroid"], p["refine_max_points"])):
         if int(niter) <= 0:
@@ -164,6 +169,34 @@ def _fit_faiss(x, k, seed, p):
         km.train(xs, init_centroids=centroids)
         centroids = np.asarray(km.centroids, dtype=np.float32).reshape(k, d).copy()
     return centroids
+
+
+def _fit_torch(x, k, seed, p):
+    import torch
+
+    device = p.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(p.get("threads") or 0) > 0 and device == "cpu":
+        torch.set_num_threads(int(p["threads"]))
+    rng = np.random.default_rng(seed)
+    c = torch.from_numpy(_seed_centroids(x, k, p, rng)).to(device)
+    for niter, per_centroid, cap in ((p["niter"], p["max_points_per_centroid"], None),
+                                     (p["refine_niter"], p["refine_points_per_centroid"], p["refine_max_points"])):
+        n = min(len(x), int(per_centroid) * k, int(cap) if cap is not None else len(x))
+        xs = torch.from_numpy(np.ascontiguousarray(_subsample(x, max(n, k), rng))).to(device)
+        for _ in range(int(niter)):
+            sums = torch.zeros_like(c, dtype=torch.float64)
+            counts = torch.zeros(k, dtype=torch.float64, device=device)
+            c_sq = (c * c).sum(1)
+            for a in range(0, len(xs), 65536):
+                xb = xs[a:a + 65536]
+                lab = (c_sq[None, :] - 2.0 * (xb @ c.T)).argmin(1)
+                sums.index_add_(0, lab, xb.double())
+                counts += torch.bincount(lab, minlength=k).double()
+            keep = counts > 0  # an empty cluster keeps its centroid
+            c = torch.where(keep[:, None], (sums / counts.clamp(min=1)[:, None]).float(), c)
+    return c.cpu().numpy().astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------ applying

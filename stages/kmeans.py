@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    backend: str = "sklearn"  # "sklearn" (reference MiniBatchKMeans) or "faiss" (faster)
+    backend: str = "sklearn"  # "sklearn" (reference MiniBatchKMeans), "faiss" (faster, CPU) or "torch" (GPU)
+    device: str = "auto"  # torch backend: "auto" (cuda when available), "cpu", "cuda"
     n_clusters: Optional[int] = None  # None = the schedule's K for this iteration
     percent: float = 0.1  # share of utterances per shard sampled (reference recipe); -1 = all frames
     seed: int = 0
@@ -38,7 +39,7 @@ class Config:
     tol: float = 0.0
     max_no_improvement: int = 100
     reassignment_ratio: float = 0.0
-    # faiss (speechfeat.kmeans.FAISS_DEFAULTS; n_init above is sklearn's, faiss_n_init this one's)
+    # faiss and torch (speechfeat.kmeans.FAISS_DEFAULTS; n_init above is sklearn's, faiss_n_init theirs)
     faiss_n_init: int = 3  # k-means++ seedings, the best on the seeding sample kept
     init_points_per_centroid: int = 512  # seeding sample = this x K frames, at most init_max_points
     init_max_points: int = 65536
@@ -69,7 +70,8 @@ def backend_params(c) -> dict:
     return {"init": str(c.init), "n_init": int(c.faiss_n_init), "init_points_per_centroid": int(c.init_points_per_centroid),
             "init_max_points": int(c.init_max_points), "niter": int(c.niter), "max_points_per_centroid": int(c.max_points_per_centroid),
             "refine_niter": int(c.refine_niter), "refine_points_per_centroid": int(c.refine_points_per_centroid),
-            "refine_max_points": int(c.refine_max_points), "threads": int(c.threads)}
+            "refine_max_points": int(c.refine_max_points), "threads": int(c.threads),
+            **({"device": str(c.device)} if c.backend == "torch" else {})}
 
 
 class KmeansStage(Stage):
