@@ -1,0 +1,223 @@
+"""The pipeline's configuration: typed sections, a preset, a cluster file and command-line overrides.
+
+Order (later wins): the typed defaults of every section, ``presets/<preset>.yaml``,
+``cluster_configs/<cluster>.yaml`` (under ``cluster``), then ``key=value`` overrides. Structured
+(dataclass-backed) sections turn a misspelt key or a wrong type into one clear ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Resources
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = PROJECT_ROOT / "presets"
+CLUSTER_DIR = PROJECT_ROOT / "cluster_configs"
+
+EXECUTORS = ("debug", "local", "slurm")
+
+
+@dataclass
+class StageResources:
+    """Per-stage resource overrides; None = take ``cluster.defaults``."""
+
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    gpus_per_task: Optional[int] = None
+    timeout_min: Optional[int] = None
+    nodes: Optional[int] = None
+    # tasks per node of a multi-task stage (training: one rank per GPU); None = gpus_per_node or 1
+    tasks_per_node: Optional[int] = None
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    executor: str = "local"  # debug | local | slurm
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    # Slurm's MaxArraySize: larger stages are split into several arrays
+    max_array_size: int = 1000
+    # shards of one stage running at once (Slurm %N throttle; local: concurrent processes)
+    array_parallelism: int = 2
+    # GPUs per node of the training allocation (one rank per GPU); 0 on CPU clusters
+    gpus_per_node: int = 0
+    # seconds between scheduler polls while waiting for jobs
+    poll_interval_s: float = 1.0
+    # preemptions/timeouts a checkpointable job may survive before it is given up
+    max_requeues: int = 20
+    # shell lines run before each Slurm job (module load, venv activation, ...)
+    setup: List[str] = field(default_factory=list)
+    # passed verbatim to sbatch (e.g. {constraint: volta32gb})
+    slurm_additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    defaults: StageResources = field(
+        default_factory=lambda: StageResources(cpus_per_task=1, mem_gb=4, gpus_per_task=0, timeout_min=60)
+    )
+    stages: Dict[str, StageResources] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    workdir: str = "./work"
+    corpus: Optional[str] = None
+    layout: str = "plain"
+    iterations: int = 1
+    preset: str = "smoke"
+
+
+def available(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path}: cannot be read: {e}") from None
+
+
+def load_config(
+    sections: Dict[str, type],
+    preset: Optional[str] = "smoke",
+    cluster: Optional[str] = "local",
+    overrides: Optional[List[str]] = None,
+    engine_values: Optional[Dict[str, Any]] = None,
+) -> DictConfig:
+    """Build and validate the whole config tree. ``sections`` maps section names to dataclasses
+    (the stages' typed configs); ``engine_values`` are settings from command-line flags
+    (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides."""
+    # one dataclass for the whole tree, so every level is typed and closed to unknown keys
+    hints = typing.get_type_hints(EngineConfig)
+    root_fields = [(f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(EngineConfig)]
+    root_fields += [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in sections.items()]
+    root_fields.append(("cluster", ClusterConfig, dataclasses.field(default_factory=ClusterConfig)))
+    base = OmegaConf.structured(dataclasses.make_dataclass("PipelineConfig", root_fields))
+    layers = []
+    if preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}: no {path} (available: {', '.join(available(PRESET_DIR))})")
+        layers.append((f"preset {path}", _read_yaml(path, "preset")))
+    if cluster:
+        path = Path(cluster) if cluster.endswith((".yaml", ".yml")) else CLUSTER_DIR / f"{cluster}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown cluster {cluster!r}: no {path} (available: {', '.join(available(CLUSTER_DIR))})"
+            )
+        cluster_cfg = _read_yaml(path, "cluster config")
+        cluster_cfg.setdefault("name", path.stem)
+        layers.append((f"cluster config {path}", OmegaConf.create({"cluster": cluster_cfg})))
+    if preset:
+        layers.append(("--preset", OmegaConf.create({"preset": preset})))
+    if engine_values:
+        layers.append(("command-line flags", OmegaConf.create({k: v for k, v in engine_values.items() if v is not None})))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command-line overrides: {e}") from None
+    cfg = base
+    for what, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{what}: {('key ' + repr(key) + ': ') if key else ''}{_first_line(e)}") from None
+    validate_cluster(cfg.cluster)
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def validate_cluster(cluster: DictConfig) -> None:
+    if cluster.executor not in EXECUTORS:
+        raise ConfigError(f"cluster {cluster.name}: executor {cluster.executor!r} is not one of {EXECUTORS}")
+    if cluster.max_array_size < 1 or cluster.array_parallelism < 1:
+        raise ConfigError(f"cluster {cluster.name}: max_array_size and array_parallelism must be >= 1")
+    for stage_name in ["defaults", *cluster.stages.keys()]:
+        res = cluster.defaults if stage_name == "defaults" else cluster.stages[stage_name]
+        for key in ("cpus_per_task", "nodes", "tasks_per_node", "timeout_min"):
+            v = res.get(key)
+            if v is not None and v < 1:
+                raise ConfigError(f"cluster {cluster.name}: {stage_name}.{key}={v} must be >= 1")
+        for key in ("gpus_per_task", "mem_gb"):
+            v = res.get(key)
+            if v is not None and v < 0:
+                raise ConfigError(f"cluster {cluster.name}: {stage_name}.{key}={v} must be >= 0")
+
+
+def resources_for(cfg: DictConfig, stage_name: str, multi_task: bool = False) -> Resources:
+    """The scheduler request of one job of ``stage_name``: stage overrides over the defaults.
+    A multi-task stage (training) gets ``nodes`` x ``tasks_per_node`` ranks, one per GPU where the
+    cluster has GPUs."""
+    cluster = cfg.cluster
+    merged = OmegaConf.to_container(cluster.defaults)
+    if stage_name in cluster.stages:
+        merged.update({k: v for k, v in OmegaConf.to_container(cluster.stages[stage_name]).items() if v is not None})
+    res = Resources(
+        cpus_per_task=int(merged.get("cpus_per_task") or 1),
+        mem_gb=float(merged.get("mem_gb") or 0),
+        gpus_per_task=int(merged.get("gpus_per_task") or 0),
+        timeout_min=int(merged.get("timeout_min") or 60),
+        nodes=1,
+        tasks_per_node=1,
+    )
+    if multi_task:
+        res.nodes = int(merged.get("nodes") or 1)
+        gpn = int(cluster.gpus_per_node or 0)
+        res.tasks_per_node = int(merged.get("tasks_per_node") or gpn or 1)
+        if gpn:
+            res.gpus_per_task = 1
+    return res
+
+
+def check_resources(cfg: DictConfig, stage_name: str, res: Resources) -> None:
+    """Impossible requests fail before anything is submitted."""
+    import os
+
+    executor = cfg.cluster.executor
+    if executor in ("debug", "local"):
+        if res.nodes > 1:
+            raise ConfigError(
+                f"stage {stage_name}: {res.nodes} nodes requested but executor {executor!r} runs on this machine "
+                f"only (set cluster.stages.{stage_name}.nodes=1)"
+            )
+        if res.gpus_per_task > 0 and not _local_gpus():
+            raise ConfigError(
+                f"stage {stage_name}: {res.gpus_per_task} GPU(s) per task requested but this machine has none "
+                f"(set cluster.gpus_per_node=0 / cluster.stages.{stage_name}.gpus_per_task=0)"
+            )
+        ncpu = os.cpu_count() or 1
+        if executor == "local" and res.cpus_per_task > ncpu:
+            raise ConfigError(f"stage {stage_name}: cpus_per_task={res.cpus_per_task} but this machine has {ncpu} CPUs")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or broken: no GPU we could use
+        return 0
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def asdict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,121 @@
+"""Test-only stages for the engine: no video, no speech, just files.
+
+- ``ToyStage``: shard i writes ``out_<i>.txt`` containing the shard key; it can be told (through
+  files in the work dir, so a rerun can change its mind) to raise, or to sleep, for a shard.
+- ``SumStage``: depends on the toy stage; its one shard sums what the toy shards wrote.
+- ``CounterStage``: multi-task + checkpointable; counts to ``target`` one step per ``step_s``
+  seconds, persisting progress after each step, so a requeued/killed job resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline import atomic
+from pipeline.stage import Shard, Stage, StageContext
+
+
+def control(ctx: StageContext, name: str) -> Path:
+    return Path(ctx.workdir) / "control" / name
+
+
+class ToyStage(Stage):
+    name = "toy"
+
+    def __init__(self, n_shards: int = 4, per_iteration: bool = False):
+        self.n_shards = n_shards
+        self.per_iteration = per_iteration
+
+    def shards(self, ctx):
+        return [Shard(i, self.n_shards, f"part{i:03d}") for i in range(self.n_shards)]
+
+    def outputs(self, ctx, shard):
+        return [ctx.stage_dir(self.name) / f"out_{shard.index}.txt"]
+
+    def run(self, ctx, shard):
+        fail = control(ctx, f"fail_{shard.key}")
+        if fail.exists():
+            raise ValueError(f"asked to fail shard {shard.key}")
+        sleep = control(ctx, f"sleep_{shard.key}")
+        out = self.outputs(ctx, shard)[0]
+        with atomic.atomic_open(out) as f:
+            f.write(f"{shard.index}\n")
+            f.flush()
+            if sleep.exists():  # killed in here: only the temporary file exists
+                time.sleep(float(sleep.read_text()))
+        # every run leaves a trace, so tests can count which shards actually ran
+        with open(Path(ctx.workdir) / "runs.log", "a") as f:
+            f.write(f"{self.name} {ctx.iteration} {shard.key}\n")
+        return {"value": shard.index}
+
+    def final_outputs(self, ctx):
+        return [ctx.stage_dir(self.name) / "summary.json"]
+
+    def finalize(self, ctx, shard_stats):
+        total = sum(s.get("value", 0) for s in shard_stats.values())
+        atomic.write_json(ctx.stage_dir(self.name) / "summary.json", {"total": total})
+        return {"total": total}
+
+
+class SumStage(Stage):
+    name = "sum"
+    depends_on = ("toy",)
+
+    def __init__(self, per_iteration: bool = False, depends_on_previous=()):
+        self.per_iteration = per_iteration
+        self.depends_on_previous = tuple(depends_on_previous)
+
+    def shards(self, ctx):
+        # listing shards needs the toy stage's output: only possible once it ran
+        summary = json.loads((ctx.stage_dir("toy") / "summary.json").read_text())
+        return [Shard(0, 1, f"sum{summary['total']}")]
+
+    def outputs(self, ctx, shard):
+        return [ctx.stage_dir(self.name) / "sum.txt"]
+
+    def run(self, ctx, shard):
+        values = sorted(int(p.read_text()) for p in ctx.stage_dir("toy").glob("out_*.txt"))
+        atomic.write_text(self.outputs(ctx, shard)[0], f"{sum(values)}\n")
+        with open(Path(ctx.workdir) / "runs.log", "a") as f:
+            f.write(f"{self.name} {ctx.iteration} {shard.key}\n")
+        return {"sum": sum(values)}
+
+
+class CounterStage(Stage):
+    name = "counter"
+    multi_task = True
+    checkpointable = True
+
+    def __init__(self, target: int = 20, step_s: float = 0.5):
+        self.target, self.step_s = target, step_s
+
+    def shards(self, ctx):
+        return [Shard(0, 1, "count")]
+
+    def outputs(self, ctx, shard):
+        return [ctx.stage_dir(self.name) / "final.json"]
+
+    def run(self, ctx, shard):
+        import submitit
+
+        env = submitit.JobEnvironment()
+        d = ctx.stage_dir(self.name)
+        d.mkdir(parents=True, exist_ok=True)
+        rank_file = d / f"rank{env.global_rank}.json"
+        atomic.write_json(rank_file, {"rank": env.global_rank, "ntasks": env.num_tasks})
+        progress = d / "progress.json"
+        count = json.loads(progress.read_text())["count"] if progress.exists() else 0
+        starts = d / "starts.log"
+        if env.global_rank == 0:
+            with open(starts, "a") as f:
+                f.write(f"{count} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
+        while count < self.target:
+            time.sleep(self.step_s)
+            count += 1
+            if env.global_rank == 0:
+                atomic.write_json(progress, {"count": count})
+        if env.global_rank == 0:
+            atomic.write_json(self.outputs(ctx, shard)[0], {"count": count})
+        return {"count": count, "ntasks": env.num_tasks}
