@@ -327,6 +327,20 @@ def resume_point(ckpt_dir: Path, repair: bool = False) -> Tuple[Optional[Path], 
     return None, 0
 
 
+def discard_previous_training(stage_dir: Path) -> None:
+    """Remove an earlier run's checkpoints and logs. Each directory is first renamed away in one
+    step, so another rank looking at the same time sees either the complete old state (with its
+    final checkpoint: "start fresh") or nothing (also "start fresh"), never a part of it."""
+    for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+        path = Path(stage_dir) / name
+        if not path.exists():
+            continue
+        trash = path.with_name(f".discarded-{os.getpid()}-{name}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    (Path(stage_dir) / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # tensorboard events -> loss curve
 
@@ -527,10 +541,17 @@ class TrainStage(Stage):
         final = ckpt_dir / FINAL_CHECKPOINT
         last = ckpt_dir / LAST_CHECKPOINT
 
-        final_updates = checkpoint_updates(final)
+        fresh = False
+        if ctx.force and final.exists():
+            # --force on a complete iteration: train a new model from scratch. A requeue of that
+            # run finds no final checkpoint (it is written last) and resumes instead.
+            fresh = True
+            if dist.rank == 0:
+                discard_previous_training(ctx.stage_dir("train"))
+        final_updates = None if fresh else checkpoint_updates(final)
         done_before = final_updates is not None and final_updates >= max_update
         resumed_from, start_updates = (None, 0)
-        if not done_before:
+        if not done_before and not fresh:
             resumed_from, start_updates = resume_point(ckpt_dir, repair=dist.rank == 0)
         log.info(
             "train iteration %s rank %d/%d on %s: %s", iteration, dist.rank, dist.world_size,

@@ -272,3 +272,21 @@ def test_validate_wants_a_schedule_entry_per_iteration(tmp_path):
     cfg.iterations = 3  # the smoke schedule lists 2
     with pytest.raises(ConfigError, match="schedule.iterations: iteration 3 is outside"):
         train_stage.STAGE.validate(ctx_for(cfg, None))
+
+
+def test_force_on_a_complete_iteration_starts_from_scratch(tmp_path):
+    cfg = make_cfg(tmp_path, max_update=6)
+    stage_dir = Path(cfg.workdir) / "iter1" / "train"
+    ckpt = stage_dir / "checkpoints"
+    for name, n in (("checkpoint_1_6.pt", 6), ("checkpoint_last.pt", 6), ("checkpoint_final.pt", 6)):
+        save_checkpoint(ckpt / name, n)
+    (stage_dir / "tensorboard" / "train_inner").mkdir(parents=True)
+    (stage_dir / "tensorboard" / "train_inner" / "events.out.tfevents.1.host").write_bytes(b"")
+    train_stage.discard_previous_training(stage_dir)
+    assert ckpt.is_dir() and not any(ckpt.iterdir())
+    assert not (stage_dir / "tensorboard").exists()
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["checkpoints"]
+    # without --force a complete iteration is left alone (idempotent rerun)
+    save_checkpoint(ckpt / "checkpoint_final.pt", 6)
+    assert train_stage.STAGE.run(ctx_for(cfg, 1), train_stage.STAGE.shards(ctx_for(cfg, 1))[0])[
+        "trained"] is False
