@@ -415,10 +415,10 @@ def read_scalars(logdir: Path) -> Dict[str, List[Tuple[int, float, float, int]]]
 def plot_loss_curve(tensorboard_dir: Path, png: Path, title: str) -> dict:
     """Write ``png``: training loss per update (fairseq's ``train_inner`` log) and validation loss,
     with a dashed line where a resumed run took over. Returns a small summary."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search spam at DEBUG
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search spam at DEBUG
     import matplotlib.pyplot as plt
 
     tensorboard_dir = Path(tensorboard_dir)
