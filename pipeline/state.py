@@ -56,8 +56,8 @@ class StateStore:
     def mark_running(self, stage, iteration, key, info: dict) -> None:
         atomic.write_json(self._marker(stage, iteration, key, "running"), {**info, **_where()})
 
-    def mark_done(self, stage, iteration, key, stats: dict) -> None:
-        atomic.write_json(self._marker(stage, iteration, key, "done"), {"stats": stats, **_where()})
+    def mark_done(self, stage, iteration, key, stats: dict, extra: Optional[dict] = None) -> None:
+        atomic.write_json(self._marker(stage, iteration, key, "done"), {"stats": stats, **(extra or {}), **_where()})
         for kind in ("failed", "running"):
             _unlink(self._marker(stage, iteration, key, kind))
 

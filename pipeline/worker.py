@@ -92,7 +92,7 @@ class ShardTask:
             start = time.time()
             if rank == 0:
                 store.mark_running(stage, it, key, {"job_id": job_id(), "log": str(log_path)})
-            print(f"== {stage} {key} (iteration {it}) rank {rank}/{ntasks} on job {job_id()}", flush=True)
+            log.info("== %s %s (iteration %s) rank %d/%d on job %s", stage, key, it, rank, ntasks, job_id())
             try:
                 stats = self.stage.run(self.ctx, self.shard) or {}
                 if rank == 0:
@@ -103,15 +103,15 @@ class ShardTask:
                         )
             except BaseException as e:
                 tb = traceback.format_exc()
-                print(tb, flush=True)
+                log.error("shard %s failed:\n%s", key, tb)
                 if rank == 0 and not _is_preemption(e):
                     store.mark_failed(stage, it, key, last_error_line(tb), log_path, {"job_id": job_id()})
                 raise
             if rank == 0:
                 stats = dict(stats)
                 stats.setdefault("seconds", round(time.time() - start, 3))
-                store.mark_done(stage, it, key, stats)
-            print(f"== done in {time.time() - start:.1f}s", flush=True)
+                store.mark_done(stage, it, key, stats, {"job_id": job_id(), "log": str(log_path)})
+            log.info("== done in %.1fs", time.time() - start)
             return stats
 
 
@@ -126,5 +126,5 @@ class CheckpointableShardTask(ShardTask, submitit.helpers.Checkpointable):
     same callable; the stage resumes from the checkpoints it wrote itself."""
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        print(f"== {self.stage.name} {self.shard.key}: preempted or timed out, requeueing", flush=True)
+        log.warning("== %s %s: preempted or timed out, requeueing", self.stage.name, self.shard.key)
         return submitit.helpers.DelayedSubmission(self)
