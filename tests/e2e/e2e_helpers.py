@@ -2,13 +2,13 @@
 sample corpus with the smoke preset, watch training, kill its ranks, read what the run left."""
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,9 +17,13 @@ PYTHON = sys.executable
 STAGES_PER_ITERATION = ("features", "kmeans", "labels", "train")
 
 
-def launch_cmd(workdir: Path, corpus: Path, cluster: str, *args: str, extra: tuple = ()) -> List[str]:
+# fine-tuning has its own tests; the pretraining chain is what these runs are about
+E2E_OVERRIDES = ("finetune.enabled=false",)
+
+
+def launch_cmd(workdir: Path, corpus: Path, cluster: str, *args: str) -> List[str]:
     return [PYTHON, str(REPO_ROOT / "launch.py"), "--preset", "smoke", "--cluster", cluster,
-            *args, f"workdir={workdir}", f"corpus={corpus}", *extra]
+            "--workdir", str(workdir), "--corpus", str(corpus), *args, *E2E_OVERRIDES]
 
 
 def env() -> dict:
@@ -106,3 +110,52 @@ def events_first_steps(logdir: Path) -> list:
         if steps:
             firsts.append(min(steps))
     return firsts
+
+
+STAGE_LINE = re.compile(r"^\[(?P<step>[^\]]+)\] complete: (?P<n>\d+) shard\(s\), (?P<run>\d+) run now, "
+                        r"(?P<s>[\d.]+)s", re.M)
+
+
+def stage_wall_times(*launches: "Launch") -> dict:
+    """``{"train (iteration 1)": seconds, ...}`` for every step that ran shards, from the
+    launcher's ``[step] complete: ...`` lines (a later launch that ran it again wins)."""
+    out = {}
+    for launch in launches:
+        for m in STAGE_LINE.finditer(launch.output):
+            if int(m.group("run")) > 0:
+                out[m.group("step")] = float(m.group("s"))
+    return out
+
+
+def submitted_steps(launch: "Launch") -> list:
+    return re.findall(r"^\[([^\]]+)\] submitting", launch.output, re.M)
+
+
+def read_done_stats(workdir: Path, stage: str, iteration, key: str) -> dict:
+    from pipeline.state import StateStore
+
+    marker = StateStore(Path(workdir)).read_done(stage, iteration, key) or {}
+    return marker.get("stats", {})
+
+
+def tree(workdir: Path, iteration: int) -> set:
+    return {p.name for p in (Path(workdir) / f"iter{iteration}").iterdir()}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process we started and everything under it (cleanup after a failed test)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    sigkill(root.children(recursive=True) + [root])
+
+
+def slurm_job_ids(name: str) -> list:
+    """Ids of this user's queued/running Slurm jobs called ``name`` (the engine names its jobs
+    ``<stage>-it<N>``)."""
+    out = subprocess.run(["squeue", "-h", "--me", "-o", "%A %j"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1:] == [name]]
