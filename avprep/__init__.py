@@ -1,0 +1,1 @@
+"""Audio-visual preprocessing: media IO, face landmarks, mouth-ROI alignment."""

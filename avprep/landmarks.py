@@ -1,0 +1,133 @@
+"""68-point face landmarks with dlib.
+
+Reference semantics (the default, ``mode="reference"``): every frame goes through dlib's HOG
+frontal face detector with one upsampling; when it finds nothing, the CNN (mmod) detector is tried;
+the 68-point predictor then runs on the face. With several faces the reference keeps whichever
+dlib lists last; we keep the largest box (``face_rule="largest"``, the default), which is the
+speaker in nearly every talking-head clip; ``face_rule="last"`` reproduces the reference.
+
+``mode="fast"``: detection only every ``detect_every`` frames on a frame downscaled to at most
+``detect_width`` pixels; in between, the predictor runs on the box around the previous frame's
+landmarks (tracking). A tracked shape whose box drifts or shrinks implausibly triggers a new
+detection. The predictor always runs at full resolution, so landmarks stay precise.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+N_POINTS = 68
+
+
+def model_dir() -> Path:
+    # face_recognition_models' own accessors import pkg_resources, which recent setuptools dropped
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the package face-recognition-models is not installed (pip install face-recognition-models)")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+@dataclass
+class DetectorSettings:
+    mode: str = "reference"  # reference | fast
+    face_rule: str = "largest"  # largest | last (the reference's)
+    upsample: int = 1
+    cnn_fallback: bool = True
+    detect_every: int = 5  # fast mode
+    detect_width: int = 320  # fast mode
+
+
+class LandmarkDetector:
+    def __init__(self, settings: Optional[DetectorSettings] = None):
+        import dlib
+
+        self.s = settings or DetectorSettings()
+        if self.s.mode not in ("reference", "fast"):
+            raise ValueError(f"crop mode {self.s.mode!r}: reference or fast")
+        if self.s.face_rule not in ("largest", "last"):
+            raise ValueError(f"face_rule {self.s.face_rule!r}: largest or last")
+        self._dlib = dlib
+        self.hog = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self._cnn = None
+        self._prev: Optional[np.ndarray] = None
+        self._since_detect = 0
+
+    @property
+    def cnn(self):
+        if self._cnn is None:  # 10 MB model, loaded only when HOG first misses
+            self._cnn = self._dlib.cnn_face_detection_model_v1(str(model_dir() / "mmod_human_face_detector.dat"))
+        return self._cnn
+
+    def reset(self) -> None:
+        self._prev = None
+        self._since_detect = 0
+
+    def _pick(self, rects):
+        if not rects:
+            return None
+        if self.s.face_rule == "last":
+            return rects[-1]
+        return max(rects, key=lambda r: r.width() * r.height())
+
+    def _detect(self, gray: np.ndarray, upsample: int):
+        rects = list(self.hog(gray, upsample))
+        if not rects and self.s.cnn_fallback:
+            rects = [d.rect for d in self.cnn(gray)]  # as the reference: no upsampling
+        return self._pick(rects)
+
+    def _shape(self, gray: np.ndarray, rect) -> np.ndarray:
+        shape = self.predictor(gray, rect)
+        return np.array([(shape.part(i).x, shape.part(i).y) for i in range(N_POINTS)], dtype=np.int32)
+
+    def __call__(self, gray: np.ndarray) -> Optional[np.ndarray]:
+        """Landmarks (68, 2) int32 of one uint8 gray frame, or None when no face is found."""
+        if self.s.mode == "reference":
+            rect = self._detect(gray, self.s.upsample)
+            return None if rect is None else self._shape(gray, rect)
+        return self._fast(gray)
+
+    def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:
+        dlib = self._dlib
+        if self._prev is not None and self._since_detect < self.s.detect_every:
+            x0, y0 = self._prev.min(axis=0)
+            x1, y1 = self._prev.max(axis=0)
+            # the 68 points span brows to chin; dlib's detector box is about this square
+            w = x1 - x0
+            rect = dlib.rectangle(int(x0), int(y0 + 0.05 * w), int(x1), int(y1))
+            pts = self._shape(gray, rect)
+            nx0, ny0 = pts.min(axis=0)
+            nx1, ny1 = pts.max(axis=0)
+            if abs((nx1 - nx0) / max(w, 1) - 1) < 0.25 and abs(nx0 - x0) < 0.25 * w:
+                self._prev = pts
+                self._since_detect += 1
+                return pts
+        h, w = gray.shape
+        scale = min(1.0, self.s.detect_width / w)
+        small = gray if scale == 1.0 else _resize(gray, scale)
+        rect = self._detect(small, self.s.upsample if scale == 1.0 else max(self.s.upsample, 1))
+        self._since_detect = 0
+        if rect is None:
+            self._prev = None
+            return None
+        if scale != 1.0:
+            rect = dlib.rectangle(int(rect.left() / scale), int(rect.top() / scale),
+                                  int(rect.right() / scale), int(rect.bottom() / scale))
+        self._prev = self._shape(gray, rect)
+        return self._prev
+
+
+def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+
+
+def detect_all(frames: Iterable[np.ndarray], detector: LandmarkDetector) -> list:
+    """Landmarks per frame (None where no face) for an iterable of gray frames."""
+    detector.reset()
+    return [detector(f) for f in frames]

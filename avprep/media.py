@@ -1,0 +1,214 @@
+"""Reading and writing the media the pipeline handles, with PyAV and the static ffmpeg that
+imageio-ffmpeg ships (no system ffmpeg).
+
+Errors name the file and the reason (``MediaError``), so a stage can record them per item.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from pipeline.atomic import atomic_path
+
+PathLike = Union[str, os.PathLike]
+TARGET_FPS = 25
+TARGET_SR = 16000
+
+
+class MediaError(RuntimeError):
+    """A media file cannot be used; the message names the file and the reason."""
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _open(path: PathLike):
+    import av
+
+    if not Path(path).is_file():
+        raise MediaError(f"{path}: no such file")
+    try:
+        return av.open(str(path))
+    except Exception as e:  # PyAV raises many error types for broken containers
+        raise MediaError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def video_info(path: PathLike) -> dict:
+    """fps, frame size, duration (s) and whether there is an audio track."""
+    with _open(path) as c:
+        if not c.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        vs = c.streams.video[0]
+        rate = vs.average_rate or vs.guessed_rate or Fraction(TARGET_FPS)
+        duration = None
+        if vs.duration is not None and vs.time_base is not None:
+            duration = float(vs.duration * vs.time_base)
+        elif c.duration is not None:
+            duration = c.duration / 1e6
+        return {
+            "fps": float(rate),
+            "width": vs.codec_context.width,
+            "height": vs.codec_context.height,
+            "duration": duration,
+            "has_audio": bool(c.streams.audio),
+        }
+
+
+def iter_frames(
+    path: PathLike,
+    fmt: str = "bgr24",
+    fps: Optional[float] = None,
+    start: Optional[float] = None,
+    end: Optional[float] = None,
+) -> Iterator[np.ndarray]:
+    """Decoded frames in order, as (H, W, 3) bgr24/rgb24 or (H, W) gray arrays, streamed.
+
+    ``fps``: resample to this rate by taking, for each output instant k/fps, the last frame
+    shown at that instant (frames are dropped or repeated, as ffmpeg's fps filter does).
+    ``start``/``end`` (seconds) trim to a segment; output instants count from ``start``.
+    """
+    c = _open(path)
+    try:
+        if not c.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        in_rate = float(vs.average_rate or vs.guessed_rate or TARGET_FPS)
+        if start:
+            # jump to the key frame before the segment instead of decoding from the beginning
+            c.seek(int(start / vs.time_base), stream=vs, backward=True, any_frame=False)
+        base = start or 0.0
+        k = 0
+        prev = prev_t = None
+        try:
+            for frame in c.decode(vs):
+                if frame.pts is None:
+                    raise MediaError(f"{path}: frames without timestamps")
+                t = float(frame.pts * vs.time_base)
+                if end is not None and t >= end - 1e-6:
+                    break
+                if fps is None:
+                    if start is None or t >= start - 1e-6:
+                        yield frame.to_ndarray(format=fmt)
+                    continue
+                if prev is not None:
+                    # output instant base + k/fps shows the input frame nearest to it
+                    mid = (prev_t + t) / 2
+                    while base + k / fps < mid:
+                        yield prev
+                        k += 1
+                prev, prev_t = frame.to_ndarray(format=fmt), t
+            if fps is not None and prev is not None:
+                stop = prev_t + 1.0 / in_rate
+                if end is not None:
+                    stop = min(stop, end)
+                while base + k / fps < stop - 1e-6:
+                    yield prev
+                    k += 1
+        except MediaError:
+            raise
+        except Exception as e:
+            raise MediaError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
+    finally:
+        c.close()
+
+
+def read_gray_video(path: PathLike) -> np.ndarray:
+    """All frames of a video as uint8 (T, H, W) gray."""
+    frames = list(iter_frames(path, fmt="gray"))
+    if not frames:
+        raise MediaError(f"{path}: no frame could be decoded")
+    return np.stack(frames)
+
+
+def iter_gray_video(path: PathLike) -> Iterator[np.ndarray]:
+    return iter_frames(path, fmt="gray")
+
+
+def count_video_frames(path: PathLike) -> int:
+    """Exact number of decodable frames (demux + decode; container headers can lie)."""
+    n = 0
+    for _ in iter_frames(path, fmt="gray"):
+        n += 1
+    return n
+
+
+def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarray]], fps: int = TARGET_FPS,
+                     crf: int = 18) -> int:
+    """Encode uint8 (H, W) gray frames as an h264 mp4 (yuv420p, the form every decoder reads),
+    written under a temporary name and renamed. Returns the number of frames written."""
+    import av
+
+    n = 0
+    with atomic_path(path) as tmp:
+        out = av.open(str(tmp), mode="w", format="mp4")
+        try:
+            stream = None
+            for img in frames:
+                img = np.ascontiguousarray(img, dtype=np.uint8)
+                if stream is None:
+                    stream = out.add_stream("libx264", rate=fps)
+                    stream.height, stream.width = img.shape[:2]
+                    stream.pix_fmt = "yuv420p"
+                    stream.options = {"crf": str(crf), "preset": "veryfast"}
+                frame = av.VideoFrame.from_ndarray(img, format="gray")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+                n += 1
+            if stream is None:
+                raise MediaError(f"{path}: no frames to write")
+            for packet in stream.encode():
+                out.mux(packet)
+        finally:
+            out.close()
+    return n
+
+
+def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[float] = None,
+                  end: Optional[float] = None, sr: int = TARGET_SR) -> int:
+    """The first audio track of ``video_path`` (optionally trimmed) as mono 16-bit wav at ``sr``,
+    written atomically. Returns the number of samples."""
+    info = video_info(video_path)
+    if not info["has_audio"]:
+        raise MediaError(f"{video_path}: no audio track")
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y"]
+    if start is not None:
+        cmd += ["-ss", f"{start:.3f}"]
+    cmd += ["-i", str(video_path)]
+    if end is not None:
+        cmd += ["-t", f"{end - (start or 0.0):.3f}"]
+    with atomic_path(wav_path) as tmp:
+        cmd += ["-vn", "-map", "0:a:0", "-ac", "1", "-ar", str(sr), "-acodec", "pcm_s16le", "-f", "wav", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise MediaError(f"{video_path}: audio extraction failed: {proc.stderr.strip()[-300:]}")
+    return count_wav_samples(wav_path)
+
+
+def read_wav(path: PathLike) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(str(path), dtype="int16", always_2d=False)
+    except Exception as e:
+        raise MediaError(f"{path}: cannot be read as audio ({e})") from None
+    if data.ndim > 1:
+        data = data.mean(axis=1).astype(np.int16)
+    return data, sr
+
+
+def count_wav_samples(path: PathLike) -> int:
+    import soundfile as sf
+
+    try:
+        return sf.info(str(path)).frames
+    except Exception as e:
+        raise MediaError(f"{path}: cannot be read as audio ({e})") from None

@@ -1,0 +1,301 @@
+"""crop: per item (a video, or a segment of one), 68 face landmarks with dlib, a 96x96 gray
+mouth ROI video at 25 fps aligned to the mean face, and 16 kHz mono 16-bit audio.
+
+Outputs under ``WORKDIR/crop``: ``video/<id>.mp4``, ``audio/<id>.wav``, ``landmarks/<id>.npz``
+(raw detections and the interpolated track: a re-crop never detects again), and per shard
+``results/<shard>.jsonl``, one record per item: ``ok`` (paths relative to the crop dir, frame and
+sample counts) or ``failed`` (the reason, naming the file). A video that cannot be decoded, has no
+face in any frame, has no audio track or is too short gets a failure record, never a junk crop;
+the shard still completes, and ``finalize`` fails the stage only above ``crop.max_failure_rate``.
+
+Modes: ``reference`` follows the reference preparation exactly (HOG detection with upsampling on
+every frame, CNN fallback, colour warp); ``fast`` (default) detects every ``detect_every`` frames
+on a downscaled frame and tracks in between, and warps the gray frame (see bench/crop.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.errors import ConfigError, StageFailed
+from pipeline.stage import Shard, Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    mode: str = "fast"  # fast | reference
+    # with several faces in a frame: "largest" box (the speaker, nearly always) or "last" (reference)
+    face_rule: str = "largest"
+    cnn_fallback: bool = True  # CNN (mmod) detector when HOG finds no face
+    upsample: int = 1  # HOG upsampling (reference: 1)
+    detect_every: int = 5  # fast mode: full detection every N frames, tracking in between
+    detect_width: int = 320  # fast mode: detection on a frame downscaled to this width
+    window: int = 12  # landmark smoothing window (frames)
+    fps: int = 25
+    sample_rate: int = 16000
+    min_frames: int = 12  # shorter items are failures
+    require_audio: bool = True
+    crf: int = 18  # x264 quality of the ROI videos
+    items_per_shard: int = 50
+    n_shards: int = 0  # 0 = from items_per_shard
+    max_failure_rate: float = 0.2  # finalize fails the stage above this share of failed items
+
+
+class CropError(RuntimeError):
+    """An item cannot be cropped; the message names the file and the reason."""
+
+
+class NoFaceError(CropError):
+    pass
+
+
+@dataclass
+class CropResult:
+    video: Path
+    audio: Optional[Path]
+    landmarks: Path
+    n_frames: int
+    n_samples: int
+    faces_found: int
+    seconds: float
+
+    @property
+    def fps(self) -> float:
+        return self.n_frames / self.seconds if self.seconds else float("inf")
+
+
+def _detector(cfg: Config):
+    from avprep.landmarks import DetectorSettings, LandmarkDetector
+
+    return LandmarkDetector(DetectorSettings(mode=cfg.mode, face_rule=cfg.face_rule, upsample=cfg.upsample,
+                                             cnn_fallback=cfg.cnn_fallback, detect_every=cfg.detect_every,
+                                             detect_width=cfg.detect_width))
+
+
+def _frames(video: Path, cfg: Config, start, end) -> Iterator[np.ndarray]:
+    from avprep import media
+
+    # reference: decode BGR and convert with OpenCV's weights (what the reference's cv2 reader and
+    # detector see); fast: ffmpeg's gray (the luma plane), no colour conversion at all
+    if cfg.mode == "reference":
+        return media.iter_frames(video, "bgr24", fps=cfg.fps, start=start, end=end)
+    return media.iter_frames(video, "gray", fps=cfg.fps, start=start, end=end)
+
+
+def _gray(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim == 2:
+        return frame
+    import cv2
+
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+
+
+def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landmarks: Path, cfg: Config,
+              start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
+    """Crop one video (or segment) into the three output files, each written atomically.
+    Landmarks already saved in ``out_landmarks`` are reused."""
+    from avprep import align, media
+
+    t0 = time.time()
+    video = Path(video)
+    info = media.video_info(video)
+    if cfg.require_audio and out_audio is not None and not info["has_audio"]:
+        raise CropError(f"{video}: no audio track")
+    if out_landmarks.exists():
+        saved = np.load(out_landmarks)
+        track, found = saved["interpolated"], int(saved["found"].sum())
+        n = len(track)
+    else:
+        detector = detector or _detector(cfg)
+        detector.reset()
+        raw = [detector(_gray(f)) for f in _frames(video, cfg, start, end)]
+        n = len(raw)
+        if n == 0:
+            raise CropError(f"{video}: no frame could be decoded" + (f" in [{start}, {end}] s" if start or end else ""))
+        if n < cfg.min_frames:
+            raise CropError(f"{video}: {n} frames at {cfg.fps} fps, shorter than crop.min_frames={cfg.min_frames}")
+        track = align.interpolate_missing(raw)
+        found = sum(r is not None for r in raw)
+        if track is None:
+            raise NoFaceError(f"{video}: no face found in any of its {n} frames")
+        raw_arr = np.full((n, 68, 2), -1, dtype=np.int32)
+        for i, r in enumerate(raw):
+            if r is not None:
+                raw_arr[i] = r
+        with atomic.atomic_path(out_landmarks) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0,
+                                    fps=cfg.fps, mode=cfg.mode)
+    rois = align.crop_mouths(_frames(video, cfg, start, end), track, window=cfg.window,
+                             exact=cfg.mode == "reference")
+    if cfg.mode == "reference":
+        rois = (_gray(r) for r in rois)
+    try:
+        n_written = media.write_gray_video(out_video, rois, fps=cfg.fps, crf=cfg.crf)
+    except align.AlignmentError as e:
+        raise CropError(f"{video}: {e}") from None
+    n_samples = 0
+    audio = None
+    if out_audio is not None and info["has_audio"]:
+        n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
+        audio = out_audio
+    return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0)
+
+
+def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
+                   name: Optional[str] = None) -> CropResult:
+    """The crop stage's processing of one whole video into ``out_dir/<name>.{mp4,wav,landmarks.npz}``
+    (used by ``launch.py crop-video`` and ``launch.py infer``). No audio track: no wav, no error."""
+    cfg = cfg or Config()
+    if mode:
+        cfg = Config(**{**cfg.__dict__, "mode": mode})
+    cfg = Config(**{**cfg.__dict__, "require_audio": False})
+    out_dir = Path(out_dir)
+    name = name or Path(video).stem
+    return crop_item(Path(video), out_dir / f"{name}.mp4", out_dir / f"{name}.wav",
+                     out_dir / f"{name}.landmarks.npz", cfg)
+
+
+def crop_video_main(argv: list) -> int:
+    p = argparse.ArgumentParser(prog="launch.py crop-video",
+                                description="Run the crop stage's code on one video: mouth ROI mp4, 16 kHz wav, landmarks.")
+    p.add_argument("video")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", choices=["reference", "fast"], default="fast")
+    p.add_argument("--face-rule", choices=["largest", "last"], default="largest")
+    a = p.parse_args(argv)
+    cfg = Config(mode=a.mode, face_rule=a.face_rule)
+    out = Path(a.out)
+    name = Path(a.video).stem
+    stale = out / f"{name}.landmarks.npz"
+    if stale.exists():
+        print(f"reusing landmarks {stale} (delete it to detect again)")
+    try:
+        r = crop_one_video(a.video, out, cfg=cfg)
+    except (CropError, OSError, RuntimeError) as e:
+        print(f"error: {e}")
+        return 1
+    print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
+          f"{r.fps:.1f} frames/s ({a.mode} mode)")
+    print(f"  video: {r.video}\n  audio: {r.audio if r.audio else '(no audio track)'}\n  landmarks: {r.landmarks}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ stage
+def crop_dir(ctx: StageContext) -> Path:
+    return ctx.with_iteration(None).stage_dir("crop")
+
+
+class CropStage(Stage):
+    name = "crop"
+
+    def validate(self, ctx: StageContext) -> None:
+        c = ctx.cfg.crop
+        if c.mode not in ("fast", "reference"):
+            raise ConfigError(f"crop.mode={c.mode!r}: fast or reference")
+        if c.face_rule not in ("largest", "last"):
+            raise ConfigError(f"crop.face_rule={c.face_rule!r}: largest or last")
+        if not 0 <= c.max_failure_rate <= 1:
+            raise ConfigError(f"crop.max_failure_rate={c.max_failure_rate}: a share between 0 and 1")
+        if c.window < 1 or c.min_frames < 1 or c.items_per_shard < 1:
+            raise ConfigError("crop.window, crop.min_frames and crop.items_per_shard must be >= 1")
+        corpus = ctx.cfg.get("corpus")
+        if not corpus or not Path(corpus).is_dir():
+            raise ConfigError(f"corpus {corpus!r}: no such directory (--corpus)")
+
+    def _items(self, ctx):
+        from stages.corpus import list_items
+
+        return list_items(ctx.cfg)
+
+    def shards(self, ctx: StageContext) -> list:
+        n_items = len(self._items(ctx))
+        if n_items == 0:
+            raise ConfigError(f"corpus {ctx.cfg.corpus}: no videos found for layout {ctx.cfg.layout!r}")
+        c = ctx.cfg.crop
+        n = int(c.n_shards) or math.ceil(n_items / int(c.items_per_shard))
+        n = max(1, min(n, n_items))
+        bounds = [round(i * n_items / n) for i in range(n + 1)]
+        return [Shard(i, n, f"{i:05d}", {"start": bounds[i], "stop": bounds[i + 1]}) for i in range(n)]
+
+    def outputs(self, ctx, shard):
+        return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]
+
+    def run(self, ctx: StageContext, shard: Shard) -> dict:
+        from avprep import media
+
+        cfg = Config(**ctx.cfg.crop)
+        out = crop_dir(ctx)
+        items = self._items(ctx)[shard.params["start"] : shard.params["stop"]]
+        detector = None
+        records, n_ok, frames, t0 = [], 0, 0, time.time()
+        for item in items:
+            paths = {k: out / k / f"{item.id}{ext}" for k, ext in
+                     (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+            base = {"id": item.id, "split": item.split, "text": item.text}
+            try:
+                if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
+                    n_frames = media.count_video_frames(paths["video"])
+                    n_samples = media.count_wav_samples(paths["audio"])
+                else:
+                    if detector is None:
+                        detector = _detector(cfg)
+                    r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
+                                  item.start, item.end, detector)
+                    n_frames, n_samples = r.n_frames, r.n_samples
+                records.append({**base, "status": "ok", "video": str(paths["video"].relative_to(out)),
+                                "audio": str(paths["audio"].relative_to(out)),
+                                "n_frames": n_frames, "n_samples": n_samples})
+                n_ok += 1
+                frames += n_frames
+            except Exception as e:  # one broken video never kills the shard
+                reason = str(e) if str(item.video) in str(e) else f"{item.video}: {type(e).__name__}: {e}"
+                log.warning("crop failed: %s", reason)
+                records.append({**base, "status": "failed", "reason": reason})
+        with atomic.atomic_open(self.outputs(ctx, shard)[0]) as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        dt = time.time() - t0
+        return {"items": len(items), "ok": n_ok, "failed": len(items) - n_ok, "frames": frames,
+                "fps": round(frames / dt, 2) if dt else None}
+
+    def final_outputs(self, ctx):
+        return [crop_dir(ctx) / "summary.json"]
+
+    def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
+        out = crop_dir(ctx)
+        ok = failed = 0
+        reasons = []
+        for shard in self.shards(ctx):
+            for line in (out / "results" / f"{shard.key}.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                if rec["status"] == "ok":
+                    ok += 1
+                else:
+                    failed += 1
+                    reasons.append(f"{rec['id']}: {rec['reason']}")
+        total = ok + failed
+        rate = failed / total if total else 1.0
+        summary = {"items": total, "ok": ok, "failed": failed, "failure_rate": round(rate, 4),
+                   "frames": sum(s.get("frames", 0) for s in shard_stats.values())}
+        if rate > float(ctx.cfg.crop.max_failure_rate):
+            raise StageFailed(
+                f"crop: {failed} of {total} items failed ({rate:.0%} > crop.max_failure_rate="
+                f"{ctx.cfg.crop.max_failure_rate}); first reasons:\n  " + "\n  ".join(reasons[:10])
+                + f"\nall failures are in {out / 'results'}/*.jsonl")
+        atomic.write_json(out / "summary.json", summary)
+        return summary
+
+
+STAGE = CropStage()
