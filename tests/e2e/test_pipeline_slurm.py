@@ -38,7 +38,9 @@ from e2e_helpers import (
 from stages.train import checkpoint_updates
 
 pytestmark = pytest.mark.slurm
-MAX_UPDATE = 6  # presets/smoke.yaml
+# two CPU ranks on a shared 2-core machine take ~5 s per update: 4 updates per iteration (smoke: 6)
+# keep the run short and still leave updates 3-4 to train after the resume from update 2
+MAX_UPDATE = 4
 
 
 @dataclass
@@ -68,7 +70,8 @@ def _signal_job(name: str, *scancel_args: str, timeout: float = 60) -> list:
 def slurm_run(slurm, sample_corpus, tmp_path_factory) -> SlurmRun:
     base = tmp_path_factory.mktemp("e2e_slurm")
     work = base / "work"
-    cmd = launch_cmd(work, sample_corpus, "slurm_local", "--stage", "all", "--iterations", "2")
+    cmd = launch_cmd(work, sample_corpus, "slurm_local", "--stage", "all", "--iterations", "2",
+                     f"train.max_update={MAX_UPDATE}")
     ckpt = {it: work / f"iter{it}" / "train" / "checkpoints" / "checkpoint_last.pt" for it in (1, 2)}
 
     proc = start_launch(cmd, base / "launch1.log")

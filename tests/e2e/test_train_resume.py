@@ -58,6 +58,9 @@ def iteration1(tmp_path):
     return StageContext(cfg=cfg, workdir=work, iteration=1)
 
 
+# ~2 min on 2 cores; the default suite covers the same with the whole pipeline (local executor:
+# SIGKILL + relaunch; Slurm: a 2-rank job cancelled and relaunched, and preempted)
+@pytest.mark.slow
 def test_two_rank_job_killed_then_resubmitted_resumes(iteration1, tmp_path):
     import psutil
     import submitit
