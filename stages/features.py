@@ -142,7 +142,7 @@ STAGE = FeaturesStage()
 
 
 # ---------------------------------------------------------------------------------------------
-def _media():
+def media_readers():
     """(read_gray_video, read_wav): the crop stage's readers when present, else equivalent ones."""
     try:
         from avprep.media import read_gray_video, read_wav
@@ -186,7 +186,7 @@ def featurize_mfcc(tsv, rank: int, nshard: int, npy_path, len_path, max_failure_
     t0 = time.time()
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
-    _, read_wav = _media()
+    _, read_wav = media_readers()
     failures = _Failures(Path(tsv), b - a, max_failure_fraction)
     with ShardWriter(npy_path, len_path, DIM) as w:
         for row in rows[a:b]:
@@ -304,7 +304,7 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
     dim = _model_dim(model)
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
-    read_video, read_wav = _media()
+    read_video, read_wav = media_readers()
     failures = _Failures(Path(tsv), b - a, max_failure_fraction)
 
     def load(row):
