@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty")
     p.add_argument("--spm", default=None, help="sentencepiece model (default: found from the checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--crop-mode", choices=["fast", "reference"], default=None,
+                   help="face tracking mode of the crop step (default: the crop stage's default)")
     p.add_argument("--keep-crop", default=None, metavar="DIR",
                    help="keep the mouth ROI video and audio written by the crop step in DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -56,20 +58,24 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------- inputs
 
 
-def crop_video(video: Path, out_dir: Path) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def crop_video(video: Path, out_dir: Path, mode: Optional[str] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The crop stage's processing of one video: (ROI frames (T, 96, 96) uint8 gray, 16 kHz int16
-    mono audio or None when the video has no audio track). Raises InferError when no face is found.
+    mono audio or None when the video has no audio track). Raises InferError when no face is found
+    or the video cannot be read.
 
     The ROI is read back from the mp4 the crop code writes, as training reads it (same codec)."""
     from avhubert import features as feat
+    from avprep.media import MediaError
     from stages import crop as crop_stage
 
+    name = video.stem
+    stale = out_dir / f"{name}.landmarks.npz"  # the crop code reuses landmarks it finds there
+    if stale.exists():
+        stale.unlink()
     try:
-        result = crop_stage.crop_one_video(video, out_dir)
-    except crop_stage.NoFaceError as e:
-        raise InferError(f"{video}: no face found ({e})") from None
-    except crop_stage.CropError as e:
-        raise InferError(f"{video}: {e}") from None
+        result = crop_stage.crop_one_video(video, out_dir, mode=mode, name=name)
+    except (crop_stage.CropError, MediaError) as e:  # CropError names the file and the reason
+        raise InferError(str(e)) from None
     roi = feat.read_video_gray(str(result.video))
     wav = None
     if result.audio is not None and Path(result.audio).is_file():
@@ -111,7 +117,8 @@ def build_sample(roi: Optional[np.ndarray], wav: Optional[np.ndarray], streams, 
 
 def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, beam: int = 50,
                max_len_a: float = 1.0, max_len_b: int = 0, lenpen: float = 1.0, spm: Optional[str] = None,
-               device: Optional[str] = None, keep_crop: Optional[Path] = None) -> str:
+               device: Optional[str] = None, keep_crop: Optional[Path] = None,
+               crop_mode: Optional[str] = None) -> str:
     import torch
 
     from avhubert import s2s_decode
@@ -133,7 +140,7 @@ def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, 
     with tempfile.TemporaryDirectory(prefix="avhubert-infer-") as tmp:
         out_dir = Path(keep_crop) if keep_crop else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        roi, wav = crop_video(video, out_dir)
+        roi, wav = crop_video(video, out_dir, mode=crop_mode)
     if "audio" in streams and wav is None:
         raise InferError(f"{video}: the video has no audio track; use --modalities video")
     log.info("%s: %d frames, %s; decoding %s", video, len(roi),
@@ -162,7 +169,8 @@ def main(argv: list[str]) -> int:
     try:
         text = transcribe(Path(args.video), Path(args.checkpoint), modalities=args.modalities, beam=args.beam,
                           max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen, spm=args.spm,
-                          device=args.device, keep_crop=Path(args.keep_crop) if args.keep_crop else None)
+                          device=args.device, keep_crop=Path(args.keep_crop) if args.keep_crop else None,
+                          crop_mode=args.crop_mode)
     except InferError as e:
         print(f"infer: {e}", file=sys.stderr)
         return 1

@@ -1,10 +1,10 @@
 """Fixtures of the fine-tuning tests: a freshly initialised tiny AV-HuBERT pretraining checkpoint and
 a work dir whose manifest holds a handful of real sample-corpus clips (espeak-ng speech +
-transcripts) with their sentencepiece model, as the manifest stage writes it."""
+transcripts) cropped by the crop stage's code, with their sentencepiece model, as the manifest
+stage writes it."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,31 +42,15 @@ def save_fresh_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _ffmpeg() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 def _pair_from_clip(clip: Path, crop: Path, item_id: str) -> dict:
-    """A crop-dir pair for one clip: its audio track as 16 kHz mono wav (what the crop stage keeps)
-    and its frames at 25 fps, gray, 96x96 (whole frame scaled: these tests train on audio)."""
-    import cv2
-    import soundfile as sf
+    """The crop stage's outputs for one clip (its code: mouth ROI mp4 + 16 kHz wav), as the
+    manifest stage reads them from crop/results."""
+    from stages.crop import Config, crop_item
 
-    video, audio = crop / "video" / f"{item_id}.mp4", crop / "audio" / f"{item_id}.wav"
-    video.parent.mkdir(parents=True, exist_ok=True)
-    audio.parent.mkdir(parents=True, exist_ok=True)
-    ff = _ffmpeg()
-    subprocess.run([ff, "-y", "-loglevel", "error", "-i", str(clip), "-an", "-vf",
-                    "fps=25,scale=96:96,format=gray", "-c:v", "libx264", str(video)], check=True)
-    subprocess.run([ff, "-y", "-loglevel", "error", "-i", str(clip), "-vn", "-ac", "1", "-ar", "16000",
-                    "-c:a", "pcm_s16le", str(audio)], check=True)
-    cap = cv2.VideoCapture(str(video))
-    n_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    cap.release()
+    result = crop_item(clip, crop / "video" / f"{item_id}.mp4", crop / "audio" / f"{item_id}.wav",
+                       crop / "landmarks" / f"{item_id}.npz", Config())
     return {"id": item_id, "status": "ok", "video": f"video/{item_id}.mp4", "audio": f"audio/{item_id}.wav",
-            "n_frames": n_frames, "n_samples": sf.info(str(audio)).frames}
+            "n_frames": result.n_frames, "n_samples": result.n_samples}
 
 
 @pytest.fixture(scope="session")
