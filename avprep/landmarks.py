@@ -94,31 +94,49 @@ class LandmarkDetector:
     def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:
         dlib = self._dlib
         if self._prev is not None and self._since_detect < self.s.detect_every:
-            x0, y0 = self._prev.min(axis=0)
-            x1, y1 = self._prev.max(axis=0)
-            # the 68 points span brows to chin; dlib's detector box is about this square
-            w = x1 - x0
-            rect = dlib.rectangle(int(x0), int(y0 + 0.05 * w), int(x1), int(y1))
+            # track: the last detection's box, moved with the face since then, so the predictor
+            # sees a box like the detector's (it is sensitive to the box's placement)
+            shift = self._prev.mean(axis=0) - self._anchor
+            l, t, r, b = self._box
+            rect = dlib.rectangle(int(round(l + shift[0])), int(round(t + shift[1])),
+                                  int(round(r + shift[0])), int(round(b + shift[1])))
             pts = self._shape(gray, rect)
-            nx0, ny0 = pts.min(axis=0)
-            nx1, ny1 = pts.max(axis=0)
-            if abs((nx1 - nx0) / max(w, 1) - 1) < 0.25 and abs(nx0 - x0) < 0.25 * w:
+            # a jump (scene cut, occlusion) means the track is lost: detect again
+            if np.abs(pts.mean(axis=0) - self._prev.mean(axis=0)).max() < 0.15 * (r - l):
                 self._prev = pts
                 self._since_detect += 1
                 return pts
         h, w = gray.shape
         scale = min(1.0, self.s.detect_width / w)
         small = gray if scale == 1.0 else _resize(gray, scale)
-        rect = self._detect(small, self.s.upsample if scale == 1.0 else max(self.s.upsample, 1))
+        rect = self._detect(small, self.s.upsample)
         self._since_detect = 0
         if rect is None:
             self._prev = None
             return None
         if scale != 1.0:
-            rect = dlib.rectangle(int(rect.left() / scale), int(rect.top() / scale),
-                                  int(rect.right() / scale), int(rect.bottom() / scale))
+            rect = self._refine(gray, rect, scale)
         self._prev = self._shape(gray, rect)
+        self._box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+        self._anchor = self._prev.mean(axis=0)
         return self._prev
+
+    def _refine(self, gray: np.ndarray, small_rect, scale: float):
+        """The box the reference detector (full resolution, upsampled) would give, found by running
+        it on a window around the face located at low resolution: the predictor's landmarks depend
+        on the box, and a low-resolution box moves them by about half a pixel."""
+        dlib = self._dlib
+        l, t = small_rect.left() / scale, small_rect.top() / scale
+        r, b = small_rect.right() / scale, small_rect.bottom() / scale
+        m = 0.6 * max(r - l, b - t)
+        h, w = gray.shape
+        x0, y0 = max(0, int(l - m)), max(0, int(t - m))
+        x1, y1 = min(w, int(r + m)), min(h, int(b + m))
+        rects = list(self.hog(np.ascontiguousarray(gray[y0:y1, x0:x1]), self.s.upsample))
+        if rects:
+            best = self._pick(rects)
+            return dlib.rectangle(best.left() + x0, best.top() + y0, best.right() + x0, best.bottom() + y0)
+        return dlib.rectangle(int(round(l)), int(round(t)), int(round(r)), int(round(b)))
 
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:

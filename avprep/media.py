@@ -110,7 +110,9 @@ def iter_frames(
                 stop = prev_t + 1.0 / in_rate
                 if end is not None:
                     stop = min(stop, end)
-                while base + k / fps < stop - 1e-6:
+                # output frame k covers [k, k+1)/fps: emit it when most of it lies before the end,
+                # so a clip of d seconds gives round(d * fps) frames, as ffmpeg's fps filter
+                while base + (k + 0.5) / fps < stop - 1e-6:
                     yield prev
                     k += 1
         except MediaError:

@@ -86,11 +86,10 @@ def _detector(cfg: Config):
 def _frames(video: Path, cfg: Config, start, end) -> Iterator[np.ndarray]:
     from avprep import media
 
-    # reference: decode BGR and convert with OpenCV's weights (what the reference's cv2 reader and
-    # detector see); fast: ffmpeg's gray (the luma plane), no colour conversion at all
-    if cfg.mode == "reference":
-        return media.iter_frames(video, "bgr24", fps=cfg.fps, start=start, end=end)
-    return media.iter_frames(video, "gray", fps=cfg.fps, start=start, end=end)
+    # BGR converted with OpenCV's weights, what the reference's cv2 reader and detector see
+    # (ffmpeg's own gray is the luma plane: 1-2 gray levels off)
+    frames = media.iter_frames(video, "bgr24", fps=cfg.fps, start=start, end=end)
+    return frames if cfg.mode == "reference" else map(_gray, frames)
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -137,8 +136,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0,
                                     fps=cfg.fps, mode=cfg.mode)
-    rois = align.crop_mouths(_frames(video, cfg, start, end), track, window=cfg.window,
-                             exact=cfg.mode == "reference")
+    # both modes warp with the reference's float interpolation + truncation: it costs little
+    # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
+    rois = align.crop_mouths(_frames(video, cfg, start, end), track, window=cfg.window, exact=True)
     if cfg.mode == "reference":
         rois = (_gray(r) for r in rois)
     try:
