@@ -31,7 +31,6 @@ value; here the pretrained one is kept (it only matters with ``apply_mask``). Pr
 parameters a reference checkpoint may still carry (``label_embs_concat``, ``final_proj``) are
 dropped on load instead of failing the strict load.
 """
-from __future__ import annotations
 
 import contextlib
 import copy
@@ -40,7 +39,7 @@ import math
 import os
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
