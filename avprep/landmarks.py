@@ -37,8 +37,9 @@ class DetectorSettings:
     face_rule: str = "largest"  # largest | last (the reference's)
     upsample: int = 1
     cnn_fallback: bool = True
-    detect_every: int = 5  # fast mode
+    detect_every: int = 10  # fast mode
     detect_width: int = 320  # fast mode
+    fast_upsample: int = 0  # fast mode: HOG upsampling of the downscaled keyframe search
 
 
 class LandmarkDetector:
@@ -109,7 +110,7 @@ class LandmarkDetector:
         h, w = gray.shape
         scale = min(1.0, self.s.detect_width / w)
         small = gray if scale == 1.0 else _resize(gray, scale)
-        rect = self._detect(small, self.s.upsample)
+        rect = self._detect(small, self.s.fast_upsample if scale != 1.0 else self.s.upsample)
         self._since_detect = 0
         if rect is None:
             self._prev = None
