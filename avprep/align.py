@@ -4,8 +4,9 @@ Per frame t: the landmarks of frames t .. t+W-1 (W = ``window``, 12) are average
 transform maps that average's stable points (nose, eye corners) onto the mean face in a 256x256
 frame, the frame is warped with it (bilinear, black outside), and a 96x96 patch is cut around the
 centre of the warped mouth points 48-67 of frame t. The last W-1 frames reuse the last transform.
-Near the border the patch centre is clamped inside the frame, and a centre more than
-``threshold`` pixels outside is an error (as in the reference).
+Near the border the patch centre is clamped so that the patch lies inside the frame. The reference
+also has "too much bias" checks with a 5-pixel threshold, but it runs each of them after the clamp
+it guards, so they can never fire: the reference always clamps, and so do we.
 """
 from __future__ import annotations
 
@@ -101,11 +102,9 @@ def warp(frame: np.ndarray, t: np.ndarray, exact: bool = True) -> np.ndarray:
     return cv2.warpAffine(frame, m, STD_SIZE[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def cut_patch(img: np.ndarray, points: np.ndarray, half: int = CROP // 2, threshold: int = 5) -> np.ndarray:
+def cut_patch(img: np.ndarray, points: np.ndarray, half: int = CROP // 2) -> np.ndarray:
     cx, cy = np.mean(points, axis=0)
     h, w = img.shape[:2]
-    if cy - half < -threshold or cx - half < -threshold or cy + half > h + threshold or cx + half > w + threshold:
-        raise AlignmentError(f"mouth too far outside the aligned frame (centre {cx:.0f},{cy:.0f})")
     cy = min(max(cy, half), h - half)
     cx = min(max(cx, half), w - half)
     # Python's round (half to even), as the reference
