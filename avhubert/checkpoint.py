@@ -42,6 +42,9 @@ def _checkpoint_globals() -> List[Any]:
     return allowed
 
 
+_depth = 0
+
+
 @contextlib.contextmanager
 def fairseq_checkpoint_loading():
     """Allow-list fairseq checkpoint objects for torch.load(weights_only=True) in this block only.
@@ -49,12 +52,26 @@ def fairseq_checkpoint_loading():
     Covers the files fairseq writes (Dictionary in task_state, plain-dict or omegaconf cfg, argparse
     args of older versions, numpy scalars in extra_state) and the in-memory copies fairseq
     broadcasts from rank 0 when resuming distributed training (a DictConfig cfg)."""
+    global _depth
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:  # torch < 2.5: nothing to do, weights_only was not the default
         yield
         return
+    # torch's safe_globals removes its entries on exit, even those an outer block still needs:
+    # only the outermost block adds and removes them, so nested use is safe
+    if _depth:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
     with safe_globals(_checkpoint_globals()):
-        yield
+        _depth = 1
+        try:
+            yield
+        finally:
+            _depth = 0
 
 
 def load_checkpoint_to_cpu(path: str) -> Dict[str, Any]:

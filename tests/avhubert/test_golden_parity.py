@@ -42,6 +42,18 @@ def test_plain_torch_load_still_refuses_checkpoint_objects():
         torch.load(CKPT, map_location="cpu")
 
 
+def test_nested_checkpoint_loading_blocks_keep_the_allow_list():
+    # fine-tuning loads the pretraining checkpoint inside fairseq's own (allow-listed) loading
+    from avhubert.checkpoint import fairseq_checkpoint_loading
+
+    with fairseq_checkpoint_loading():
+        with fairseq_checkpoint_loading():
+            torch.load(CKPT, map_location="cpu")
+        assert "model" in torch.load(CKPT, map_location="cpu")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(CKPT, map_location="cpu")
+
+
 def test_load_model_ensemble_and_task_without_renames():
     from fairseq import checkpoint_utils
 
