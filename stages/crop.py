@@ -115,8 +115,15 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     info = media.video_info(video)
     if cfg.require_audio and out_audio is not None and not info["has_audio"]:
         raise CropError(f"{video}: no audio track")
-    if out_landmarks.exists():
-        saved = np.load(out_landmarks)
+    # what the landmarks were detected on: a file left by another video (same name in a reused
+    # --out dir, a re-encoded source) or another segment must not be reused
+    source = json.dumps({"video": str(video.resolve()), "size": video.stat().st_size, "start": start,
+                         "end": end, "fps": cfg.fps})
+    saved = np.load(out_landmarks) if out_landmarks.exists() else None
+    if saved is not None and ("source" not in saved or str(saved["source"]) != source):
+        log.warning("%s: landmarks were detected on another input; detecting again", out_landmarks)
+        saved = None
+    if saved is not None:
         track, found = saved["interpolated"], int(saved["found"].sum())
         n = len(track)
     else:
@@ -138,7 +145,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
                 raw_arr[i] = r
         with atomic.atomic_path(out_landmarks) as tmp:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0,
+                np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
                                     fps=cfg.fps, mode=cfg.mode)
     # both modes warp with the reference's float interpolation + truncation: it costs little
     # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
@@ -184,7 +191,7 @@ def crop_video_main(argv: list) -> int:
     name = Path(a.video).stem
     stale = out / f"{name}.landmarks.npz"
     if stale.exists():
-        print(f"reusing landmarks {stale} (delete it to detect again)")
+        print(f"found {stale}: reused if it was detected on this video, else replaced")
     try:
         r = crop_one_video(a.video, out, cfg=cfg)
     except (CropError, OSError, RuntimeError) as e:

@@ -123,6 +123,15 @@ def test_crop_video_command(tmp_path, source_videos, sample_corpus):
         assert (out / f"{name}{suffix}").is_file()
     roi = media.read_gray_video(out / f"{name}.mp4")
     assert roi.shape[1:] == (96, 96) and 40 < roi.mean() < 220
+    # another video with the same file name into the same --out: its own landmarks, not the old ones
+    other = tmp_path / "other" / video.name
+    other.parent.mkdir()
+    other.write_bytes(sorted((sample_corpus / "pexels_langer").glob("*.mp4"))[0].read_bytes())
+    again = subprocess.run([sys.executable, str(ROOT / "launch.py"), "crop-video", str(other), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    saved = np.load(out / f"{name}.landmarks.npz")
+    assert str(other) in str(saved["source"]) and len(saved["raw"]) == media.count_video_frames(out / f"{name}.mp4")
     bad = subprocess.run([sys.executable, str(ROOT / "launch.py"), "crop-video", str(source_videos["no_face"]),
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "no face found" in bad.stdout
