@@ -115,7 +115,7 @@ class Pipeline:
 
     def prerequisites(self, stage: Stage, iteration: Optional[int]) -> list[tuple]:
         deps = []
-        for d in stage.depends_on:
+        for d in stage.dependencies(self.context(iteration)):
             dep = self.stages.get(d)
             if dep is None:
                 raise ConfigError(f"stage {stage.name} depends on unknown stage {d!r}")

@@ -83,6 +83,8 @@ class Stage:
     - ``per_iteration``: True for stages that run once per pretraining iteration.
     - ``depends_on_previous``: stages of iteration N-1 that must be complete before this stage
       runs in iteration N > 1 (features of iteration N read iteration N-1's checkpoint).
+    - ``after_iterations``: a once-only stage that runs after the last iteration (fine-tuning);
+      its per-iteration prerequisites refer to the last iteration.
     - ``multi_task``: True when one shard is a multi-task job (distributed training): ``run`` is
       called in every task (rank); only rank 0's return value is recorded.
     - ``checkpointable``: True when a killed/preempted job should be requeued and ``run`` called
@@ -93,8 +95,14 @@ class Stage:
     depends_on: Sequence[str] = ()
     per_iteration: bool = False
     depends_on_previous: Sequence[str] = ()
+    after_iterations: bool = False
     multi_task: bool = False
     checkpointable: bool = False
+
+    def dependencies(self, ctx: StageContext) -> Sequence[str]:
+        """The stages this one needs in this configuration (default ``depends_on``); e.g.
+        fine-tuning a given checkpoint does not need this run's pretraining."""
+        return self.depends_on
 
     def enabled(self, ctx: StageContext) -> bool:
         """Whether this stage takes part in this iteration (e.g. finetune only when asked)."""

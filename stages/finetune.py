@@ -237,6 +237,12 @@ class FinetuneStage(Stage):
     multi_task = True
     checkpointable = True
 
+    def dependencies(self, ctx: StageContext):
+        # a given checkpoint (e.g. a published one) needs no pretraining from this run
+        if ctx.cfg.finetune.get("pretrained_checkpoint"):
+            return ("manifest",)
+        return self.depends_on
+
     def enabled(self, ctx: StageContext) -> bool:
         setting = ctx.cfg.finetune.get("enabled", None)
         if setting is None:

@@ -183,3 +183,18 @@ def test_multi_task_stage_records_rank0_on_local_executor(tmp_path):
     assert json.loads((d / "rank1.json").read_text()) == {"rank": 1, "ntasks": 2}
     done = json.loads((tmp_path / ".pipeline/state/once/counter/count.done.json").read_text())
     assert done["stats"]["count"] == 3 and done["stats"]["ntasks"] == 2
+
+
+def test_a_stage_can_drop_a_dependency_for_its_configuration(tmp_path):
+    class Standalone(SumStage):
+        given_input = False
+
+        def dependencies(self, ctx):
+            return () if self.given_input else self.depends_on
+
+    stage = Standalone()
+    pipe = make(tmp_path, "debug", {"toy": ToyStage(2), "sum": stage})
+    with pytest.raises(PrerequisiteError):
+        pipe.plan(pipe.targets(["sum"]))
+    stage.given_input = True
+    assert [s.name for s in pipe.plan(pipe.targets(["sum"]))] == ["sum"]
