@@ -153,9 +153,15 @@ def kill_tree(pid: int) -> None:
     sigkill(root.children(recursive=True) + [root])
 
 
-def slurm_job_ids(name: str) -> list:
-    """Ids of this user's queued/running Slurm jobs called ``name`` (the engine names its jobs
-    ``<stage>-it<N>``)."""
-    out = subprocess.run(["squeue", "-h", "--me", "-o", "%A %j"], capture_output=True, text=True,
-                         timeout=30).stdout
-    return [line.split()[0] for line in out.splitlines() if line.split()[1:] == [name]]
+def running_job_id(workdir: Path, stage: str, iteration, key: str) -> Optional[str]:
+    """The Slurm job id (``<array>_<task>``) the engine recorded for a running shard of this work
+    dir (its ``.running.json`` marker), so a test signals its own job and nobody else's."""
+    from pipeline.state import StateStore
+
+    path = StateStore(Path(workdir)).stage_state_dir(stage, iteration) / f"{key}.running.json"
+    try:
+        import json
+
+        return str(json.loads(path.read_text())["job_id"])
+    except (OSError, ValueError, KeyError):
+        return None

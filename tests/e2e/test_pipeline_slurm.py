@@ -28,7 +28,7 @@ from e2e_helpers import (
     launch_cmd,
     read_done_stats,
     run_launch,
-    slurm_job_ids,
+    running_job_id,
     stage_wall_times,
     start_launch,
     submitted_steps,
@@ -54,16 +54,15 @@ class SlurmRun:
     wall_times: dict = field(default_factory=dict)
 
 
-def _signal_job(name: str, *scancel_args: str, timeout: float = 60) -> list:
+def _signal_job(workdir: Path, iteration: int, *scancel_args: str, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        ids = slurm_job_ids(name)
-        if ids:
-            for job_id in ids:
-                subprocess.run(["scancel", *scancel_args, job_id], check=True, timeout=30)
-            return ids
+        job_id = running_job_id(workdir, "train", iteration, "train")
+        if job_id and not job_id.startswith("inprocess"):
+            subprocess.run(["scancel", *scancel_args, job_id], check=True, timeout=30)
+            return job_id
         time.sleep(0.5)
-    raise AssertionError(f"no Slurm job named {name} within {timeout:.0f} s")
+    raise AssertionError(f"no running Slurm job recorded for train (iteration {iteration})")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +77,10 @@ def slurm_run(slurm, sample_corpus, tmp_path_factory) -> SlurmRun:
     try:
         wait_for_updates(ckpt[1], 2, proc, timeout=1200)
         preempted_at = checkpoint_updates(ckpt[1])
-        _signal_job("train-it1", "--signal=USR2")
+        _signal_job(work, 1, "--signal=USR2")
         wait_for_updates(ckpt[2], 2, proc, timeout=900)
         cancelled_at = checkpoint_updates(ckpt[2])
-        _signal_job("train-it2")
+        _signal_job(work, 2)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
