@@ -40,6 +40,10 @@ class DetectorSettings:
     detect_every: int = 10  # fast mode
     detect_width: int = 320  # fast mode
     fast_upsample: int = 0  # fast mode: HOG upsampling of the downscaled keyframe search
+    # fast mode: "levels" (the reference's boxes, found on the pyramid levels of the last face:
+    # avprep/hog_levels.py) or "track" (detection every detect_every frames, tracking in between)
+    fast_strategy: str = "levels"
+    level_margin: int = 2  # "levels": pyramid levels scanned below the last face's (shrinking faces)
 
 
 class LandmarkDetector:
@@ -57,6 +61,12 @@ class LandmarkDetector:
         self._cnn = None
         self._prev: Optional[np.ndarray] = None
         self._since_detect = 0
+        self._level: Optional[int] = None
+        if self.s.fast_strategy not in ("levels", "track"):
+            raise ValueError(f"fast_strategy {self.s.fast_strategy!r}: levels or track")
+        from avprep.hog_levels import LevelScanner
+
+        self.scanner = LevelScanner(self.hog, upsample=self.s.upsample)
 
     @property
     def cnn(self):
@@ -67,6 +77,7 @@ class LandmarkDetector:
     def reset(self) -> None:
         self._prev = None
         self._since_detect = 0
+        self._level = None
 
     def _pick(self, rects):
         if not rects:
@@ -90,7 +101,35 @@ class LandmarkDetector:
         if self.s.mode == "reference":
             rect = self._detect(gray, self.s.upsample)
             return None if rect is None else self._shape(gray, rect)
+        if self.s.fast_strategy == "levels":
+            return self._levels(gray)
         return self._fast(gray)
+
+    def _levels(self, gray: np.ndarray) -> Optional[np.ndarray]:
+        rects = []
+        if self._level is not None:
+            rects = self.scanner.detect(gray, max(0, self._level - self.s.level_margin))
+        if not rects:
+            # first frame, or the face left those levels: locate it on a small frame (CNN fallback
+            # there too, so frames without a face cost little), then scan the levels of its size
+            h, w = gray.shape
+            scale = min(1.0, self.s.detect_width / w)
+            small = gray if scale == 1.0 else _resize(gray, scale)
+            coarse = self._detect(small, self.s.fast_upsample if scale != 1.0 else self.s.upsample)
+            if coarse is None:
+                self._level = None
+                return None
+            size = (coarse.right() - coarse.left() + 1) / scale
+            level = self.scanner.level_of(self._dlib.rectangle(0, 0, int(size) - 1, int(size) - 1))
+            rects = self.scanner.detect(gray, max(0, level - self.s.level_margin))
+            if not rects:  # the reference's own search
+                rects = list(self.hog(gray, self.s.upsample)) or [self._refine(gray, coarse, scale) if scale != 1.0 else coarse]
+        rect = self._pick(rects)
+        if rect is None:
+            self._level = None
+            return None
+        self._level = self.scanner.level_of(rect)
+        return self._shape(gray, rect)
 
     def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:
         dlib = self._dlib

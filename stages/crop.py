@@ -44,6 +44,11 @@ class Config:
     # fast mode: HOG upsampling of the downscaled keyframe search (0: faces >= 80 px at detect_width;
     # 4x cheaper than 1, and the box is re-found at full resolution around the face anyway)
     fast_upsample: int = 0
+    # fast mode: "levels" = the reference's detector boxes on every frame, searched only on the image
+    # pyramid levels of the last face (avprep/hog_levels.py; ROIs within ~1 gray level of reference
+    # mode's); "track" = detect every detect_every frames and track in between (faster, ~5-10 off)
+    fast_strategy: str = "levels"
+    level_margin: int = 2
     window: int = 12  # landmark smoothing window (frames)
     fps: int = 25
     sample_rate: int = 16000
@@ -84,7 +89,8 @@ def _detector(cfg: Config):
     return LandmarkDetector(DetectorSettings(mode=cfg.mode, face_rule=cfg.face_rule, upsample=cfg.upsample,
                                              cnn_fallback=cfg.cnn_fallback, detect_every=cfg.detect_every,
                                              detect_width=cfg.detect_width,
-                                             fast_upsample=cfg.fast_upsample))
+                                             fast_upsample=cfg.fast_upsample,
+                                             fast_strategy=cfg.fast_strategy, level_margin=cfg.level_margin))
 
 
 def _frames(video: Path, cfg: Config, start, end) -> Iterator[np.ndarray]:
