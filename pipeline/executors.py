@@ -125,16 +125,7 @@ def _run_throttled(executor, store, step, todo, parallelism: int, poll: float) -
             shard = pending.pop(0)
             running.append((shard, executor.submit(make_task(step, shard, False))))
         time.sleep(min(poll, 0.2))
-        still = []
-        for shard, job in running:
-            if job.done():
-                f = _collect(store, step, shard, job)
-                if f:
-                    failures.append(f)
-                bar.update(1)
-            else:
-                still.append((shard, job))
-        running = still
+        running = _reap(store, step, running, failures, bar)
     bar.close()
     return failures
 
@@ -145,18 +136,23 @@ def _wait(store, step, jobs: list, poll: float) -> list:
     remaining = list(jobs)
     while remaining:
         time.sleep(poll)
-        still = []
-        for shard, job in remaining:
-            if job.done():
-                f = _collect(store, step, shard, job)
-                if f:
-                    failures.append(f)
-                bar.update(1)
-            else:
-                still.append((shard, job))
-        remaining = still
+        remaining = _reap(store, step, remaining, failures, bar)
     bar.close()
     return failures
+
+
+def _reap(store, step, jobs: list, failures: list, bar) -> list:
+    """Collect the finished jobs of ``jobs`` (failures appended); return those still running."""
+    still = []
+    for shard, job in jobs:
+        if job.done():
+            f = _collect(store, step, shard, job)
+            if f:
+                failures.append(f)
+            bar.update(1)
+        else:
+            still.append((shard, job))
+    return still
 
 
 def _collect(store, step, shard, job) -> Optional[tuple]:

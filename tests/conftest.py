@@ -21,3 +21,31 @@ def sample_corpus() -> Path:
     from tools.sample_corpus import ensure_sample_corpus
 
     return ensure_sample_corpus()
+
+
+def slurm_available() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.strip() in ("idle", "mix", "alloc") for s in out.stdout.split())
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A Slurm cluster answering on this machine (scripts/slurm_local.sh start). Skipped where none
+    answers, except in CI (env CI set), where its absence is a failure: the Slurm path must be
+    proven there."""
+    import os
+
+    if not slurm_available():
+        msg = "no Slurm cluster answers `sinfo` here (start one with: sudo scripts/slurm_local.sh start)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return True
