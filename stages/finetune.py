@@ -42,6 +42,7 @@ from typing import List, Optional
 from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from stages.train import RUN_OWNED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,7 @@ STAGE_OWNED_KEYS = (
     "task.modalities",
     "model.w2v_path",
     "model.w2v_args",
-    "optimization.max_update",
-    "checkpoint.save_dir",
-    "checkpoint.restore_file",
-    "common.tensorboard_logdir",
-    "distributed_training.distributed_world_size",
-    "distributed_training.distributed_rank",
-    "distributed_training.distributed_init_method",
-    "distributed_training.distributed_no_spawn",
-    "distributed_training.distributed_backend",
-    "distributed_training.device_id",
+    *RUN_OWNED_KEYS,
 )
 
 

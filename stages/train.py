@@ -44,12 +44,8 @@ LOSS_PNG = "loss.png"
 
 # Keys the stage fills in from the schedule, the work dir and the job environment. A user
 # override of one of them would silently break the chain (or the resume), so it is refused.
-STAGE_OWNED_KEYS = (
-    "task.data",
-    "task.label_dir",
-    "task.labels",
-    "task.label_rate",
-    "model.label_rate",
+# (the run-level keys are shared with the finetune stage, which launches fairseq the same way)
+RUN_OWNED_KEYS = (
     "optimization.max_update",
     "checkpoint.save_dir",
     "checkpoint.restore_file",
@@ -60,6 +56,14 @@ STAGE_OWNED_KEYS = (
     "distributed_training.distributed_no_spawn",
     "distributed_training.distributed_backend",
     "distributed_training.device_id",
+)
+STAGE_OWNED_KEYS = (
+    "task.data",
+    "task.label_dir",
+    "task.labels",
+    "task.label_rate",
+    "model.label_rate",
+    *RUN_OWNED_KEYS,
 )
 
 
