@@ -160,7 +160,7 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
                       n_visible_gpus: Optional[int] = None) -> List[str]:
     """Hydra overrides turning the base fine-tuning config into this run's config."""
     from avhubert.s2s_decode import modality_list
-    from stages.train import DistributedEnv, _hydra_value
+    from stages.train import DistributedEnv, _hydra_value, run_overrides
 
     cfg = ctx.cfg
     dist = dist or DistributedEnv()
@@ -174,22 +174,10 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
         f"task.tokenizer_bpe_model={_hydra_value(spm_model(ctx))}",
         f"task.modalities=[{','.join(streams)}]",
         f"model.w2v_path={_hydra_value(pretrained_checkpoint(ctx))}",
-        f"optimization.max_update={max_update(cfg)}",
-        f"checkpoint.save_dir={_hydra_value(stage_dir / CHECKPOINT_DIR)}",
-        "checkpoint.restore_file=checkpoint_last.pt",
-        f"common.tensorboard_logdir={_hydra_value(stage_dir / TENSORBOARD_DIR)}",
-        f"distributed_training.distributed_world_size={dist.world_size}",
-        f"distributed_training.distributed_rank={dist.rank}",
-        "distributed_training.distributed_no_spawn=true",
-        "distributed_training.ddp_backend=no_c10d",
-        f"distributed_training.distributed_backend={'nccl' if device == 'cuda' else 'gloo'}",
     ]
+    overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
         overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
-    if dist.init_method:
-        overrides.append(f"distributed_training.distributed_init_method={_hydra_value(dist.init_method)}")
-    if device == "cuda":
-        overrides.append(f"distributed_training.device_id={dist.local_rank % (n_visible_gpus or 1)}")
     return overrides + [str(o) for o in (cfg.finetune.overrides or [])]
 
 

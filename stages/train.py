@@ -239,7 +239,17 @@ def fairseq_overrides(
         "task.labels=[km]",
         f"task.label_rate={rate}",
         f"model.label_rate={rate}",
-        f"optimization.max_update={max_update_for(cfg, iteration)}",
+    ]
+    overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus)
+    return overrides + user_overrides(cfg, iteration)
+
+
+def run_overrides(stage_dir: Path, max_update: int, dist: "DistributedEnv", device: str,
+                  n_visible_gpus: Optional[int] = None) -> List[str]:
+    """The fairseq keys of one run that the pipeline owns (shared with the finetune stage):
+    update budget, checkpoint and TensorBoard dirs, and this rank's distributed settings."""
+    overrides = [
+        f"optimization.max_update={max_update}",
         f"checkpoint.save_dir={_hydra_value(stage_dir / CHECKPOINT_DIR)}",
         # fairseq resumes from <save_dir>/checkpoint_last.pt: this is the requeue/relaunch path
         "checkpoint.restore_file=checkpoint_last.pt",
@@ -253,13 +263,11 @@ def fairseq_overrides(
         f"distributed_training.distributed_backend={'nccl' if device == 'cuda' else 'gloo'}",
     ]
     if dist.init_method:
-        overrides.append(
-            f"distributed_training.distributed_init_method={_hydra_value(dist.init_method)}"
-        )
+        overrides.append(f"distributed_training.distributed_init_method={_hydra_value(dist.init_method)}")
     if device == "cuda":
         # --gpus-per-task shows each task one GPU; --gpus-per-node shows all of them
         overrides.append(f"distributed_training.device_id={dist.local_rank % (n_visible_gpus or 1)}")
-    return overrides + user_overrides(cfg, iteration)
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------
