@@ -102,14 +102,49 @@ def warp(frame: np.ndarray, t: np.ndarray, exact: bool = True) -> np.ndarray:
     return cv2.warpAffine(frame, m, STD_SIZE[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def cut_patch(img: np.ndarray, points: np.ndarray, half: int = CROP // 2) -> np.ndarray:
+def patch_origin(points: np.ndarray, size=STD_SIZE, half: int = CROP // 2) -> tuple:
+    """Top-left (x0, y0) of the 2*half square cut around the centre of ``points`` in a frame of
+    ``size`` (rows, cols): the centre is clamped so that the patch lies inside the frame."""
     cx, cy = np.mean(points, axis=0)
-    h, w = img.shape[:2]
+    h, w = size[:2]
     cy = min(max(cy, half), h - half)
     cx = min(max(cx, half), w - half)
     # Python's round (half to even), as the reference
-    y0, x0 = int(round(cy) - half), int(round(cx) - half)
+    return int(round(cx) - half), int(round(cy) - half)
+
+
+def cut_patch(img: np.ndarray, points: np.ndarray, half: int = CROP // 2) -> np.ndarray:
+    x0, y0 = patch_origin(points, img.shape, half)
     return np.copy(img[y0 : y0 + 2 * half, x0 : x0 + 2 * half])
+
+
+def warp_patch(frame: np.ndarray, t: np.ndarray, points: np.ndarray, exact: bool = True,
+               half: int = CROP // 2) -> np.ndarray:
+    """``cut_patch(warp(frame, t), apply_points(t, points))`` without warping the whole 256x256
+    frame: only the patch's pixels are interpolated, from the part of the source frame they map
+    to. Bilinear sampling reads a pixel's 2x2 neighbourhood, so a 2-pixel margin around that part
+    leaves every sample as it was; outside the frame stays black as before."""
+    import cv2
+
+    x0, y0 = patch_origin(apply_points(t, points), STD_SIZE, half)
+    side = 2 * half
+    m = t[:2].copy()
+    m[:, 2] -= (x0, y0)  # patch coordinates -> source: the whole-frame map, shifted
+    inv = np.linalg.inv(np.vstack([m, (0, 0, 1)]))
+    corners = apply_points(inv, np.array([[0, 0], [side, 0], [0, side], [side, side]], dtype=np.float64))
+    h, w = frame.shape[:2]
+    sx0, sy0 = (max(0, int(np.floor(v)) - 2) for v in corners.min(0))
+    sx1, sy1 = min(w, int(np.ceil(corners[:, 0].max())) + 3), min(h, int(np.ceil(corners[:, 1].max())) + 3)
+    if sx0 >= sx1 or sy0 >= sy1:  # the patch maps entirely outside the frame: all black
+        return np.zeros((side, side) + frame.shape[2:], dtype=np.uint8)
+    src = frame[sy0:sy1, sx0:sx1]
+    m[:, 2] += m[:, :2] @ (sx0, sy0)  # read source coordinates relative to the cut-out part
+    if exact:
+        out = cv2.warpAffine(src.astype(np.float32), m, (side, side), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return np.floor(out.astype(np.float64) / 255.0 * 255.0 + 1e-7).astype(np.uint8)
+    return cv2.warpAffine(src, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
 
 
 def crop_mouths(frames: Iterable[np.ndarray], landmarks: np.ndarray, window: int = WINDOW, exact: bool = True,
@@ -131,7 +166,7 @@ def crop_mouths(frames: Iterable[np.ndarray], landmarks: np.ndarray, window: int
             smoothed = np.mean(np.stack(q_lms), axis=0)
             t = similarity_transform(smoothed[stable], face[stable])
             cur = q_lms.popleft()
-            yield cut_patch(warp(q_frames.popleft(), t, exact), apply_points(t, cur)[MOUTH])
+            yield warp_patch(q_frames.popleft(), t, cur[MOUTH], exact)
     while q_frames:  # the last frames keep the last transform
         cur = q_lms.popleft()
-        yield cut_patch(warp(q_frames.popleft(), t, exact), apply_points(t, cur)[MOUTH])
+        yield warp_patch(q_frames.popleft(), t, cur[MOUTH], exact)

@@ -43,7 +43,8 @@ class DetectorSettings:
     # fast mode: "levels" (the reference's boxes, found on the pyramid levels of the last face:
     # avprep/hog_levels.py) or "track" (detection every detect_every frames, tracking in between)
     fast_strategy: str = "levels"
-    level_margin: int = 2  # "levels": pyramid levels scanned below the last face's (shrinking faces)
+    level_margin: int = 1  # "levels": pyramid levels scanned below the last face's (shrinking faces)
+    level_presteps: int = 1  # "levels": pyramid steps dlib computes itself before the scanned level
 
 
 class LandmarkDetector:
@@ -66,7 +67,7 @@ class LandmarkDetector:
             raise ValueError(f"fast_strategy {self.s.fast_strategy!r}: levels or track")
         from avprep.hog_levels import LevelScanner
 
-        self.scanner = LevelScanner(self.hog, upsample=self.s.upsample)
+        self.scanner = LevelScanner(self.hog, upsample=self.s.upsample, presteps=self.s.level_presteps)
 
     @property
     def cnn(self):

@@ -55,14 +55,16 @@ def run_mode(video: Path, mode: str):
 
     cv2.setNumThreads(1)
     from avprep import align
-    from stages.crop import Config, _detector, _frames, _gray
+    from stages.crop import Config, _detector, _frames, _gray, detect_frames
 
     cfg = Config(mode=mode)
     det = _detector(cfg)
     t = time.perf_counter()
-    raw = [det(_gray(f)) for f in _frames(video, cfg, None, None)]
+    # as crop_item: one decoding pass when the frames fit in crop.frame_cache_mb (they do here)
+    raw, cached = detect_frames(_frames(video, cfg, None, None), det, cfg.frame_cache_mb)
     track = align.interpolate_missing(raw)
-    rois = [_gray(r) for r in align.crop_mouths(_frames(video, cfg, None, None), track, exact=True)]
+    frames = cached if cached is not None else _frames(video, cfg, None, None)
+    rois = [_gray(r) for r in align.crop_mouths(frames, track, exact=True)]
     dt = time.perf_counter() - t
     return np.stack(rois), dt, sum(r is not None for r in raw)
 

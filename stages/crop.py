@@ -9,8 +9,10 @@ face in any frame, has no audio track or is too short gets a failure record, nev
 the shard still completes, and ``finalize`` fails the stage only above ``crop.max_failure_rate``.
 
 Modes: ``reference`` follows the reference preparation exactly (HOG detection with upsampling on
-every frame, CNN fallback, colour warp); ``fast`` (default) detects every ``detect_every`` frames
-on a downscaled frame and tracks in between, and warps the gray frame (see bench/crop.py).
+every frame, CNN fallback, colour warp); ``fast`` (default) finds the reference's HOG boxes by
+scanning only the pyramid levels of the last face (avprep/hog_levels.py; ``fast_strategy=track``
+detects every ``detect_every`` frames and tracks in between instead), and warps the gray frame.
+Both decode each item once when its frames fit in ``frame_cache_mb`` (see bench/crop.py).
 """
 from __future__ import annotations
 
@@ -48,10 +50,16 @@ class Config:
     # pyramid levels of the last face (avprep/hog_levels.py; ROIs within ~1 gray level of reference
     # mode's); "track" = detect every detect_every frames and track in between (faster, ~5-10 off)
     fast_strategy: str = "levels"
-    level_margin: int = 2
+    level_margin: int = 1  # "levels": pyramid levels scanned below the last face's
+    # "levels": how many of the last pyramid steps before the scanned level dlib computes itself
+    # (its resampling; a single resize of the frame straight to that level moves boxes more often)
+    level_presteps: int = 1
     window: int = 12  # landmark smoothing window (frames)
     fps: int = 25
     sample_rate: int = 16000
+    # decoded frames kept for the cropping pass after detection (one decode instead of two); an
+    # item whose frames exceed this is decoded a second time instead, so memory stays bounded
+    frame_cache_mb: int = 512
     min_frames: int = 12  # shorter items are failures
     require_audio: bool = True
     crf: int = 18  # x264 quality of the ROI videos
@@ -90,7 +98,8 @@ def _detector(cfg: Config):
                                              cnn_fallback=cfg.cnn_fallback, detect_every=cfg.detect_every,
                                              detect_width=cfg.detect_width,
                                              fast_upsample=cfg.fast_upsample,
-                                             fast_strategy=cfg.fast_strategy, level_margin=cfg.level_margin))
+                                             fast_strategy=cfg.fast_strategy, level_margin=cfg.level_margin,
+                                             level_presteps=cfg.level_presteps))
 
 
 def _frames(video: Path, cfg: Config, start, end) -> Iterator[np.ndarray]:
@@ -108,6 +117,22 @@ def _gray(frame: np.ndarray) -> np.ndarray:
     import cv2
 
     return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+
+
+def detect_frames(frames, detector, cache_mb: float) -> tuple:
+    """Landmarks per frame (None where no face), and the frames themselves while they fit in
+    ``cache_mb`` (None beyond it: the caller decodes again)."""
+    detector.reset()
+    raw, cached, size = [], [], 0
+    for frame in frames:
+        raw.append(detector(_gray(frame)))
+        if cached is not None:
+            size += frame.nbytes
+            if size > cache_mb * 2**20:
+                cached = None
+            else:
+                cached.append(frame)
+    return raw, cached
 
 
 def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landmarks: Path, cfg: Config,
@@ -129,13 +154,13 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if saved is not None and ("source" not in saved or str(saved["source"]) != source):
         log.warning("%s: landmarks were detected on another input; detecting again", out_landmarks)
         saved = None
+    cached = None
     if saved is not None:
         track, found = saved["interpolated"], int(saved["found"].sum())
         n = len(track)
     else:
         detector = detector or _detector(cfg)
-        detector.reset()
-        raw = [detector(_gray(f)) for f in _frames(video, cfg, start, end)]
+        raw, cached = detect_frames(_frames(video, cfg, start, end), detector, cfg.frame_cache_mb)
         n = len(raw)
         if n == 0:
             raise CropError(f"{video}: no frame could be decoded" + (f" in [{start}, {end}] s" if start or end else ""))
@@ -155,7 +180,8 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
                                     fps=cfg.fps, mode=cfg.mode)
     # both modes warp with the reference's float interpolation + truncation: it costs little
     # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
-    rois = align.crop_mouths(_frames(video, cfg, start, end), track, window=cfg.window, exact=True)
+    frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
+    rois = align.crop_mouths(frames, track, window=cfg.window, exact=True)
     if cfg.mode == "reference":
         rois = (_gray(r) for r in rois)
     try:

@@ -137,6 +137,31 @@ def test_crop_video_command(tmp_path, source_videos, sample_corpus):
     assert bad.returncode == 1 and "no face found" in bad.stdout
 
 
+def test_one_decoding_pass_or_two_give_the_same_crop(tmp_path, sample_corpus):
+    """Frames are decoded once and kept for the cropping pass while they fit in
+    crop.frame_cache_mb; beyond it the item is decoded again: the outputs must not differ."""
+    clip = sorted((sample_corpus / "pexels_langer").glob("0*.mp4"))[0]
+    rois = {}
+    for mb in (512, 0):
+        cfg = crop_stage.Config(frame_cache_mb=mb)
+        r = crop_stage.crop_one_video(clip, tmp_path / str(mb), cfg=cfg)
+        rois[mb] = media.read_gray_video(r.video)
+    np.testing.assert_array_equal(rois[512], rois[0])
+    frame = np.zeros((480, 640), np.uint8)  # 300 kB: 3 fit in 1 MB, 4 do not
+    raw, cached = crop_stage.detect_frames(iter([frame] * 3), _NoFace(), 1)
+    assert raw == [None] * 3 and len(cached) == 3
+    raw, cached = crop_stage.detect_frames(iter([frame] * 4), _NoFace(), 1)
+    assert raw == [None] * 4 and cached is None
+
+
+class _NoFace:
+    def reset(self):
+        pass
+
+    def __call__(self, gray):
+        return None
+
+
 def test_fast_mode_tracks_close_to_reference_mode(tmp_path, sample_corpus):
     clip = sorted((sample_corpus / "pexels_langer").glob("0*.mp4"))[0]
     rois = {}
