@@ -9,14 +9,14 @@ same assignment code for both. Synthetic data: a Gaussian mixture of 4 x K centr
 subspace plus isotropic noise (clustered like real features, not uniform noise).
 Target (issue 5): the fast backend >= 5x faster than sklearn at <= 1.01x its inertia.
 
-Measured on the 2-core shared dev machine (load 4-8 from other jobs, so times are noisy; faiss-cpu
-1.15.1 generic build, no AVX2), faiss defaults of speechfeat.kmeans.FAISS_DEFAULTS:
-  --frames 200000 --cases layer (768-d, K=500): sklearn 995 s, faiss 222 s (4.5x), inertia 0.9895x,
-      peak RSS 1860 MB both (the data is 586 MB)
-  --frames 1000000 --cases mfcc (39-d, K=100): sklearn 14.8 s / faiss 4.0 s (3.7x) and, under
-      heavier load, 73.1 s / 14.9 s (4.9x); inertia 0.9954x; peak RSS 341 / 357-366 MB
-The full 1M x 768 layer case was not run here (sklearn alone would take over an hour on 2 cores);
-faiss's work is capped (seeding/refine samples) while sklearn's minibatch steps grow with N.
+Measured on the 2-core dev machine (quiet; faiss-cpu 1.15.1 generic build, no AVX2), defaults of
+speechfeat.kmeans.FAISS_DEFAULTS, `python bench/kmeans.py --backends faiss,torch,sklearn`:
+  [layer] 1,000,000 x 768, K=500 (data 2930 MB): sklearn 463.0 s (MiniBatchKMeans stops early:
+      max_no_improvement), faiss 65.0 s = 7.1x at 0.9964x the inertia, torch (CPU) 50.5 s = 9.2x at
+      0.9958x; peak RSS sklearn 3417 MB, faiss 3917 MB, torch 4499 MB
+  [mfcc] 1,000,000 x 39, K=100 (149 MB): sklearn 13.3 s, faiss 1.0 s = 13.2x at 0.9853x, torch
+      2.6 s = 5.1x at 0.9887x; peak RSS 352 / 369 / 729 MB
+Before the own k-means++ seeding (sklearn's took 40 s of faiss's 109 s on the layer case) it was 4.2x.
 """
 from __future__ import annotations
 
