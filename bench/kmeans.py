@@ -11,8 +11,8 @@ Target (issue 5): the fast backend >= 5x faster than sklearn at <= 1.01x its ine
 
 Measured on the 2-core dev machine (quiet; faiss-cpu 1.15.1 generic build, no AVX2), defaults of
 speechfeat.kmeans.FAISS_DEFAULTS, `python bench/kmeans.py --backends faiss,torch,sklearn`:
-  [layer] 1,000,000 x 768, K=500 (data 2930 MB): sklearn 463.0 s (MiniBatchKMeans stops early:
-      max_no_improvement), faiss 65.0 s = 7.1x at 0.9964x the inertia, torch (CPU) 50.5 s = 9.2x at
+  [layer] 1,000,000 x 768, K=500 (data 2930 MB): sklearn 463.0 s (an earlier run: 455.8 s),
+      faiss 65.0 s = 7.1x at 0.9964x the inertia, torch (CPU) 50.5 s = 9.2x at
       0.9958x; peak RSS sklearn 3417 MB, faiss 3917 MB, torch 4499 MB
   [mfcc] 1,000,000 x 39, K=100 (149 MB): sklearn 13.3 s, faiss 1.0 s = 13.2x at 0.9853x, torch
       2.6 s = 5.1x at 0.9887x; peak RSS 352 / 369 / 729 MB
