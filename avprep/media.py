@@ -146,32 +146,48 @@ def count_video_frames(path: PathLike) -> int:
 def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarray]], fps: int = TARGET_FPS,
                      crf: int = 18) -> int:
     """Encode uint8 (H, W) gray frames as an h264 mp4 (yuv420p, the form every decoder reads),
-    written under a temporary name and renamed. Returns the number of frames written."""
-    import av
+    streamed into the static ffmpeg's stdin, written under a temporary name and renamed. Returns
+    the number of frames written.
 
+    Why a pipe to ffmpeg and not PyAV's encoder: inside a long-running process PyAV's bundled
+    libx264 gave different bytes for the same frames from run to run (up to ~1 gray level mean
+    after decoding), whatever its thread settings; the ffmpeg process gives the same file every
+    time. One encoder thread: the shard jobs already use every core."""
+    it = iter(frames)
+    first = next(it, None)
+    if first is None:
+        raise MediaError(f"{path}: no frames to write")
+    first = np.ascontiguousarray(first, dtype=np.uint8)
+    h, w = first.shape[:2]
     n = 0
     with atomic_path(path) as tmp:
-        out = av.open(str(tmp), mode="w", format="mp4")
+        cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray",
+               "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-preset", "veryfast",
+               "-crf", str(crf), "-pix_fmt", "yuv420p", "-threads", "1", "-f", "mp4", str(tmp)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            stream = None
-            for img in frames:
+            for img in _chain(first, it):
                 img = np.ascontiguousarray(img, dtype=np.uint8)
-                if stream is None:
-                    stream = out.add_stream("libx264", rate=fps)
-                    stream.height, stream.width = img.shape[:2]
-                    stream.pix_fmt = "yuv420p"
-                    stream.options = {"crf": str(crf), "preset": "veryfast"}
-                frame = av.VideoFrame.from_ndarray(img, format="gray")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
+                if img.shape[:2] != (h, w):
+                    raise MediaError(f"{path}: frame {n} is {img.shape[1]}x{img.shape[0]}, the first was {w}x{h}")
+                proc.stdin.write(img.tobytes())
                 n += 1
-            if stream is None:
-                raise MediaError(f"{path}: no frames to write")
-            for packet in stream.encode():
-                out.mux(packet)
-        finally:
-            out.close()
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # ffmpeg stopped: its exit status and message below say why
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise MediaError(f"{path}: encoding failed: {err.strip()[-300:]}")
     return n
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[float] = None,

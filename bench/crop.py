@@ -60,7 +60,7 @@ def run_mode(video: Path, mode: str):
 
     cv2.setNumThreads(1)
     from avprep import align
-    from stages.crop import Config, _detector, _frames, _gray, detect_frames
+    from stages.crop import Config, _detector, _frames, detect_frames, mouth_rois
 
     cfg = Config(mode=mode)
     det = _detector(cfg)
@@ -69,7 +69,7 @@ def run_mode(video: Path, mode: str):
     raw, cached = detect_frames(_frames(video, cfg, None, None), det, cfg.frame_cache_mb)
     track = align.interpolate_missing(raw)
     frames = cached if cached is not None else _frames(video, cfg, None, None)
-    rois = [_gray(r) for r in align.crop_mouths(frames, track, exact=True)]
+    rois = list(mouth_rois(frames, track, cfg))
     dt = time.perf_counter() - t
     return np.stack(rois), dt, sum(r is not None for r in raw)
 

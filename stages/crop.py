@@ -135,6 +135,17 @@ def detect_frames(frames, detector, cache_mb: float) -> tuple:
     return raw, cached
 
 
+def mouth_rois(frames, track: np.ndarray, cfg: Config) -> Iterator[np.ndarray]:
+    """The 96x96 gray mouth ROIs of decoded frames (``_frames``) along a landmark track."""
+    from avprep import align
+
+    # both modes warp with the reference's float interpolation + truncation: it costs little
+    # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
+    rois = align.crop_mouths(frames, track, window=cfg.window, exact=True)
+    # reference mode warps the colour frame and converts the patch, as the reference does
+    return (_gray(r) for r in rois) if cfg.mode == "reference" else rois
+
+
 def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landmarks: Path, cfg: Config,
               start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
     """Crop one video (or segment) into the three output files, each written atomically.
@@ -178,12 +189,8 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
                                     fps=cfg.fps, mode=cfg.mode)
-    # both modes warp with the reference's float interpolation + truncation: it costs little
-    # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
     frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
-    rois = align.crop_mouths(frames, track, window=cfg.window, exact=True)
-    if cfg.mode == "reference":
-        rois = (_gray(r) for r in rois)
+    rois = mouth_rois(frames, track, cfg)
     try:
         n_written = media.write_gray_video(out_video, rois, fps=cfg.fps, crf=cfg.crf)
     except align.AlignmentError as e:

@@ -163,11 +163,38 @@ class _NoFace:
 
 
 def test_fast_mode_tracks_close_to_reference_mode(tmp_path, sample_corpus):
+    """The issue's bound (fast-mode ROIs within 2 gray levels mean of reference mode's) on the ROIs
+    the stage encodes, not on the decoded mp4s: x264 at crf 18 alone moves 96x96 ROIs by ~1.8
+    gray levels mean, which would hide what the mode changes."""
     clip = sorted((sample_corpus / "pexels_langer").glob("0*.mp4"))[0]
-    rois = {}
+    rois, raw = {}, {}
     for mode in ("reference", "fast"):
-        r = crop_stage.crop_one_video(clip, tmp_path / mode, mode=mode)
-        rois[mode] = media.read_gray_video(r.video).astype(int)
-    diff = np.abs(rois["fast"] - rois["reference"]).mean()
-    print(f"fast vs reference ROI mean abs diff {diff:.2f}")
+        cfg = crop_stage.Config(mode=mode)
+        raw[mode], frames = crop_stage.detect_frames(crop_stage._frames(clip, cfg, None, None),
+                                                     crop_stage._detector(cfg), cfg.frame_cache_mb)
+        rois[mode] = np.stack(list(crop_stage.mouth_rois(frames, align.interpolate_missing(raw[mode]), cfg)))
+    same = np.mean([a is not None and np.array_equal(a, b) for a, b in zip(raw["fast"], raw["reference"])])
+    diff = np.abs(rois["fast"].astype(int) - rois["reference"]).mean()
+    print(f"fast vs reference: landmarks equal in {same:.0%} of frames, ROI mean abs diff {diff:.2f}")
+    assert rois["fast"].shape == rois["reference"].shape and rois["fast"].shape[1:] == (96, 96)
+    assert same >= 0.8
     assert diff <= 2.0  # the issue's bound for the fast mode
+
+
+def test_roi_video_encoding_is_reproducible_and_errors_name_the_file(tmp_path):
+    """The same frames give the same mp4 bytes every time (PyAV's in-process x264 did not, which
+    made reruns of a crop differ by up to ~1 gray level); a bad frame is an error naming the file
+    and leaves no output behind."""
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.integers(0, 256, (96, 96), dtype=np.uint8), (9, 9), 3) for _ in range(30)]
+    digests = set()
+    for i in range(3):
+        assert media.write_gray_video(tmp_path / f"{i}.mp4", iter(frames)) == 30
+        digests.add((tmp_path / f"{i}.mp4").read_bytes())
+    assert len(digests) == 1
+    back = media.read_gray_video(tmp_path / "0.mp4").astype(int)
+    assert back.shape == (30, 96, 96) and np.abs(back - np.stack(frames)).mean() < 3
+    with pytest.raises(media.MediaError, match="bad.mp4: frame 2 is 64x64"):
+        media.write_gray_video(tmp_path / "bad.mp4", frames[:2] + [np.zeros((64, 64), np.uint8)])
+    assert not (tmp_path / "bad.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4", "1.mp4", "2.mp4"]
