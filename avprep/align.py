@@ -87,19 +87,20 @@ def apply_points(t: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ t[:2, :2].T + t[:2, 2]
 
 
-def warp(frame: np.ndarray, t: np.ndarray, exact: bool = True) -> np.ndarray:
-    """Warp a uint8 frame into the 256x256 frame. ``exact``: float bilinear interpolation then
+def warp(frame: np.ndarray, t: np.ndarray, exact: bool = True, size=STD_SIZE) -> np.ndarray:
+    """Warp a uint8 frame into a frame of ``size`` (rows, cols; default the 256x256 aligned frame)
+    with the affine map ``t`` (2x3 or 3x3). ``exact``: float bilinear interpolation then
     truncation to uint8, as the reference (skimage's warp then ``(x*255).astype(uint8)``);
     otherwise cv2's fixed-point uint8 path (faster, rounds)."""
     import cv2
 
-    m = t[:2]
+    m, dsize = t[:2], (size[1], size[0])
     if exact:
-        out = cv2.warpAffine(frame.astype(np.float32), m, STD_SIZE[::-1], flags=cv2.INTER_LINEAR,
+        out = cv2.warpAffine(frame.astype(np.float32), m, dsize, flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         # the reference scales to [0, 1] and back: x/255*255 in float64 can land just under x
         return np.floor(out.astype(np.float64) / 255.0 * 255.0 + 1e-7).astype(np.uint8)
-    return cv2.warpAffine(frame, m, STD_SIZE[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(frame, m, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def patch_origin(points: np.ndarray, size=STD_SIZE, half: int = CROP // 2) -> tuple:
@@ -124,8 +125,6 @@ def warp_patch(frame: np.ndarray, t: np.ndarray, points: np.ndarray, exact: bool
     frame: only the patch's pixels are interpolated, from the part of the source frame they map
     to. Bilinear sampling reads a pixel's 2x2 neighbourhood, so a 2-pixel margin around that part
     leaves every sample as it was; outside the frame stays black as before."""
-    import cv2
-
     x0, y0 = patch_origin(apply_points(t, points), STD_SIZE, half)
     side = 2 * half
     m = t[:2].copy()
@@ -137,14 +136,8 @@ def warp_patch(frame: np.ndarray, t: np.ndarray, points: np.ndarray, exact: bool
     sx1, sy1 = min(w, int(np.ceil(corners[:, 0].max())) + 3), min(h, int(np.ceil(corners[:, 1].max())) + 3)
     if sx0 >= sx1 or sy0 >= sy1:  # the patch maps entirely outside the frame: all black
         return np.zeros((side, side) + frame.shape[2:], dtype=np.uint8)
-    src = frame[sy0:sy1, sx0:sx1]
     m[:, 2] += m[:, :2] @ (sx0, sy0)  # read source coordinates relative to the cut-out part
-    if exact:
-        out = cv2.warpAffine(src.astype(np.float32), m, (side, side), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        return np.floor(out.astype(np.float64) / 255.0 * 255.0 + 1e-7).astype(np.uint8)
-    return cv2.warpAffine(src, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=0)
+    return warp(frame[sy0:sy1, sx0:sx1], m, exact, (side, side))
 
 
 def crop_mouths(frames: Iterable[np.ndarray], landmarks: np.ndarray, window: int = WINDOW, exact: bool = True,

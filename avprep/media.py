@@ -5,6 +5,7 @@ Errors name the file and the reason (``MediaError``), so a stage can record them
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from fractions import Fraction
@@ -157,8 +158,7 @@ def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarr
     first = next(it, None)
     if first is None:
         raise MediaError(f"{path}: no frames to write")
-    first = np.ascontiguousarray(first, dtype=np.uint8)
-    h, w = first.shape[:2]
+    h, w = np.shape(first)[:2]
     n = 0
     with atomic_path(path) as tmp:
         cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray",
@@ -166,7 +166,7 @@ def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarr
                "-crf", str(crf), "-pix_fmt", "yuv420p", "-threads", "1", "-f", "mp4", str(tmp)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            for img in _chain(first, it):
+            for img in itertools.chain([first], it):
                 img = np.ascontiguousarray(img, dtype=np.uint8)
                 if img.shape[:2] != (h, w):
                     raise MediaError(f"{path}: frame {n} is {img.shape[1]}x{img.shape[0]}, the first was {w}x{h}")
@@ -183,11 +183,6 @@ def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarr
         if proc.wait() != 0:
             raise MediaError(f"{path}: encoding failed: {err.strip()[-300:]}")
     return n
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[float] = None,
