@@ -75,7 +75,7 @@ def build(args, dry_run: bool):
         raise ConfigError(f"corpus {cfg.corpus}: no such directory (--corpus)")
     cfg.workdir = str(Path(os.path.expanduser(cfg.workdir)).resolve())
     stages = {name: get_stage(name) for name in STAGE_ORDER}
-    pipe = Pipeline(cfg, stages, STAGE_ORDER, Path(cfg.workdir), force=args.force, echo=_echo)
+    pipe = Pipeline(cfg, stages, STAGE_ORDER, Path(cfg.workdir), force=args.force, echo=_echo, dry_run=dry_run)
     names = "all" if args.stage == "all" else [args.stage]
     iterations = [args.iteration] if args.iteration is not None else None
     steps = pipe.plan(pipe.targets(names, iterations))

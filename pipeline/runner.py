@@ -34,6 +34,7 @@ class Step:
     resources: Resources
     shards: Optional[list] = None  # None: not computable yet (its inputs come from earlier steps)
     todo: Optional[list] = None
+    prepared: bool = False  # Stage.prepare ran for this step in this launch
 
     @property
     def name(self) -> str:
@@ -57,6 +58,7 @@ class Pipeline:
         workdir: Path,
         force: bool = False,
         echo: Callable[[str], None] = print,
+        dry_run: bool = False,
     ):
         self.cfg = cfg
         self.stages = stages
@@ -64,6 +66,8 @@ class Pipeline:
         self.workdir = Path(workdir).resolve()
         self.force = force
         self.echo = echo
+        # a dry run writes nothing: Stage.prepare is asked not to commit what it plans
+        self.dry_run = dry_run
         self.store = StateStore(self.workdir)
         self.n_iterations = int(cfg.get("iterations", 1) or 1)
 
@@ -109,8 +113,13 @@ class Pipeline:
                 raise ConfigError(f"stage {describe(name, it)}: {e}") from e
             steps.append(Step(stage, it, ctx, res))
         self._check_prerequisites(steps)
+        pending: set = set()  # steps of this launch that will (or may) produce new outputs
         for step in steps:
-            self._compute_shards(step, quiet=True)
+            # a step whose inputs come from earlier steps of this launch is planned when it runs
+            if not any(dep in pending for dep in self.prerequisites(step.stage, step.iteration)):
+                self._compute_shards(step, quiet=True)
+            if step.todo is None or step.todo or not self.step_complete(step.stage, step.iteration):
+                pending.add((step.stage.name, step.iteration))
         return steps
 
     def prerequisites(self, stage: Stage, iteration: Optional[int]) -> list[tuple]:
@@ -164,8 +173,15 @@ class Pipeline:
         return all(self.shard_complete(step, s, done) for s in shards)
 
     def _compute_shards(self, step: Step, quiet: bool = False) -> None:
+        if not step.prepared:
+            # errors in the inputs (PipelineError) are shown, in a dry run too
+            for line in step.stage.prepare(step.ctx, commit=not self.dry_run) or []:
+                self.echo(f"[{step.name}] {line}")
+            step.prepared = True
         try:
             step.shards = step.stage.shards(step.ctx)
+        except PipelineError:
+            raise
         except Exception as e:
             if quiet:  # inputs not there yet: known once earlier steps ran
                 step.shards = step.todo = None

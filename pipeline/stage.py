@@ -112,6 +112,18 @@ class Stage:
         """Raise ``pipeline.errors.ConfigError`` naming the setting/path and the reason, before
         anything is submitted. Inputs produced by earlier stages may not exist yet."""
 
+    def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
+        """Called once per launch in the launching process (or the detached driver), before
+        ``shards``, once the step's prerequisites are complete. A stage whose shards come from a
+        scan of its inputs (the crop stage lists the corpus) does that scan here, once, and freezes
+        the result under its own output directory when ``commit`` is True (False in a dry run: then
+        nothing may be written, and ``shards`` must still answer in this process). Shards already
+        frozen never change meaning; new inputs become new shards. Returns lines for the user
+        (what changed since the last launch). Raises ``ConfigError`` for errors in the inputs.
+        ``shards`` and ``run`` then read the frozen plan: a shard's cost never grows with the
+        corpus."""
+        return []
+
     def shards(self, ctx: StageContext) -> list[Shard]:
         raise NotImplementedError
 

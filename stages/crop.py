@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipeline import atomic
-from pipeline.errors import ConfigError, StageFailed
+from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,9 @@ class CropStage(Stage):
                 n_ok += 1
                 frames += n_frames
             except Exception as e:  # one broken video never kills the shard
+                # ... but a full disk, an I/O error or a signal is not the video's fault: the shard
+                # fails and a rerun retries the item
+                raise_if_infrastructure(e, [out])
                 reason = str(e) if str(item.video) in str(e) else f"{item.video}: {type(e).__name__}: {e}"
                 log.warning("crop failed: %s", reason)
                 records.append({**base, "status": "failed", "reason": reason})

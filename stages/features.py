@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ def featurize_mfcc(tsv, rank: int, nshard: int, npy_path, len_path, max_failure_
                 if len(feats) != n_mfcc_frames(row.n_audio_samples):
                     raise ValueError(f"{len(feats)} MFCC frames, expected {n_mfcc_frames(row.n_audio_samples)}")
             except Exception as e:  # one broken file must not stop the shard
+                raise_if_infrastructure(e, [Path(npy_path).parent])  # a full disk or a signal does
                 failures.add(row.id, f"{type(e).__name__}: {e}")
                 feats = np.zeros((0, DIM), dtype=np.float32)
             w.append(feats)
@@ -343,6 +344,7 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
             try:
                 x = load(row)
             except Exception as e:  # one broken file must not stop the shard
+                raise_if_infrastructure(e, [Path(npy_path).parent])  # a full disk or a signal does
                 failures.add(row.id, f"{type(e).__name__}: {e}")
                 x = None
             pending.append((row, x))

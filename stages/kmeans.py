@@ -121,9 +121,11 @@ class KmeansStage(Stage):
         model = km.fit(x, k, str(c.backend), int(c.seed), backend_params(c))
         model["percent"] = float(c.percent)
         model["iteration"] = ctx.iteration
+        # timings go to the shard's stats, never into the model file (same inputs, same bytes)
+        train_seconds = model.pop("train_seconds")
         km.save_model(model_path(ctx), model)
         return {"backend": c.backend, "n_clusters": k, "frames": model["n_frames"], "dim": model["dim"],
-                "inertia": model["inertia"], "train_seconds": round(model["train_seconds"], 2),
+                "inertia": model["inertia"], "train_seconds": round(train_seconds, 2),
                 "sample_seconds": round(sample_seconds, 2)}
 
 

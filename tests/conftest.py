@@ -49,3 +49,25 @@ def slurm():
             pytest.fail(msg)
         pytest.skip(msg)
     return True
+
+
+@pytest.fixture(scope="session")
+def smoke_run(sample_corpus, tmp_path_factory) -> Path:
+    """The work dir of one complete run of the whole pipeline on the sample corpus (smoke preset:
+    two iterations and fine-tuning, local executor), made once per test session (~2-3 min) and
+    shared by every test that needs finished outputs (units, report, consistency checks).
+    Read-only: a test that changes files copies what it changes into its own tmp_path."""
+    import os
+    import subprocess
+
+    work = tmp_path_factory.mktemp("smoke_run") / "work"
+    log = work.parent / "launch.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    cmd = [sys.executable, str(REPO_ROOT / "launch.py"), "--stage", "all", "--preset", "smoke",
+           "--cluster", "local", "--workdir", str(work), "--corpus", str(sample_corpus)]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"the smoke run failed (rc {proc.returncode}):\n" + "\n".join(log.read_text().splitlines()[-40:]))
+    return work
