@@ -1,8 +1,10 @@
 """Corpus layouts: which items (videos or segments of videos) a corpus holds, their split and text.
 
-Interface used by the crop and manifest stages: ``list_items(cfg) -> list[Item]``, reading the
-top-level ``cfg.corpus`` (a directory) and ``cfg.layout`` (``plain`` | ``lrs3`` | ``vox2``) and the
-split settings of the manifest section (``cfg.manifest``, see ``stages.manifest.Config``).
+``scan_corpus(cfg) -> Listing`` (and ``list_items(cfg) -> list[Item]``) reads the top-level
+``cfg.corpus`` (a directory) and ``cfg.layout`` (``plain`` | ``lrs3`` | ``vox2``) and the corpus
+settings (``CorpusSettings``; the keys live in the ``manifest`` section of the config, where
+users have always set them). The crop stage lists the corpus once per launch and freezes the
+result (``stages/item_list.py``); every later reader uses that frozen list, never the tree.
 
 Layouts (ids are paths relative to the corpus dir, without extension; they may contain ``/``):
 
@@ -20,24 +22,49 @@ Layouts (ids are paths relative to the corpus dir, without extension; they may c
   and test/, as the official archives unpack, is accepted and left out of the ids). No
   transcripts. test/ is the test split; valid from ``valid_ids`` or a seeded fraction of dev.
 - ``plain``: every video under the corpus dir (recursively; ``.mp4 .avi .mov .mkv .webm``, hidden
-  dirs skipped), with an optional same-name ``.txt`` transcript (its ``Text:`` line if it has one,
-  else its whole text). valid/test from ``valid_ids``/``test_ids`` or seeded
-  ``valid_fraction``/``test_fraction``.
+  files and dirs skipped, symlinked dirs not followed), with an optional same-name ``.txt``
+  transcript (its ``Text:`` line if it has one, else its whole text). valid/test from
+  ``valid_ids``/``test_ids`` or seeded ``valid_fraction``/``test_fraction``.
 
-Id list files: one id per line (blank lines and ``#`` comments ignored); a relative path is looked
-up in the corpus dir, then in the current dir. A listed id also matches every segment of that
-utterance. Seeded fractions draw whole source videos (segments of one video never straddle two
-splits), ``round(fraction * n)`` of them but at least one when the fraction is positive. An
+Listing cost: one ``os.scandir`` walk (no glob), one ``stat`` per video (its size and mtime are
+frozen with the item, so a later launch can tell a changed source), each transcript read once
+(in a process pool when there are many: LRS3's 150k word tables).
+
+Ids: the relative path decoded as the filesystem does (UTF-8, undecodable bytes kept as
+surrogates), then ``%``, control characters and every undecodable byte percent-escaped
+(``caf\\xe9.mp4`` -> ``caf%E9``, ``50%.mp4`` -> ``50%25``): ids, output file names and manifest
+rows are always valid UTF-8 without tabs or newlines, and ``unescape_id`` gives the bytes back.
+``Item.video`` keeps the source path exactly.
+
+Per-item problems never refuse the corpus; the item carries ``error`` and the crop stage records
+it as a failure: several videos giving one id (``a.mp4`` + ``a.mov``: one item with the error,
+naming every file; none is cropped, since nothing says which one was meant), a transcript that is
+not valid UTF-8 (named with the byte and its offset; its text is never guessed), a video that
+cannot be stat'ed (a dangling link).
+
+Splits. Id list files: one id per line (blank lines and ``#`` comments ignored); a relative path
+is looked up in the corpus dir, then in the current dir. A listed id also matches every segment
+of that utterance. Without a list, a seeded per-video rule: each source video of the draw pool
+(lrs3: trainval, vox2: dev, plain: everything) gets ``u = hash(split_seed, video id)`` in [0, 1);
+``u < valid_fraction`` is valid, then (plain, without ``test_ids``) the next ``test_fraction`` of
+the range is test. A video's split depends on nothing else, so adding videos never moves one
+(segments of one video never straddle two splits). When a positive fraction selects no video at
+all (a corpus of a few videos), the pool video with the smallest ``u`` is taken, so valid is
+never empty; that choice can move once the corpus grows enough for the rule to select one. An
 optional ``include_ids`` list restricts the corpus (e.g. the English subset of VoxCeleb2).
 
-The order is deterministic: sorted paths, segments in time order.
+The order is deterministic: the layout's parts in order, sorted paths, segments in time order.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import logging
 import os
-import random
-from dataclasses import dataclass, replace
+import re
+import stat
+import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -47,31 +74,82 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("plain", "lrs3", "vox2")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+SPLITS = ("train", "valid", "test")
+# transcripts parsed in a process pool above this many (below, starting the pool costs more)
+PARALLEL_MIN_TRANSCRIPTS = 4000
 
 
-@dataclass(frozen=True)
+@dataclass
+class CorpusSettings:
+    """What decides the items and their splits. The keys are set in the ``manifest`` section
+    (``manifest.valid_ids=...``); the manifest stage's Config extends this class."""
+
+    valid_ids: Optional[str] = None  # id list file (relative: to the corpus dir, then the cwd)
+    test_ids: Optional[str] = None
+    include_ids: Optional[str] = None  # restrict the corpus to these ids (e.g. VoxCeleb2 English)
+    valid_fraction: float = 0.05  # without valid_ids: share of source videos drawn for valid
+    test_fraction: float = 0.05  # plain layout without test_ids (lrs3/vox2 have a test/ dir)
+    split_seed: int = 0
+    # LRS3 pretrain segmentation (reference: 15 s, pauses > 0.4 s)
+    max_segment_seconds: float = 15.0
+    min_pause_seconds: float = 0.4
+
+
+CORPUS_KEYS = tuple(f.name for f in fields(CorpusSettings))
+
+
+def corpus_settings(cfg) -> CorpusSettings:
+    """The corpus keys of ``cfg.manifest`` over their defaults (a partial config is fine)."""
+    section = _get(cfg, "manifest")
+    values = {}
+    for key in CORPUS_KEYS:
+        value = _get(section, key) if section is not None else None
+        if value is not None:
+            values[key] = value
+    s = CorpusSettings(**values)
+    for key in ("valid_fraction", "test_fraction", "max_segment_seconds", "min_pause_seconds"):
+        setattr(s, key, float(getattr(s, key)))
+    s.split_seed = int(s.split_seed)
+    return s
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
-    id: str  # unique; may contain '/', e.g. "spk01/00001" (LRS3) or "clip_003" (plain)
-    video: str  # absolute path of the source video
+    id: str  # unique, escaped (see escape_id); may contain '/', e.g. "spk01/00001" or "clip_003"
+    video: str  # absolute path of the source video (exactly as on disk)
     start: Optional[float] = None  # seconds into the video; None = from the beginning
     end: Optional[float] = None  # seconds; None = to the end
     split: str = "train"  # train | valid | test
     text: Optional[str] = None  # transcript words, or None when the corpus has none
+    group: str = ""  # id of the source video (what an id list or the split rule selects)
+    part: str = ""  # the layout's division: pretrain, trainval, test, dev, or "" (plain)
+    size: Optional[int] = None  # bytes of the source video when listed
+    mtime_ns: Optional[int] = None  # its modification time when listed
+    error: Optional[str] = None  # why this item cannot be cropped (a failure record, not a crop)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """An item before split assignment: ``group`` is the id of its source video (the unit a list
-    id or a seeded draw selects), ``part`` the layout's own division (pretrain, trainval, test,
-    dev, or "" for plain)."""
+@dataclass
+class Listing:
+    root: Path
+    layout: str
+    items: list  # list[Item], in the deterministic order
+    seconds: float = 0.0
+    problems: dict = field(default_factory=dict)  # kind -> [message, ...]
 
-    item: Item
-    group: str
-    part: str
+    def problem_lines(self, limit: int = 3) -> list[str]:
+        out = []
+        for kind, messages in sorted(self.problems.items()):
+            out.append(f"{len(messages)} {kind} (failure records): " + "; ".join(messages[:limit])
+                       + (" ..." if len(messages) > limit else ""))
+        return out
 
 
 def list_items(cfg) -> list[Item]:
     """All items of the configured corpus with their split, in a deterministic order."""
+    return scan_corpus(cfg).items
+
+
+def corpus_root(cfg) -> Path:
     corpus = _get(cfg, "corpus")
     layout = _get(cfg, "layout") or "plain"
     if not corpus:
@@ -81,39 +159,38 @@ def list_items(cfg) -> list[Item]:
         raise ConfigError(f"corpus: {root} is not a directory")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout: unknown layout '{layout}' (one of {', '.join(LAYOUTS)})")
-    settings = manifest_settings(cfg)
+    return root
 
+
+def scan_corpus(cfg) -> Listing:
+    """One walk of the corpus: every item with its split, text, source size/mtime and, for items
+    that cannot be cropped, the reason. Raises ConfigError for settings that cannot work."""
+    t0 = time.time()
+    root = corpus_root(cfg)
+    layout = _get(cfg, "layout") or "plain"
+    settings = corpus_settings(cfg)
+    problems: dict[str, list[str]] = {}
     if layout == "lrs3":
-        entries = _lrs3_entries(root, float(settings.max_segment_seconds), float(settings.min_pause_seconds))
+        found = _lrs3_videos(root)
     elif layout == "vox2":
-        entries = _vox2_entries(root)
+        found = _vox2_videos(root)
     else:
-        entries = _plain_entries(root)
-    if not entries:
+        found = _plain_videos(root)
+    if not found:
         raise ConfigError(f"corpus: no videos found in {root} for layout '{layout}'")
-    _check_unique(entries)
-
+    items = _build_items(root, layout, found, settings, problems)
+    items = _merge_duplicates(items, root, problems)
     if settings.include_ids:
-        keep = _read_id_list(settings.include_ids, root, "manifest.include_ids")
-        entries = _matching(entries, keep, "manifest.include_ids", settings.include_ids)
-    return _assign_splits(entries, layout, root, settings)
-
-
-def manifest_settings(cfg):
-    """``cfg.manifest`` over the manifest stage's typed defaults (a DictConfig), so callers that
-    build a partial config still get every setting."""
-    from omegaconf import OmegaConf
-
-    from stages.manifest import Config
-
-    section = _get(cfg, "manifest")
-    base = OmegaConf.structured(Config)
-    if section is None:
-        return base
-    return OmegaConf.merge(base, section)
+        keep = read_id_list(settings.include_ids, root, "manifest.include_ids")
+        items = _matching(items, keep, "manifest.include_ids", settings.include_ids)
+    split_of = assign_splits([(i.id, i.group, i.part) for i in items], layout, root, settings)
+    items = [replace(i, split=split_of[i.group]) for i in items]
+    return Listing(root, layout, items, time.time() - t0, problems)
 
 
 def _get(cfg, key):
+    if cfg is None:
+        return None
     if isinstance(cfg, dict):
         return cfg.get(key)
     try:
@@ -123,39 +200,131 @@ def _get(cfg, key):
 
 
 # ---------------------------------------------------------------------------------------------
+# ids and names
+
+_NEEDS_ESCAPE = re.compile("[%\x00-\x1f\x7f\udc80-\udcff]")
+_ESCAPED = re.compile("%([0-9A-Fa-f]{2})")
+
+
+def escape_id(name: str) -> str:
+    """A path as the filesystem decoded it -> a valid UTF-8 id without control characters
+    (``%``, control characters and undecodable bytes become ``%XX``); reversible."""
+    if not _NEEDS_ESCAPE.search(name):
+        return name
+
+    def one(m):
+        c = m.group(0)
+        code = ord(c) - 0xDC00 if "\udc80" <= c <= "\udcff" else ord(c)
+        return f"%{code:02X}"
+
+    return _NEEDS_ESCAPE.sub(one, name)
+
+
+def unescape_id(item_id: str) -> str:
+    """The inverse of ``escape_id``: the path text as ``os.fsdecode`` gives it."""
+    def one(m):
+        code = int(m.group(1), 16)
+        return chr(0xDC00 + code) if code >= 0x80 else chr(code)
+
+    return _ESCAPED.sub(one, item_id)
+
+
+def shown(path) -> str:
+    """A path for messages and logs: undecodable bytes as ``\\xNN`` (a raw surrogate would make
+    logging and ``print`` fail)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------------
 # transcripts
 
 
-def read_transcript(path: Path) -> Optional[str]:
-    """Words of a transcript file: the ``Text:`` line if there is one, else the whole text;
+class TranscriptError(ValueError):
+    """A transcript file cannot be used; the message names the file and the reason."""
+
+
+def _decode(data: bytes, path) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TranscriptError(f"transcript {shown(path)} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start}); re-encode it as UTF-8 (its text is never guessed)") from None
+
+
+def transcript_words(text: str) -> Optional[str]:
+    """Words of a transcript: the ``Text:`` line if there is one, else the whole text;
     whitespace collapsed; None when empty."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     for line in text.splitlines():
         if line.startswith("Text:"):
-            words = line[len("Text:"):].split()
-            return " ".join(words) or None
-    words = text.split()
-    return " ".join(words) or None
+            return " ".join(line[len("Text:"):].split()) or None
+    return " ".join(text.split()) or None
 
 
-def read_word_table(path: Path) -> list[tuple[str, float, float]]:
+def word_table(text: str, where="") -> list[tuple[str, float, float]]:
     """The ``WORD START END [ASDSCORE]`` table of an LRS3 transcript, [] when it has none."""
     words = []
     in_table = False
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        fields = line.split()
+    for n, line in enumerate(text.splitlines(), 1):
+        fields_ = line.split()
         if not in_table:
-            in_table = bool(fields) and fields[0] == "WORD"
+            in_table = bool(fields_) and fields_[0] == "WORD"
             continue
-        if not fields:
+        if not fields_:
             continue
-        if len(fields) < 3:
-            raise ValueError(f"{path}:{n}: expected 'WORD START END [SCORE]', got {line!r}")
+        if len(fields_) < 3:
+            raise ValueError(f"{where}:{n}: expected 'WORD START END [SCORE]', got {line!r}")
         try:
-            words.append((fields[0], float(fields[1]), float(fields[2])))
+            words.append((fields_[0], float(fields_[1]), float(fields_[2])))
         except ValueError:
-            raise ValueError(f"{path}:{n}: bad time in {line!r}") from None
+            raise ValueError(f"{where}:{n}: bad time in {line!r}") from None
     return words
+
+
+def read_transcript(path: Path) -> Optional[str]:
+    return transcript_words(_decode(Path(path).read_bytes(), path))
+
+
+def read_word_table(path: Path) -> list[tuple[str, float, float]]:
+    return word_table(_decode(Path(path).read_bytes(), path), shown(path))
+
+
+def _parse_transcript(job):
+    """(text, pieces or None, error or None, warning or None) of one transcript; ``job`` =
+    (path, segmenting (max_seconds, min_pause) or None). Runs in pool workers."""
+    path, segmenting = job
+    try:
+        text = _decode(Path(path).read_bytes(), path)
+    except TranscriptError as e:
+        return None, None, str(e), None
+    except OSError as e:
+        return None, None, f"transcript {shown(path)} cannot be read ({e.strerror or e})", None
+    words = transcript_words(text)
+    if segmenting is None:
+        return words, None, None, None
+    try:
+        table = word_table(text, shown(path))
+    except ValueError as e:
+        return words, None, None, f"{e}; utterance kept whole"
+    if not table:
+        return words, None, None, None
+    pieces = segment_words(table, *segmenting)
+    if len(pieces) == 1:
+        return words, None, None, None
+    return words, [(s, e, " ".join(w) or None) for s, e, w in pieces], None, None
+
+
+def _parse_chunk(jobs):
+    return [_parse_transcript(j) for j in jobs]
+
+
+def _parse_transcripts(jobs: list) -> list:
+    workers = min(8, len(os.sched_getaffinity(0)))
+    if workers < 2 or len(jobs) < PARALLEL_MIN_TRANSCRIPTS:
+        return [_parse_transcript(j) for j in jobs]
+    size = max(256, len(jobs) // (workers * 8))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(_parse_chunk, chunks) for r in part]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,171 +377,258 @@ def segment_words(
 
 
 # ---------------------------------------------------------------------------------------------
-# layouts
+# the walk
 
 
-def _videos_in(directory: Path, depth: int) -> list[Path]:
-    """``*.mp4`` exactly ``depth`` directory levels below ``directory``, sorted."""
-    pattern = "/".join(["*"] * depth + ["*.mp4"])
-    return sorted(p for p in directory.glob(pattern) if p.is_file())
+@dataclass
+class _Found:
+    """A video file found by the walk (before transcripts, duplicates and splits)."""
+
+    path: str  # absolute, exactly as on disk
+    id: str  # escaped
+    group: str
+    part: str
+    txt: Optional[str]  # absolute path of its transcript, when the layout reads one and it exists
+    size: Optional[int] = None
+    mtime_ns: Optional[int] = None
+    error: Optional[str] = None
 
 
-def _lrs3_entries(root: Path, max_seconds: float, min_pause: float) -> list[_Entry]:
+def _scandir(path: str) -> tuple[list, list]:
+    """(subdirectory names, [(file name, DirEntry)]) of one directory, sorted; hidden entries
+    and symlinked directories left out. One ``scandir``; no ``stat`` for plain entries."""
+    dirs, files = [], []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(e.name)
+                else:
+                    files.append((e.name, e))
+    except FileNotFoundError:
+        return [], []
+    dirs.sort()
+    files.sort(key=lambda f: f[0])
+    return dirs, files
+
+
+def _videos_here(dirpath: str, files: list, rel: str, part: str, group_prefix: str, want_txt: bool,
+                 out: list) -> None:
+    names = {name for name, _ in files} if want_txt else ()
+    for name, entry in files:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in VIDEO_EXTENSIONS:
+            continue
+        rel_id = f"{rel}/{stem}" if rel else stem
+        item_id = escape_id(group_prefix + rel_id)
+        txt = None
+        if want_txt and stem + ".txt" in names:
+            txt = os.path.join(dirpath, stem + ".txt")
+        f = _Found(os.path.join(dirpath, name), item_id, item_id, part, txt)
+        try:
+            st = entry.stat()  # follows links: the size and mtime of the video itself
+        except OSError as e:
+            f.error = f"{shown(f.path)}: cannot be read ({e.strerror or e})"
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                continue  # e.g. a device or a link to a directory
+            f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
+        out.append(f)
+
+
+def _walk(base: str, depth: Optional[int], part: str, group_prefix: str, want_txt: bool, out: list,
+          rel: str = "") -> None:
+    """Videos exactly ``depth`` directory levels below ``base`` (any depth when None)."""
+    dirpath = os.path.join(base, rel) if rel else base
+    dirs, files = _scandir(dirpath)
+    if depth is None or depth == 0:
+        _videos_here(dirpath, files, rel, part, group_prefix, want_txt, out)
+    if depth is None or depth > 0:
+        for d in dirs:
+            _walk(base, None if depth is None else depth - 1, part, group_prefix, want_txt, out,
+                  f"{rel}/{d}" if rel else d)
+
+
+def _lrs3_videos(root: Path) -> list[_Found]:
     parts = [p for p in ("pretrain", "trainval", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has none of pretrain/, trainval/, test/ (layout lrs3)")
-    entries = []
+    out: list[_Found] = []
     for part in parts:
-        for video in _videos_in(root / part, 1):
-            group = video.relative_to(root).with_suffix("").as_posix()
-            txt = video.with_suffix(".txt")
-            text = None
-            if txt.is_file():
-                text = read_transcript(txt)
-            else:
-                log.warning("%s: no transcript %s", video, txt.name)
-            if part == "pretrain" and txt.is_file():
-                try:
-                    table = read_word_table(txt)
-                except ValueError as e:
-                    log.warning("%s; utterance kept whole", e)
-                    table = []
-                pieces = segment_words(table, max_seconds, min_pause) if table else [(None, None, None)]
-            else:
-                pieces = [(None, None, None)]
-            if len(pieces) == 1:
-                entries.append(_Entry(Item(group, str(video), text=text), group, part))
-                continue
-            for k, (start, end, seg_words) in enumerate(pieces):
-                item = Item(f"{group}_{k}", str(video), start, end, text=" ".join(seg_words) or None)
-                entries.append(_Entry(item, group, part))
-    return entries
+        _walk(str(root / part), 1, part, f"{part}/", True, out)
+    # LRS3 videos are .mp4 only (the plain layout takes the other containers)
+    return [f for f in out if f.path.endswith(".mp4")]
 
 
-def _vox2_entries(root: Path) -> list[_Entry]:
+def _vox2_videos(root: Path) -> list[_Found]:
     parts = [p for p in ("dev", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has neither dev/ nor test/ (layout vox2)")
-    entries = []
+    out: list[_Found] = []
     for part in parts:
         base = root / part / "mp4" if (root / part / "mp4").is_dir() else root / part
-        for video in _videos_in(base, 2):
-            group = f"{part}/{video.relative_to(base).with_suffix('').as_posix()}"
-            entries.append(_Entry(Item(group, str(video)), group, part))
-    return entries
+        _walk(str(base), 2, part, f"{part}/", False, out)
+    return [f for f in out if f.path.endswith(".mp4")]
 
 
-def _plain_entries(root: Path) -> list[_Entry]:
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
-                continue
-            item_id = path.relative_to(root).with_suffix("").as_posix()
-            txt = path.with_suffix(".txt")
-            text = read_transcript(txt) if txt.is_file() else None
-            entries.append(_Entry(Item(item_id, str(path), text=text), item_id, ""))
-    entries.sort(key=lambda e: e.item.id)
-    return entries
+def _plain_videos(root: Path) -> list[_Found]:
+    out: list[_Found] = []
+    _walk(str(root), None, "", "", True, out)
+    out.sort(key=lambda f: f.id)
+    return out
 
 
-def _check_unique(entries: list[_Entry]) -> None:
-    seen: dict[str, str] = {}
-    for e in entries:
-        if any(c in e.item.id for c in "\t\n\r"):
-            raise ConfigError(f"corpus: {e.item.video}: a tab or newline in a file name cannot go in a manifest")
-        if e.item.id in seen:
-            raise ConfigError(
-                f"corpus: two videos give the same id '{e.item.id}': {seen[e.item.id]} and {e.item.video}"
-            )
-        seen[e.item.id] = e.item.video
+def _build_items(root: Path, layout: str, found: list[_Found], settings: CorpusSettings,
+                 problems: dict) -> list[Item]:
+    segmenting = (settings.max_segment_seconds, settings.min_pause_seconds)
+    jobs = [(f.txt, segmenting if f.part == "pretrain" else None) for f in found if f.txt]
+    parsed = iter(_parse_transcripts(jobs))
+    items = []
+    for f in found:
+        base = Item(f.id, f.path, group=f.group, part=f.part, size=f.size, mtime_ns=f.mtime_ns, error=f.error)
+        if f.error:
+            problems.setdefault("unreadable videos", []).append(f.error)
+        if f.txt is None:
+            if layout == "lrs3" and not f.error:
+                log.warning("%s: no transcript %s", shown(f.path), Path(f.path).with_suffix(".txt").name)
+            items.append(base)
+            continue
+        text, pieces, error, warning = next(parsed)
+        if warning:
+            log.warning("%s", warning)
+        if error:
+            problems.setdefault("unusable transcripts", []).append(error)
+            items.append(replace(base, error=base.error or error))
+        elif pieces is None:
+            items.append(replace(base, text=text))
+        else:
+            items.extend(replace(base, id=f"{f.id}_{k}", start=s, end=e, text=t) for k, (s, e, t) in enumerate(pieces))
+    return items
+
+
+def _merge_duplicates(items: list[Item], root: Path, problems: dict) -> list[Item]:
+    """Several videos giving one id (``a.mp4`` + ``a.mov``) become one item with an error that
+    names them all: none is cropped (nothing says which one was meant) and the rest of the corpus
+    proceeds. The item keeps the first file by VIDEO_EXTENSIONS order, then name."""
+    by_id: dict[str, list[int]] = {}
+    for k, item in enumerate(items):
+        by_id.setdefault(item.id, []).append(k)
+    dups = {i: ks for i, ks in by_id.items() if len(ks) > 1}
+    if not dups:
+        return items
+
+    def rank(item):
+        ext = os.path.splitext(item.video)[1].lower()
+        return (VIDEO_EXTENSIONS.index(ext) if ext in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS), item.video)
+
+    drop = set()
+    for item_id, ks in dups.items():
+        same = sorted((items[k] for k in ks), key=rank)
+        names = ", ".join(shown(os.path.relpath(i.video, root)) for i in same)
+        msg = (f"{len(same)} videos give the id '{item_id}' ({names}): none is used; rename all but one "
+               f"(or move it out of the corpus)")
+        problems.setdefault("duplicate ids", []).append(msg)
+        keep = min(ks, key=lambda k: rank(items[k]))
+        items[keep] = replace(items[keep], error=msg, text=None)
+        drop.update(k for k in ks if k != keep)
+    return [item for k, item in enumerate(items) if k not in drop]
 
 
 # ---------------------------------------------------------------------------------------------
 # splits
 
 
-def _read_id_list(setting: str, root: Path, name: str) -> set[str]:
+def read_id_list(setting: str, root: Path, name: str) -> set[str]:
     path = Path(str(setting)).expanduser()
     candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
             ids = set()
-            for line in candidate.read_text(encoding="utf-8").splitlines():
+            for line in candidate.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
                 line = line.split("#", 1)[0].strip()
                 if line:
-                    ids.add(line)
+                    ids.add(escape_id(line) if _NEEDS_ESCAPE.search(line.replace("%", "")) else line)
             return ids
     raise ConfigError(f"{name}: id list {setting} not found (looked for {', '.join(map(str, candidates))})")
 
 
-def _matching(entries: Iterable[_Entry], ids: set[str], name: str, setting: str) -> list[_Entry]:
-    entries = list(entries)
-    hits = [e for e in entries if e.item.id in ids or e.group in ids]
-    known = {e.item.id for e in entries} | {e.group for e in entries}
+def _matching(items: Iterable, ids: set[str], name: str, setting: str) -> list:
+    """Items (anything with ``id`` and ``group``) whose id or group is listed."""
+    items = list(items)
+    hits = [i for i in items if i.id in ids or i.group in ids]
+    known = {i.id for i in items} | {i.group for i in items}
     missing = sorted(ids - known)
     if ids and not hits:
         raise ConfigError(
             f"{name}: none of the {len(ids)} ids in {setting} is in the corpus "
-            f"(e.g. '{missing[0]}'; corpus ids look like '{entries[0].item.id}')"
+            f"(e.g. '{shown(missing[0])}'; corpus ids look like '{items[0].id}')"
         )
     if missing:
         log.warning("%s: %d of %d ids in %s are not in the corpus (e.g. %s)", name, len(missing), len(ids),
-                    setting, ", ".join(missing[:3]))
+                    setting, ", ".join(shown(m) for m in missing[:3]))
     return hits
 
 
-def _draw(groups: list[str], fraction: float, rng: random.Random) -> list[str]:
-    if fraction <= 0 or not groups:
-        return []
-    n = max(1, round(fraction * len(groups)))
-    return rng.sample(groups, n)
+@dataclass(frozen=True)
+class _Unit:
+    id: str
+    group: str
+    part: str
 
 
-def _assign_splits(entries: list[_Entry], layout: str, root: Path, settings) -> list[Item]:
+def split_draw(seed: int, group: str) -> float:
+    """The seeded per-video number in [0, 1) that decides a drawn split (stable: it depends on
+    the seed and the video's id only)."""
+    h = hashlib.blake2b(f"{seed}\0{group}".encode("utf-8", "surrogateescape"), digest_size=8)
+    return int.from_bytes(h.digest(), "big") / 2.0**64
+
+
+def assign_splits(units: Sequence[tuple[str, str, str]], layout: str, root: Path,
+                  settings: CorpusSettings) -> dict[str, str]:
+    """``{group: split}`` for ``(item id, group, part)`` units (see the module docstring)."""
+    units = [_Unit(*u) for u in units]
     split_of_group: dict[str, str] = {}
     test_parts = {"test"} if layout in ("lrs3", "vox2") else set()
-    for e in entries:
-        split_of_group[e.group] = "test" if e.part in test_parts else "train"
+    for u in units:
+        split_of_group[u.group] = "test" if u.part in test_parts else "train"
 
-    rng = random.Random(int(settings.split_seed))
     listed: dict[str, set[str]] = {}
     for split in ("valid", "test"):
-        setting = settings.get(f"{split}_ids")
+        setting = getattr(settings, f"{split}_ids")
         if setting:
-            hits = _matching(entries, _read_id_list(setting, root, f"manifest.{split}_ids"),
+            hits = _matching(units, read_id_list(setting, root, f"manifest.{split}_ids"),
                              f"manifest.{split}_ids", setting)
-            listed[split] = {e.group for e in hits}
+            listed[split] = {u.group for u in hits}
     if "valid" in listed and "test" in listed and listed["valid"] & listed["test"]:
         both = sorted(listed["valid"] & listed["test"])
-        raise ConfigError(
-            f"manifest.valid_ids and manifest.test_ids share {len(both)} ids (e.g. '{both[0]}')"
-        )
+        raise ConfigError(f"manifest.valid_ids and manifest.test_ids share {len(both)} ids (e.g. '{both[0]}')")
     for split, groups in listed.items():
         for g in groups:
             split_of_group[g] = split
 
-    # seeded draws, from the groups still in train (lrs3: trainval only, as the reference)
-    def pool() -> list[str]:
-        parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
-        return sorted({e.group for e in entries if e.part in parts and split_of_group[e.group] == "train"})
-
+    pool_parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
+    pool = sorted({u.group for u in units if u.part in pool_parts and split_of_group[u.group] == "train"})
     draws = []
     if "valid" not in listed:
-        draws.append(("valid", float(settings.valid_fraction)))
+        draws.append(("valid", settings.valid_fraction))
     if layout == "plain" and "test" not in listed:
-        draws.append(("test", float(settings.test_fraction)))
+        draws.append(("test", settings.test_fraction))
+    low = 0.0
+    draw = {g: split_draw(settings.split_seed, g) for g in pool} if draws else {}
     for split, fraction in draws:
-        candidates = pool()
-        chosen = _draw(candidates, fraction, rng)
-        if chosen and len(chosen) >= len(candidates):
-            raise ConfigError(
-                f"manifest.{split}_fraction={fraction}: the corpus has only {len(candidates)} candidate videos "
-                f"left for train/{split}; give id lists or lower the fractions"
-            )
+        if fraction <= 0:
+            continue
+        chosen = [g for g in pool if low <= draw[g] < low + fraction]
+        if not chosen:  # a tiny corpus: still one video
+            rest = [g for g in pool if split_of_group[g] == "train"]
+            chosen = [min(rest, key=lambda g: draw[g])] if rest else []
         for g in chosen:
             split_of_group[g] = split
-
-    return [replace(e.item, split=split_of_group[e.group]) for e in entries]
+        low += fraction
+    if pool and draws and not any(s == "train" for s in split_of_group.values()):
+        names = " and ".join(f"manifest.{s}_fraction={f}" for s, f in draws)
+        raise ConfigError(f"{names}: the corpus has only {len(pool)} candidate videos and none is left "
+                          f"for train; give id lists or lower the fractions")
+    return split_of_group
