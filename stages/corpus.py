@@ -64,9 +64,9 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 from pipeline.errors import ConfigError
 
@@ -113,8 +113,9 @@ def corpus_settings(cfg) -> CorpusSettings:
     return s
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
+    """One item. A named tuple, not a dataclass: a VoxCeleb2 listing makes 1.1M of them."""
+
     id: str  # unique, escaped (see escape_id); may contain '/', e.g. "spk01/00001" or "clip_003"
     video: str  # absolute path of the source video (exactly as on disk)
     start: Optional[float] = None  # seconds into the video; None = from the beginning
@@ -178,13 +179,14 @@ def scan_corpus(cfg) -> Listing:
         found = _plain_videos(root)
     if not found:
         raise ConfigError(f"corpus: no videos found in {root} for layout '{layout}'")
-    items = _build_items(root, layout, found, settings, problems)
-    items = _merge_duplicates(items, root, problems)
+    rows = _rows(layout, found, _stat_all([f[0] for f in found]), settings, problems)
+    del found
+    rows = _merge_duplicates(rows, root, problems)
     if settings.include_ids:
         keep = read_id_list(settings.include_ids, root, "manifest.include_ids")
-        items = _matching(items, keep, "manifest.include_ids", settings.include_ids)
-    split_of = assign_splits([(i.id, i.group, i.part) for i in items], layout, root, settings)
-    items = [replace(i, split=split_of[i.group]) for i in items]
+        rows = _matching(rows, keep, "manifest.include_ids", settings.include_ids)
+    split_of = assign_splits(rows, layout, root, settings)
+    items = [Item(r[0], r[3], r[4], r[5], split_of[r[1]], r[6], r[1], r[2], r[7], r[8], r[9]) for r in rows]
     return Listing(root, layout, items, time.time() - t0, problems)
 
 
@@ -380,160 +382,180 @@ def segment_words(
 # the walk
 
 
-@dataclass
-class _Found:
-    """A video file found by the walk (before transcripts, duplicates and splits)."""
-
-    path: str  # absolute, exactly as on disk
-    id: str  # escaped
-    group: str
-    part: str
-    txt: Optional[str]  # absolute path of its transcript, when the layout reads one and it exists
-    size: Optional[int] = None
-    mtime_ns: Optional[int] = None
-    error: Optional[str] = None
+# The walk yields plain tuples (a VoxCeleb2 listing makes 1.1M of them):
+#   found: (path, id, part, transcript path or None)
+#   rows:  (id, group, part, path, start, end, text, size, mtime_ns, error); the splitting code
+#          reads (id, group, part) = row[:3]
 
 
 def _scandir(path: str) -> tuple[list, list]:
-    """(subdirectory names, [(file name, DirEntry)]) of one directory, sorted; hidden entries
-    and symlinked directories left out. One ``scandir``; no ``stat`` for plain entries."""
+    """(subdirectory names, file names) of one directory, sorted; hidden entries and symlinked
+    directories left out. One ``scandir``; no ``stat`` (the entry type comes with the listing)."""
     dirs, files = [], []
     try:
         with os.scandir(path) as it:
             for e in it:
-                if e.name.startswith("."):
+                name = e.name
+                if name[0] == ".":
                     continue
                 if e.is_dir(follow_symlinks=False):
-                    dirs.append(e.name)
+                    dirs.append(name)
                 else:
-                    files.append((e.name, e))
+                    files.append(name)
     except FileNotFoundError:
         return [], []
     dirs.sort()
-    files.sort(key=lambda f: f[0])
+    files.sort()
     return dirs, files
 
 
-def _videos_here(dirpath: str, files: list, rel: str, part: str, group_prefix: str, want_txt: bool,
+def _videos_here(dirpath: str, files: list, rel: str, part: str, prefix: str, mp4_only: bool, want_txt: bool,
                  out: list) -> None:
-    names = {name for name, _ in files} if want_txt else ()
-    for name, entry in files:
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in VIDEO_EXTENSIONS:
-            continue
-        rel_id = f"{rel}/{stem}" if rel else stem
-        item_id = escape_id(group_prefix + rel_id)
-        txt = None
-        if want_txt and stem + ".txt" in names:
-            txt = os.path.join(dirpath, stem + ".txt")
-        f = _Found(os.path.join(dirpath, name), item_id, item_id, part, txt)
-        try:
-            st = entry.stat()  # follows links: the size and mtime of the video itself
-        except OSError as e:
-            f.error = f"{shown(f.path)}: cannot be read ({e.strerror or e})"
+    names = set(files) if want_txt else ()
+    base = f"{prefix}{rel}/" if rel else prefix
+    for name in files:
+        if mp4_only:
+            if not name.endswith(".mp4"):
+                continue
+            stem = name[:-4]
         else:
-            if not stat.S_ISREG(st.st_mode):
-                continue  # e.g. a device or a link to a directory
-            f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
-        out.append(f)
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in VIDEO_EXTENSIONS:
+                continue
+        item_id = base + stem
+        if _NEEDS_ESCAPE.search(item_id):
+            item_id = escape_id(item_id)
+        txt = f"{dirpath}/{stem}.txt" if want_txt and f"{stem}.txt" in names else None
+        out.append((f"{dirpath}/{name}", item_id, part, txt))
 
 
-def _walk(base: str, depth: Optional[int], part: str, group_prefix: str, want_txt: bool, out: list,
+def _walk(base: str, depth: Optional[int], part: str, prefix: str, mp4_only: bool, want_txt: bool, out: list,
           rel: str = "") -> None:
     """Videos exactly ``depth`` directory levels below ``base`` (any depth when None)."""
-    dirpath = os.path.join(base, rel) if rel else base
+    dirpath = f"{base}/{rel}" if rel else base
     dirs, files = _scandir(dirpath)
     if depth is None or depth == 0:
-        _videos_here(dirpath, files, rel, part, group_prefix, want_txt, out)
+        _videos_here(dirpath, files, rel, part, prefix, mp4_only, want_txt, out)
     if depth is None or depth > 0:
         for d in dirs:
-            _walk(base, None if depth is None else depth - 1, part, group_prefix, want_txt, out,
+            _walk(base, None if depth is None else depth - 1, part, prefix, mp4_only, want_txt, out,
                   f"{rel}/{d}" if rel else d)
 
 
-def _lrs3_videos(root: Path) -> list[_Found]:
-    parts = [p for p in ("pretrain", "trainval", "test") if (root / p).is_dir()]
-    if not parts:
-        raise ConfigError(f"corpus: {root} has none of pretrain/, trainval/, test/ (layout lrs3)")
-    out: list[_Found] = []
-    for part in parts:
-        _walk(str(root / part), 1, part, f"{part}/", True, out)
-    # LRS3 videos are .mp4 only (the plain layout takes the other containers)
-    return [f for f in out if f.path.endswith(".mp4")]
-
-
-def _vox2_videos(root: Path) -> list[_Found]:
-    parts = [p for p in ("dev", "test") if (root / p).is_dir()]
-    if not parts:
-        raise ConfigError(f"corpus: {root} has neither dev/ nor test/ (layout vox2)")
-    out: list[_Found] = []
-    for part in parts:
-        base = root / part / "mp4" if (root / part / "mp4").is_dir() else root / part
-        _walk(str(base), 2, part, f"{part}/", False, out)
-    return [f for f in out if f.path.endswith(".mp4")]
-
-
-def _plain_videos(root: Path) -> list[_Found]:
-    out: list[_Found] = []
-    _walk(str(root), None, "", "", True, out)
-    out.sort(key=lambda f: f.id)
+def _stat_chunk(paths: list) -> list:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # follows links: the size and mtime of the video itself
+        except OSError as e:
+            out.append(f"{shown(path)}: cannot be read ({e.strerror or e})")
+            continue
+        out.append((st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None)
     return out
 
 
-def _build_items(root: Path, layout: str, found: list[_Found], settings: CorpusSettings,
-                 problems: dict) -> list[Item]:
+def _stat_all(paths: list) -> list:
+    """Per path (size, mtime_ns), None when it is not a regular file (a link to a directory), or
+    the error. Threads: on a network filesystem each stat waits for the metadata server."""
+    if len(paths) < 20000:
+        return _stat_chunk(paths)
+    size = 4096
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return [r for part in pool.map(_stat_chunk, chunks) for r in part]
+
+
+def _lrs3_videos(root: Path) -> list:
+    parts = [p for p in ("pretrain", "trainval", "test") if (root / p).is_dir()]
+    if not parts:
+        raise ConfigError(f"corpus: {root} has none of pretrain/, trainval/, test/ (layout lrs3)")
+    out: list = []
+    for part in parts:  # LRS3 videos are .mp4 only (the plain layout takes the other containers)
+        _walk(str(root / part), 1, part, f"{part}/", True, True, out)
+    return out
+
+
+def _vox2_videos(root: Path) -> list:
+    parts = [p for p in ("dev", "test") if (root / p).is_dir()]
+    if not parts:
+        raise ConfigError(f"corpus: {root} has neither dev/ nor test/ (layout vox2)")
+    out: list = []
+    for part in parts:
+        base = root / part / "mp4" if (root / part / "mp4").is_dir() else root / part
+        _walk(str(base), 2, part, f"{part}/", True, False, out)
+    return out
+
+
+def _plain_videos(root: Path) -> list:
+    out: list = []
+    _walk(str(root), None, "", "", False, True, out)
+    out.sort(key=lambda f: f[1])
+    return out
+
+
+def _rows(layout: str, found: list, stats: list, settings: CorpusSettings, problems: dict) -> list:
     segmenting = (settings.max_segment_seconds, settings.min_pause_seconds)
-    jobs = [(f.txt, segmenting if f.part == "pretrain" else None) for f in found if f.txt]
+    jobs = [(txt, segmenting if part == "pretrain" else None) for _, _, part, txt in found if txt]
     parsed = iter(_parse_transcripts(jobs))
-    items = []
-    for f in found:
-        base = Item(f.id, f.path, group=f.group, part=f.part, size=f.size, mtime_ns=f.mtime_ns, error=f.error)
-        if f.error:
-            problems.setdefault("unreadable videos", []).append(f.error)
-        if f.txt is None:
-            if layout == "lrs3" and not f.error:
-                log.warning("%s: no transcript %s", shown(f.path), Path(f.path).with_suffix(".txt").name)
-            items.append(base)
+    rows, untranscribed = [], []
+    for (path, item_id, part, txt), st in zip(found, stats):
+        if st is None:
+            continue  # not a regular file
+        error = None
+        if isinstance(st, str):
+            error, size, mtime_ns = st, None, None
+            problems.setdefault("unreadable videos", []).append(error)
+        else:
+            size, mtime_ns = st
+        if txt is None:
+            if layout == "lrs3" and error is None:
+                untranscribed.append(shown(path))
+            rows.append((item_id, item_id, part, path, None, None, None, size, mtime_ns, error))
             continue
-        text, pieces, error, warning = next(parsed)
+        text, pieces, txt_error, warning = next(parsed)
         if warning:
             log.warning("%s", warning)
-        if error:
-            problems.setdefault("unusable transcripts", []).append(error)
-            items.append(replace(base, error=base.error or error))
+        if txt_error:
+            problems.setdefault("unusable transcripts", []).append(txt_error)
+            rows.append((item_id, item_id, part, path, None, None, None, size, mtime_ns, error or txt_error))
         elif pieces is None:
-            items.append(replace(base, text=text))
+            rows.append((item_id, item_id, part, path, None, None, text, size, mtime_ns, error))
         else:
-            items.extend(replace(base, id=f"{f.id}_{k}", start=s, end=e, text=t) for k, (s, e, t) in enumerate(pieces))
-    return items
+            rows.extend((f"{item_id}_{k}", item_id, part, path, s, e, t, size, mtime_ns, error)
+                        for k, (s, e, t) in enumerate(pieces))
+    if untranscribed:
+        log.warning("%d LRS3 videos have no .txt transcript beside them (e.g. %s): kept, without text",
+                    len(untranscribed), ", ".join(untranscribed[:3]))
+    return rows
 
 
-def _merge_duplicates(items: list[Item], root: Path, problems: dict) -> list[Item]:
+def _merge_duplicates(rows: list, root: Path, problems: dict) -> list:
     """Several videos giving one id (``a.mp4`` + ``a.mov``) become one item with an error that
     names them all: none is cropped (nothing says which one was meant) and the rest of the corpus
     proceeds. The item keeps the first file by VIDEO_EXTENSIONS order, then name."""
+    if len({r[0] for r in rows}) == len(rows):
+        return rows
     by_id: dict[str, list[int]] = {}
-    for k, item in enumerate(items):
-        by_id.setdefault(item.id, []).append(k)
-    dups = {i: ks for i, ks in by_id.items() if len(ks) > 1}
-    if not dups:
-        return items
+    for k, row in enumerate(rows):
+        by_id.setdefault(row[0], []).append(k)
 
-    def rank(item):
-        ext = os.path.splitext(item.video)[1].lower()
-        return (VIDEO_EXTENSIONS.index(ext) if ext in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS), item.video)
+    def rank(k):
+        ext = os.path.splitext(rows[k][3])[1].lower()
+        return (VIDEO_EXTENSIONS.index(ext) if ext in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS), rows[k][3])
 
     drop = set()
-    for item_id, ks in dups.items():
-        same = sorted((items[k] for k in ks), key=rank)
-        names = ", ".join(shown(os.path.relpath(i.video, root)) for i in same)
-        msg = (f"{len(same)} videos give the id '{item_id}' ({names}): none is used; rename all but one "
+    for item_id, ks in by_id.items():
+        if len(ks) < 2:
+            continue
+        ks = sorted(ks, key=rank)
+        names = ", ".join(shown(os.path.relpath(rows[k][3], root)) for k in ks)
+        msg = (f"{len(ks)} videos give the id '{item_id}' ({names}): none is used; rename all but one "
                f"(or move it out of the corpus)")
         problems.setdefault("duplicate ids", []).append(msg)
-        keep = min(ks, key=lambda k: rank(items[k]))
-        items[keep] = replace(items[keep], error=msg, text=None)
-        drop.update(k for k in ks if k != keep)
-    return [item for k, item in enumerate(items) if k not in drop]
+        keep = rows[ks[0]]
+        rows[ks[0]] = keep[:6] + (None, keep[7], keep[8], msg)
+        drop.update(ks[1:])
+    return [row for k, row in enumerate(rows) if k not in drop]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,28 +576,21 @@ def read_id_list(setting: str, root: Path, name: str) -> set[str]:
     raise ConfigError(f"{name}: id list {setting} not found (looked for {', '.join(map(str, candidates))})")
 
 
-def _matching(items: Iterable, ids: set[str], name: str, setting: str) -> list:
-    """Items (anything with ``id`` and ``group``) whose id or group is listed."""
-    items = list(items)
-    hits = [i for i in items if i.id in ids or i.group in ids]
-    known = {i.id for i in items} | {i.group for i in items}
+def _matching(units: Iterable, ids: set[str], name: str, setting: str) -> list:
+    """The units (tuples starting ``(item id, group, ...)``) whose id or group is listed."""
+    units = list(units)
+    hits = [u for u in units if u[0] in ids or u[1] in ids]
+    known = {u[0] for u in units} | {u[1] for u in units}
     missing = sorted(ids - known)
     if ids and not hits:
         raise ConfigError(
             f"{name}: none of the {len(ids)} ids in {setting} is in the corpus "
-            f"(e.g. '{shown(missing[0])}'; corpus ids look like '{items[0].id}')"
+            f"(e.g. '{shown(missing[0])}'; corpus ids look like '{units[0][0]}')"
         )
     if missing:
         log.warning("%s: %d of %d ids in %s are not in the corpus (e.g. %s)", name, len(missing), len(ids),
                     setting, ", ".join(shown(m) for m in missing[:3]))
     return hits
-
-
-@dataclass(frozen=True)
-class _Unit:
-    id: str
-    group: str
-    part: str
 
 
 def split_draw(seed: int, group: str) -> float:
@@ -585,14 +600,15 @@ def split_draw(seed: int, group: str) -> float:
     return int.from_bytes(h.digest(), "big") / 2.0**64
 
 
-def assign_splits(units: Sequence[tuple[str, str, str]], layout: str, root: Path,
-                  settings: CorpusSettings) -> dict[str, str]:
-    """``{group: split}`` for ``(item id, group, part)`` units (see the module docstring)."""
-    units = [_Unit(*u) for u in units]
+def assign_splits(units: Sequence[tuple], layout: str, root: Path, settings: CorpusSettings) -> dict[str, str]:
+    """``{group: split}`` for units: tuples starting ``(item id, group, part)`` (see the module
+    docstring)."""
     split_of_group: dict[str, str] = {}
     test_parts = {"test"} if layout in ("lrs3", "vox2") else set()
+    part_of_group: dict[str, str] = {}
     for u in units:
-        split_of_group[u.group] = "test" if u.part in test_parts else "train"
+        part_of_group[u[1]] = u[2]
+        split_of_group[u[1]] = "test" if u[2] in test_parts else "train"
 
     listed: dict[str, set[str]] = {}
     for split in ("valid", "test"):
@@ -600,7 +616,7 @@ def assign_splits(units: Sequence[tuple[str, str, str]], layout: str, root: Path
         if setting:
             hits = _matching(units, read_id_list(setting, root, f"manifest.{split}_ids"),
                              f"manifest.{split}_ids", setting)
-            listed[split] = {u.group for u in hits}
+            listed[split] = {u[1] for u in hits}
     if "valid" in listed and "test" in listed and listed["valid"] & listed["test"]:
         both = sorted(listed["valid"] & listed["test"])
         raise ConfigError(f"manifest.valid_ids and manifest.test_ids share {len(both)} ids (e.g. '{both[0]}')")
@@ -609,7 +625,7 @@ def assign_splits(units: Sequence[tuple[str, str, str]], layout: str, root: Path
             split_of_group[g] = split
 
     pool_parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
-    pool = sorted({u.group for u in units if u.part in pool_parts and split_of_group[u.group] == "train"})
+    pool = sorted(g for g, part in part_of_group.items() if part in pool_parts and split_of_group[g] == "train")
     draws = []
     if "valid" not in listed:
         draws.append(("valid", settings.valid_fraction))

@@ -258,6 +258,8 @@ def crop_video_main(argv: list) -> int:
         return 1
     print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
           f"{r.fps:.1f} frames/s ({a.mode} mode)")
+    if r.rotation:
+        print(f"  stored turned: frames rotated {r.rotation} degrees (display matrix) to be upright")
     print(f"  video: {r.video}\n  audio: {r.audio if r.audio else '(no audio track)'}\n  landmarks: {r.landmarks}")
     return 0
 

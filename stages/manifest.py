@@ -197,9 +197,7 @@ def frozen_items(ctx: StageContext) -> Optional[list]:
         latest[rec["id"]] = il.record_item(rec, root)
     items = list(latest.values())
     split_of = assign_splits([(i.id, i.group, i.part) for i in items], index.layout, root, corpus_settings(ctx.cfg))
-    from dataclasses import replace
-
-    return [replace(i, split=split_of[i.group]) for i in items]
+    return [i._replace(split=split_of[i.group]) for i in items]
 
 
 def removed_or_changed(ctx: StageContext) -> set:
