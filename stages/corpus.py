@@ -163,30 +163,59 @@ def corpus_root(cfg) -> Path:
     return root
 
 
-def scan_corpus(cfg) -> Listing:
+class _Progress:
+    """Says how far a long listing has come (every 15 s; a big corpus on a shared filesystem
+    takes minutes), through ``echo`` (None: silent)."""
+
+    def __init__(self, echo):
+        self.echo, self.start, self.next, self.dirs = echo, time.time(), time.time() + 15, 0
+
+    def dir_done(self, videos: int) -> None:
+        self.dirs += 1
+        if self.echo is not None and self.dirs % 256 == 0 and time.time() >= self.next:
+            self.next = time.time() + 15
+            self.echo(f"listing the corpus: {videos} videos in {self.dirs} directories so far "
+                      f"({time.time() - self.start:.0f} s)")
+
+    def note(self, what: str) -> None:
+        """A phase starts: said once the listing has taken a while."""
+        if self.echo is not None and time.time() - self.start >= 10:
+            self.echo(f"listing the corpus: {what} ({time.time() - self.start:.0f} s)")
+
+
+
+def scan_corpus(cfg, echo=None) -> Listing:
     """One walk of the corpus: every item with its split, text, source size/mtime and, for items
-    that cannot be cropped, the reason. Raises ConfigError for settings that cannot work."""
+    that cannot be cropped, the reason. Raises ConfigError for settings that cannot work.
+    ``echo(line)`` gets progress lines while a long listing runs."""
+    progress = _Progress(echo)
     t0 = time.time()
     root = corpus_root(cfg)
     layout = _get(cfg, "layout") or "plain"
     settings = corpus_settings(cfg)
     problems: dict[str, list[str]] = {}
     if layout == "lrs3":
-        found = _lrs3_videos(root)
+        found = _lrs3_videos(root, progress)
     elif layout == "vox2":
-        found = _vox2_videos(root)
+        found = _vox2_videos(root, progress)
     else:
-        found = _plain_videos(root)
+        found = _plain_videos(root, progress)
     if not found:
         raise ConfigError(f"corpus: no videos found in {root} for layout '{layout}'")
-    rows = _rows(layout, found, _stat_all([f[0] for f in found]), settings, problems)
+    progress.note(f"{len(found)} videos found; reading their sizes and dates")
+    stats = _stat_all([f[0] for f in found])
+    if any(f[3] for f in found):
+        progress.note("reading the transcripts")
+    rows = _rows(layout, found, stats, settings, problems)
+    del stats
     del found
     rows = _merge_duplicates(rows, root, problems)
     if settings.include_ids:
         keep = read_id_list(settings.include_ids, root, "manifest.include_ids")
         rows = _matching(rows, keep, "manifest.include_ids", settings.include_ids)
     split_of = assign_splits(rows, layout, root, settings)
-    items = [Item(r[0], r[3], r[4], r[5], split_of[r[1]], r[6], r[1], r[2], r[7], r[8], r[9]) for r in rows]
+    make = tuple.__new__  # Item(...) without its Python-level __new__: 1.1M of them
+    items = [make(Item, (r[0], r[3], r[4], r[5], split_of[r[1]], r[6], r[1], r[2], r[7], r[8], r[9])) for r in rows]
     return Listing(root, layout, items, time.time() - t0, problems)
 
 
@@ -404,6 +433,9 @@ def _scandir(path: str) -> tuple[list, list]:
                     files.append(name)
     except FileNotFoundError:
         return [], []
+    except OSError as e:  # an unreadable directory: its videos would silently go missing
+        raise ConfigError(f"corpus: cannot list {shown(path)} ({e.strerror or e}); fix its permissions or move it "
+                          "out of the corpus") from None
     dirs.sort()
     files.sort()
     return dirs, files
@@ -430,15 +462,16 @@ def _videos_here(dirpath: str, files: list, rel: str, part: str, prefix: str, mp
 
 
 def _walk(base: str, depth: Optional[int], part: str, prefix: str, mp4_only: bool, want_txt: bool, out: list,
-          rel: str = "") -> None:
+          progress: _Progress, rel: str = "") -> None:
     """Videos exactly ``depth`` directory levels below ``base`` (any depth when None)."""
     dirpath = f"{base}/{rel}" if rel else base
     dirs, files = _scandir(dirpath)
     if depth is None or depth == 0:
         _videos_here(dirpath, files, rel, part, prefix, mp4_only, want_txt, out)
+    progress.dir_done(len(out))
     if depth is None or depth > 0:
         for d in dirs:
-            _walk(base, None if depth is None else depth - 1, part, prefix, mp4_only, want_txt, out,
+            _walk(base, None if depth is None else depth - 1, part, prefix, mp4_only, want_txt, out, progress,
                   f"{rel}/{d}" if rel else d)
 
 
@@ -465,30 +498,30 @@ def _stat_all(paths: list) -> list:
         return [r for part in pool.map(_stat_chunk, chunks) for r in part]
 
 
-def _lrs3_videos(root: Path) -> list:
+def _lrs3_videos(root: Path, progress: _Progress) -> list:
     parts = [p for p in ("pretrain", "trainval", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has none of pretrain/, trainval/, test/ (layout lrs3)")
     out: list = []
     for part in parts:  # LRS3 videos are .mp4 only (the plain layout takes the other containers)
-        _walk(str(root / part), 1, part, f"{part}/", True, True, out)
+        _walk(str(root / part), 1, part, f"{part}/", True, True, out, progress)
     return out
 
 
-def _vox2_videos(root: Path) -> list:
+def _vox2_videos(root: Path, progress: _Progress) -> list:
     parts = [p for p in ("dev", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has neither dev/ nor test/ (layout vox2)")
     out: list = []
     for part in parts:
         base = root / part / "mp4" if (root / part / "mp4").is_dir() else root / part
-        _walk(str(base), 2, part, f"{part}/", True, False, out)
+        _walk(str(base), 2, part, f"{part}/", True, False, out, progress)
     return out
 
 
-def _plain_videos(root: Path) -> list:
+def _plain_videos(root: Path, progress: _Progress) -> list:
     out: list = []
-    _walk(str(root), None, "", "", False, True, out)
+    _walk(str(root), None, "", "", False, True, out, progress)
     out.sort(key=lambda f: f[1])
     return out
 
@@ -596,19 +629,22 @@ def _matching(units: Iterable, ids: set[str], name: str, setting: str) -> list:
 def split_draw(seed: int, group: str) -> float:
     """The seeded per-video number in [0, 1) that decides a drawn split (stable: it depends on
     the seed and the video's id only)."""
-    h = hashlib.blake2b(f"{seed}\0{group}".encode("utf-8", "surrogateescape"), digest_size=8)
-    return int.from_bytes(h.digest(), "big") / 2.0**64
+    return _draws(seed, [group])[0] / 2.0**64
+
+
+def _draws(seed: int, groups: Iterable[str]) -> list[int]:
+    """``split_draw`` x 2**64 for many groups (a VoxCeleb2 listing draws 1.1M)."""
+    blake2b, prefix = hashlib.blake2b, f"{seed}\0".encode()
+    return [int.from_bytes(blake2b(prefix + g.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+            for g in groups]
 
 
 def assign_splits(units: Sequence[tuple], layout: str, root: Path, settings: CorpusSettings) -> dict[str, str]:
     """``{group: split}`` for units: tuples starting ``(item id, group, part)`` (see the module
     docstring)."""
-    split_of_group: dict[str, str] = {}
+    part_of_group = {u[1]: u[2] for u in units}
     test_parts = {"test"} if layout in ("lrs3", "vox2") else set()
-    part_of_group: dict[str, str] = {}
-    for u in units:
-        part_of_group[u[1]] = u[2]
-        split_of_group[u[1]] = "test" if u[2] in test_parts else "train"
+    split_of_group = {g: "test" if part in test_parts else "train" for g, part in part_of_group.items()}
 
     listed: dict[str, set[str]] = {}
     for split in ("valid", "test"):
@@ -624,26 +660,28 @@ def assign_splits(units: Sequence[tuple], layout: str, root: Path, settings: Cor
         for g in groups:
             split_of_group[g] = split
 
-    pool_parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
-    pool = sorted(g for g, part in part_of_group.items() if part in pool_parts and split_of_group[g] == "train")
     draws = []
     if "valid" not in listed:
         draws.append(("valid", settings.valid_fraction))
     if layout == "plain" and "test" not in listed:
         draws.append(("test", settings.test_fraction))
+    draws = [(split, fraction) for split, fraction in draws if fraction > 0]
+    pool_parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
+    pool = [g for g, part in part_of_group.items() if part in pool_parts and split_of_group[g] == "train"]
+    if not draws or not pool:
+        return split_of_group
+    draw = _draws(settings.split_seed, pool)
     low = 0.0
-    draw = {g: split_draw(settings.split_seed, g) for g in pool} if draws else {}
     for split, fraction in draws:
-        if fraction <= 0:
-            continue
-        chosen = [g for g in pool if low <= draw[g] < low + fraction]
+        lo, hi = int(low * 2**64), int((low + fraction) * 2**64)
+        chosen = [g for g, d in zip(pool, draw) if lo <= d < hi]
         if not chosen:  # a tiny corpus: still one video
-            rest = [g for g in pool if split_of_group[g] == "train"]
-            chosen = [min(rest, key=lambda g: draw[g])] if rest else []
+            rest = [(d, g) for g, d in zip(pool, draw) if split_of_group[g] == "train"]
+            chosen = [min(rest)[1]] if rest else []
         for g in chosen:
             split_of_group[g] = split
         low += fraction
-    if pool and draws and not any(s == "train" for s in split_of_group.values()):
+    if "train" not in split_of_group.values():
         names = " and ".join(f"manifest.{s}_fraction={f}" for s, f in draws)
         raise ConfigError(f"{names}: the corpus has only {len(pool)} candidate videos and none is left "
                           f"for train; give id lists or lower the fractions")

@@ -313,7 +313,7 @@ class CropStage(Stage):
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
         from stages.corpus import scan_corpus
 
-        listing = scan_corpus(ctx.cfg)
+        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
         lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit)
@@ -326,7 +326,11 @@ class CropStage(Stage):
 
         idir = items_dir(ctx)
         self._planned.pop(str(idir), None)
-        index = il.read_index(idir)
+        try:
+            index = il.read_index(idir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{idir}: the frozen item list cannot be read ({e}); restore it or use a new "
+                              "work dir") from None
         c = ctx.cfg.crop
         lines = []
         if index is None:

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 640  # 16000 Hz / 25 fps
 PARALLEL_MIN_PAIRS = 256  # below this, counting in one process beats starting a pool
+STAT_THREADS = 16
 SPM_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 # sentencepiece stores its thread count in the model and its EM sums depend on it: a constant
 # keeps the model the same on every machine
@@ -87,7 +88,7 @@ class Config(CorpusSettings):
     # leave out items whose source is gone or changed since it was listed (their crops are kept)
     drop_removed: bool = False
     verify: str = "size"  # size: files exist with the recorded sizes | decode: recount every file
-    workers: int = 0  # processes/threads checking the files; 0 = every CPU the job has
+    workers: int = 0  # processes recounting files (verify=decode, old records); 0 = every CPU the job has
 
 
 class ManifestStage(Stage):
@@ -333,7 +334,8 @@ def _check_chunk(jobs):
 
 def _check_all(ok: list, crop_dir: Path, tolerance: float, verify: str, workers: int) -> list:
     """Per ok record (n_frames, n_samples) or the reason it is rejected. Size checks are stats
-    (threads); recounts decode (processes)."""
+    (STAT_THREADS threads whatever the CPUs: on a shared filesystem each stat waits for the
+    metadata server); recounts decode (``workers`` processes)."""
     count_frames, count_samples = _media()
     sized, counted = [], []
     for k, rec in enumerate(ok):
@@ -347,8 +349,9 @@ def _check_all(ok: list, crop_dir: Path, tolerance: float, verify: str, workers:
         if not jobs:
             continue
         plain = [j for _, j in jobs]
-        if workers > 1 and len(jobs) >= PARALLEL_MIN_PAIRS:
-            n = workers * 2 if pool_type is concurrent.futures.ThreadPoolExecutor else workers
+        threads = pool_type is concurrent.futures.ThreadPoolExecutor
+        n = STAT_THREADS if threads else workers
+        if n > 1 and len(jobs) >= PARALLEL_MIN_PAIRS:
             size = max(64, len(plain) // (n * 8))
             chunks = [plain[i:i + size] for i in range(0, len(plain), size)]
             with pool_type(max_workers=n) as pool:

@@ -259,3 +259,32 @@ def test_spm_model_path_from_a_per_iteration_context(manifest):
     ctx, stats = manifest
     later = ctx.with_iteration(3)  # e.g. the finetune or features stage of iteration 3
     assert spm_model_path(later) == ctx.stage_dir("manifest") / stats["spm_model"]
+
+
+def test_counts_come_from_the_crop_records_checked_by_size(tmp_path):
+    """At scale nothing is decoded: the record's counts are used when both files have the sizes
+    the crop stage recorded; a file changed or gone since is a failure; verify=decode recounts."""
+    crop = tmp_path / "crop"
+    recs = []
+    for item_id, frames in (("same", 30), ("resized", 20), ("gone", 20)):
+        rec = ok_record(crop, item_id, "train", None, frames, frames * 640, claimed=25 if item_id == "same" else None)
+        rec["video_bytes"] = (crop / rec["video"]).stat().st_size
+        rec["audio_bytes"] = (crop / rec["audio"]).stat().st_size
+        rec["n_samples"] = 25 * 640 if item_id == "same" else rec["n_samples"]
+        recs.append(rec)
+    with open(crop / recs[1]["video"], "ab") as f:
+        f.write(b"\0" * 10)
+    (crop / recs[2]["audio"]).unlink()
+    write_results(crop, [recs])
+    summary = build_manifest(crop, tmp_path / "m", settings())
+    rows = (tmp_path / "m" / "train.tsv").read_text().splitlines()[1:]
+    assert rows == ["same\tvideo/same.mp4\taudio/same.wav\t25\t16000"]  # the record's counts: not decoded
+    failures = {f["id"]: f["reason"] for f in map(json.loads, (tmp_path / "m" / "failures.jsonl").read_text().splitlines())}
+    assert "the crop stage wrote" in failures["resized"] and "does not exist" in failures["gone"]
+    assert summary["failures"] == 2
+    build_manifest(crop, tmp_path / "d", settings(verify="decode"))
+    # recounted from the files (30 frames and 19200 samples, not the record's 25 and 16000), and
+    # the grown "resized" still decodes
+    assert (tmp_path / "d" / "train.tsv").read_text().splitlines()[1:] == [
+        "resized\tvideo/resized.mp4\taudio/resized.wav\t20\t12800",
+        "same\tvideo/same.mp4\taudio/same.wav\t30\t19200"]
