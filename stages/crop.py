@@ -457,15 +457,13 @@ class CropStage(Stage):
         latest = {}  # id -> (ok, frames): an item planned again has a later record that wins
         reasons = {}
         for shard in self.shards(ctx):
-            with open(out / "results" / f"{shard.key}.jsonl") as f:
-                for line in f:
-                    rec = json.loads(line)
-                    ok = rec["status"] == "ok"
-                    latest[rec["id"]] = (ok, rec.get("n_frames", 0) if ok else 0)
-                    if ok:
-                        reasons.pop(rec["id"], None)
-                    else:
-                        reasons[rec["id"]] = rec["reason"]
+            for rec in il.read_json_lines(out / "results" / f"{shard.key}.jsonl"):
+                ok = rec["status"] == "ok"
+                latest[rec["id"]] = (ok, rec.get("n_frames", 0) if ok else 0)
+                if ok:
+                    reasons.pop(rec["id"], None)
+                else:
+                    reasons[rec["id"]] = rec["reason"]
         ok = sum(1 for good, _ in latest.values() if good)
         total = len(latest)
         failed = total - ok

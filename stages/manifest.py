@@ -60,7 +60,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
@@ -124,8 +124,10 @@ class ManifestStage(Stage):
         frozen = frozen_items(ctx)
         drop = removed_or_changed(ctx) if ctx.cfg.manifest.get("drop_removed") else None
         summary = build_manifest(ctx.stage_dir("crop"), out, ctx.cfg.manifest, frozen, drop)
+        n_items = len(frozen or ())
+        del frozen
         marker = out / f"inputs-{inputs_digest(ctx)}.json"
-        atomic.write_json(marker, {"item_list": _item_index_digest(ctx), "items": len(frozen or ()),
+        atomic.write_json(marker, {"item_list": _item_index_digest(ctx), "items": n_items,
                                    "drop_removed": drop is not None, "dropped": summary["dropped_removed"]})
         for old in out.glob("inputs-*.json"):
             if old != marker:
@@ -183,22 +185,23 @@ def inputs_digest(ctx: StageContext) -> str:
     return h.hexdigest()[:16]
 
 
-def frozen_items(ctx: StageContext) -> Optional[list]:
-    """The crop stage's frozen items with their splits recomputed from the current split
-    settings (None when there is no frozen list: results made by hand, older work dirs)."""
+def frozen_items(ctx: StageContext) -> Optional[dict]:
+    """``{id: (split, text)}`` of the crop stage's frozen items, splits recomputed from the current
+    split settings (None when there is no frozen list: results made by hand, older work dirs)."""
     from stages import item_list as il
     from stages.corpus import assign_splits, corpus_settings
 
-    index = il.read_index(_items_dir(ctx))
+    idir = _items_dir(ctx)
+    index = il.read_index(idir)
     if index is None:
         return None
     root = Path(str(ctx.cfg.get("corpus") or index.corpus)).expanduser().resolve()
-    latest = {}
-    for rec in il.iter_records(_items_dir(ctx), index):
-        latest[rec["id"]] = il.record_item(rec, root)
-    items = list(latest.values())
-    split_of = assign_splits([(i.id, i.group, i.part) for i in items], index.layout, root, corpus_settings(ctx.cfg))
-    return [i._replace(split=split_of[i.group]) for i in items]
+    units, text = {}, {}
+    for rec in il.iter_records(idir, index):  # a later record of an id (planned again) wins
+        units[rec["id"]] = (rec["id"], rec.get("group", rec["id"]), rec.get("part", ""))
+        text[rec["id"]] = rec.get("text")
+    split_of = assign_splits(list(units.values()), index.layout, root, corpus_settings(ctx.cfg))
+    return {i: (split_of[u[1]], text[i]) for i, u in units.items()}
 
 
 def removed_or_changed(ctx: StageContext) -> set:
@@ -243,27 +246,40 @@ def _result_files(results_dir: Path) -> list[Path]:
 
 def _read_results(results_dir: Path):
     """Every crop record with where it came from (``file:line``), in shard order, streamed."""
+    from stages.item_list import read_json_lines
+
     for path in _result_files(results_dir):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
-                    raise ValueError(f"{path}:{n}: a result record needs a string 'id'")
-                yield rec, f"{path.name}:{n}"
+        for n, rec in enumerate(read_json_lines(path), 1):
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                raise ValueError(f"{path}:{n}: a result record needs a string 'id'")
+            yield rec, f"{path.name}:{n}"
 
 
-def _pair_paths(rec: dict, crop_dir: Path) -> dict:
-    split = rec.get("split")
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+class _Pair(NamedTuple):
+    """An ok crop record, as much of it as the manifest needs (1.1M of them at VoxCeleb2 scale)."""
+
+    id: str
+    split: Optional[str]
+    text: Optional[str]
+    video: object
+    audio: object
+    n_frames: object
+    n_samples: object
+    video_bytes: object  # None: an older crop record without sizes
+    audio_bytes: object
+
+    @classmethod
+    def of(cls, rec: dict) -> "_Pair":
+        return cls(rec["id"], rec.get("split"), rec.get("text"), rec.get("video"), rec.get("audio"),
+                   rec.get("n_frames"), rec.get("n_samples"), rec.get("video_bytes"), rec.get("audio_bytes"))
+
+
+def _pair_paths(pair: _Pair, crop_dir: Path) -> dict:
+    if pair.split not in SPLITS:
+        raise ValueError(f"split {pair.split!r} is not one of {', '.join(SPLITS)}")
     paths = {}
     for key in ("video", "audio"):
-        rel = rec.get(key)
+        rel = getattr(pair, key)
         if not isinstance(rel, str) or not rel:
             raise ValueError(f"no '{key}' path in the crop result")
         if "\t" in rel or "\n" in rel or Path(rel).is_absolute():
@@ -287,25 +303,26 @@ def _check_lengths(n_frames: int, n_samples: int, paths: dict, tolerance_frames:
     return n_frames, n_samples
 
 
-def _check_sizes(rec: dict, crop_dir: Path, tolerance_frames: float):
+def _check_sizes(pair: _Pair, crop_dir: Path, tolerance_frames: float):
     """The cheap check: the pair's files exist with the sizes the crop stage recorded (one stat
     each); counts from the record."""
-    paths = _pair_paths(rec, crop_dir)
+    paths = _pair_paths(pair, crop_dir)
     for key in ("video", "audio"):
         try:
             size = os.stat(paths[key]).st_size
         except FileNotFoundError:
             raise ValueError(f"{key} file {paths[key]} does not exist") from None
-        if size != rec[f"{key}_bytes"]:
-            raise ValueError(f"{paths[key]} is {size} bytes, the crop stage wrote {rec[f'{key}_bytes']}: "
+        recorded = getattr(pair, f"{key}_bytes")
+        if size != recorded:
+            raise ValueError(f"{paths[key]} is {size} bytes, the crop stage wrote {recorded}: "
                              "changed after the crop (manifest.verify=decode recounts it)")
-    return _check_lengths(int(rec["n_frames"]), int(rec["n_samples"]), paths, tolerance_frames)
+    return _check_lengths(int(pair.n_frames), int(pair.n_samples), paths, tolerance_frames)
 
 
-def _check_pair(rec: dict, crop_dir: Path, tolerance_frames: float, count_frames, count_samples):
+def _check_pair(pair: _Pair, crop_dir: Path, tolerance_frames: float, count_frames, count_samples):
     """(n_frames, n_samples) of an ok record's pair recounted from its files, or raise
     ValueError with the reason."""
-    paths = _pair_paths(rec, crop_dir)
+    paths = _pair_paths(pair, crop_dir)
     for key in ("video", "audio"):
         if not paths[key].is_file():
             raise ValueError(f"{key} file {paths[key]} does not exist")
@@ -333,16 +350,16 @@ def _check_chunk(jobs):
 
 
 def _check_all(ok: list, crop_dir: Path, tolerance: float, verify: str, workers: int) -> list:
-    """Per ok record (n_frames, n_samples) or the reason it is rejected. Size checks are stats
+    """Per ok pair (n_frames, n_samples) or the reason it is rejected. Size checks are stats
     (STAT_THREADS threads whatever the CPUs: on a shared filesystem each stat waits for the
     metadata server); recounts decode (``workers`` processes)."""
     count_frames, count_samples = _media()
     sized, counted = [], []
-    for k, rec in enumerate(ok):
-        if verify == "size" and "video_bytes" in rec and "audio_bytes" in rec:
-            sized.append((k, (_check_sizes, (rec, crop_dir, tolerance))))
+    for k, pair in enumerate(ok):
+        if verify == "size" and pair.video_bytes is not None and pair.audio_bytes is not None:
+            sized.append((k, (_check_sizes, (pair, crop_dir, tolerance))))
         else:  # records of older crops carry no sizes
-            counted.append((k, (_check_pair, (rec, crop_dir, tolerance, count_frames, count_samples))))
+            counted.append((k, (_check_pair, (pair, crop_dir, tolerance, count_frames, count_samples))))
     out: list = [None] * len(ok)
     for jobs, pool_type in ((sized, concurrent.futures.ThreadPoolExecutor),
                             (counted, concurrent.futures.ProcessPoolExecutor)):
@@ -377,35 +394,36 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings, items=None, drop=Non
     lowercase = bool(settings.lowercase)
     verify = getattr(settings, "verify", None) or "size"
 
-    corpus = {item.id: item for item in items} if items is not None else None
-    latest: dict[str, dict] = {}
+    if items is not None and not isinstance(items, dict):  # Items (tests, callers with a listing)
+        items = {i.id: (i.split, i.text) for i in items}
+    latest: dict = {}  # id -> _Pair, or the failure record (small dicts)
     for rec, where in _read_results(crop_dir / "results"):
         if rec["id"] in latest:
             log.info("%s: a later record of %s (planned again) replaces the earlier one", where, rec["id"])
-        latest[rec["id"]] = rec
+        latest[rec["id"]] = _Pair.of(rec) if rec.get("status") == "ok" else rec
     failures, ok, dropped, left_out = [], [], [], 0
     for item_id, rec in latest.items():
-        if corpus is not None:
-            if item_id not in corpus:
+        if items is not None:
+            if item_id not in items:
                 dropped.append(item_id)
                 continue
-            rec["split"], rec["text"] = corpus[item_id].split, corpus[item_id].text
+            split, text = items[item_id]
+        else:
+            split, text = (rec.split, rec.text) if isinstance(rec, _Pair) else (rec.get("split"), rec.get("text"))
         if drop is not None and item_id in drop:
             left_out += 1
             continue
-        status = rec.get("status")
-        if status != "ok":
-            failures.append({"id": item_id, "split": rec.get("split"), "stage": "crop",
-                             "reason": str(rec.get("reason") or f"crop status {status!r}")})
+        if isinstance(rec, _Pair):
+            ok.append(rec._replace(split=split, text=text))
         else:
-            ok.append(rec)
+            failures.append({"id": item_id, "split": split, "stage": "crop",
+                             "reason": str(rec.get("reason") or f"crop status {rec.get('status')!r}")})
     if dropped:
         log.warning("%d crop results are for ids no longer in the item list (e.g. %s); left out",
                     len(dropped), ", ".join(dropped[:3]))
     not_cropped = []
-    if corpus is not None:
-        have = set(latest)
-        not_cropped = [i for i in corpus if i not in have and not (drop is not None and i in drop)]
+    if items is not None:
+        not_cropped = [i for i in items if i not in latest and not (drop is not None and i in drop)]
     if not_cropped:
         log.warning("%d items have no crop result (e.g. %s): re-run the crop stage to include them",
                     len(not_cropped), ", ".join(not_cropped[:3]))
@@ -415,17 +433,19 @@ def build_manifest(crop_dir: Path, out_dir: Path, settings, items=None, drop=Non
 
     workers = int(settings.workers) or len(os.sched_getaffinity(0))
     rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}
-    for rec, result in zip(ok, _check_all(ok, crop_dir, tolerance, verify, workers)):
+    checked = _check_all(ok, crop_dir, tolerance, verify, workers)
+    for k, result in enumerate(checked):
+        pair = ok[k]
         if isinstance(result, str):
-            failures.append({"id": rec["id"], "split": rec.get("split"), "stage": "manifest", "reason": result})
+            failures.append({"id": pair.id, "split": pair.split, "stage": "manifest", "reason": result})
             continue
         n_frames, n_samples = result
-        text = rec.get("text")
+        text = pair.text
         if text is not None:
             text = " ".join(str(text).split())
             text = (text.lower() if lowercase else text) or None
-        rows[rec["split"]].append((rec["id"], rec["video"], rec["audio"], n_frames, n_samples, text))
-    del ok
+        rows[pair.split].append((pair.id, pair.video, pair.audio, n_frames, n_samples, text))
+    del ok, checked
 
     atomic.write_text(out_dir / "failures.jsonl",
                       "".join(json.dumps(f, sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: f["id"])))
