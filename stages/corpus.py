@@ -28,7 +28,7 @@ Layouts (ids are paths relative to the corpus dir, without extension; they may c
 
 Listing cost: one ``os.scandir`` walk (no glob), one ``stat`` per video (its size and mtime are
 frozen with the item, so a later launch can tell a changed source), each transcript read once
-(in a process pool when there are many: LRS3's 150k word tables).
+(in a process pool when there are many, LRS3's 150k word tables, and 4 CPUs or more).
 
 Ids: the relative path decoded as the filesystem does (UTF-8, undecodable bytes kept as
 surrogates), then ``%``, control characters and every undecodable byte percent-escaped
@@ -77,6 +77,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 SPLITS = ("train", "valid", "test")
 # transcripts parsed in a process pool above this many (below, starting the pool costs more)
 PARALLEL_MIN_TRANSCRIPTS = 4000
+PARALLEL_MIN_CPUS = 4
 
 
 @dataclass
@@ -349,8 +350,10 @@ def _parse_chunk(jobs):
 
 
 def _parse_transcripts(jobs: list) -> list:
+    # a pool pays from about 4 idle CPUs: bench/scale.py on 2 busy cores, 150k LRS3 transcripts:
+    # 12.4 s CPU in one process, 17.1 s CPU with a pool of 2 (fork, pickling) and no faster
     workers = min(8, len(os.sched_getaffinity(0)))
-    if workers < 2 or len(jobs) < PARALLEL_MIN_TRANSCRIPTS:
+    if workers < PARALLEL_MIN_CPUS or len(jobs) < PARALLEL_MIN_TRANSCRIPTS:
         return [_parse_transcript(j) for j in jobs]
     size = max(256, len(jobs) // (workers * 8))
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]

@@ -165,6 +165,7 @@ def test_lrs3_transcripts_parsed_in_a_pool_match_the_serial_parse(tmp_path, monk
     cfg = stage_ctx(root, tmp_path / "w", "lrs3").cfg
     serial = list_items(cfg)
     monkeypatch.setattr(corpus_module, "PARALLEL_MIN_TRANSCRIPTS", 1)
+    monkeypatch.setattr(corpus_module, "PARALLEL_MIN_CPUS", 2)
     monkeypatch.setattr(corpus_module.os, "sched_getaffinity", lambda pid: {0, 1})
     assert list_items(cfg) == serial
     assert len(serial) > 12  # the long ones were segmented
