@@ -199,18 +199,25 @@ FLAGS = {
 }
 
 
+def flag_masks(values: Mapping[str, np.ndarray], bounds: QualityBounds) -> dict:
+    """``{code: boolean array}`` over many items at once: ``values[figure]`` holds one value per
+    item (NaN where an item lacks the figure: never flagged for it)."""
+    out = {}
+    if not bounds.enabled:
+        return out
+    for code, (figure, attr, kind, _) in FLAGS.items():
+        if figure not in values:
+            continue
+        v, b = np.asarray(values[figure], dtype=np.float64), float(getattr(bounds, attr))
+        with np.errstate(invalid="ignore"):
+            out[code] = v < b if kind == "min" else v > b if kind == "max" else np.abs(v) > b
+    return out
+
+
 def flags(q: Mapping, bounds: QualityBounds) -> list:
     """Codes of the bounds an item's figures fall outside of (in FLAGS order)."""
-    if not bounds.enabled:
-        return []
-    out = []
-    for code, (figure, attr, kind, _) in FLAGS.items():
-        if figure not in q:
-            continue
-        v, b = float(q[figure]), float(getattr(bounds, attr))
-        if (kind == "min" and v < b) or (kind == "max" and v > b) or (kind == "absmax" and abs(v) > b):
-            out.append(code)
-    return out
+    masks = flag_masks({f: np.array([float(q[f])]) for f, *_ in FLAGS.values() if f in q}, bounds)
+    return [code for code, m in masks.items() if m[0]]
 
 
 def describe_flag(code: str, q: Mapping, bounds: QualityBounds) -> str:

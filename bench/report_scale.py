@@ -120,16 +120,22 @@ def main():
     ap.add_argument("--items", type=int, default=1_200_000)
     ap.add_argument("--per-shard", type=int, default=55)
     ap.add_argument("--flagged", type=float, default=0.02)
-    ap.add_argument("--dir", help="where to fabricate (default: a temporary dir, removed afterwards)")
+    ap.add_argument("--dir", help="where to fabricate (default: a temporary dir, removed afterwards); "
+                                  "a dir fabricated before is reused (its report/ is removed)")
     a = ap.parse_args()
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="bench-report-"))
     work = root / "work"
     try:
-        t = time.perf_counter()
-        counts = fabricate(work, a.items, a.per_shard, a.flagged)
+        if (work / "crop" / "results").is_dir():
+            shutil.rmtree(work / "report", ignore_errors=True)
+            print(f"reusing {work}")
+        else:
+            t = time.perf_counter()
+            counts = fabricate(work, a.items, a.per_shard, a.flagged)
+            print(f"fabricated {counts['items']:,} items in {counts['shards']:,} shards ({counts['flagged']:,} "
+                  f"flagged, {counts['failed']:,} failed) in {time.perf_counter() - t:.1f} s")
         size = sum(p.stat().st_size for p in (work / "crop" / "results").iterdir())
-        print(f"fabricated {counts['items']:,} items in {counts['shards']:,} shards ({counts['flagged']:,} flagged, "
-              f"{counts['failed']:,} failed; results {size / 2**20:.0f} MB) in {time.perf_counter() - t:.1f} s")
+        print(f"crop results: {size / 2**20:.0f} MB")
         dt, rss, _ = _report(work)
         html = work / "report" / "index.html"
         print(f"first report (every results file parsed): {dt:.1f} s, peak RSS {rss:.0f} MB, "

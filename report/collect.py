@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from avprep import quality
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,13 @@ FLAGGED_FIGURES = ("face_share", "face_px", "jitter", "roll_deg", "motion", "sta
                    "contrast", "blank_share", "rotation")
 
 
-def hist_bin(figure: str, value: float) -> int:
+def histogram(figure: str, values: np.ndarray) -> list:
+    """Counts of ``values`` (NaN: left out) in the figure's fixed bins; values beyond the range
+    fall into the first or last bin."""
     lo, hi, n = HIST_BINS[figure]
-    return min(n - 1, max(0, int((float(value) - lo) / (hi - lo) * n)))
+    v = values[~np.isnan(values)]
+    idx = np.clip(((v - lo) / (hi - lo) * n).astype(np.int64), 0, n - 1)
+    return np.bincount(idx, minlength=n).tolist()
 
 
 # ------------------------------------------------------------------------------------------ crop
@@ -65,12 +71,12 @@ def reason_group(reason: str) -> str:
 def summarise_shard(key: str, lines, bounds: quality.QualityBounds) -> dict:
     """The report's summary of one crop results file (its lines). Flags are evaluated against
     ``bounds`` (the current config's), so relaxing a bound and rerunning ``launch.py report``
-    shows its effect without cropping again (the contact sheets keep the crop-time outlines)."""
+    shows its effect without cropping again (the contact sheets keep the crop-time outlines).
+    Figures are gathered per shard and compared and binned as arrays: ~20 us per record."""
     s = {"items": 0, "ok": 0, "failed": 0, "frames": 0, "with_quality": 0, "rotated": 0,
          "splits": {}, "reasons": {}, "reason_examples": {}, "flag_counts": {}, "flagged": [],
          "hist": {}, "n_sheet": 0, "samples": []}
-    hist = {f: [0] * HIST_BINS[f][2] for f in HIST_BINS}
-    sheet_items = []
+    qs, meta = [], []  # the ok records' quality dicts, and (id, split, sheet index) of each
     for line in lines:
         if not line.strip():
             continue
@@ -87,32 +93,35 @@ def summarise_shard(key: str, lines, bounds: quality.QualityBounds) -> dict:
         split = rec.get("split") or "?"
         s["splits"][split] = s["splits"].get(split, 0) + 1
         q = rec.get("quality")
-        if not q:
-            continue
-        s["with_quality"] += 1
-        for f in HIST_BINS:
-            if f in q:
-                hist[f][hist_bin(f, q[f])] += 1
-        if q.get("rotation"):
-            s["rotated"] += 1
-        flags = quality.flags(q, bounds)
-        for code in flags:
-            s["flag_counts"][code] = s["flag_counts"].get(code, 0) + 1
-        if "sheet_index" in q:
-            sheet_items.append((rec["id"], int(q["sheet_index"]), flags))
-        if flags:
-            s["flagged"].append({"id": rec["id"], "shard": key, "sheet_index": q.get("sheet_index"),
-                                 "split": split, "flags": flags,
-                                 "q": {f: q[f] for f in FLAGGED_FIGURES if f in q}})
-    s["hist"] = hist
-    s["n_sheet"] = len(sheet_items)
+        if q:
+            qs.append(q)
+            meta.append((rec["id"], split, q.get("sheet_index")))
+    s["with_quality"] = len(qs)
+    s["rotated"] = sum(1 for q in qs if q.get("rotation"))
+    nan = float("nan")
+    values = {f: np.array([q.get(f, nan) for q in qs], dtype=np.float64) for f in HIST_BINS}
+    s["hist"] = {f: histogram(f, v) for f, v in values.items()}
+    masks = quality.flag_masks(values, bounds)
+    any_flag = np.zeros(len(qs), bool)
+    for code, m in masks.items():
+        if m.any():
+            s["flag_counts"][code] = int(m.sum())
+            any_flag |= m
+    for i in np.flatnonzero(any_flag):
+        item_id, split, index = meta[i]
+        s["flagged"].append({"id": item_id, "shard": key, "sheet_index": index, "split": split,
+                             "flags": [c for c, m in masks.items() if m[i]],
+                             "q": {f: qs[i][f] for f in FLAGGED_FIGURES if f in qs[i]}})
+    on_sheet = [(i, m[2]) for i, m in enumerate(meta) if m[2] is not None]
+    s["n_sheet"] = len(on_sheet)
     # a few items per shard for the corpus sample sheet, spread over the shard from an offset
     # chosen by its key (the same items every time)
-    k = min(SAMPLES_PER_SHARD, len(sheet_items))
-    offset = zlib.crc32(key.encode()) % max(len(sheet_items), 1)
+    k = min(SAMPLES_PER_SHARD, len(on_sheet))
+    offset = zlib.crc32(key.encode()) % max(len(on_sheet), 1)
     for j in range(k):
-        item_id, index, flags = sheet_items[(offset + j * len(sheet_items) // k) % len(sheet_items)]
-        s["samples"].append({"id": item_id, "shard": key, "sheet_index": index, "flags": flags})
+        i, index = on_sheet[(offset + j * len(on_sheet) // k) % len(on_sheet)]
+        s["samples"].append({"id": meta[i][0], "shard": key, "sheet_index": int(index),
+                             "flags": [c for c, m in masks.items() if m[i]]})
     return s
 
 

@@ -111,3 +111,15 @@ def test_reason_groups():
     assert g == "no face found in any of its N frames"
     assert collect.reason_group("/x/y.mp4: cannot be decoded (InvalidDataError: '/x/y.mp4')") == \
         "cannot be decoded (InvalidDataError: '<file>')"
+
+
+def test_report_command_and_end_of_launch_errors(tmp_path, capsys):
+    import report
+
+    assert report.main(["--workdir", str(tmp_path)]) == 1
+    assert "is not a work dir of this pipeline" in capsys.readouterr().err
+    # the report never decides a launch's outcome: a failure to write it is one warning line
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    lines = report.at_end_of_launch(not_a_dir, ["--stage", "crop"], 0.0, 0)
+    assert len(lines) == 1 and lines[0].startswith(f"warning: the report of {not_a_dir} could not be written")
