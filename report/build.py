@@ -299,7 +299,8 @@ def _overview(workdir, steps, crop_scan, iterations, cfg, outputs, problems) -> 
     n_cfg = int((cfg or {}).get("iterations") or 0)
     done_iters = [i for i in iterations
                   if (workdir / f"iter{i}" / "train" / "checkpoints" / "checkpoint_final.pt").exists()]
-    card("iterations trained", f"{len(done_iters)}", f"of {n_cfg or len(iterations)} configured")
+    card("iterations trained", f"{len(done_iters)}",
+         f"of {n_cfg or len(iterations)} configured" if (n_cfg or iterations) else "no configuration recorded")
     results = collect.read_json(workdir / "finetune" / "results.json")
     if results:
         wers = {k: v.get("wer") for k, v in (results.get("splits") or {}).items()}

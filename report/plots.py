@@ -65,6 +65,9 @@ def quality_histograms(hist: Dict[str, list], bounds: quality.QualityBounds) -> 
             for x in ((-b, b) if name == "roll_deg" else (b,)):
                 if lo <= x <= hi:
                     ax.axvline(x, color="#d62728", ls="--", lw=1)
+        if max(hist[name] or [0]) > 100:  # a large corpus: the flagged tails would vanish on a linear axis
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=0.7)  # bars from one item up
         ax.set_title(FIGURE_TITLES.get(name, name))
         ax.set_xlim(lo, hi)
         ax.tick_params(labelsize=8)
