@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from avprep.quality import QualityBounds
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
@@ -66,6 +67,9 @@ class Config:
     items_per_shard: int = 50
     n_shards: int = 0  # 0 = from items_per_shard
     max_failure_rate: float = 0.2  # finalize fails the stage above this share of failed items
+    # per-item quality figures and the bounds outside which an item is flagged (not failed):
+    # avprep/quality.py; each ok record gets a ``quality`` dict, each shard a contact sheet
+    quality: QualityBounds = field(default_factory=QualityBounds)
 
 
 class CropError(RuntimeError):
@@ -85,6 +89,8 @@ class CropResult:
     n_samples: int
     faces_found: int
     seconds: float
+    quality: Optional[dict] = None  # avprep.quality.item_quality
+    tiles: Optional[np.ndarray] = None  # a few ROI frames for the contact sheet
     rotation: int = 0  # degrees the source's frames were turned to be upright
 
     @property
@@ -151,7 +157,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
               start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
     """Crop one video (or segment) into the three output files, each written atomically.
     Landmarks already saved in ``out_landmarks`` are reused."""
-    from avprep import align, media
+    from avprep import align, media, quality
 
     t0 = time.time()
     video = Path(video)
@@ -171,7 +177,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         saved = None
     cached = None
     if saved is not None:
-        track, found = saved["interpolated"], int(saved["found"].sum())
+        track, found, raw_arr = saved["interpolated"], int(saved["found"].sum()), saved["raw"]
         n = len(track)
     else:
         detector = detector or _detector(cfg)
@@ -193,7 +199,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
             save_npz(tmp, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
                      fps=cfg.fps, mode=cfg.mode)
     frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
-    rois = mouth_rois(frames, track, cfg)
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(n, bounds.sheet_frames)  # figures of the ROIs as they are encoded
+    rois = meter.observe(mouth_rois(frames, track, cfg))
     try:
         n_written = media.write_gray_video(out_video, rois, fps=cfg.fps, crf=cfg.crf)
     except align.AlignmentError as e:
@@ -203,8 +211,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
+    q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
     return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
-                      info["rotation"])
+                      q, meter.tile_stack(), info["rotation"])
 
 
 def save_npz(path: Path, **arrays) -> None:
@@ -261,6 +270,13 @@ def crop_video_main(argv: list) -> int:
     if r.rotation:
         print(f"  stored turned: frames rotated {r.rotation} degrees (display matrix) to be upright")
     print(f"  video: {r.video}\n  audio: {r.audio if r.audio else '(no audio track)'}\n  landmarks: {r.landmarks}")
+    if r.quality:
+        from avprep.quality import describe_flag, bounds_of
+
+        q = r.quality
+        print(f"  quality: face in {q['face_share']:.0%} of frames ({q['face_px']:.0f} px high), mouth motion "
+              f"{q['motion']:.1f}, brightness {q['brightness']:.0f}, contrast {q['contrast']:.0f}, jitter {q['jitter']:.2f}"
+              + "".join(f"\n  flagged: {describe_flag(c, q, bounds_of(cfg.quality))}" for c in q["flags"]))
     return 0
 
 
@@ -399,37 +415,41 @@ class CropStage(Stage):
 
     # --- running ------------------------------------------------------------------------------
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from avprep import media
+        from avprep import media, quality
         from stages.corpus import shown
 
         cfg = Config(**ctx.cfg.crop)
+        bounds = quality.bounds_of(cfg.quality)
         out = crop_dir(ctx)
         items = self.shard_items(ctx, shard)
         detector = None
         records, n_ok, frames, t0 = [], 0, 0, time.time()
+        sheet = []  # the ok items' ROI tiles, in record order: the shard's contact sheet
         for item in items:
             paths = output_paths(out, item.id)
             base = {"id": item.id, "split": item.split, "text": item.text}
             try:
                 if item.error:
                     raise CropError(item.error)
-                rotation = None
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
+                    info = media.video_info(item.video)
+                    q, tiles = quality.quality_from_outputs(
+                        media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
+                        info["rotation"], cfg.window, n_frames)
                 else:
                     if detector is None:
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
                                   item.start, item.end, detector)
-                    n_frames, n_samples, rotation = r.n_frames, r.n_samples, r.rotation
-                rec = {**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
-                       "audio": paths["audio"].relative_to(out).as_posix(), "n_frames": n_frames,
-                       "n_samples": n_samples, "video_bytes": paths["video"].stat().st_size,
-                       "audio_bytes": paths["audio"].stat().st_size}
-                if rotation:
-                    rec["rotation"] = rotation
-                records.append(rec)
+                    n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = {**q, "sheet_index": len(sheet)}
+                sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
+                records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
+                                "audio": paths["audio"].relative_to(out).as_posix(), "n_frames": n_frames,
+                                "n_samples": n_samples, "video_bytes": paths["video"].stat().st_size,
+                                "audio_bytes": paths["audio"].stat().st_size, "quality": q})
                 n_ok += 1
                 frames += n_frames
             except Exception as e:  # one broken video never kills the shard
@@ -440,12 +460,14 @@ class CropStage(Stage):
                 reason = shown(reason)
                 log.warning("crop failed: %s", reason)
                 records.append({**base, "status": "failed", "reason": reason})
+        if sheet:  # written before the results: a shard with results has its sheet
+            quality.write_sheet(out / "sheets" / f"{shard.key}.png", sheet, bounds.sheet_frames)
         with atomic.atomic_open(self.outputs(ctx, shard)[0]) as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
         dt = time.time() - t0
         return {"items": len(items), "ok": n_ok, "failed": len(items) - n_ok, "frames": frames,
-                "fps": round(frames / dt, 2) if dt else None}
+                "flagged": sum(bool(e.flags) for e in sheet), "fps": round(frames / dt, 2) if dt else None}
 
     def final_outputs(self, ctx):
         return [crop_dir(ctx) / "summary.json"]
@@ -471,6 +493,7 @@ class CropStage(Stage):
         listing = il.read_listing_report(items_dir(ctx))
         summary = {"items": total, "ok": ok, "failed": failed, "failure_rate": round(rate, 4),
                    "frames": sum(n for _, n in latest.values()),
+                   "flagged": sum(s.get("flagged", 0) for s in shard_stats.values()),  # avprep/quality.py
                    "last_listing": {k: listing.get(k, 0) for k in ("listed", "new", "removed", "changed")}}
         if rate > float(ctx.cfg.crop.max_failure_rate):
             first = [f"{i}: {r}" for i, r in sorted(reasons.items())[:10]]
