@@ -33,20 +33,20 @@ def vox2_tree(root: Path, n: int, first: int = 0) -> list[str]:
 
 def test_a_shard_reads_only_its_slice_and_never_lists_the_corpus(tmp_path, scandir_counter):
     corpus, work = tmp_path / "vox2", tmp_path / "work"
-    ids = vox2_tree(corpus, 2000)
+    ids = vox2_tree(corpus, 1000)
     ctx = stage_ctx(corpus, work, "vox2", items_per_shard=50)
     stage = CropStage()
     stage.prepare(ctx, commit=True)
     listing_reads = scandir_counter.calls
-    assert listing_reads >= 2000 // 8  # one read per directory (250 clip dirs, 50 speakers, dev)
+    assert listing_reads >= 1000 // 8  # one read per directory (125 clip dirs, 25 speakers, dev)
 
     scandir_counter.calls = 0
     shards = stage.shards(ctx)
-    assert len(shards) == 40 and scandir_counter.calls == 0
+    assert len(shards) == 20 and scandir_counter.calls == 0
     index_bytes = (items_dir(ctx) / "index.json").stat().st_size
     assert index_bytes < 4000  # shard boundaries, not items
     last = shards[-1]
-    assert last.params["length"] < 50 * 200  # the slice of 50 items, not the 2000-item batch
+    assert last.params["length"] < 50 * 200  # the slice of 50 items, not the 1000-item batch
     # the last shard (empty files: 50 failure records) reads its slice and lists nothing
     stats = CropStage().run(ctx, last)
     assert scandir_counter.calls == 0

@@ -31,7 +31,7 @@ def test_a_phone_video_stored_sideways_gives_the_upright_crop(tmp_path, clips):
     says "turn back" (what phones write): same landmarks, same ROI video, byte for byte. Lossless
     4:4:4 encodings, so the two stored forms hold exactly the same pixels."""
     upright, stored, phone = tmp_path / "upright.mp4", tmp_path / "stored.mp4", tmp_path / "phone.mp4"
-    ffmpeg("-i", str(clips["a"]), "-frames:v", "30", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
+    ffmpeg("-i", str(clips["a"]), "-frames:v", "20", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
            "-c:a", "aac", str(upright))
     ffmpeg("-i", str(upright), "-vf", "transpose=1", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
            "-c:a", "copy", str(stored))
@@ -50,7 +50,7 @@ def test_a_phone_video_stored_sideways_gives_the_upright_crop(tmp_path, clips):
         results[name] = crop_stage.crop_one_video(video, tmp_path / name, name="x")
     assert results["phone"].rotation == 90 and results["upright"].rotation == 0
     marks = {k: np.load(r.landmarks) for k, r in results.items()}
-    assert marks["upright"]["found"].sum() >= 25
+    assert marks["upright"]["found"].sum() >= 18
     np.testing.assert_array_equal(marks["phone"]["raw"], marks["upright"]["raw"])
     assert results["phone"].video.read_bytes() == results["upright"].video.read_bytes()
 
