@@ -31,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -164,11 +165,15 @@ def prelude() -> str:
     return PRELUDE.format(root=str(ROOT), ips=ITEMS_PER_SHARD)
 
 
-def bench_listing(corpus: Path, layout: str, serial: bool = False) -> dict:
+def bench_listing(corpus: Path, layout: str, pool: Optional[bool] = None) -> dict:
+    """``pool``: force transcripts into a process pool (True) or one process (False); None = the
+    code's own choice."""
     code = prelude() + f"""
 import stages.corpus
 from stages.corpus import scan_corpus
-if {serial}:
+if {pool} is True:
+    stages.corpus.PARALLEL_MIN_CPUS = 2
+if {pool} is False:
     stages.corpus.PARALLEL_MIN_TRANSCRIPTS = 10**12
 ctx = ctx_for({str(corpus)!r}, {layout!r}, "/nonexistent")
 c = cpu_s(); t = time.time(); listing = scan_corpus(ctx.cfg); dt = time.time() - t
@@ -342,6 +347,50 @@ def add_new_videos(vox2: Path, clips: list[Path], n: int) -> None:
         os.symlink(clips[k % len(clips)], clip_dir / f"{k % UTTS_PER_CLIP + 1:05d}.mp4")
 
 
+def bench_vox2(base: Path, n_items: int, clips: list, row, timed) -> None:
+    vox2 = fabricate_vox2(base, n_items, clips)
+    shutil.rmtree(vox2 / "dev" / "id99999", ignore_errors=True)  # extra videos left by a killed run
+    log(f"\n== VoxCeleb2-shaped, {n_items} items")
+    listing = bench_listing(vox2, "vox2")
+    row("vox2 listing (scan_corpus)", timed(listing), "-")
+    wall, cpu, rss = bench_dry_run(vox2, "vox2", base / "work-dry")
+    row("vox2 `launch.py --stage crop --dry-run` (whole process)", f"{wall:.1f} s ({cpu:.1f} s CPU), {rss:.2f} GB",
+        "<= 60 s, <= 2 GB", wall, cpu, 60, rss <= 2)
+    plan = bench_plan(vox2, "vox2", base / "work-plan", True)
+    row(f"vox2 first plan (list + freeze {plan['shards']} shards)", timed(plan), "<= 60 s, <= 2 GB",
+        plan["seconds"], plan["cpu_s"], 60, plan["peak_gb"] <= 2)
+    shutil.rmtree(base / "work-plan")
+    work = base / f"work-vox2-{n_items}"
+    if not (work / "crop" / "items" / "index.json").exists():
+        bench_plan(vox2, "vox2", work, True)
+    index_kb = (work / "crop" / "items" / "index.json").stat().st_size / 1024
+    row("vox2 shard index size", f"{index_kb:.0f} KB", "-")
+    for which in ("first", "last"):
+        r = bench_shard_startup(vox2, "vox2", work, which)
+        row(f"vox2 shard start-up, {which} shard ({r['key']}): its items in hand", f"{r['items_s'] * 1000:.1f} ms",
+            "<= 1 s", r["items_s"], None, 1)
+        row(f"vox2 shard start-up, {which} shard ({r['key']}): to its first crop (+ dlib models)",
+            f"{r['first_item_s'] * 1000:.0f} ms", "-")
+    n = fabricate_crop_outputs(base, work, clips)
+    m = bench_manifest(vox2, "vox2", work)
+    row(f"crop finalize over {n} records", f"{m['crop_finalize_s']:.1f} s ({m['crop_finalize_cpu_s']:.1f} s CPU)",
+        "-")
+    row(f"manifest of {n} records ({m['counts']['train']} train, {m['counts']['valid']} valid)", timed(m),
+        "<= 600 s", m["seconds"], m["cpu_s"], 600)
+    dt = bench_status(work)
+    n_shards = json.loads((work / ".pipeline/state/once/crop/_plan.json").read_text())["n_shards"]
+    row(f"`launch.py status` ({n_shards} crop shards recorded)", f"{dt:.2f} s", "<= 2 s", dt, None, 2)
+    # a later launch: 1% new videos; listing + comparison with the frozen list
+    extra = max(1, n_items // 100)
+    add_new_videos(vox2, clips, extra)
+    try:
+        again = bench_plan(vox2, "vox2", work, False)
+    finally:  # the extra videos are not part of the cached tree
+        shutil.rmtree(vox2 / "dev" / "id99999", ignore_errors=True)
+    row(f"vox2 later launch, +{extra} new videos (list + compare, {again['shards']} shards)", timed(again),
+        "<= 60 s, <= 2 GB", again["seconds"], again["cpu_s"], 60, again["peak_gb"] <= 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "avhubert-scale-bench")
@@ -356,7 +405,6 @@ def main() -> int:
         "threads and worker processes included); 'ok (CPU)' = the CPU time is within the target, the wall "
         "time is not (the machine was busy)")
     rows = []
-    marker = None
 
     def row(what, value, target, wall=None, cpu=None, limit=None, mem_ok=True):
         if limit is None:
@@ -375,66 +423,24 @@ def main() -> int:
 
     try:
         clips = real_clips(base)
-        vox2 = fabricate_vox2(base, a.vox2, clips)
-        log(f"\n== VoxCeleb2-shaped, {a.vox2} items")
-        listing = bench_listing(vox2, "vox2")
-        row("vox2 listing (scan_corpus)", timed(listing), "-")
-        wall, cpu, rss = bench_dry_run(vox2, "vox2", base / "work-dry")
-        row("vox2 `launch.py --stage crop --dry-run` (whole process)", f"{wall:.1f} s ({cpu:.1f} s CPU), {rss:.2f} GB",
-            "<= 60 s, <= 2 GB", wall, cpu, 60, rss <= 2)
-        plan = bench_plan(vox2, "vox2", base / "work-plan", True)
-        row(f"vox2 first plan (list + freeze {plan['shards']} shards)", timed(plan), "<= 60 s, <= 2 GB",
-            plan["seconds"], plan["cpu_s"], 60, plan["peak_gb"] <= 2)
-        shutil.rmtree(base / "work-plan")
-        work = base / f"work-vox2-{a.vox2}"
-        if not (work / "crop" / "items" / "index.json").exists():
-            bench_plan(vox2, "vox2", work, True)
-        index_kb = (work / "crop" / "items" / "index.json").stat().st_size / 1024
-        row("vox2 shard index size", f"{index_kb:.0f} KB", "-")
-        for which in ("first", "last"):
-            r = bench_shard_startup(vox2, "vox2", work, which)
-            row(f"vox2 shard start-up, {which} shard ({r['key']}): its items in hand", f"{r['items_s'] * 1000:.1f} ms",
-                "<= 1 s", r["items_s"], None, 1)
-            row(f"vox2 shard start-up, {which} shard ({r['key']}): to its first crop (+ dlib models)",
-                f"{r['first_item_s'] * 1000:.0f} ms", "-")
-        n = fabricate_crop_outputs(base, work, clips)
-        m = bench_manifest(vox2, "vox2", work)
-        row(f"crop finalize over {n} records", f"{m['crop_finalize_s']:.1f} s ({m['crop_finalize_cpu_s']:.1f} s CPU)",
-            "-")
-        row(f"manifest of {n} records ({m['counts']['train']} train, {m['counts']['valid']} valid)", timed(m),
-            "<= 600 s", m["seconds"], m["cpu_s"], 600)
-        dt = bench_status(work)
-        n_shards = json.loads((work / ".pipeline/state/once/crop/_plan.json").read_text())["n_shards"]
-        row(f"`launch.py status` ({n_shards} crop shards recorded)", f"{dt:.2f} s", "<= 2 s", dt, None, 2)
-        # a later launch: 1% new videos; listing + comparison with the frozen list
-        extra = max(1, a.vox2 // 100)
-        marker = vox2 / ".bench-extra"
-        if not marker.exists():
-            add_new_videos(vox2, clips, extra)
-            marker.touch()
-        again = bench_plan(vox2, "vox2", work, False)
-        row(f"vox2 later launch, +{extra} new videos (list + compare, {again['shards']} shards)", timed(again),
-            "<= 60 s, <= 2 GB", again["seconds"], again["cpu_s"], 60, again["peak_gb"] <= 2)
+        if a.vox2:
+            bench_vox2(base, a.vox2, clips, row, timed)
 
         if a.lrs3:
             lrs3 = fabricate_lrs3(base, a.lrs3, clips)
             log(f"\n== LRS3-shaped, {a.lrs3} utterances")
-            lst = bench_listing(lrs3, "lrs3")
-            row(f"lrs3 listing ({lst['items']} items after segmentation), transcripts in a pool", timed(lst), "-")
-            one = bench_listing(lrs3, "lrs3", serial=True)
-            row("lrs3 listing, transcripts in one process", timed(one), "-")
-            wall, cpu, rss = bench_dry_run(lrs3, "lrs3", base / "work-dry-lrs3")
+            wall, cpu, rss = bench_dry_run(lrs3, "lrs3", base / "work-dry-lrs3")  # also warms the page cache
             row("lrs3 `launch.py --stage crop --dry-run` (whole process)", f"{wall:.1f} s ({cpu:.1f} s CPU), "
                 f"{rss:.2f} GB", "<= 60 s, <= 2 GB", wall, cpu, 60, rss <= 2)
+            for pool, how in ((False, "in one process"), (True, f"in a pool of {min(8, os.cpu_count())}")):
+                lst = bench_listing(lrs3, "lrs3", pool=pool)
+                row(f"lrs3 listing ({lst['items']} items after segmentation), transcripts {how}", timed(lst), "-")
 
         log("\n== summary (load avg now %.1f)" % os.getloadavg()[0])
         width = max(len(r[0]) for r in rows)
         for what, value, target, verdict in rows:
             log(f"{what:<{width}}  {value:<34} {target:<17} {verdict}")
     finally:
-        if marker is not None and marker.exists():  # the extra videos are not part of the cached tree
-            shutil.rmtree(vox2 / "dev" / "id99999", ignore_errors=True)
-            marker.unlink()
         for scratch in ("work-dry", "work-dry-lrs3", "work-plan"):
             shutil.rmtree(base / scratch, ignore_errors=True)
         if a.clean:
