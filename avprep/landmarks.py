@@ -47,7 +47,7 @@ class DetectorSettings:
     level_presteps: int = 1  # "levels": pyramid steps dlib computes itself before the scanned level
     # "levels": between full searches, scan only windows of the last face's level and the two beside
     # it (avprep/hog_levels.py, LevelScanner.track); 0 turns it off
-    window: int = 112
+    window: int = 128
     # "levels": with window scans, look for a larger face elsewhere in the frame (the coarser
     # levels of the whole frame) every this many frames
     larger_face_every: int = 25
@@ -77,7 +77,7 @@ class LandmarkDetector:
         from avprep.hog_levels import LevelScanner
 
         self.scanner = LevelScanner(self.hog, upsample=self.s.upsample, presteps=self.s.level_presteps,
-                                    window=self.s.window or 112)
+                                    window=self.s.window or 128)
         self._face = None  # "levels": the last face's box and the pyramid level it was found on
         self._face_level = 0
         self._since_larger = 0
