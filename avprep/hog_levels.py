@@ -260,25 +260,30 @@ class LevelScanner:
         bounds = self.window_bounds(gray.shape, level, cx, cy)
         return self.scan_level_window(self.window_image(gray, level, bounds), gray.shape, level, bounds)
 
-    def track(self, gray: np.ndarray, rect, level: int) -> Optional[Candidate]:
+    def track(self, gray: np.ndarray, rect, level: int, levels=None) -> tuple:
         """The reference detector's box for the face last seen at ``rect`` (frame coordinates,
-        found on pyramid level ``level``), from windows of levels level-1 .. level+1; None when
-        the window scans cannot tell (no face there, or the best box still at a window's cut edge
-        after one window re-centred on it)."""
+        found on pyramid level ``level``), from windows of levels level-1 .. level+1 (or the
+        given ``levels``): (best Candidate or None, {level scanned: its best score or None}).
+        None when the window scans cannot tell (no face there, or the best box still at a
+        window's cut edge after one window re-centred on it)."""
         n_levels = len(self.level_shapes(*gray.shape))
+        if levels is None:
+            levels = (level - 1, level, level + 1)
         cx, cy = (rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2
         found = []
-        for lv in range(max(0, level - 1), min(n_levels, level + 2)):
+        scanned = [lv for lv in levels if 0 <= lv < n_levels]
+        for lv in scanned:
             found += self.scan_window(gray, lv, cx, cy)
         if not found:
-            return None
+            return None, dict.fromkeys(scanned)
         best = max(found, key=lambda c: c.score)
         if not best.reliable:  # the face moved: that level again, centred on the box found there
             r = best.rect
             found = [c for c in found if c.level != best.level]
             found += self.scan_window(gray, best.level, (r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2)
             best = max(found, key=lambda c: c.score)
-        return best if best.reliable else None
+        scores = {lv: max((c.score for c in found if c.level == lv), default=None) for lv in scanned}
+        return (best if best.reliable else None), scores
 
 
 def _round(r):

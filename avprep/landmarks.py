@@ -51,6 +51,10 @@ class DetectorSettings:
     # "levels": with window scans, look for a larger face elsewhere in the frame (the coarser
     # levels of the whole frame) every this many frames
     larger_face_every: int = 25
+    # "levels": window scans leave out a level beside the face's whose best score was this far below
+    # the face's (0 = never), for up to level_refresh_every - 1 frames
+    level_skip_margin: float = 0.7
+    level_refresh_every: int = 4
     # "levels": while no face is found on the small frame, the reference's HOG search on the whole
     # frame runs once every this many frames (small faces; frames without one cost little)
     full_search_every: int = 25
@@ -81,6 +85,8 @@ class LandmarkDetector:
         self._face = None  # "levels": the last face's box and the pyramid level it was found on
         self._face_level = 0
         self._since_larger = 0
+        self._level_scores: dict = {}  # "levels": best window score per pyramid level, last scans
+        self._since_all_levels = 0
         self._since_full = 1 << 30
 
     @property
@@ -95,6 +101,7 @@ class LandmarkDetector:
         self._level = None
         self._face = None
         self._since_larger = 0
+        self._level_scores, self._since_all_levels = {}, 0
         self._since_full = 1 << 30  # the first frame without a face found gets the full search
 
     def _pick(self, rects):
@@ -123,6 +130,19 @@ class LandmarkDetector:
             return self._levels(gray)
         return self._fast(gray)
 
+    def _track_levels(self) -> tuple:
+        """The levels to scan for the tracked face: its own and the two beside it, but a level
+        whose best score was far below the face's (or had no box) is left out for a few frames
+        (all three every level_refresh_every frames): the winner moves between levels slowly."""
+        level = self._face_level
+        self._since_all_levels += 1
+        best = self._level_scores.get(level)
+        if self._since_all_levels >= self.s.level_refresh_every or best is None:
+            self._since_all_levels = 0
+            return level - 1, level, level + 1
+        return tuple(lv for lv in (level - 1, level, level + 1)
+                     if lv == level or (self._level_scores.get(lv) or -1e9) >= best - self.s.level_skip_margin)
+
     def _levels(self, gray: np.ndarray) -> Optional[np.ndarray]:
         if self._face is not None and self.s.window:
             self._since_larger += 1
@@ -132,8 +152,13 @@ class LandmarkDetector:
                 self._since_larger = 0
                 larger = any(r.width() > 1.3 * self._face.width()
                              for r in self.scanner.detect(gray, self._face_level + 2))
-            found = None if larger else self.scanner.track(gray, self._face, self._face_level)
+            found = None
+            if not larger:
+                found, scores = self.scanner.track(gray, self._face, self._face_level, self._track_levels())
+                self._level_scores.update(scores)
             if found is not None:
+                if found.level != self._face_level:
+                    self._level_scores, self._since_all_levels = {}, 0
                 self._face, self._face_level = found.rect, found.level
                 self._level = found.level
                 return self._shape(gray, found.rect)
@@ -174,6 +199,7 @@ class LandmarkDetector:
             return None
         self._level = self.scanner.level_of(rect)
         self._face, self._face_level, self._since_larger = rect, self._level, 0
+        self._level_scores, self._since_all_levels = {}, 0
         self._since_full = 1 << 30  # a face lost after this gets the full search at once
         return self._shape(gray, rect)
 
