@@ -6,10 +6,14 @@ the 68-point predictor then runs on the face. With several faces the reference k
 dlib lists last; we keep the largest box (``face_rule="largest"``, the default), which is the
 speaker in nearly every talking-head clip; ``face_rule="last"`` reproduces the reference.
 
-``mode="fast"``: detection only every ``detect_every`` frames on a frame downscaled to at most
-``detect_width`` pixels; in between, the predictor runs on the box around the previous frame's
-landmarks (tracking). A tracked shape whose box drifts or shrinks implausibly triggers a new
-detection. The predictor always runs at full resolution, so landmarks stay precise.
+``mode="fast"``, strategy "levels" (the default): the reference's HOG boxes without its
+full-frame pyramid. A found face is followed by window scans of its pyramid level and the two
+beside it (avprep/hog_levels.py: ``LevelScanner.track``); when they cannot tell, the levels of the
+last face's size are scanned on the whole frame, and a lost face is searched for on a small frame,
+then with the reference's own search (see ``_levels``). The predictor always runs at full
+resolution on the box found, as the reference's. Strategy "track": detection only every
+``detect_every`` frames on a frame downscaled to at most ``detect_width`` pixels; in between, the
+predictor runs on the box around the previous frame's landmarks.
 """
 from __future__ import annotations
 

