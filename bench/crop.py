@@ -282,7 +282,11 @@ def main():
                 runs = {}
                 for n in (n1, n2):
                     for mode in ("reference", "fast"):
-                        runs[mode, n] = run_worker(mode, inputs[px][n], d / f"{mode}{px}_{n}.mp4")
+                        out = d / f"{mode}{px}_{n}.mp4"
+                        # no outputs of an earlier repeat: crop_item would reuse their landmarks
+                        for old in (out, out.with_suffix(".npz")):
+                            old.unlink(missing_ok=True)
+                        runs[mode, n] = run_worker(mode, inputs[px][n], out)
                 for mode in ("reference", "fast"):
                     per_frame = (runs[mode, n2]["cpu"] - runs[mode, n1]["cpu"]) / (n2 - n1)
                     cost[px, mode].append(per_frame)
