@@ -9,6 +9,7 @@
     python launch.py status [--workdir DIR]
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
+    python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main")}
+FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
+             "units": ("stages.units", "main")}
 
 
 def parse_args(argv):
@@ -31,7 +33,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
-        epilog="Subcommands: `status [--workdir DIR]`, `crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`. "
+        epilog="Subcommands: `status [--workdir DIR]`, `crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`, "
+        "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
