@@ -33,7 +33,7 @@ complete shards. ``finalize`` concatenates them per split (formats: ``speechfeat
 The stage is off in ``--stage all`` unless ``units.enabled=true`` or one of the three k-means
 settings is given (``units.enabled`` null = on exactly then); ``--stage units`` runs it on demand.
 The settings are recorded in ``settings.json`` beside the outputs: a later launch with other
-settings is refused (``--force`` replaces the units, ``units.out_dir`` keeps both sets).
+settings is refused (``--stage units --force`` replaces the units, ``units.out_dir`` keeps both).
 """
 from __future__ import annotations
 
@@ -144,12 +144,14 @@ def resolve(ctx: StageContext) -> Resolved:
         else:
             checkpoint = features_checkpoint(ctx.with_iteration(m))
             ckpt_iteration = None if cfg.features.get("checkpoint") else m - 1
+            if ckpt_iteration == 0:
+                raise ConfigError(f"units.kmeans_iteration={m}: iteration {m} has no previous iteration's checkpoint")
         source, k = "iteration", None
     else:
         if c.get("checkpoint"):
             checkpoint = Path(str(c.checkpoint)).expanduser().resolve()
         else:
-            ckpt_iteration = int(c.get("iteration") or n_iter)
+            ckpt_iteration = int(c.iteration) if c.get("iteration") is not None else n_iter
             if not 1 <= ckpt_iteration <= n_iter:
                 raise ConfigError(f"units.iteration={ckpt_iteration}: this run has iterations 1..{n_iter}")
             checkpoint = _final_checkpoint(ctx, ckpt_iteration)
@@ -205,6 +207,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _differences(old: dict, new: dict) -> str:
+    old, new = _flat(old or {}), _flat(new)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
 def check_settings(ctx: StageContext, r: Resolved, commit: bool) -> list:
     """Refuse to mix units of different settings in one output directory; record them."""
     path = r.out_dir / SETTINGS
@@ -214,16 +222,27 @@ def check_settings(ctx: StageContext, r: Resolved, commit: bool) -> list:
         if recorded == wanted:
             return []
         if not ctx.force:
-            old, new = _flat(recorded), _flat(wanted)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(
-                f"units: {r.out_dir} holds units made with other settings ("
-                + "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
-                + "): rerun with --force to replace them, or set units.out_dir=DIR to keep both")
+                f"units: {r.out_dir} holds units made with other settings ({_differences(recorded, wanted)}): "
+                "set units.out_dir=DIR to keep both, or replace them with `python launch.py "
+                + ("--stage units_kmeans --force` then `--stage units --force`" if r.kmeans_source == "trained"
+                   else "--stage units --force`") + " and these settings")
     if commit:
         atomic.write_json(path, wanted)
     return [f"units of layer {'last' if r.layer is None else r.layer} of {wanted['checkpoint']} "
             f"({r.modality}), k-means: {r.kmeans_source} -> {r.out_dir}"]
+
+
+def check_trained_kmeans(ctx: StageContext, r: Resolved) -> None:
+    """A k-means model trained here must have been trained with the current settings."""
+    from speechfeat.kmeans import load_model
+
+    recorded = load_model(r.kmeans_path).get("units_settings")
+    wanted = kmeans_settings(ctx, r)
+    if recorded != wanted:
+        raise ConfigError(f"units: {r.kmeans_path} was trained with other settings ({_differences(recorded, wanted)}): "
+                          "set units.out_dir=DIR to keep both, or retrain it with "
+                          "`python launch.py --stage units_kmeans --force` and these settings")
 
 
 def _validate(ctx: StageContext) -> Resolved:
@@ -311,7 +330,10 @@ class UnitsKmeansStage(Stage):
                               f"(the units' k-means is {r.kmeans_source}: {r.kmeans_path})")
 
     def prepare(self, ctx: StageContext, commit: bool) -> list:
-        return check_settings(ctx, resolve(ctx), commit)
+        r = resolve(ctx)
+        if r.kmeans_path.is_file() and not ctx.force:  # a complete step would otherwise keep it
+            check_trained_kmeans(ctx, r)
+        return []
 
     def shards(self, ctx: StageContext) -> list:
         return [Shard(0, 1, "kmeans")]
@@ -340,7 +362,6 @@ class UnitsStage(Stage):
 
     def prepare(self, ctx: StageContext, commit: bool) -> list:
         r = resolve(ctx)
-        lines = check_settings(ctx, r, commit)
         # the inputs exist now (prepare runs once the prerequisites are complete)
         if not r.checkpoint.is_file():
             raise ConfigError(f"units: checkpoint {r.checkpoint} not found")
@@ -349,13 +370,8 @@ class UnitsStage(Stage):
                     if r.kmeans_source == "trained" else "")
             raise ConfigError(f"units: k-means model {r.kmeans_path} not found" + (f": {hint}" if hint else ""))
         if r.kmeans_source == "trained":
-            from speechfeat.kmeans import load_model
-
-            recorded = load_model(r.kmeans_path).get("units_settings")
-            if recorded != kmeans_settings(ctx, r):
-                raise ConfigError(f"units: {r.kmeans_path} was trained with other settings ({recorded}); "
-                                  "rerun `python launch.py --stage units_kmeans --force`")
-        return lines
+            check_trained_kmeans(ctx, r)
+        return check_settings(ctx, r, commit)  # recorded only once everything else is right
 
     def shards(self, ctx: StageContext) -> list:
         n = _nshard(ctx)

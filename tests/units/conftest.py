@@ -37,3 +37,4 @@ def no_face_video(sample_corpus, tmp_path_factory) -> Path:
                     "-vf", "scale=128:-2", "-c:v", "libx264", "-c:a", "aac", str(video)], check=True)
     return video
 
+

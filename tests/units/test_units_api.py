@@ -63,28 +63,35 @@ def test_api_input_errors(golden_model):
 
 
 def test_api_features_equal_the_features_stage(smoke_run, tmp_path):
-    """Iteration 2's features (layer 1 of iteration 1's final checkpoint, audio-visual) of train
-    rows, from the decoded crop files and from the raw source video through the crop code."""
+    """Iteration 2's features (layer 1 of iteration 1's final checkpoint, audio-visual) of two
+    train rows as the features stage computes them, and from the API: from the decoded crop
+    files, and from the raw source video through the crop code."""
     import avhubert
     from speechfeat.shards import open_shard, read_tsv
-    from stages.features import media_readers
+    from stages.features import featurize_layer, media_readers
 
-    model = avhubert.load(smoke_run / "iter1/train/checkpoints/checkpoint_final.pt", device="cpu")
-    feats, lengths = open_shard(smoke_run / "iter2/features/train_0_1.npy", smoke_run / "iter2/features/train_0_1.len")
+    checkpoint = smoke_run / "iter1/train/checkpoints/checkpoint_final.pt"
     root, rows = read_tsv(smoke_run / "manifest/train.tsv")
+    rows = [rows[0], rows[5]]
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("\n".join([str(root)] + ["\t".join(map(str, [r.id, r.video, r.audio, r.n_video_frames,
+                                                                r.n_audio_samples])) for r in rows]) + "\n")
+    featurize_layer(tsv, 0, 1, tmp_path / "f.npy", tmp_path / "f.len", checkpoint, 1, device="cpu")
+    feats, lengths = open_shard(tmp_path / "f.npy", tmp_path / "f.len")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    model = avhubert.load(checkpoint, device="cpu")
     read_video, read_wav = media_readers()
-    for i in (0, 5):
+    for i, row in enumerate(rows):
         stage = feats[offsets[i]:offsets[i + 1]]
-        roi, (wav, _) = read_video(str(root / rows[i].video)), read_wav(str(root / rows[i].audio))
+        roi, (wav, _) = read_video(str(root / row.video)), read_wav(str(root / row.audio))
         api = model.extract(video=roi, audio=wav, layer=1)
-        assert api.shape == stage.shape and np.abs(api - stage).max() < 1e-5
+        assert api.shape == stage.shape == (row.n_video_frames, 64) and np.abs(api - stage).max() < 1e-5
     # a raw video: cropped by the crop stage's code as the corpus was (same ROI, same features)
     from tools.sample_corpus import ensure_sample_corpus
 
     raw = ensure_sample_corpus() / f"{rows[0].id}.mp4"
-    api = model.extract(video=str(raw), layer=1, crop_dir=tmp_path)
-    assert (tmp_path / f"{raw.stem}.mp4").is_file() and (tmp_path / f"{raw.stem}.wav").is_file()
+    api = model.extract(video=str(raw), layer=1, crop_dir=tmp_path / "crop")
+    assert (tmp_path / "crop" / f"{raw.stem}.mp4").is_file() and (tmp_path / "crop" / f"{raw.stem}.wav").is_file()
     assert np.abs(api - feats[offsets[0]:offsets[1]]).max() < 1e-5
 
 

@@ -52,10 +52,17 @@ def test_units_equal_iteration_labels(work_copy, capsys):
         assert summary["splits"][split]["frames"] == sum(r.n_video_frames for r in rows)
     assert read_lines(units / "dict.units.txt") == [f"{i} 1" for i in range(20)]
 
-    # same settings: complete, nothing to do; other settings: refused before anything runs
+    # same settings: complete, nothing to do; a lost shard output: that shard alone runs again,
+    # giving the same bytes; other settings: refused before anything runs
     assert launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
                   "units.kmeans_iteration=2") == 0
     assert "nothing to do" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in units.glob("*.*")}
+    (units / "shards" / "test_0_1.rle").unlink()
+    assert launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
+                  "units.kmeans_iteration=2") == 0
+    assert "submitting 1/3 shard(s)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in units.glob("*.*")} == before
     rc = launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
                 "units.kmeans_iteration=2", "units.modality=audio")
     err = capsys.readouterr().err
@@ -89,10 +96,22 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
     assert [len(u) for u in units] == [r.n_video_frames for r in rows]
     assert len(np.unique(np.concatenate(units))) > 1 and np.concatenate(units).max() < 8
     assert not (out_dir / "train.units").exists()
-    # a different K in the same directory is refused: the units there were made with K=8
+    # a different K in the same directory is refused: the k-means and units there have K=8
     rc = launch(*[a if a != "units.n_clusters=8" else "units.n_clusters=9" for a in args])
     err = capsys.readouterr().err
-    assert rc == 2 and "other settings (kmeans_training.n_clusters: 8 there, 9 now)" in err
+    assert rc == 2 and "kmeans.joblib was trained with other settings (n_clusters: 8 there, 9 now)" in err
+    # retrained with K=9: the units made with K=8 are refused until --force replaces them
+    k9 = [a if a != "units.n_clusters=8" else "units.n_clusters=9" for a in args[2:]]
+    assert launch("--stage", "units_kmeans", "--force", *k9) == 0
+    assert load_model(out_dir / "kmeans.joblib")["centroids"].shape == (9, 64)
+    capsys.readouterr()
+    assert launch("--stage", "units", *k9) == 2
+    err = capsys.readouterr().err
+    assert "holds units made with other settings (kmeans_training.n_clusters: 8 there, 9 now)" in err
+    assert "--stage units --force" in err
+    assert launch("--stage", "units", "--force", *k9) == 0
+    assert json.loads((out_dir / "summary.json").read_text())["n_clusters"] == 9
+
 
 
 def test_units_stage_off_unless_asked(work_copy, tmp_path):
