@@ -652,9 +652,11 @@ def units_command(args) -> int:
             # audio-only features still follow the video's frame count, as the units stage's
             feats = model.extract(video=cropped.roi, audio=cropped.wav if args.modalities != "video" else None,
                                   layer=layer, modalities=args.modalities)
-        except (CropError, MediaError, ValueError, OSError) as e:
-            raise_if_infrastructure(e, [out])
-            error(str(e).splitlines()[0])
+        except Exception as e:  # this video's problem: one line, the others go on
+            raise_if_infrastructure(e, [out])  # a full disk or a signal stops the command
+            known = isinstance(e, (CropError, MediaError, ValueError, OSError))
+            log.info("%s failed", video, exc_info=not known)
+            error(str(e).splitlines()[0] if known and str(e) else f"{video}: {type(e).__name__}: {e}")
             n_failed += 1
             continue
         log.info("%s: %d frames", video, len(feats))
@@ -704,4 +706,10 @@ def main(argv: list) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("fairseq", "avhubert", "stages", "avprep"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return units_command(args)
+    from pipeline.errors import InfrastructureError
+
+    try:
+        return units_command(args)
+    except InfrastructureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
