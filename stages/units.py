@@ -41,6 +41,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -454,7 +455,8 @@ KMEANS_STAGE = UnitsKmeansStage()
 
 # ------------------------------------------------------------------------------------- shard work
 def audio_path(root: Path, rel: str) -> str:
-    return str((Path(root) / rel).resolve())
+    """Absolute path of a tsv row's wav (symlinks kept: the path a user's tree shows)."""
+    return os.path.abspath(Path(root) / rel)
 
 
 def units_of_shard(tsv, rank: int, nshard: int, outputs, checkpoint, layer: Optional[int], modality: str, kmeans_path,
@@ -676,7 +678,7 @@ def units_command(args) -> int:
         centroids = model_dict["centroids"]
         print(f"no k-means model given: trained K={args.n_clusters} ({c.backend}) on the {len(x)} frames of these "
               f"{len(done)} video(s); saved to {out / KMEANS_MODEL}", file=sys.stderr, flush=True)
-    tsv, unit_lines, rle_lines, records = [str(crop_dir.resolve())], [], [], []
+    tsv, unit_lines, rle_lines, records = [os.path.abspath(crop_dir)], [], [], []
     for video, name, cropped, feats in done:
         units = km.assign(feats, centroids)
         print(f"{video}\t{units_line(units)}", flush=True)
@@ -686,7 +688,7 @@ def units_command(args) -> int:
         unit_lines.append(units_line(units))
         rle_lines.append(rle_line(units))
         if cropped.audio_path is not None:
-            records.append(vocoder_record(name, str(cropped.audio_path.resolve()), units, n_samples / SAMPLE_RATE,
+            records.append(vocoder_record(name, os.path.abspath(cropped.audio_path), units, n_samples / SAMPLE_RATE,
                                           args.jsonl_key))
     for ext, lines in (("tsv", tsv), ("units", unit_lines), ("rle", rle_lines), ("jsonl", records)):
         atomic.write_text(out / f"videos.{ext}", "".join(line + "\n" for line in lines))

@@ -39,3 +39,4 @@ def no_face_video(sample_corpus, tmp_path_factory) -> Path:
 
 
 
+
