@@ -3,7 +3,8 @@ API write, for unit-to-speech vocoders and speech-to-unit models.
 
 One sequence of unit ids per utterance at the feature rate (25 Hz for AV-HuBERT layers):
 
-- **full** (``.units``): ``"12 12 40 40 40 7"``, one id per frame, space-separated;
+- **full** (``.units``): ``"12 12 40 40 40 7"``, one id per frame, space-separated (one sequence
+  per line: the ``--in-code-file`` of fairseq's ``generate_waveform_from_code.py``);
 - **run-length deduplicated** (``.rle``): ``"12 40 7<TAB>2 3 1"``: consecutive repeats merged,
   then the duration of every run in frames (25 Hz), so ``sum(durations)`` = the frame count and
   :func:`expand` gives the full sequence back. What duration predictors and unit-to-speech
