@@ -42,7 +42,7 @@ def read_tsv(path) -> Tuple[Path, List[Row]]:
         raise ValueError(f"{path}: empty manifest (no root line)")
     root = Path(lines[0].strip())
     if not root.is_absolute():  # the manifest stage writes the crop dir relative to the tsv
-        root = Path(os.path.normpath(path.resolve().parent / root))
+        root = Path(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root)))
     rows = []
     for n, line in enumerate(lines[1:], 2):
         if not line.strip():

@@ -9,6 +9,15 @@ def scandir_counter(monkeypatch):
     return ScandirCounter(monkeypatch)
 
 
+@pytest.fixture
+def no_run_report(monkeypatch):
+    """Tests that launch several times leave out the run report written at the end of each launch
+    (seconds each on a busy machine; tested in tests/report)."""
+    import report
+
+    monkeypatch.setattr(report, "at_end_of_launch", lambda *args, **kwargs: [])
+
+
 @pytest.fixture(scope="session")
 def clips(sample_corpus) -> dict:
     """Real sample-corpus clips (2.4 s, speech + transcript) by short name."""

@@ -45,3 +45,14 @@ class ScandirCounter:
         monkeypatch.setattr(os, "scandir", counting)
 
 
+
+
+def launch_here(argv: list, capsys) -> tuple:
+    """``launch.py ARGV`` in this process (a fresh interpreter per launch costs seconds on a busy
+    machine; jobs still run as the executor runs them): (exit status, stdout + stderr)."""
+    import launch as launcher
+
+    capsys.readouterr()
+    rc = launcher.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out + out.err

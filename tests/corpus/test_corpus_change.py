@@ -5,7 +5,6 @@ stays in the manifest until manifest.drop_removed=true."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from corpus_helpers import launch_here
 from stages import crop as crop_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,13 +25,8 @@ SETTINGS = ["crop.items_per_shard=2", "cluster.array_parallelism=1", "manifest.v
 
 
 def launch(work: Path, corpus: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "launch.py"), "--preset", "smoke", "--cluster", "local",
-            "--workdir", str(work), "--corpus", str(corpus), *args, *SETTINGS]
-
-
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env)
+    return ["--preset", "smoke", "--cluster", "local", "--workdir", str(work), "--corpus", str(corpus), *args,
+            *SETTINGS]
 
 
 def add(corpus: Path, name: str, clip: Path) -> None:
@@ -52,15 +47,15 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def test_videos_added_during_a_killed_crop(tmp_path, clips):
+def test_videos_added_during_a_killed_crop(tmp_path, clips, capsys, no_run_report):
     corpus, work = tmp_path / "corpus", tmp_path / "work"
     corpus.mkdir()
     for name, key in (("m1", "a"), ("m2", "b"), ("m3", "c"), ("m4", "d")):
         add(corpus, name, clips[key])
     state = work / ".pipeline" / "state" / "once" / "crop"
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(launch(work, corpus, "--stage", "crop"), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *launch(work, corpus, "--stage", "crop")],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
         try:
             deadline = time.time() + 300
             while not list(state.glob("*.done.json")) and time.time() < deadline and proc.poll() is None:
@@ -72,11 +67,10 @@ def test_videos_added_during_a_killed_crop(tmp_path, clips):
 
     add(corpus, "a_new1", clips["g"])  # sort before every frozen item
     add(corpus, "a_new2", clips["h"])
-    again = run(launch(work, corpus, "--stage", "crop"))
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "froze 2 new items: 2 items in 1 shards (shard 00002)" in again.stdout, again.stdout
-    manifest = run(launch(work, corpus, "--stage", "manifest"))
-    assert manifest.returncode == 0, manifest.stdout + manifest.stderr
+    rc, out = launch_here(launch(work, corpus, "--stage", "crop"), capsys)
+    assert rc == 0 and "froze 2 new items: 2 items in 1 shards (shard 00002)" in out, out
+    rc, out = launch_here(launch(work, corpus, "--stage", "manifest"), capsys)
+    assert rc == 0, out
 
     ids = sorted(p.stem for p in corpus.glob("*.mp4"))
     crop = work / "crop"
@@ -101,13 +95,13 @@ def test_videos_added_during_a_killed_crop(tmp_path, clips):
 
     # a source removed: reported, kept in the manifest until asked
     (corpus / "m3.mp4").unlink()
-    third = run(launch(work, corpus, "--stage", "crop"))
-    assert third.returncode == 0 and "1 frozen items are gone from the corpus (e.g. m3)" in third.stdout, third.stdout
-    assert "[crop] complete (3 shards), nothing to do" in third.stdout
-    kept = run(launch(work, corpus, "--stage", "manifest"))
-    assert "nothing to do" in kept.stdout and len((work / "manifest" / "train.tsv").read_text().splitlines()) == 7
-    dropped = run(launch(work, corpus, "--stage", "manifest", "manifest.drop_removed=true"))
-    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    rc, out = launch_here(launch(work, corpus, "--stage", "crop"), capsys)
+    assert rc == 0 and "1 frozen items are gone from the corpus (e.g. m3)" in out, out
+    assert "[crop] complete (3 shards), nothing to do" in out
+    rc, out = launch_here(launch(work, corpus, "--stage", "manifest"), capsys)
+    assert rc == 0 and "nothing to do" in out and len((work / "manifest" / "train.tsv").read_text().splitlines()) == 7
+    rc, out = launch_here(launch(work, corpus, "--stage", "manifest", "manifest.drop_removed=true"), capsys)
+    assert rc == 0, out
     rows = (work / "manifest" / "train.tsv").read_text().splitlines()[1:]
     assert sorted(r.split("\t")[0] for r in rows) == [i for i in ids if i != "m3"]
     assert json.loads((work / "manifest" / "summary.json").read_text())["dropped_removed"] == 1
