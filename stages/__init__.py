@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib
 
-# Order of the DAG as a user reads it. crop and manifest run once; the rest once per iteration
-# (finetune once, after the last iteration).
-STAGE_ORDER = ["crop", "manifest", "features", "kmeans", "labels", "train", "finetune"]
+# Order of the DAG as a user reads it. crop, manifest and noise run once (noise only when
+# something uses it); the rest once per iteration (finetune once, after the last iteration).
+STAGE_ORDER = ["crop", "manifest", "noise", "features", "kmeans", "labels", "train", "finetune"]
 
 
 def get_stage(name: str):

@@ -1,0 +1,111 @@
+"""Helpers of the noise tests: a small audio-only manifest, a task over it, and synthetic noise
+recordings (tones, white noise, espeak-ng speech) in several formats and rates."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+
+def speech_manifest(root: Path, n: int = 3, seconds: float = 2.0) -> Path:
+    """``root/{valid}.tsv`` + ``.km`` + ``dict.km.txt`` over espeak-ng-free synthetic speech-like
+    wavs (audio only: the video column is never read with modalities=[audio])."""
+    import soundfile as sf
+
+    from test_noise_audio import speechlike
+
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rows, labels = [], []
+    for i in range(n):
+        uid = f"spk{i % 2}/utt{i:02d}"
+        frames = int(seconds * 25) + i
+        wav = speechlike(frames * 640, seed=i)
+        (root / "audio" / uid).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(root / "audio" / f"{uid}.wav"), wav, 16000, subtype="PCM_16")
+        rows.append(f"{uid}\tvideo/{uid}.mp4\taudio/{uid}.wav\t{frames}\t{len(wav)}")
+        labels.append(" ".join(str(k % 4) for k in range(frames)))
+    for split in ("train", "valid"):
+        (root / f"{split}.tsv").write_text(str(root) + "\n" + "\n".join(rows) + "\n")
+        (root / f"{split}.km").write_text("\n".join(labels) + "\n")
+    (root / "dict.km.txt").write_text("".join(f"{c} 1\n" for c in range(4)))
+    return root
+
+
+def noise_task(data: Path, **over):
+    from omegaconf import OmegaConf
+
+    from avhubert.task import AVHubertPretrainingConfig, AVHubertPretrainingTask
+
+    cfg = OmegaConf.structured(AVHubertPretrainingConfig)
+    base = dict(data=str(data), label_dir=str(data), labels=["km"], label_rate=25, sample_rate=25,
+                normalize=False, stack_order_audio=4, pad_audio=True, random_crop=False, modalities=["audio"],
+                max_sample_size=500, min_sample_size=5, max_trim_sample_size=500, image_aug=False)
+    base.update(over)
+    for k, v in base.items():
+        cfg[k] = v
+    return AVHubertPretrainingTask(cfg)
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """Float samples in [-1, 1] (n,) or (n, channels) to any format: libsndfile's by extension,
+    mp3 through PyAV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".mp3":
+        import av
+
+        mono = samples if samples.ndim == 1 else samples.mean(axis=1)
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libmp3lame", rate=rate)
+            stream.layout = "mono"
+            frame = av.AudioFrame.from_ndarray(mono.astype(np.float32)[None], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return path
+    import soundfile as sf
+
+    sf.write(str(path), samples, rate, subtype="PCM_16")
+    return path
+
+
+def espeak(text: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+def noise_folders(root: Path) -> dict:
+    """A MUSAN-like root (music/, noise/, speech/) and a one-recording folder, made here:
+    tones at 44.1 and 48 kHz (stereo), white and low-passed noise at 8 and 11.025 kHz, espeak-ng
+    speech (wav at its 22.05 kHz, and mp3), a broken wav and a too-short one. Returns the
+    ``noise.dirs`` entries and what each category should get."""
+    rng = np.random.RandomState(0)
+
+    def tones(seconds, rate, freqs):
+        t = np.arange(int(seconds * rate)) / rate
+        return np.stack([0.2 * np.sin(2 * np.pi * f * t) for f in freqs], 1)
+
+    musan = root / "musan"
+    write_audio(musan / "music" / "a" / "chord.wav", tones(12, 44100, (440, 554)), 44100)
+    write_audio(musan / "music" / "b" / "fifth.wav", tones(11, 48000, (330, 495)), 48000)
+    write_audio(musan / "music" / "c.flac", tones(13, 22050, (262, 392)), 22050)
+    write_audio(musan / "noise" / "white.flac", rng.randn(8000 * 12) * 0.1, 8000)
+    lowpassed = np.convolve(rng.randn(11025 * 14), np.ones(8) / 8, mode="same") * 0.3
+    write_audio(musan / "noise" / "rumble.wav", lowpassed, 11025)
+    write_audio(musan / "noise" / "hiss.wav", rng.randn(16000 * 5) * 0.05, 16000)
+    write_audio(musan / "noise" / "short.wav", rng.randn(16000) * 0.1, 16000)
+    (musan / "noise" / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk, not audio")
+    sentence = ("the noise stage cuts this synthetic voice into pieces of sixteen kilohertz audio, "
+                "and the training mixes them into the corpus at a chosen signal to noise ratio")
+    espeak(sentence, musan / "speech" / "talker.wav")
+    import soundfile as sf
+
+    voice, rate = sf.read(str(musan / "speech" / "talker.wav"))
+    write_audio(musan / "speech" / "talker_mp3.mp3", voice, rate)
+    hum = root / "hum_recording"
+    t = np.arange(16000 * 35) / 16000
+    write_audio(hum / "hum.wav", 0.1 * np.sin(2 * np.pi * 50 * t) + 0.01 * rng.randn(len(t)), 16000)
+    return {"dirs": [str(musan), f"hum={hum}"], "musan": musan, "hum": hum}
