@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -150,25 +150,30 @@ def normalise_loudness(samples: np.ndarray, target_db: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------ babble
 
 
-def plan_talker_streams(rng: np.random.RandomState, durations: Sequence[int], talkers: int,
-                        length: int) -> List[List[int]]:
+def plan_talker_streams(rng: np.random.RandomState, durations: np.ndarray, talkers: int, length: int,
+                        usable: Optional[np.ndarray] = None) -> List[List[int]]:
     """For each of ``talkers`` streams, the indices (into ``durations``, samples per utterance)
     of the utterances that follow one another to fill ``length`` samples: every talker speaks the
-    whole clip, so an N-talker babble has N voices at every instant. Utterances are drawn without
-    replacement across the whole clip while the pool lasts (distinct voices where it can)."""
+    whole clip, so an N-talker babble has N voices at every instant. Utterances are distinct within
+    the clip while the pool lasts. ``usable`` (the indices with audio, precomputed by a caller
+    planning many clips) keeps the cost of a clip independent of the pool's size."""
     if talkers < 1 or length < 1:
         raise ValueError(f"talkers ({talkers}) and length ({length}) must be positive")
-    usable = [i for i, n in enumerate(durations) if n > 0]
-    if not usable:
+    durations = np.asarray(durations)
+    usable = np.flatnonzero(durations > 0) if usable is None else usable
+    if len(usable) == 0:
         raise ValueError("no utterance with audio to make babble from")
-    order = list(rng.permutation(usable))
+    used: set = set()
     streams = []
     for _ in range(talkers):
         stream, filled = [], 0
         while filled < length:
-            if not order:
-                order = list(rng.permutation(usable))
-            index = int(order.pop())
+            if len(used) == len(usable):
+                used.clear()
+            index = int(usable[rng.randint(0, len(usable))])
+            while index in used:
+                index = int(usable[rng.randint(0, len(usable))])
+            used.add(index)
             stream.append(index)
             filled += int(durations[index])
         streams.append(stream)

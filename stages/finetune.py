@@ -248,6 +248,8 @@ def noise_eval_plan(ctx: StageContext) -> dict:
             else:
                 notes.append(f"no {split} noise of category {category} in {directory}: not evaluated")
     modalities = [str(m) for m in use.eval_modalities] or [str(f.modalities)]
+    if "video" in modalities:
+        notes.append("noise does not reach the video stream: video-only input is decoded clean only")
     return {"dir": str(directory), "seed": int(use.eval_seed), "snrs": [float(s) for s in use.eval_snrs],
             "splits": [str(s) for s in use.eval_splits], "modalities": modalities, "categories": categories,
             "notes": notes}

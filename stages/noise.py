@@ -20,8 +20,9 @@ Runs once, after the manifest. Two sources, one output form:
   category of one or two files (a long recording) is split in time instead: the first pieces of
   each file train, then valid, then test.
 
-Work dir (paths in the lists relative to the list's directory, one wav a line: the form the
-dataset's ``task.noise_wav`` reads, directly or per category with ``task.noise_categories``)::
+Work dir (lists: one wav a line, relative to the list's directory, then for a corpus clip its
+talkers, tab-separated, so the dataset never mixes an utterance with its own voice: the form
+``task.noise_wav`` reads, directly or per category with ``task.noise_categories``)::
 
     noise/{train,valid,test}.tsv            every category
     noise/<category>/{train,valid,test}.tsv one category
@@ -156,17 +157,32 @@ def noise_consumers(ctx: StageContext) -> List[str]:
     return out
 
 
+def snr_setting(value) -> str:
+    """A noise block's ``snr`` as the task's ``noise_snr`` reads it: ``"5.0"``, or ``"(-5, 5)"`` for
+    a range of whole dB drawn per utterance. ValueError otherwise."""
+    import ast
+
+    try:
+        parsed = ast.literal_eval(str(value).strip())
+    except (ValueError, SyntaxError):
+        parsed = None
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+        return repr(float(parsed))
+    if (isinstance(parsed, (tuple, list)) and len(parsed) == 2
+            and all(isinstance(v, (int, float)) and float(v).is_integer() for v in parsed) and parsed[0] <= parsed[1]):
+        return f"({int(parsed[0])}, {int(parsed[1])})"
+    raise ValueError(f"{value!r}: a number of dB, or '(low, high)' whole dB with low <= high")
+
+
 def validate_use(ctx: StageContext, section: str) -> None:
     """ConfigError for an impossible ``<section>.noise`` block (before anything is submitted)."""
-    from avhubert.dataset import parse_snr
-
     use = ctx.cfg[section].noise
     if not 0 <= float(use.prob) <= 1:
         raise ConfigError(f"{section}.noise.prob={use.prob}: a probability between 0 and 1")
     try:
-        parse_snr(str(use.snr))
-    except (ValueError, SyntaxError):
-        raise ConfigError(f"{section}.noise.snr={use.snr!r}: a number of dB or '(low, high)'") from None
+        snr_setting(use.snr)
+    except ValueError as e:
+        raise ConfigError(f"{section}.noise.snr: {e}") from None
     if int(use.num) < 1:
         raise ConfigError(f"{section}.noise.num={use.num}: at least 1")
     for name in list(use.categories) + list(use.get("eval_categories") or []):
@@ -189,6 +205,8 @@ def noise_categories_made(directory: Path) -> Optional[List[str]]:
     summary = Path(directory) / "summary.json"
     if summary.is_file():
         return sorted(json.loads(summary.read_text())["categories"])
+    if not Path(directory).is_dir():  # not made yet (a dry run, a config check)
+        return None
     found = sorted(p.name for p in Path(directory).iterdir()
                    if p.is_dir() and any((p / f"{s}.tsv").is_file() for s in SPLITS))
     return found or None
@@ -216,7 +234,7 @@ def task_overrides(ctx: StageContext, use, hydra_value, iteration: Optional[int]
     # "++": set whether or not the base config has the key (ours have none; the reference's
     # noise configs have some)
     return [f"++task.noise_wav={hydra_value(directory)}", f"++task.noise_prob={float(use.prob)}",
-            f"++task.noise_snr={hydra_value(str(use.snr))}", f"++task.noise_num={int(use.num)}",
+            f"++task.noise_snr='{snr_setting(use.snr)}'",  # quoted: a string, as the task's field f"++task.noise_num={int(use.num)}",
             f"++task.noise_categories={listed}"]
 
 
@@ -329,10 +347,11 @@ def build_plan(ctx: StageContext) -> dict:
                 if n_clips and len(pool) < int(talkers):
                     notes.append(f"{category} {split}: {len(pool)} utterances for {talkers} talkers per clip "
                                  "(voices repeat within a clip)")
-                durations = [p[2] for p in pool]
+                durations = np.array([p[2] for p in pool], dtype=np.int64)
+                usable = np.flatnonzero(durations > 0)
                 for index in range(n_clips if pool else 0):
                     rng = np.random.RandomState(int(seeded_unit(c.seed, "corpus", category, split, index) * 2 ** 32))
-                    streams = plan_talker_streams(rng, durations, int(talkers), length)
+                    streams = plan_talker_streams(rng, durations, int(talkers), length, usable)
                     corpus_jobs.append({
                         "kind": "corpus", "category": category, "split": split,
                         "out": f"{category}/corpus/{split}/{index:06d}.wav", "length": length,
@@ -382,12 +401,10 @@ class NoiseStage(Stage):
         return bool(noise_consumers(ctx)) if setting is None else bool(setting)
 
     def validate(self, ctx: StageContext) -> None:
+        from stages.manifest import check_split_fractions
+
         c = ctx.cfg.noise
-        for key in ("valid_fraction", "test_fraction"):
-            if not 0 <= float(c[key]) < 1:
-                raise ConfigError(f"noise.{key}={c[key]}: must be in [0, 1)")
-        if float(c.valid_fraction) + float(c.test_fraction) >= 1:
-            raise ConfigError("noise.valid_fraction + noise.test_fraction must be below 1")
+        check_split_fractions("noise", c)
         for key in ("clip_seconds", "piece_seconds"):
             if float(c[key]) <= 0:
                 raise ConfigError(f"noise.{key}={c[key]}: must be positive")
@@ -530,11 +547,11 @@ class NoiseStage(Stage):
 
 
 def _list_line(record: dict, path: str) -> str:
-    """A noise list line: the wav, then the talkers of a corpus clip (the dataset then never mixes
-    an utterance with a clip holding its own talker)."""
-    from avhubert.dataset import talker_key
-
-    talkers = sorted({talker_key(u) for u in record.get("utterances", [])})
+    """A noise list line: the wav, then the talkers of a corpus clip, each the directory of an
+    utterance id, as ``avhubert.dataset.talker_key`` reads an id (not imported: importing the plugin
+    loads fairseq, seconds per shard process); the dataset then never mixes an utterance with a
+    clip holding its own talker."""
+    talkers = sorted({u.rpartition("/")[0] or u for u in record.get("utterances", [])})
     return "\t".join([path, *talkers]) + "\n"
 
 
@@ -572,7 +589,6 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
     plan, so the same bytes) is kept."""
     import soundfile as sf
 
-    from avhubert.features import read_wav_int16
     from speechfeat.noise import babble, talker_stream
 
     path = out / job["out"]
@@ -582,7 +598,7 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
         for talker in job["talkers"]:
             waves = []
             for _, wav_path in talker["utterances"]:
-                wav, sr = read_wav_int16(wav_path)
+                wav, sr = sf.read(wav_path, dtype="int16")
                 if sr != 16000 or wav.ndim != 1:
                     raise ValueError(f"{wav_path}: expected 16 kHz mono audio, got {sr} Hz {wav.shape}")
                 waves.append(wav)
