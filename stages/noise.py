@@ -315,13 +315,9 @@ def _settings(c) -> dict:
     return {k: OmegaConf.to_container(c[k]) if OmegaConf.is_config(c[k]) else c[k] for k in keys}
 
 
-def build_plan(ctx: StageContext) -> dict:
-    """The whole stage as data: shards of corpus clips (the utterances of each talker) and of
-    noise files (their category and split), plus the fingerprint of what it was made from."""
-    import numpy as np
-
-    from speechfeat.noise import assign_splits, plan_talker_streams, seeded_unit
-
+def scan_inputs(ctx: StageContext) -> dict:
+    """What the noise is made from: the settings, the layout, the noise files by category (one
+    listing of the folders) and a fingerprint of all that and of the manifest's bytes."""
     c = ctx.cfg.noise
     settings = _settings(c)
     layout = str(ctx.cfg.get("layout") or "plain")
@@ -330,6 +326,26 @@ def build_plan(ctx: StageContext) -> dict:
                                        sort_keys=True).encode())
     for split in SPLITS:
         digest.update((manifest / f"{split}.tsv").read_bytes())
+    files: Dict[str, list] = {}
+    for category, folder, label in noise_sources(c.dirs):
+        files.setdefault(category, [])
+        for path in list_audio_files(folder):
+            stat = path.stat()
+            digest.update(f"{category}\x1f{path}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+            files[category].append((f"{label}/{path.relative_to(folder).as_posix()}", path))
+    return {"settings": settings, "layout": layout, "manifest": manifest, "files": files,
+            "fingerprint": digest.hexdigest()}
+
+
+def build_plan(ctx: StageContext, inputs: dict) -> dict:
+    """The whole stage as data: shards of corpus clips (the utterances of each talker) and of
+    noise files (their category and split), with the inputs' fingerprint."""
+    import numpy as np
+
+    from speechfeat.noise import AUDIO_EXTENSIONS, assign_splits, plan_talker_streams, seeded_unit
+
+    c = ctx.cfg.noise
+    layout, manifest = inputs["layout"], inputs["manifest"]
     notes: List[str] = []
 
     corpus_jobs = []
@@ -360,15 +376,12 @@ def build_plan(ctx: StageContext) -> dict:
                     })
 
     file_jobs = []
-    by_category: Dict[str, list] = {}
-    for category, folder, label in noise_sources(c.dirs):
-        categories.add(category)
-        for path in list_audio_files(folder):
-            rel = path.relative_to(folder).as_posix()
-            stat = path.stat()
-            digest.update(f"{category}\x1f{path}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
-            by_category.setdefault(category, []).append((f"{label}/{rel}", path))
+    by_category = inputs["files"]
+    categories |= set(by_category)
     for category, files in sorted(by_category.items()):
+        if not files:
+            notes.append(f"{category}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under its folder")
+            continue
         keys = [k for k, _ in files]
         by_file = (assign_splits(keys, c.seed, float(c.valid_fraction), float(c.test_fraction), salt=category)
                    if len(files) >= 3 else {})
@@ -385,8 +398,8 @@ def build_plan(ctx: StageContext) -> dict:
     for kind, jobs, per in (("corpus", corpus_jobs, int(c.clips_per_shard)), ("files", file_jobs, int(c.files_per_shard))):
         for i, start in enumerate(range(0, len(jobs), per)):
             shards.append({"key": f"{kind}-{i:05d}", "jobs": jobs[start:start + per]})
-    return {"version": PLAN_VERSION, "fingerprint": digest.hexdigest(), "settings": settings, "layout": layout,
-            "categories": sorted(categories), "notes": notes, "shards": shards}
+    return {"version": PLAN_VERSION, "fingerprint": inputs["fingerprint"], "settings": inputs["settings"],
+            "layout": layout, "categories": sorted(categories), "notes": notes, "shards": shards}
 
 
 class NoiseStage(Stage):
@@ -429,17 +442,19 @@ class NoiseStage(Stage):
     # -- plan -------------------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
         out = noise_dir(ctx)
-        plan = build_plan(ctx)
+        inputs = scan_inputs(ctx)
         frozen = _read_index(out)
-        if frozen is not None and frozen["fingerprint"] == plan["fingerprint"]:
+        if frozen is not None and frozen["fingerprint"] == inputs["fingerprint"]:
             return []
         if frozen is not None and not ctx.force:
-            changed = sorted(k for k in plan["settings"] if frozen.get("settings", {}).get(k) != plan["settings"][k])
+            settings = inputs["settings"]
+            changed = sorted(k for k in settings if frozen.get("settings", {}).get(k) != settings[k])
             what = (f"settings {', '.join('noise.' + k for k in changed)}" if changed
                     else "the manifest, the layout or the noise folders")
             raise ConfigError(
                 f"noise: {out} was made from other inputs ({what} changed since); rebuild it with "
                 "`--stage noise --force` (models trained on the old noise keep it)")
+        plan = build_plan(ctx, inputs)
         lines = [f"plan: {sum(len(s['jobs']) for s in plan['shards'] if s['key'].startswith('corpus'))} corpus "
                  f"clips and {sum(len(s['jobs']) for s in plan['shards'] if s['key'].startswith('files'))} noise "
                  f"files in {len(plan['shards'])} shards; categories {', '.join(plan['categories']) or 'none'}"]

@@ -57,3 +57,4 @@ def noise_work(smoke_run, sample_corpus, noise_inputs, tmp_path_factory) -> Path
         pytest.fail(f"the noise stage failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return work
 
+

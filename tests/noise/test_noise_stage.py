@@ -171,3 +171,39 @@ def test_dry_run_plans_without_writing(smoke_run, sample_corpus, noise_inputs, t
     assert "plan: 16 corpus clips and 11 noise files in 9 shards" in proc.stdout
     assert "shards: 9 to run / 9" in proc.stdout
     assert not (work / "noise").exists()
+
+
+def test_a_full_disk_fails_the_shard_a_bad_file_is_recorded(noise_work, sample_corpus, noise_inputs, tmp_path,
+                                                           monkeypatch):
+    """In a shard, an undecodable recording is a failure record, but a full disk while writing is
+    the job's problem: the shard fails (InfrastructureError) and records nothing."""
+    import errno
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.errors import InfrastructureError
+    from pipeline.stage import StageContext
+    from stages import config_sections
+    from stages import noise as noise_stage
+
+    work = tmp_path / "work"
+    shutil.copytree(noise_work / "noise" / "plan", work / "noise" / "plan")
+    cfg = load_config(config_sections(), "smoke", "debug", noise_args(noise_inputs),
+                      {"workdir": str(work), "corpus": str(sample_corpus)})
+    ctx = StageContext(cfg=cfg, workdir=work)
+    shard = next(s for s in noise_stage.STAGE.shards(ctx) if s.key == "files-00001")
+    jobs = json.loads((work / "noise" / "plan" / "files-00001.json").read_text())["jobs"]
+    assert any(j["source"].endswith("broken.wav") for j in jobs)  # the shard holding the broken file
+    stats = noise_stage.STAGE.run(ctx, shard)
+    records = [json.loads(line) for line in (work / "noise" / "results" / "files-00001.jsonl").read_text().splitlines()]
+    assert stats["failed"] == 1 and [r["source"].rsplit("/", 1)[-1] for r in records if r["status"] == "failed"] == ["broken.wav"]
+
+    (work / "noise" / "results" / "files-00001.jsonl").unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(work / "noise" / "x.wav"))
+
+    monkeypatch.setattr(noise_stage, "_write_wav", full_disk)
+    with pytest.raises(InfrastructureError, match="disk full"):
+        noise_stage.STAGE.run(ctx, shard)
+    assert not (work / "noise" / "results" / "files-00001.jsonl").exists()
