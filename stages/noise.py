@@ -78,9 +78,9 @@ NOISE_TASK_KEYS = ("task.noise_wav", "task.noise_prob", "task.noise_snr", "task.
 class Config:
     # Run in --stage all: null = when train.noise / finetune.noise use it; true / false = always / never.
     enabled: Optional[bool] = None
-    # Noise made of the corpus' own utterances: category -> talkers summed per clip
-    # (reference: babble of 30 utterances; "speech" = one interfering talker). {} = none.
-    corpus_categories: Dict[str, int] = field(default_factory=lambda: {"babble": 30, "speech": 1})
+    # Noise made of the corpus' own utterances: category -> talkers summed per clip (reference:
+    # babble of 30 utterances; "speech" = one interfering talker). 0 talkers = not made; null = none.
+    corpus_categories: Optional[Dict[str, int]] = field(default_factory=lambda: {"babble": 30, "speech": 1})
     # Clips of each corpus category per split (reference MUSAN babble: 8000 / 1000 / 1000).
     corpus_clips: Dict[str, int] = field(default_factory=lambda: {"train": 1000, "valid": 100, "test": 100})
     clip_seconds: float = 10.0
@@ -197,6 +197,22 @@ def validate_use(ctx: StageContext, section: str) -> None:
     if uses_noise_stage(use) and ctx.cfg.noise.enabled is False:
         raise ConfigError(f"{section}.noise needs the noise stage, but noise.enabled=false "
                           f"(set {section}.noise.dir to noise made elsewhere, or enable the stage)")
+    if uses_noise_stage(use):
+        made = planned_categories(ctx.cfg.noise)
+        unknown = sorted({str(c) for c in list(use.categories) + list(use.get("eval_categories") or [])} - made)
+        if unknown:
+            raise ConfigError(f"{section}.noise: categories {unknown} are not made by the noise stage "
+                              f"(it makes {sorted(made) or 'none'}: noise.corpus_categories and noise.dirs)")
+
+
+def planned_categories(c) -> set:
+    """The categories the noise stage makes with settings ``c`` (``cfg.noise``)."""
+    return set(corpus_categories(c)) | {category for category, _, _ in noise_sources(c.dirs)}
+
+
+def corpus_categories(c) -> Dict[str, int]:
+    """``{category: talkers}`` of the corpus noise made (categories with talkers > 0)."""
+    return {str(k): int(v) for k, v in (c.corpus_categories or {}).items() if int(v) > 0}
 
 
 def noise_categories_made(directory: Path) -> Optional[List[str]]:
@@ -350,10 +366,10 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
 
     corpus_jobs = []
     categories = set()
-    if c.corpus_categories:
+    if corpus_categories(c):
         pools = utterance_pools(manifest, layout)
         length = int(round(float(c.clip_seconds) * 16000))
-        for category, talkers in sorted(c.corpus_categories.items()):
+        for category, talkers in sorted(corpus_categories(c).items()):
             categories.add(category)
             for split in SPLITS:
                 n_clips, pool = int(c.corpus_clips.get(split, 0)), pools[split]
@@ -390,7 +406,7 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
         for key, path in sorted(files):
             file_jobs.append({"kind": "file", "category": category, "source": str(path),
                               "out": f"{category}/files/{key}", "split": by_file.get(key)})
-    for category in sorted(set(c.corpus_categories or {}) | set(by_category)):
+    for category in sorted(set(corpus_categories(c)) | set(by_category)):
         if not _CATEGORY.match(category):
             raise ConfigError(f"noise: category {category!r} is not a category name (letters, digits, _ . -)")
 
@@ -426,9 +442,9 @@ class NoiseStage(Stage):
         if int(c.clips_per_shard) < 1 or int(c.files_per_shard) < 1:
             raise ConfigError("noise.clips_per_shard and noise.files_per_shard must be >= 1")
         for category, talkers in (c.corpus_categories or {}).items():
-            if not _CATEGORY.match(str(category)) or int(talkers) < 1:
+            if not _CATEGORY.match(str(category)) or int(talkers) < 0:
                 raise ConfigError(f"noise.corpus_categories: {category}: {talkers}: a category name and "
-                                  "at least one talker")
+                                  "a number of talkers (0 = not made)")
         unknown = set(c.corpus_clips or {}) - set(SPLITS)
         if unknown or any(int(v) < 0 for v in (c.corpus_clips or {}).values()):
             raise ConfigError(f"noise.corpus_clips={dict(c.corpus_clips)}: clip counts (>= 0) of train, valid, test")
@@ -438,6 +454,10 @@ class NoiseStage(Stage):
                 raise ConfigError(f"noise.dirs: {path}: no such directory")
         if not 0 <= float(c.max_failure_rate) <= 1:
             raise ConfigError(f"noise.max_failure_rate={c.max_failure_rate}: a share between 0 and 1")
+        makes_clips = corpus_categories(c) and any(int(v) for v in (c.corpus_clips or {}).values())
+        if not (c.dirs or makes_clips):
+            raise ConfigError("noise: nothing to make (noise.corpus_categories / noise.corpus_clips make no "
+                              "clip and noise.dirs lists no folder)")
 
     # -- plan -------------------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:

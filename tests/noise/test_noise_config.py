@@ -103,6 +103,11 @@ def test_noise_stage_runs_when_something_uses_it(tmp_path):
     (["noise.corpus_categories={bab/ble: 3}"], "noise.corpus_categories"),
     (["noise.corpus_clips={train: 4, dev: 1}"], "noise.corpus_clips"),
     (["noise.min_piece_seconds=12"], "noise.min_piece_seconds"),
+    (["noise.corpus_categories=null"], "nothing to make"),
+    (["noise.corpus_categories.babble=0", "noise.corpus_categories.speech=0"], "nothing to make"),
+    (["noise.corpus_clips={train: 0, valid: 0, test: 0}"], "nothing to make"),
+    (["train.noise.prob=0.5", "train.noise.categories=[music]"], "are not made by the noise stage"),
+    (["finetune.noise.eval_snrs=[0]", "finetune.noise.eval_categories=[babble,cafe]"], "are not made"),
 ])
 def test_impossible_settings_are_config_errors(tmp_path, overrides, message):
     cfg = config(tmp_path, "smoke", *overrides, f"finetune.pretrained_checkpoint={REPO_ROOT / 'launch.py'}")
