@@ -40,7 +40,9 @@ offset drawn per utterance from ``eval_seed`` (the same noisy input for every mo
                               "utterances"}, ...], "notes": [...]}
 
 Each condition's hypotheses are in ``finetune/noise_eval/<split>/<modality>/<category>_<snr>.json``
-(a requeued job reuses the conditions already decoded with the same checkpoint and settings).
+(a requeued job reuses the conditions already decoded with the same checkpoint and settings), and
+the table in ``noise_eval/done-<digest of the evaluation settings>.json``, a declared output: asking
+a finished run for another evaluation reruns the shard, which only decodes.
 Noise does not reach the video stream: a video-only model is decoded clean only.
 """
 from __future__ import annotations
@@ -303,6 +305,22 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
             "conditions": conditions, "notes": plan["notes"]}
 
 
+def noise_eval_record(ctx: StageContext) -> Path:
+    """``noise_eval/done-<digest>.json``: the noise table of an evaluation with these settings."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    f = ctx.cfg.finetune
+    settings = {k: f.noise[k] for k in ("eval_snrs", "eval_categories", "eval_modalities", "eval_splits",
+                                         "eval_seed", "dir")}
+    settings.update({k: f[k] for k in ("beam", "max_len_a", "max_len_b", "lenpen", "modalities")})
+    text = json.dumps(OmegaConf.to_container(OmegaConf.create(settings)), sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return ctx.with_iteration(None).stage_dir("finetune") / NOISE_EVAL_DIR / f"done-{digest}.json"
+
+
 def _noise_fingerprint(directory: Path) -> Optional[str]:
     import json
 
@@ -390,7 +408,12 @@ class FinetuneStage(Stage):
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         stage_dir = ctx.with_iteration(None).stage_dir("finetune")
-        return [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]
+        out = [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]
+        if ctx.cfg.finetune.noise.eval_snrs:
+            # named by the evaluation settings: asking a finished run for another evaluation
+            # under noise makes the shard incomplete, and its rerun only decodes
+            out.append(noise_eval_record(ctx))
+        return out
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
         from stages import train as train_stage
@@ -473,6 +496,8 @@ class FinetuneStage(Stage):
         if f.noise.eval_snrs:
             results["noise"] = evaluate_under_noise(ctx, decoder, final, splits)
         atomic.write_json(stage_dir / RESULTS, results)
+        if f.noise.eval_snrs:
+            atomic.write_json(noise_eval_record(ctx), results["noise"])
         return {
             "num_updates": int(end_updates),
             "resumed_from_updates": int(start_updates),

@@ -88,6 +88,18 @@ def test_noise_stage_runs_when_something_uses_it(tmp_path):
     assert "noise" in get_stage("finetune").dependencies(ctx(config(tmp_path, "smoke", "finetune.noise.prob=0.1")))
 
 
+def test_another_evaluation_under_noise_is_another_output(tmp_path):
+    from pipeline.stage import Shard
+
+    stage, shard = get_stage("finetune"), Shard(0, 1, "finetune")
+    clean = stage.outputs(ctx(config(tmp_path)), shard)
+    first = stage.outputs(ctx(config(tmp_path, "smoke", "finetune.noise.eval_snrs=[0,5]")), shard)
+    again = stage.outputs(ctx(config(tmp_path, "smoke", "finetune.noise.eval_snrs=[0,5]")), shard)
+    other = stage.outputs(ctx(config(tmp_path, "smoke", "finetune.noise.eval_snrs=[-5,0,5]")), shard)
+    assert first[:2] == clean and len(first) == 3 and first == again
+    assert other[2] != first[2] and other[2].parent == first[2].parent
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.noise.prob=1.5"], "train.noise.prob"),
     (["train.noise.prob=0.5", "train.noise.snr=(5,-5)"], "train.noise.snr"),

@@ -91,6 +91,8 @@ def test_decoding_under_noise_reports_wer_per_snr(noise_work, smoke_run, sample_
     assert list(table["video"]) == ["clean"]  # noise never reaches the video stream
     assert table["av"]["clean"] == results["splits"]["test"]["wer"]  # the fine-tuned streams, clean
     assert len(noise["conditions"]) == 2 * (1 + 2 * 3) + 1
+    records = list((work / "finetune" / "noise_eval").glob("done-*.json"))  # the declared output
+    assert len(records) == 1 and json.loads(records[0].read_text())["wer"] == noise["wer"]
     # each condition's hypotheses are kept, with what they were decoded from
     saved = json.loads((work / "finetune" / "noise_eval" / "test" / "audio" / "babble_-5.json").read_text())
     assert saved["key"]["snr"] == -5.0 and len(saved["scores"]["hypotheses"]) == results["splits"]["test"]["utterances"]
