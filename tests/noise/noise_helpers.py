@@ -1,19 +1,59 @@
-"""Helpers of the noise tests: a small audio-only manifest, a task over it, and synthetic noise
-recordings (tones, white noise, espeak-ng speech) in several formats and rates."""
+"""Helpers of the noise tests: launching the pipeline on copies of the smoke run, a small
+audio-only manifest, a task over it, and synthetic noise recordings (tones, white noise, espeak-ng
+speech) in several formats and rates."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# small corpus noise: 4-talker babble and single-talker speech, 4 s clips
+CORPUS_NOISE = ["noise.corpus_categories={babble: 4, speech: 1}", "noise.corpus_clips={train: 4, valid: 2, test: 2}",
+                "noise.clip_seconds=4", "noise.clips_per_shard=3", "noise.files_per_shard=4"]
+
+
+def launch(work: Path, corpus: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared machine
+    cmd = [sys.executable, str(REPO_ROOT / "launch.py"), "--preset", "smoke", "--cluster", "debug",
+           "--workdir", str(work), "--corpus", str(corpus), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def copy_steps(smoke_run: Path, work: Path, *steps: str) -> Path:
+    """Copy finished steps (``manifest``, ``iter1/labels``, ...) of the smoke run: their outputs
+    and their engine state, so the engine sees them complete in ``work``."""
+    for step in steps:
+        scope, _, stage = step.rpartition("/")
+        shutil.copytree(smoke_run / step, work / step)
+        state = Path(".pipeline") / "state" / (scope or "once") / stage
+        shutil.copytree(smoke_run / state, work / state)
+    return work
+
+
+def noise_args(folders: dict) -> list:
+    return ["noise.enabled=true", f"noise.dirs=[{','.join(folders['dirs'])}]", *CORPUS_NOISE]
+
+
+def speechlike(n: int, seed: int = 0, amplitude: float = 3000) -> np.ndarray:
+    """Bursts of harmonic sound with pauses (a stand-in for an utterance)."""
+    rng = np.random.RandomState(seed)
+    t = np.arange(n) / 16000
+    envelope = (np.sin(2 * np.pi * 2.5 * t) > -0.2) * (0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t) ** 2)
+    tone = sum(np.sin(2 * np.pi * f * t + rng.rand() * 6) / k for k, f in enumerate((140, 280, 420, 900), 1))
+    return np.rint(amplitude * envelope * tone).astype(np.int16)
 
 
 def speech_manifest(root: Path, n: int = 3, seconds: float = 2.0) -> Path:
     """``root/{valid}.tsv`` + ``.km`` + ``dict.km.txt`` over espeak-ng-free synthetic speech-like
     wavs (audio only: the video column is never read with modalities=[audio])."""
     import soundfile as sf
-
-    from test_noise_audio import speechlike
 
     (root / "audio").mkdir(parents=True, exist_ok=True)
     rows, labels = [], []

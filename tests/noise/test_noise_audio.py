@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from avhubert import features as feat
+from noise_helpers import speechlike
 from speechfeat import noise as nz
 
 
@@ -14,15 +15,6 @@ def measured_snr(clean: np.ndarray, mixed: np.ndarray, scale: float = 1.0) -> fl
     clean = clean.astype(np.float64) * scale
     added = mixed.astype(np.float64) - clean
     return 10 * np.log10(np.sum(clean ** 2) / np.sum(added ** 2))
-
-
-def speechlike(n: int, seed: int = 0, amplitude: float = 3000) -> np.ndarray:
-    """Bursts of harmonic sound with pauses (a stand-in for an utterance)."""
-    rng = np.random.RandomState(seed)
-    t = np.arange(n) / 16000
-    envelope = (np.sin(2 * np.pi * 2.5 * t) > -0.2) * (0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t) ** 2)
-    tone = sum(np.sin(2 * np.pi * f * t + rng.rand() * 6) / k for k, f in enumerate((140, 280, 420, 900), 1))
-    return np.rint(amplitude * envelope * tone).astype(np.int16)
 
 
 @pytest.mark.parametrize("snr", [-5.0, 0.0, 5.0, 12.5])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_steps, launch, noise_args
+from noise_helpers import copy_steps, launch, noise_args
 
 
 def _train_batch(work: Path, overrides) -> dict:

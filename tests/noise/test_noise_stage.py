@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import CORPUS_NOISE, copy_steps, launch, noise_args
+from noise_helpers import CORPUS_NOISE, copy_steps, launch, noise_args
 from stages.noise import SPLITS, speaker_of, utterance_pools
 
 
