@@ -10,6 +10,7 @@
     python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
+    python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
-             "report": ("report", "main")}
+             "report": ("report", "main"), "units": ("stages.units", "main")}
 
 
 def parse_args(argv):
@@ -34,7 +35,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
-        epilog="Subcommands: `status [--workdir DIR]`, `report [--workdir DIR]`, `crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`. "
+        epilog="Subcommands: `status [--workdir DIR]`, `report [--workdir DIR]`, `crop-video VIDEO --out DIR`, "
+        "`infer VIDEO --checkpoint FT.pt`, `units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
