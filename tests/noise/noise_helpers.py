@@ -26,6 +26,26 @@ def launch(work: Path, corpus: Path, *args: str, timeout: float = 900) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
 
 
+def launch_here(work: Path, corpus: Path, *args: str) -> subprocess.CompletedProcess:
+    """``launch`` in this process (the debug executor runs the shards here too), without the run
+    report written at the end of every launch (tested in tests/report): for the many quick
+    launches of the noise stage's tests."""
+    import contextlib
+    import io
+
+    import pytest
+
+    import launch as launcher
+    import report
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--preset", "smoke", "--cluster", "debug", "--workdir", str(work), "--corpus", str(corpus), *args]
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(report, "at_end_of_launch", lambda *a, **k: [])
+        rc = launcher.main(argv)
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
 def copy_steps(smoke_run: Path, work: Path, *steps: str) -> Path:
     """Copy finished steps (``manifest``, ``iter1/labels``, ...) of the smoke run: their outputs
     and their engine state, so the engine sees them complete in ``work``."""

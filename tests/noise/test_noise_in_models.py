@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from noise_helpers import copy_steps, launch, noise_args
+from noise_helpers import copy_steps, launch, launch_here, noise_args
 
 
 def _train_batch(work: Path, overrides) -> dict:
@@ -76,7 +76,7 @@ def test_decoding_under_noise_reports_wer_per_snr(noise_work, smoke_run, sample_
             "finetune.max_len_a=0", "finetune.max_len_b=8", "finetune.noise.eval_snrs=[-5,0,5]",
             "finetune.noise.eval_modalities=[audio,av,video]", "finetune.noise.eval_categories=[babble,hum]",
             *noise_args(noise_inputs)]
-    proc = launch(work, sample_corpus, *args)
+    proc = launch_here(work, sample_corpus, *args)  # decoding only: in this process
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((work / "finetune" / "results.json").read_text())
     noise = results["noise"]

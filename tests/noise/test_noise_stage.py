@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from noise_helpers import CORPUS_NOISE, copy_steps, launch, noise_args
+from noise_helpers import copy_steps, launch_here, noise_args
 from stages.noise import SPLITS, speaker_of, utterance_pools
 
 
@@ -137,7 +137,7 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
                                                              tmp_path):
     work = copy_steps(smoke_run, tmp_path / "work", "manifest")
     args = ["--stage", "noise", *noise_args(noise_inputs)]
-    first = launch(work, sample_corpus, *args)
+    first = launch_here(work, sample_corpus, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     assert tree_digest(work / "noise") == tree_digest(noise_work / "noise")
 
@@ -146,17 +146,17 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
     (work / "noise" / "results" / "corpus-00001.jsonl").unlink()
     next((work / "noise" / "babble" / "corpus").rglob("*.wav")).unlink()
     (work / ".pipeline" / "state" / "once" / "noise" / "corpus-00001.done.json").unlink()
-    again = launch(work, sample_corpus, *args)
+    again = launch_here(work, sample_corpus, *args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "submitting 1/" in again.stdout
     assert tree_digest(work / "noise") == before
 
     # other settings: refused (one error line) until --force rebuilds
     changed = [a.replace("train: 4", "train: 2") for a in args]
-    refused = launch(work, sample_corpus, *changed)
+    refused = launch_here(work, sample_corpus, *changed)
     assert refused.returncode == 2 and "noise.corpus_clips" in refused.stderr and "--force" in refused.stderr
     assert "Traceback" not in refused.stderr
-    rebuilt = launch(work, sample_corpus, *changed, "--force")
+    rebuilt = launch_here(work, sample_corpus, *changed, "--force")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     summary = json.loads((work / "noise" / "summary.json").read_text())
     assert summary["categories"]["babble"]["train"]["clips"] == 2
@@ -165,7 +165,7 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
 
 def test_dry_run_plans_without_writing(smoke_run, sample_corpus, noise_inputs, tmp_path):
     work = copy_steps(smoke_run, tmp_path / "work", "manifest")
-    proc = launch(work, sample_corpus, "--stage", "noise", "--dry-run", *noise_args(noise_inputs))
+    proc = launch_here(work, sample_corpus, "--stage", "noise", "--dry-run", *noise_args(noise_inputs))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # 2 categories x (4 + 2 + 2) clips, 11 recordings: 6 + 3 shards
     assert "plan: 16 corpus clips and 11 noise files in 9 shards" in proc.stdout
