@@ -3,6 +3,7 @@ audio-only manifest, a task over it, and synthetic noise recordings (tones, whit
 speech) in several formats and rates."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,7 +31,6 @@ def launch_here(work: Path, corpus: Path, *args: str) -> subprocess.CompletedPro
     """``launch`` in this process (the debug executor runs the shards here too), without the run
     report written at the end of every launch (tested in tests/report): for the many quick
     launches of the noise stage's tests."""
-    import contextlib
     import io
 
     import pytest
@@ -40,10 +40,25 @@ def launch_here(work: Path, corpus: Path, *args: str) -> subprocess.CompletedPro
 
     out, err = io.StringIO(), io.StringIO()
     argv = ["--preset", "smoke", "--cluster", "debug", "--workdir", str(work), "--corpus", str(corpus), *args]
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with one_torch_thread(), pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         patch.setattr(report, "at_end_of_launch", lambda *a, **k: [])
         rc = launcher.main(argv)
     return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models in this process: more threads only contend on a shared machine (4x slower
+    decoding measured under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def copy_steps(smoke_run: Path, work: Path, *steps: str) -> Path:
