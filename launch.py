@@ -153,9 +153,9 @@ def _guarded(run, workdir_of, driver_store=None) -> int:
         workdir = workdir_of()[1]
         cause = infrastructure_cause(e, [workdir] if workdir else [])
         if cause and not e.filename and workdir:  # a failed write() names no file: name the disk
-            from pipeline.executors import _mount_point
+            from pipeline.disk import free_line
 
-            cause = f"{cause} in {workdir} (filesystem {_mount_point(Path(workdir))})"
+            cause = f"{cause} in {workdir} ({free_line(Path(workdir))})"
         if driver_store is not None:
             update_record(driver_store, state="failed", error=cause or str(e), since=time.time())
         if cause:
@@ -187,7 +187,7 @@ def cmd_run(argv, build_fn=None, entry=None) -> int:
         from pipeline.driver import interrupts_raise, run_locked
 
         with interrupts_raise():
-            if args.detach:
+            if args.detach and not args.dry_run:
                 return cmd_detach(args, argv, built, build_fn, entry)
             cfg, pipe, steps = build_fn(args, args.dry_run)
             built["cfg"] = cfg

@@ -184,6 +184,7 @@ class Tracked:
     adopted: bool = False
     ended_at: Optional[float] = None
     fatal_since: Optional[float] = None
+    foreign_holder: Optional[dict] = None  # a live job of another executor holds the shard
 
 
 class SubmissionRejected(StageFailed):
@@ -246,7 +247,7 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
         infos = query(scheduler, list(candidates.values()))
     except SchedulerError as e:
         raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch: {e}") from None
-    adopted, to_submit = [], []
+    adopted, to_submit, holders = [], [], {}
     for s in todo:
         t = candidates.get(s.key)
         info = infos.get(t.job_id) if t else None
@@ -257,20 +258,51 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
                                   f"`launch.py cancel`")
             adopted.append(t)
             continue
-        if s.key in leases:
-            holder = store.lease(name, it, s.key).holder()
-            if t is not None and holder and holder is not MALFORMED and str(holder.get("job_id")) == t.job_id:
+        holder = store.lease(name, it, s.key).holder() if s.key in leases else None
+        if holder and holder is not MALFORMED:
+            if t is not None and str(holder.get("job_id")) == t.job_id:
                 store.lease(name, it, s.key).break_if_held_by(t.job_id)  # its job is over
-            elif holder and holder is not MALFORMED and holder_alive(holder):
-                # a job that took the shard but was never recorded (a launcher killed right after sbatch)
-                adopted.append(Tracked(s, str(holder["job_id"]), _record_of_holder(holder), adopted=True))
+            else:
+                holders[s.key] = holder  # a job that took the shard but was never recorded?
                 continue
         to_submit.append(s)
+    # holders of leases nobody recorded (a launcher killed right after sbatch): one scheduler call
+    alive = _holders_alive(holders)
+    for key, is_alive in alive.items():
+        if is_alive is None:
+            h = holders[key]
+            raise StageFailed(f"{step.name}: shard {key} is held by job {h.get('job_id')} of host {h.get('host')} "
+                              f"(pid {h.get('pid')}), which cannot be checked from here: relaunch on that host, or "
+                              f"remove {store.lease(name, it, key).path} if that job is gone")
+    adopted += [Tracked(s, str(holders[s.key]["job_id"]), _record_of_holder(holders[s.key]), adopted=True)
+                for s in todo if alive.get(s.key)]
+    submit = {s.key for s in to_submit} | {k for k in holders if not alive.get(k)}
+    to_submit = [s for s in todo if s.key in submit]
     if adopted:
         ids = _summarize_ids([t.job_id for t in adopted])
         echo(f"[{step.name}] adopting {len(adopted)} running job(s) of an earlier launch ({ids}); "
              f"they are waited for, not submitted again")
     return adopted, to_submit
+
+
+def _holders_alive(holders: dict) -> dict:
+    """{shard key: alive?} for lease holders: by their process on this host, else one squeue call."""
+    out, ask = {}, {}
+    for key, holder in holders.items():
+        here = procs.alive(holder)
+        if here is not None:
+            out[key] = here
+        elif holder.get("executor") == "slurm" and holder.get("job_id"):
+            ask[key] = str(holder["job_id"])
+        else:
+            out[key] = None  # a local job of another host: nothing here can tell
+    if ask:
+        try:
+            infos = SlurmScheduler().query(list(ask.values()))
+            out.update({key: infos[job].alive for key, job in ask.items()})
+        except SchedulerError:
+            out.update({key: True for key in ask})  # cannot tell: do not start a second writer
+    return out
 
 
 def _record_of_holder(holder: dict) -> dict:
@@ -435,7 +467,11 @@ class Waiter:
         holder = self.store.lease(self.step.stage.name, self.step.iteration, t.shard.key).holder()
         if not holder or holder is MALFORMED or str(holder.get("job_id")) == t.job_id:
             return False
-        if holder.get("executor") not in (self.cluster.executor, None) or not holder_alive(holder):
+        if not holder_alive(holder):
+            return False
+        if holder.get("executor") not in (self.cluster.executor, None):
+            # a live job of another executor (an earlier launch with another cluster config)
+            t.foreign_holder = holder
             return False
         self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} stepped back for job "
                   f"{holder.get('job_id')}, which holds the shard; waiting for that one")
@@ -445,7 +481,11 @@ class Waiter:
 
     def _failure_without_marker(self, t: Tracked, info: JobInfo) -> tuple:
         name, it, key = self.step.stage.name, self.step.iteration, t.shard.key
-        if self.cluster.executor == "local":
+        if t.foreign_holder is not None:
+            h = t.foreign_holder
+            why = (f"the shard is held by the live {h.get('executor')} job {h.get('job_id')} of an earlier launch: "
+                   f"wait for it, or stop it with `launch.py cancel`")
+        elif self.cluster.executor == "local":
             why = "its process ended without recording a result (killed, e.g. by SIGKILL or the out-of-memory killer)"
         else:
             why = info.describe()
@@ -505,23 +545,10 @@ def explain_pending(reason: str) -> str:
 
 
 def disk_hint(workdir: Path) -> str:
-    """'; the disk of WORKDIR is full (...)' when it is, else ''."""
-    try:
-        st = os.statvfs(workdir)
-    except OSError:
-        return ""
-    free = st.f_bavail * st.f_frsize
-    if free >= 1 << 20 and st.f_favail != 0:
-        return ""
-    what = "no free inodes" if st.f_favail == 0 else f"{free // 1024} KiB free"
-    return f"; the disk of {workdir} is full ({what} on {_mount_point(Path(workdir))})"
+    """'; the work dir's disk is full (filesystem ...: 0 B free)' when it is, else ''."""
+    from pipeline.disk import free_line, is_full
 
-
-def _mount_point(path: Path) -> str:
-    path = path.resolve()
-    while not os.path.ismount(path) and path != path.parent:
-        path = path.parent
-    return str(path)
+    return f"; the work dir's disk is full ({free_line(workdir)})" if is_full(workdir) else ""
 
 
 class Progress:

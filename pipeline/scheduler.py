@@ -203,25 +203,33 @@ class SlurmScheduler:
 
     def _sacct(self, bases: list) -> dict[str, JobInfo]:
         fields = "JobID,State,ExitCode,Reason,Timelimit,Start,End,NodeList"
-        p = _run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(bases), "-o", fields])
+        # every run of a requeued job (-D), and the job steps: srun's step says which signal
+        # killed the task when the allocation only says "exit code 9"
+        p = _run(["sacct", "-D", "-n", "-P", "-j", ",".join(bases), "-o", fields])
         if p.returncode != 0:
             raise SchedulerError(f"sacct failed: {(p.stderr or p.stdout).strip()[:300]}")
         attempts: dict[str, list] = {}
+        steps: dict[str, list] = {}
         for line in p.stdout.splitlines():
             parts = line.split("|")
             if len(parts) < 8:
                 continue
-            for jid in expand_array_id(parts[0]):  # never-started array tasks come as a range
-                attempts.setdefault(jid, []).append(parts)
+            job, _, step = parts[0].partition(".")
+            for jid in expand_array_id(job):  # never-started array tasks come as a range
+                (steps if step else attempts).setdefault(jid, []).append((step, parts))
         out = {}
         for jid, rows in attempts.items():
-            last = rows[-1]
-            state = last[1].split()[0] if last[1] else "ENDED"
-            if last[1].startswith("CANCELLED"):
-                state = last[1]
-            restarts = sum(1 for r in rows[:-1] if r[1].split()[0] in ("REQUEUED", "PREEMPTED", "NODE_FAIL", "TIMEOUT"))
-            out[jid] = JobInfo(jid, state if state.split()[0] in TERMINAL else state.split()[0], last[3],
-                               last[2], last[4], last[5], last[6], last[7], restarts)
+            last = rows[-1][1]
+            state = last[1] if last[1].startswith("CANCELLED") else (last[1].split() or ["ENDED"])[0]
+            restarts = sum(1 for _, r in rows[:-1] if r[1].split()[0] in ("REQUEUED", "PREEMPTED", "NODE_FAIL", "TIMEOUT"))
+            exit_code = last[2]
+            for step, r in steps.get(jid, []):
+                code, _, sig = r[2].partition(":")
+                if step[:1].isdigit() and r[1].split()[0] == "OUT_OF_MEMORY" and state == "FAILED":
+                    state = "OUT_OF_MEMORY"
+                if step[:1].isdigit() and sig not in ("", "0") and state == "FAILED":
+                    exit_code = f"{code}:{sig}"  # the task was killed by this signal
+            out[jid] = JobInfo(jid, state, last[3], exit_code, last[4], last[5], last[6], last[7], restarts)
         return out
 
     def cancel(self, job_ids: Iterable[str]) -> None:

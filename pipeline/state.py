@@ -186,23 +186,34 @@ class StateStore:
     def generation(self, stage, iteration) -> str:
         return (self.read_stage_done(stage, iteration) or {}).get("generation") or ""
 
-    def stale_reason(self, stage, iteration) -> Optional[str]:
+    def stale_reason(self, stage, iteration, _memo: Optional[dict] = None) -> Optional[str]:
         """Why the step's outputs are out of date: a prerequisite recorded when it ran
-        (``_inputs.json``, 'stage@scope' -> generation) has been redone since. None when not stale
-        or unknown (a step that never ran, or recorded before generations existed)."""
+        (``_inputs.json``, 'stage@scope' -> generation) has been redone since, or is itself stale.
+        None when not stale or unknown (a step that never ran, or recorded before generations)."""
+        memo = {} if _memo is None else _memo
+        if (stage, iteration) in memo:
+            return memo[(stage, iteration)]
+        memo[(stage, iteration)] = None  # (the DAG has no cycles; this only guards against one)
         recorded = self.read_inputs(stage, iteration)
         if recorded is None:
             recorded = (self.read_stage_done(stage, iteration) or {}).get("inputs") or {}
-        changed = []
+        redone, stale = [], []
         for key, gen in sorted(recorded.items()):
             dep, _, scope = key.rpartition("@")
             dep_it = None if scope == "once" else int(scope[4:]) if scope[4:].isdigit() else None
+            name = dep if dep_it is None else f"{dep} (iteration {dep_it})"
             now = self.generation(dep, dep_it)
             if gen and now and now != gen:
-                changed.append(dep if dep_it is None else f"{dep} (iteration {dep_it})")
-        if not changed:
-            return None
-        return f"its input{'s' if len(changed) > 1 else ''} {', '.join(changed)} {'were' if len(changed) > 1 else 'was'} redone since it ran"
+                redone.append(name)
+            elif now and self.stale_reason(dep, dep_it, memo):
+                stale.append(name)
+        why = None
+        if redone:
+            why = f"its input{'s' if len(redone) > 1 else ''} {', '.join(redone)} {'were' if len(redone) > 1 else 'was'} redone since it ran"
+        elif stale:
+            why = f"its input{'s' if len(stale) > 1 else ''} {', '.join(stale)} {'are' if len(stale) > 1 else 'is'} stale"
+        memo[(stage, iteration)] = why
+        return why
 
     def write_inputs(self, stage, iteration, inputs: dict, carry_generation: Optional[str], shards: str) -> None:
         """What a step runs from: its inputs' generations, the generation its outputs keep when

@@ -109,6 +109,11 @@ def failure_line(exc: BaseException, tb: str, workdir: Path) -> str:
         return str(exc)
     cause = infrastructure_cause(exc, [workdir])
     if cause and isinstance(exc, Exception):
+        if cause.startswith(("disk full", "disk quota")) and str(workdir) not in cause:
+            # a tool's message may name only its input: say which disk is full
+            from pipeline.disk import free_line
+
+            cause += f" (writing to {workdir}; {free_line(workdir)})"
         return cause
     return last_error_line(tb) or type(exc).__name__
 
@@ -230,31 +235,46 @@ class ShardTask:
             return None
 
     def _watch_time_limit(self, store: StateStore, started: float, progress0: Optional[int]):
-        """Replace submitit's USR2 handler for this shard (see the module doc); returns the undo."""
+        """Replace submitit's USR2 handler for this shard (see the module doc); returns the undo.
+
+        Slurm sends the signal up to a minute earlier than asked (its timer's resolution): when it
+        comes with no progress made yet and more than ``_DECIDE_BEFORE_S`` left, the decision
+        waits for an alarm shortly before the limit, so a short limit is not cut short."""
         if self.in_process or not hasattr(signal, "SIGUSR2"):
             return lambda: None
         sig = submitit.JobEnvironment._usr_sig()
         previous = signal.getsignal(sig)
+        previous_alarm = signal.getsignal(signal.SIGALRM)
         stage_name = self.stage.name
         has_progress = type(self.stage).progress is not Stage.progress
+        limit_s = float(self.timeout_min) * 60
 
-        def on_time_limit(signum, frame):
+        def requeue(signum, frame, now):
+            log.warning("== %s %s: signal after %.0f s, progress %s -> %s: requeueing", stage_name,
+                        self.shard.key, time.time() - started, progress0, now)
+            try:
+                if callable(previous):
+                    previous(sig, frame)
+            except SystemExit:  # submitit requeued the job and exits this run
+                self._requeued = True
+                raise
+            except submitit.core.utils.UncompletedJobError as e:  # requeued too often
+                raise ShardInterrupted(f"stopped at its time limit too many times (cluster.max_requeues): "
+                                       f"{last_error_line(str(e))}") from None
+
+        def decide(signum, frame, final: bool):
             minutes = f"{self.timeout_min:g}"
+            now = self._progress() if has_progress else None
+            if self.stage.checkpointable and (not has_progress or _grew(progress0, now)):
+                return requeue(signum, frame, now)
+            left = limit_s - (time.time() - _job_start(started))
+            if not final and left > 2 * _DECIDE_BEFORE_S:
+                log.warning("== %s %s: time-limit signal %.0f s before the limit; deciding %.0f s before it",
+                            stage_name, self.shard.key, left, _DECIDE_BEFORE_S)
+                signal.signal(signal.SIGALRM, lambda s, f: decide(s, f, final=True))
+                signal.alarm(max(1, int(left - _DECIDE_BEFORE_S)))
+                return
             if self.stage.checkpointable:
-                now = self._progress() if has_progress else None
-                if not has_progress or _grew(progress0, now):
-                    log.warning("== %s %s: signal %s after %.0f s, progress %s -> %s: requeueing", stage_name,
-                                self.shard.key, signum, time.time() - started, progress0, now)
-                    try:
-                        if callable(previous):
-                            previous(signum, frame)
-                    except SystemExit:  # submitit requeued the job and exits this run
-                        self._requeued = True
-                        raise
-                    except submitit.core.utils.UncompletedJobError as e:  # requeued too often
-                        raise ShardInterrupted(f"stopped at its time limit too many times (cluster.max_requeues): "
-                                               f"{last_error_line(str(e))}") from None
-                    return
                 where = "nothing saved yet" if now is None else f"progress still {now}"
                 raise ShardInterrupted(
                     f"timed out after {minutes} min without progress since it started ({where}): "
@@ -262,8 +282,34 @@ class ShardTask:
                 )
             raise ShardInterrupted(f"timed out after {minutes} min: raise cluster.stages.{stage_name}.timeout_min")
 
-        signal.signal(sig, on_time_limit)
-        return lambda: signal.signal(sig, previous)
+        signal.signal(sig, lambda s, f: decide(s, f, final=False))
+
+        def undo():
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous_alarm)
+            signal.signal(sig, previous)
+
+        return undo
+
+
+_DECIDE_BEFORE_S = 8.0  # how long before the limit a deferred time-limit decision is taken
+
+
+def _job_start(fallback: float) -> float:
+    """When this run of the Slurm job started (scontrol), else a bit before ``fallback``."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        import subprocess
+        from datetime import datetime
+
+        try:
+            out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True,
+                                 timeout=10).stdout
+            stamp = next(f.split("=", 1)[1] for f in out.split() if f.startswith("StartTime="))
+            return datetime.fromisoformat(stamp).timestamp()
+        except (OSError, subprocess.SubprocessError, StopIteration, ValueError):
+            pass
+    return fallback - 10.0
 
 
 class CheckpointableShardTask(ShardTask, submitit.helpers.Checkpointable):

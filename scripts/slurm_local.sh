@@ -139,7 +139,8 @@ EOF
 
 resolve_nodes() {
   for n in $N1 $N2; do
-    getent hosts "$n" >/dev/null 2>&1 || echo "127.0.0.1 $n" >> /etc/hosts
+    getent hosts "$n" >/dev/null 2>&1 || echo "127.0.0.1 $n" >> /etc/hosts \
+      || echo "warning: cannot add $n to /etc/hosts: multi-node jobs cannot meet at their first node's name" >&2
   done
 }
 

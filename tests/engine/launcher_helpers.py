@@ -169,3 +169,23 @@ def squeue_tagged(workdir: Path) -> list:
     from pipeline.scheduler import SlurmScheduler
 
     return SlurmScheduler().jobs_named(f"-{workdir_tag(workdir)}")
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """Mount a tmpfs of ``size`` at ``path`` (a small disk to fill up); skipped without root, a
+    failure in CI (which runs as root)."""
+    import shutil
+
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    ok = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs at {path} (CI runs as root)")
+        pytest.skip("needs root to mount a small tmpfs")
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)

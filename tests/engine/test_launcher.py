@@ -3,7 +3,6 @@ nothing mocked): launches killed and run again at once adopt the jobs they left 
 run twice), SIGHUP, the detached driver, cancel, the shard lease, one-line errors (a full disk,
 a malformed lock), what `status` says (a failed finalize, stale steps)."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from launcher_helpers import (
     job_records,
     keys,
     launch_cmd,
+    mount_tmpfs,
     run,
     running_now,
     runs,
@@ -26,6 +26,7 @@ from launcher_helpers import (
     status,
     toy_cmd,
     toy_env,
+    umount,
     wait_for,
     wait_for_text,
 )
@@ -223,20 +224,9 @@ def test_a_malformed_lock_is_one_clear_line(tmp_path):
     assert "lock: the lock file is malformed" in st.stdout and "Traceback" not in st.stdout + st.stderr
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_a_full_disk_at_launch_is_one_error_line(tmp_path):
     work = tmp_path / "w"
-    if not _mount_tmpfs(work, "256k"):
-        if os.environ.get("CI"):
-            pytest.fail("cannot mount a tmpfs (CI runs as root)")
-        pytest.skip("needs root to mount a small tmpfs")
+    mount_tmpfs(work, "256k")
     try:
         subprocess.run(["dd", "if=/dev/zero", f"of={work / 'filler'}", "bs=4k"], capture_output=True)
         r = run(toy_cmd(work, "local"), toy_env({"toy": 2}), timeout=120)
@@ -248,5 +238,19 @@ def test_a_full_disk_at_launch_is_one_error_line(tmp_path):
         r = run(toy_cmd(work, "local"), toy_env({"toy": 2}), timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
-        subprocess.run(["umount", "-l", str(work)], capture_output=True)
+        umount(work)
 
+
+
+def test_a_job_nobody_recorded_is_found_by_its_lease_and_adopted(tmp_path):
+    # a launcher killed between starting a job and recording it: the job holds its shard's lease
+    work = tmp_path / "w"
+    env = toy_env({"toy": 4, "sleep_s": 4})
+    p = start(toy_cmd(work, "local"), env, tmp_path / "launch1.log")
+    wait_for(lambda: len(running_now(work)) == 2, 60, "two running shards")
+    p.kill()
+    p.wait()
+    shutil.rmtree(work / ".pipeline" / "state" / "once" / "toy" / "_jobs")
+    again = run(toy_cmd(work, "local"), env, timeout=120)
+    assert again.returncode == 0 and "adopting 2 running job(s)" in again.stdout, again.stdout + again.stderr
+    assert overlaps(work) == [] and _each_once(work, 4)

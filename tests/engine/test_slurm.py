@@ -1,6 +1,7 @@
 """The engine on a real Slurm cluster (scripts/slurm_local.sh start): sbatch arrays, failures and
 reruns, a two-stage chain, and a checkpointable 2-task job requeued by a preemption signal."""
 import json
+import os
 import subprocess
 import threading
 import time
@@ -225,3 +226,18 @@ def test_a_one_minute_limit_without_progress_fails_with_the_timeout_message(tmp_
     sacct = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", "JobID,State"],
                            capture_output=True, text=True).stdout.split()
     assert len(sacct) == 1 and "REQUEUED" not in sacct[0], sacct  # one run, never requeued
+
+
+def test_a_task_killed_by_a_signal_says_so(tmp_path, slurm):
+    work = tmp_path / "w"
+    p = start(toy_cmd(work, "slurm_local"), toy_env({"toy": 1, "sleep_s": 60, "sum": False}), tmp_path / "launch.log")
+    running = work / ".pipeline/state/once/toy/part000.running.json"
+    wait_for(running.exists, 90, "the task to start")
+    info = json.loads(running.read_text())
+    os.kill(info["pid"], 9)
+    assert p.wait(timeout=120) == 2
+    out = (tmp_path / "launch.log").read_text()
+    line = f"part000: job {info['job_id']}: killed by signal 9 (SIGKILL)"
+    assert line in out, out
+    st = status(work)
+    assert f"failed {line}" in st.stdout and st.returncode == 1, st.stdout
