@@ -61,6 +61,7 @@ pytestmark = pytest.mark.slurm
 # two CPU ranks on a shared 2-core machine take ~5 s per update: 4 updates in iteration 1 (smoke: 6);
 # iteration 2 trains 8, so that a launcher kill, the adoption and a cancel all fall inside it
 MAX_UPDATE = [4, 8]
+MULTI_UPDATES = 4  # the 2-node run of iteration 2: USR2 after 2 updates, then 2 more after the requeue
 
 
 @dataclass
@@ -176,7 +177,7 @@ def slurm_run(slurm, sample_corpus, tmp_path_factory) -> SlurmRun:
     train2_firsts = events_first_steps(work / "iter2" / "train" / "tensorboard" / "train_inner")
     # 7. iteration 2's training again as a 2-node job (one task per node), requeued once
     multi_cmd = launch_cmd(work, sample_corpus, "slurm_local", "--iteration", "2", "--stage", "train", "--force",
-                           f"train.max_update=[{MAX_UPDATE[0]},{MAX_UPDATE[1]}]", "cluster.stages.train.partition=multi",
+                           f"train.max_update=[{MAX_UPDATE[0]},{MULTI_UPDATES}]", "cluster.stages.train.partition=multi",
                            "cluster.stages.train.nodes=2", "cluster.stages.train.tasks_per_node=1")
     started = time.time()
     p6 = start_launch(multi_cmd, base / "launch6.log")
@@ -284,8 +285,8 @@ def test_two_node_training_runs_and_resumes_after_a_requeue(slurm_run):
     assert multi.returncode == 0, multi
     work = slurm_run.workdir
     stats = read_done_stats(work, "train", 2, "train")
-    assert stats["world_size"] == 2 and stats["num_updates"] == MAX_UPDATE[1], stats
-    assert slurm_run.multi_requeued_at <= stats["resumed_from_updates"] < MAX_UPDATE[1], stats
+    assert stats["world_size"] == 2 and stats["num_updates"] == MULTI_UPDATES, stats
+    assert slurm_run.multi_requeued_at <= stats["resumed_from_updates"] < MULTI_UPDATES, stats
     job = json.loads((work / ".pipeline/state/iter2/train/train.done.json").read_text())["job_id"]
     nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList,AllocNodes"],
                            capture_output=True, text=True).stdout.split()

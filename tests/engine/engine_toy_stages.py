@@ -6,6 +6,8 @@
   job id, pid) to ``spans.log`` at its start and end, so tests can check that no two runs of one
   shard ever overlapped.
 - ``SumStage``: depends on the toy stage; its one shard sums what the toy shards wrote.
+- ``ItemLoopStage``: like the crop stage, a loop over items that records an item whose processing
+  raises an ``Exception`` as a failed item and goes on; one item per ``item_s`` seconds.
 - ``CounterStage``: multi-task + checkpointable; counts to ``target`` one step per ``step_s``
   seconds, persisting progress every ``save_every`` steps, so a requeued/killed job resumes; its
   ``progress`` is the saved count.
@@ -167,3 +169,30 @@ class CounterStage(Stage):
         if env.global_rank == 0:
             atomic.write_json(self.outputs(ctx, shard)[0], {"count": count})
         return {"count": count, "ntasks": env.num_tasks}
+
+
+class ItemLoopStage(Stage):
+    name = "items"
+
+    def __init__(self, n_items: int = 100, item_s: float = 0.5):
+        self.n_items, self.item_s = n_items, item_s
+
+    def shards(self, ctx):
+        return [Shard(0, 1, "all")]
+
+    def outputs(self, ctx, shard):
+        return [ctx.stage_dir(self.name) / "results.jsonl"]
+
+    def run(self, ctx, shard):
+        records = []
+        for i in range(self.n_items):
+            try:
+                time.sleep(self.item_s)
+                records.append({"item": i, "status": "ok"})
+            except Exception as e:  # an item's own error: recorded, the loop goes on
+                records.append({"item": i, "status": "failed", "reason": f"{type(e).__name__}: {e}"})
+                with open(ctx.stage_dir(self.name).parent / "item_failures.log", "a") as f:
+                    f.write(f"{i} {type(e).__name__}: {e}\n")
+        with atomic.atomic_open(self.outputs(ctx, shard)[0]) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        return {"items": len(records)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_toy_stages import CounterStage, SumStage, ToyStage, overlaps
+from engine_toy_stages import CounterStage, ItemLoopStage, SumStage, ToyStage, overlaps
 from launcher_helpers import (
     driver_record,
     job_records,
@@ -50,7 +50,7 @@ def test_killed_launcher_relaunched_at_once_adopts_its_jobs_and_no_shard_runs_tw
     env = toy_env({"toy": 8, "sleep_s": 2.5})
     delays = []
     killed_at = None
-    for i in range(4):
+    for i in range(3):
         log = tmp_path / f"launch{i}.log"
         n_jobs = len(job_records(work)) if work.exists() else 0
         p = start(toy_cmd(work, "local"), env, log)
@@ -67,7 +67,7 @@ def test_killed_launcher_relaunched_at_once_adopts_its_jobs_and_no_shard_runs_tw
     assert overlaps(work) == []
     assert _each_once(work, 8), runs(work)
     print(f"\nlocal executor: kill -> relaunch adopting its jobs: {', '.join(f'{d:.2f}' for d in delays)} s; "
-          f"overlapping runs of one shard: 0 in 4 kills")
+          f"overlapping runs of one shard: 0 in 3 kills")
 
 
 def test_sighup_ends_a_foreground_launch_with_one_line_and_its_jobs_keep_running(tmp_path):
@@ -254,3 +254,17 @@ def test_a_job_nobody_recorded_is_found_by_its_lease_and_adopted(tmp_path):
     again = run(toy_cmd(work, "local"), env, timeout=120)
     assert again.returncode == 0 and "adopting 2 running job(s)" in again.stdout, again.stdout + again.stderr
     assert overlaps(work) == [] and _each_once(work, 4)
+
+
+def test_a_time_limit_in_an_item_loop_fails_the_shard_and_never_an_item(tmp_path):
+    # the crop stage's loop records an item whose processing raises an Exception; the time-limit
+    # signal must not be one (submitit raises UncompletedJobError there: a bad-video record)
+    stages = {"items": ItemLoopStage(n_items=200, item_s=0.25)}
+    pipe = make(tmp_path, "local", stages, overrides=["cluster.stages.items.timeout_min=1", "cluster.signal_delay_s=50"])
+    with pytest.raises(StageFailed) as err:
+        run_all(pipe)
+    assert "all: timed out after 1 min: raise cluster.stages.items.timeout_min" in str(err.value), str(err.value)
+    assert not (tmp_path / "item_failures.log").exists(), (tmp_path / "item_failures.log").read_text()
+    assert not (tmp_path / "items" / "results.jsonl").exists()
+    marker = json.loads((tmp_path / ".pipeline/state/once/items/all.failed.json").read_text())
+    assert marker["infrastructure"] is True

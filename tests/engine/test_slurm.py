@@ -110,6 +110,7 @@ def _each_once(workdir, n):
     return done == [f"part{i:03d}" for i in range(n)]
 
 
+@pytest.mark.slow  # the default suite has the same with the real crop array (tests/e2e/test_pipeline_slurm.py)
 def test_launcher_killed_during_an_array_and_relaunched_adopts_the_running_tasks(tmp_path, slurm):
     work = tmp_path / "w"
     env = toy_env({"toy": 6, "sleep_s": 4})
