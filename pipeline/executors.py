@@ -446,7 +446,14 @@ class Waiter:
         """None while the shard's job runs; 'done'; or a failure (key, log, error line)."""
         name, it, key = self.step.stage.name, self.step.iteration, t.shard.key
         if key in markers["done"]:
-            return "done"
+            if not self.step.stage.multi_task:
+                return "done"
+            # a multi-task job: rank 0 recorded the shard; done once the other ranks ended too
+            info = self.infos.get(t.job_id)
+            if info is not None and not info.alive:
+                return "done"
+            self.last_query = 0.0
+            return None
         if key in markers["failed"]:
             marker = self.store.read_failed(name, it, key) or {}
             return key, marker.get("log", str(self.store.log_path(name, it, key))), marker.get("error", "failed")

@@ -52,6 +52,7 @@ class LocalRun:
     raise_dry: Launch
     raised: Launch
     status_after_raise: str
+    before_raise: dict  # iteration 1's final update count and train stats before max_update was raised
     rerun_untouched: dict = field(default_factory=dict)
     wall_times: dict = field(default_factory=dict)
 
@@ -84,6 +85,9 @@ def local_run(sample_corpus, tmp_path_factory) -> LocalRun:
                            "--force")
     rerun = run_launch(rerun_cmd, base / "launch4.log", timeout=600)
     untouched["labels_mtime_after"] = labels.stat().st_mtime_ns if labels.exists() else None
+    final1 = work / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
+    before_raise = {"final_updates": checkpoint_updates(final1), "stats": read_done_stats(work, "train", 1, "train"),
+                    "firsts": events_first_steps(work / "iter1" / "train" / "tensorboard" / "train_inner")}
     raise_cmd = launch_cmd(work, sample_corpus, "local", "--iteration", "1", "--stage", "train",
                            f"train.max_update={MAX_UPDATE + 2}")
     raise_dry = run_launch(raise_cmd + ["--dry-run"], base / "launch5.log", timeout=300)
@@ -94,8 +98,8 @@ def local_run(sample_corpus, tmp_path_factory) -> LocalRun:
     status = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "status", "--workdir", str(work)],
                             capture_output=True, text=True, timeout=120).stdout
 
-    run = LocalRun(work, killed, killed_at, resumed, again, rerun, raise_dry, raised, status, untouched,
-                   stage_wall_times(killed, resumed))
+    run = LocalRun(work, killed, killed_at, resumed, again, rerun, raise_dry, raised, status, before_raise,
+                   untouched, stage_wall_times(killed, resumed))
     (base / "wall_times.json").write_text(json.dumps(run.wall_times, indent=1))
     print("\nwall time per stage (local executor, s):", json.dumps(run.wall_times, indent=1))
     return run
@@ -106,10 +110,11 @@ def test_two_iterations_complete(local_run):
     work = local_run.workdir
     # crop and manifest once, at the top; everything else per iteration
     assert (work / "crop").is_dir() and (work / "manifest" / "train.tsv").is_file()
+    assert local_run.before_raise["final_updates"] == MAX_UPDATE
     for it in (1, 2):
         assert tree(work, it) == set(STAGES_PER_ITERATION), tree(work, it)
         final = work / f"iter{it}" / "train" / "checkpoints" / "checkpoint_final.pt"
-        assert checkpoint_updates(final) == MAX_UPDATE
+        assert checkpoint_updates(final) == (MAX_UPDATE + 2 if it == 1 else MAX_UPDATE)
         png = work / f"iter{it}" / "train" / "loss.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -141,10 +146,9 @@ def test_killed_training_resumes_and_the_update_count_continues(local_run):
     assert local_run.killed.returncode not in (0, None), local_run.killed
     resume_at = local_run.killed_at_updates
     assert resume_at is not None and 2 <= resume_at < MAX_UPDATE, resume_at
-    stats = read_done_stats(local_run.workdir, "train", 1, "train")
+    stats = local_run.before_raise["stats"]
     assert stats["resumed_from_updates"] == resume_at and stats["num_updates"] == MAX_UPDATE
-    logdir = local_run.workdir / "iter1" / "train" / "tensorboard" / "train_inner"
-    firsts = events_first_steps(logdir)
+    firsts = local_run.before_raise["firsts"]
     assert firsts[0] == 1 and firsts[-1] == resume_at + 1, firsts
     # crop, manifest and iteration 1's label chain were not redone by the relaunch
     redone = submitted_steps(local_run.resumed)
@@ -185,6 +189,8 @@ def test_raising_max_update_continues_a_complete_iteration_and_makes_the_next_st
     assert stats["resumed_from_updates"] == MAX_UPDATE and stats["num_updates"] == MAX_UPDATE + 2, stats
     final = local_run.workdir / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
     assert checkpoint_updates(final) == MAX_UPDATE + 2
+    firsts = events_first_steps(local_run.workdir / "iter1" / "train" / "tensorboard" / "train_inner")
+    assert firsts[-1] == MAX_UPDATE + 1, firsts  # the update count went on from the old final
     status = local_run.status_after_raise
     for stage in STAGES_PER_ITERATION:  # iteration 2 read iteration 1's old final checkpoint
         line = next(ln for ln in status.splitlines() if ln.startswith("2 ") and f" {stage} " in ln)

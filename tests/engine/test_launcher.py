@@ -152,6 +152,7 @@ def test_a_job_finding_its_shard_held_by_a_live_job_leaves_it_alone_on_every_ran
     assert not lease.path.exists()
 
 
+@pytest.mark.slow  # the default suite fills a real disk (tests/e2e/test_disk_full.py)
 def test_a_disk_error_fails_the_shard_with_one_line_naming_the_path(tmp_path):
     (tmp_path / "control").mkdir()
     (tmp_path / "control" / "enospc_part001").touch()
@@ -242,6 +243,7 @@ def test_a_full_disk_at_launch_is_one_error_line(tmp_path):
 
 
 
+@pytest.mark.slow  # defence in depth behind the job records (test above)
 def test_a_job_nobody_recorded_is_found_by_its_lease_and_adopted(tmp_path):
     # a launcher killed between starting a job and recording it: the job holds its shard's lease
     work = tmp_path / "w"
@@ -268,3 +270,15 @@ def test_a_time_limit_in_an_item_loop_fails_the_shard_and_never_an_item(tmp_path
     assert not (tmp_path / "items" / "results.jsonl").exists()
     marker = json.loads((tmp_path / ".pipeline/state/once/items/all.failed.json").read_text())
     assert marker["infrastructure"] is True
+
+
+def test_a_time_limit_without_progress_is_not_requeued(tmp_path):
+    # checkpointable, but nothing saved before the limit: requeueing would start from nothing again
+    stages = {"counter": CounterStage(target=10000, step_s=0.2, save_every=100000)}
+    pipe = make(tmp_path, "local", stages, overrides=["cluster.stages.counter.timeout_min=1", "cluster.signal_delay_s=50"])
+    with pytest.raises(StageFailed) as err:
+        run_all(pipe)
+    assert ("count: timed out after 1 min without progress since it started (nothing saved yet): raise "
+            "cluster.stages.counter.timeout_min") in str(err.value), str(err.value)
+    starts = (tmp_path / "counter" / "starts.log").read_text().splitlines()
+    assert len(starts) == 1, starts  # one run, no requeue

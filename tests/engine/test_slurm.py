@@ -216,6 +216,7 @@ def test_a_job_pending_for_a_reason_that_cannot_clear_fails_its_step(tmp_path, s
     print(f"\nunschedulable job (PartitionNodeLimit, checks off): step failed {took:.1f} s after the launch")
 
 
+@pytest.mark.slow  # a minute at least; the default suite has the rule on the local executor (test_launcher.py)
 def test_a_one_minute_limit_without_progress_fails_with_the_timeout_message(tmp_path, slurm):
     work = tmp_path / "w"
     spec = {"toy": 0, "counter": {"target": 10000, "step_s": 0.5, "save_every": 100000}}
