@@ -9,8 +9,10 @@
     python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
     python launch.py status [--workdir DIR]
     python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
+    python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
+    python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ import time
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main")}
+FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
+             "report": ("report", "main"), "units": ("stages.units", "main")}
 # how a detached driver runs this launcher again (a module with main(argv), importable from paths)
 ENTRY = {"module": "launch", "script": str(ROOT / "launch.py"), "paths": [str(ROOT)]}
 
@@ -36,8 +40,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
-        epilog="Subcommands: `status [--workdir DIR]`, `cancel [--workdir DIR]`, `crop-video VIDEO --out DIR`, "
-        "`infer VIDEO --checkpoint FT.pt`. "
+        epilog="Subcommands: `status [--workdir DIR]`, `cancel [--workdir DIR]`, `report [--workdir DIR]`, "
+        "`crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`, "
+        "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
@@ -129,11 +134,13 @@ def _internal_error(e: BaseException, workdir) -> int:
     return 3
 
 
-def _guarded(run, workdir_of, driver_store=None) -> int:
-    """Run ``run()`` turning every way it can fail into one line and an exit code."""
+def _guarded(run, workdir_of, driver_store=None, outcome: Optional[dict] = None) -> int:
+    """Run ``run()`` turning every way it can fail into one line and an exit code (the error is
+    kept in ``outcome['error']`` for the run report)."""
     from pipeline.driver import Interrupted, interrupted_message, update_record
     from pipeline.errors import PipelineError, infrastructure_cause
 
+    outcome = {} if outcome is None else outcome
     try:
         rc = run()
         if driver_store is not None:
@@ -141,11 +148,13 @@ def _guarded(run, workdir_of, driver_store=None) -> int:
         return rc
     except Interrupted as e:
         cfg, workdir = workdir_of()
+        outcome["error"] = f"interrupted by {e.name}"
         _say(interrupted_message(e, cfg, workdir), err=True)
         if driver_store is not None:
             update_record(driver_store, state=f"stopped ({e.name})", since=time.time())
         return 128 + e.signum
     except PipelineError as e:
+        outcome["error"] = str(e)
         if driver_store is not None:
             update_record(driver_store, state="failed", error=str(e).splitlines()[0], since=time.time())
         return _fail(str(e), workdir_of()[1])
@@ -156,19 +165,29 @@ def _guarded(run, workdir_of, driver_store=None) -> int:
             from pipeline.disk import free_line
 
             cause = f"{cause} in {workdir} ({free_line(Path(workdir))})"
+        outcome["error"] = cause or str(e)
         if driver_store is not None:
             update_record(driver_store, state="failed", error=cause or str(e), since=time.time())
         if cause:
             return _fail(f"{cause}: free space (or fix the file system) and rerun the same command", workdir)
         return _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", workdir)
     except Exception as e:  # a bug: one line, the traceback in a file
+        outcome["error"] = f"internal error: {type(e).__name__}: {e}"
         return _internal_error(e, workdir_of()[1])
 
 
-def cmd_run(argv, build_fn=None, entry=None) -> int:
+def _report_at_end(workdir, argv, start, rc, error) -> list:
+    from report import at_end_of_launch
+
+    return at_end_of_launch(workdir, argv, start, rc, error)
+
+
+def cmd_run(argv, build_fn=None, entry=None, at_end=_report_at_end) -> int:
     """A launch: plan and run (or --dry-run, or --detach). ``build_fn`` and ``entry`` are the
-    planning function and the driver's entry point (tests run the same launcher on toy stages)."""
+    planning function and the driver's entry point (tests run the same launcher on toy stages);
+    ``at_end`` writes the run report after every launch that ran (failed ones too)."""
     build_fn, entry = build_fn or build, entry or ENTRY
+    start = time.time()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("submitit").propagate = False  # it has its own handler: one line, not two
@@ -195,12 +214,18 @@ def cmd_run(argv, build_fn=None, entry=None) -> int:
                 print(pipe.describe_plan(steps))
                 print("\n(dry run: nothing submitted)")
                 return 0
-            results = run_locked(cfg, pipe, steps, role="driver" if args.driver else "launch", echo=_echo)
+            results = run_locked(cfg, pipe, steps, role="driver" if args.driver else "launch", echo=_echo,
+                                 on_locked=lambda: built.update(ran=True))
         ran = sum(r.submitted for r in results)
         print(f"done: {len(results)} step(s), {ran} shard(s) run" + ("" if ran else " (everything was already complete)"))
         return 0
 
-    return _guarded(run, workdir_of, driver_store)
+    outcome: dict = {}
+    rc = _guarded(run, workdir_of, driver_store, outcome)
+    if built.get("ran") and at_end is not None:  # the report after every launch that ran, failed ones too
+        for line in at_end(Path(built["cfg"].workdir), argv, start, rc, outcome.get("error")):
+            _say(line)
+    return rc
 
 
 def cmd_detach(args, argv, built: dict, build_fn, entry: dict) -> int:

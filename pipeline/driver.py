@@ -116,15 +116,18 @@ def record_alive(rec: dict) -> tuple[Optional[bool], str]:
 
 
 # --- the foreground / driver run -----------------------------------------------------------------
-def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], None] = print):
+def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], None] = print,
+               on_locked: Optional[Callable[[], None]] = None):
     """Run the planned steps holding the work dir lock (``role`` 'driver' in a detached driver,
-    which also keeps its record up to date)."""
+    which also keeps its record up to date); ``on_locked`` is called once the lock is held."""
     workdir = Path(cfg.workdir)
     store = StateStore(workdir)
     extra = {"executor": cfg.cluster.executor}
     if role == "driver" and cfg.cluster.executor == "slurm" and os.environ.get("SLURM_JOB_ID"):
         extra.update(executor="slurm", job_id=_slurm_job_id())
     with WorkdirLock(workdir, role=role, extra=extra) as lock:
+        if on_locked is not None:
+            on_locked()
         if lock.cleared_stale:
             echo(f"cleared a stale lock left by {describe_owner(lock.cleared_stale)}")
         if role == "driver":

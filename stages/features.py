@@ -276,37 +276,45 @@ def extract_batched(model, inputs: Sequence[Tuple[Optional["torch.Tensor"], Opti
     return result
 
 
-def _model_dim(model) -> int:
-    return int(getattr(model, "encoder_embed_dim", None) or model.encoder.layers[0].fc2.out_features)
+def auto_batch_frames(device: str) -> int:
+    """``batch_frames=0`` (auto): batched on a GPU; on a CPU padding only costs time."""
+    return 8000 if device.startswith("cuda") else 0
 
 
-def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint, layer: int,
-                    modality: str = "av", device: str = "auto", max_frames: int = 2500, batch_frames: int = 0,
-                    max_failure_fraction: float = 0.01, torch_threads: int = 0) -> dict:
-    """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv."""
-    import torch
+def load_layer_model(checkpoint, layer: Optional[int], device: str = "auto"):
+    """(model, task_cfg, device, layer) for layer features of ``checkpoint`` (any ours/reference
+    pretraining or fine-tuning checkpoint); ``layer`` None = its last transformer layer."""
+    from avhubert.extract import load_pretrained
 
-    from avhubert.extract import audio_input, load_pretrained, video_input
-    from speechfeat.shards import ShardWriter, read_tsv, shard_range
-
-    t0 = time.time()
-    if torch_threads > 0:
-        torch.set_num_threads(torch_threads)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint for layer features not found")
     device = resolve_device(device)
-    if batch_frames == 0:
-        batch_frames = 8000 if device.startswith("cuda") else 0
     model, task_cfg = load_pretrained(str(checkpoint), device=device)
     n_layers = len(model.encoder.layers)
+    layer = n_layers if layer is None else int(layer)
     if not 0 <= layer <= n_layers:
         raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")
-    dim = _model_dim(model)
-    root, rows = read_tsv(tsv)
-    a, b = shard_range(len(rows), rank, nshard)
+    return model, task_cfg, device, layer
+
+
+def _model_dim(model) -> int:
+    return int(getattr(model, "encoder_embed_dim", None) or model.encoder.layers[0].fc2.out_features)
+
+
+def layer_features_of_rows(model, task_cfg, root, rows, layer: int, modality: str = "av", max_frames: int = 2500,
+                           batch_frames: int = 0, on_failure=None, output_roots=()) -> Iterator[tuple]:
+    """``(row, features)`` for every tsv row in order: float32 (n_video_frames, D) of ``layer``,
+    or None for a row whose files cannot be read or whose counts disagree with the tsv (then
+    ``on_failure(row.id, reason)`` is called; an infrastructure error is raised instead, see
+    ``pipeline.errors``). Rows are decoded and extracted in groups of about
+    ``max(batch_frames, max_frames)`` frames (``extract_batched``), so memory stays bounded."""
+    from avhubert.extract import audio_input, video_input
+
     read_video, read_wav = media_readers()
-    failures = _Failures(Path(tsv), b - a, max_failure_fraction)
+    if on_failure is None:
+        def on_failure(utt_id, reason):
+            log.warning("%s: %s", utt_id, reason)
 
     def load(row):
         video = audio = None
@@ -321,38 +329,57 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
             audio = audio_input(wav, row.n_video_frames, task_cfg)
         return video, audio
 
+    def flush(pending):
+        ok = [(r, x) for r, x in pending if x is not None]
+        feats = extract_batched(model, [x for _, x in ok], layer, max_frames, batch_frames) if ok else []
+        by_id = {id(r): f for (r, _), f in zip(ok, feats)}
+        for r, _ in pending:
+            f = by_id.get(id(r))
+            if f is not None and len(f) != r.n_video_frames:  # cannot happen unless the model drops frames
+                on_failure(r.id, f"{len(f)} feature frames, expected {r.n_video_frames}")
+                f = None
+            yield r, f
+
     group_frames = max(batch_frames, max_frames)
+    pending: list = []  # (row, inputs | None) decoded but not yet extracted, in tsv order
+    queued = 0
+    for row in rows:
+        try:
+            x = load(row)
+        except Exception as e:  # one broken file must not stop the shard
+            raise_if_infrastructure(e, output_roots)  # a full disk or a signal does
+            on_failure(row.id, f"{type(e).__name__}: {e}")
+            x = None
+        pending.append((row, x))
+        queued += row.n_video_frames if x is not None else 0
+        if queued >= group_frames:
+            yield from flush(pending)
+            pending, queued = [], 0
+    yield from flush(pending)
+
+
+def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint, layer: int,
+                    modality: str = "av", device: str = "auto", max_frames: int = 2500, batch_frames: int = 0,
+                    max_failure_fraction: float = 0.01, torch_threads: int = 0) -> dict:
+    """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv."""
+    import torch
+
+    from speechfeat.shards import ShardWriter, read_tsv, shard_range
+
+    t0 = time.time()
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    model, task_cfg, device, layer = load_layer_model(checkpoint, layer, device)
+    if batch_frames == 0:
+        batch_frames = auto_batch_frames(device)
+    dim = _model_dim(model)
+    root, rows = read_tsv(tsv)
+    a, b = shard_range(len(rows), rank, nshard)
+    failures = _Failures(Path(tsv), b - a, max_failure_fraction)
     with ShardWriter(npy_path, len_path, dim) as w:
-        pending: list = []  # (row, inputs | None) decoded but not yet extracted, in tsv order
-
-        def flush():
-            ok = [(r, x) for r, x in pending if x is not None]
-            feats = extract_batched(model, [x for _, x in ok], layer, max_frames, batch_frames) if ok else []
-            by_id = {id(r): f for (r, _), f in zip(ok, feats)}
-            for r, x in pending:
-                f = by_id.get(id(r))
-                if f is None:
-                    f = np.zeros((0, dim), dtype=np.float32)
-                elif len(f) != r.n_video_frames:  # cannot happen unless the model drops frames
-                    failures.add(r.id, f"{len(f)} feature frames, expected {r.n_video_frames}")
-                    f = np.zeros((0, dim), dtype=np.float32)
-                w.append(f)
-            pending.clear()
-
-        queued = 0
-        for row in rows[a:b]:
-            try:
-                x = load(row)
-            except Exception as e:  # one broken file must not stop the shard
-                raise_if_infrastructure(e, [Path(npy_path).parent])  # a full disk or a signal does
-                failures.add(row.id, f"{type(e).__name__}: {e}")
-                x = None
-            pending.append((row, x))
-            queued += row.n_video_frames if x is not None else 0
-            if queued >= group_frames:
-                flush()
-                queued = 0
-        flush()
+        for _, feats in layer_features_of_rows(model, task_cfg, root, rows[a:b], layer, modality, max_frames,
+                                               batch_frames, failures.add, [Path(npy_path).parent]):
+            w.append(feats if feats is not None else np.zeros((0, dim), dtype=np.float32))
     return {"kind": "layer", "layer": layer, "checkpoint": str(checkpoint), "modality": modality, "device": device,
             "utterances": b - a, "frames": w.n_rows, "dim": dim, "failures": failures.records,
             "seconds": round(time.time() - t0, 2)}

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("status", "cancel"):
         return launch.main(argv)
-    return launch.cmd_run(argv, build_fn=build, entry=ENTRY)
+    return launch.cmd_run(argv, build_fn=build, entry=ENTRY, at_end=None)  # no run report for toy stages
 
 
 if __name__ == "__main__":
