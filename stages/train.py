@@ -619,12 +619,13 @@ class TrainStage(Stage):
         }
 
     def progress(self, ctx: StageContext, shard: Shard) -> Optional[int]:
-        """The update count training would resume from (0 before the first checkpoint): a job
+        """The update count training would resume from (None before the first checkpoint): a job
         stopped at its time limit is requeued only when this grew since it started."""
         ckpt_dir = ctx.stage_dir("train") / CHECKPOINT_DIR
         if ctx.force and (ckpt_dir / FINAL_CHECKPOINT).exists():
-            return 0  # --force on a complete iteration: run() starts over from nothing
-        return resume_point(ckpt_dir)[1]
+            return None  # --force on a complete iteration: run() starts over from nothing
+        path, updates = resume_point(ckpt_dir)
+        return updates if path is not None else None
 
     def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
         """A complete iteration trained to fewer updates than ``train.max_update`` asks now runs
