@@ -7,7 +7,7 @@
 #   scripts/slurm_local.sh stop
 #
 # Nodes and partitions (all on this one machine):
-# - node `localhost` (all CPUs, 90% of the memory), partition `debug` (the default): every stage;
+# - node `node0` (all CPUs, 90% of the memory), partition `debug` (the default): every stage;
 # - nodes `node1`, `node2` (two more slurmd daemons, `slurmd -N nodeK`, NodeHostname=localhost,
 #   NodeAddr=127.0.0.1, their own ports; the Debian build has MULTIPLE_SLURMD), partition `multi`:
 #   a 2-node job (multi-node training over gloo) runs here for real, with one srun task per node;
@@ -24,7 +24,9 @@
 # - DependencyParameters=kill_invalid_depend: a job depending on a failed one would stay PENDING;
 # - AuthInfo=cred_expire=10 + fast scheduler intervals: a requeued job restarts in seconds, not ~3 min;
 # - DefMemPerCPU: a job without --mem does not claim the whole node;
-# - NodeName=localhost (slurmd -N localhost) works whatever `hostname` says;
+# - NodeName=node0 + NodeHostname=localhost (slurmd -N node0) works whatever `hostname` says; a node
+#   *named* localhost beside node1/node2 (NodeHostname=localhost) stops slurmctld with "Duplicated
+#   NodeHostName" (22.05), so no node is named after the host;
 # - per-node spool dirs, pid and log files (%n): three slurmd daemons share the machine; cgroups
 #   are per node name (/slurm_<node>), so they do not collide either.
 # Env: SLURM_CGROUP=0 uses proctrack/linuxproc + task/none where cgroups are unusable (no --mem
@@ -49,7 +51,7 @@ else
   D=${SLURM_LOCAL_DIR:-$BASE}; BASE=$D
   CONF_DIR=/etc/slurm; LOGS=/var/log/slurm; STATE=/var/spool/slurmctld; SPOOL=/var/spool
   PORT=6817
-  CLUSTER=localci; N0=localhost; N1=node1; N2=node2
+  CLUSTER=localci; N0=node0; N1=node1; N2=node2
   CG=${SLURM_CGROUP:-1}
 fi
 RUN=$D/run; BASE_RUN=$BASE/run
@@ -81,8 +83,8 @@ write_config() {
   cpus=$(nproc); mem=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
   small=$(( mem < 8192 ? mem : 8192 ))
   # the machine's own node keeps Slurm's default slurmd port; node1/node2 get the next ones
-  local main_port=""
-  [ -n "$INSTANCE" ] && main_port="NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT + 1))"
+  local main_port="NodeHostname=localhost NodeAddr=127.0.0.1"
+  [ -n "$INSTANCE" ] && main_port="$main_port Port=$((PORT + 1))"
   cat > "$CONF_DIR/slurm.conf" <<EOF
 ClusterName=$CLUSTER
 SlurmctldHost=localhost
@@ -138,7 +140,7 @@ EOF
 }
 
 resolve_nodes() {
-  for n in $N1 $N2; do
+  for n in $N0 $N1 $N2; do
     getent hosts "$n" >/dev/null 2>&1 || echo "127.0.0.1 $n" >> /etc/hosts \
       || echo "warning: cannot add $n to /etc/hosts: multi-node jobs cannot meet at their first node's name" >&2
   done
@@ -199,7 +201,7 @@ stop() {
     scancel --full --user="$(id -un)" 2>/dev/null || true
     for _ in $(seq 50); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
   fi
-  local daemons="slurmd-$N0 slurmd-$N1 slurmd-$N2 slurmd slurmctld"
+  local daemons="slurmd-$N0 slurmd-$N1 slurmd-$N2 slurmd-localhost slurmd slurmctld"
   # a private instance leaves the shared daemons to the machine's cluster
   [ -z "$INSTANCE" ] && daemons="$daemons slurmdbd mariadb munged"
   for d in $daemons; do
