@@ -4,6 +4,7 @@ Video: gray ROI frames (T, 96, 96) uint8 -> /255 -> crop 88 -> (x - mean) / std.
 Audio: 16 kHz int16 -> python_speech_features.logfbank (26 bins, 10 ms hop) -> stack
 ``stack_order`` consecutive frames (zero-padded to a multiple) -> 25 Hz vectors of 26*stack_order.
 """
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -108,6 +109,8 @@ def read_video_gray(path: str) -> np.ndarray:
     """Decode a video into (T, H, W) uint8 grayscale frames (OpenCV)."""
     import cv2
 
+    if not os.path.isfile(path):  # OpenCV reads a missing file as a video without frames
+        raise FileNotFoundError(f"{path}: no such video file")
     cap = cv2.VideoCapture(path)
     frames = []
     try:

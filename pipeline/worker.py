@@ -151,6 +151,7 @@ class ShardTask:
                 if holder is not None:
                     self._back_off(store, jid, run, holder)
                     return {"backed_off_to": None if holder is MALFORMED else holder.get("job_id")}
+                self._flag(store, "_taken", jid, run)
             elif not self._rank0_holds(store, lease, jid, run):
                 log.warning("== %s %s: rank 0 of job %s did not take the shard: this rank exits", stage, key, jid)
                 return {"rank": rank, "backed_off": True}
@@ -197,23 +198,33 @@ class ShardTask:
     def _back_off(self, store: StateStore, jid: str, run: str, holder: dict) -> None:
         log.warning("== %s %s: the shard is held by %s; job %s exits without touching its outputs",
                     self.stage.name, self.shard.key, describe_holder(holder), jid)
-        # tell the other ranks of this job not to start
-        flag = store.stage_state_dir(self.stage.name, self.ctx.iteration) / "_backoff" / f"{self.shard.key}.{jid}.{run}"
+        self._flag(store, "_backoff", jid, run)  # tell the other ranks of this job not to start
+
+    def _flag_path(self, store: StateStore, kind: str, jid: str, run: str) -> Path:
+        return store.stage_state_dir(self.stage.name, self.ctx.iteration) / kind / f"{self.shard.key}.{jid}.{run}"
+
+    def _flag(self, store: StateStore, kind: str, jid: str, run: str) -> None:
+        """Rank 0's word to the other ranks of its job: ``_taken`` (it holds the lease) or
+        ``_backoff`` (another job does). A flag, not only the lease: a shard that runs in less
+        than a poll would release the lease before a late rank looks at it."""
+        flag = self._flag_path(store, kind, jid, run)
         with contextlib.suppress(OSError):
             flag.parent.mkdir(parents=True, exist_ok=True)
             flag.touch()
 
     def _rank0_holds(self, store: StateStore, lease, jid: str, run: str) -> bool:
         """Other ranks: wait until rank 0 of this job holds the lease (True), or gave up (False)."""
-        flag = store.stage_state_dir(self.stage.name, self.ctx.iteration) / "_backoff" / f"{self.shard.key}.{jid}.{run}"
+        backoff, taken = (self._flag_path(store, k, jid, run) for k in ("_backoff", "_taken"))
         deadline = time.time() + RANK0_WAIT_S
         while time.time() < deadline:
             holder = lease.holder()
             if holder and holder is not MALFORMED and str(holder.get("job_id")) == jid \
                     and str(holder.get("attempt", "0")) == run:
                 return True
-            if flag.exists():
+            if backoff.exists():
                 return False
+            if taken.exists():
+                return True
             time.sleep(0.2)
         raise RuntimeError(f"rank 0 of job {jid} did not take the lease {lease.path} within {RANK0_WAIT_S:.0f} s")
 

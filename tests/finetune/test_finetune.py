@@ -334,7 +334,8 @@ def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
     """Both streams through the stage (video frames through the ResNet trunk): a few updates,
     then beam-search decoding of valid/test."""
     work = tmp_path / "work"
-    shutil.copytree(ft_workdir / "manifest", work / "manifest")  # its tsv root is the crop dir
+    shutil.copytree(ft_workdir / "manifest", work / "manifest")
+    (work / "crop").symlink_to(ft_workdir / "crop")  # the tsv root is ../crop, relative to the tsv
     ctx = make_ctx(work, fresh_pretrained, modalities="av", max_update=2, beam=2)
     stats = finetune.STAGE.run(ctx, finetune.STAGE.shards(ctx)[0])
     assert stats["trained"] and stats["num_updates"] == 2
@@ -351,6 +352,7 @@ def test_two_rank_cpu_job(ft_workdir, fresh_pretrained, tmp_path):
 
     work = tmp_path / "work"
     shutil.copytree(ft_workdir / "manifest", work / "manifest")
+    (work / "crop").symlink_to(ft_workdir / "crop")  # the tsv root is ../crop, relative to the tsv
     ctx = make_ctx(work, fresh_pretrained, max_update=4, beam=2)
     (shard,) = finetune.STAGE.shards(ctx)
     executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))

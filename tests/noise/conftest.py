@@ -18,7 +18,7 @@ def noise_inputs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def noise_work(smoke_run, sample_corpus, noise_inputs, tmp_path_factory) -> Path:
     """A work dir with the smoke run's manifest and a finished noise stage (read-only)."""
-    work = copy_steps(smoke_run, tmp_path_factory.mktemp("noise_work") / "work", "manifest")
+    work = copy_steps(smoke_run, tmp_path_factory.mktemp("noise_work") / "work", "crop", "manifest")
     proc = launch_here(work, sample_corpus, "--stage", "noise", *noise_args(noise_inputs))
     if proc.returncode != 0:
         pytest.fail(f"the noise stage failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -62,8 +62,9 @@ def one_torch_thread():
 
 
 def copy_steps(smoke_run: Path, work: Path, *steps: str) -> Path:
-    """Copy finished steps (``manifest``, ``iter1/labels``, ...) of the smoke run: their outputs
-    and their engine state, so the engine sees them complete in ``work``."""
+    """Copy finished steps (``crop``, ``manifest``, ``iter1/labels``, ...) of the smoke run: their
+    outputs and their engine state, so the engine sees them complete in ``work``. The manifest
+    needs the crop step beside it: its tsv root is ``../crop`` and its shards are the crop records."""
     for step in steps:
         scope, _, stage = step.rpartition("/")
         shutil.copytree(smoke_run / step, work / step)

@@ -39,7 +39,7 @@ def _train_batch(work: Path, overrides) -> dict:
 
 
 def test_pretraining_iteration_with_noise(noise_work, smoke_run, sample_corpus, noise_inputs, tmp_path):
-    work = copy_steps(smoke_run, tmp_path / "work", "manifest", "iter1/labels")
+    work = copy_steps(smoke_run, tmp_path / "work", "crop", "manifest", "iter1/labels")
     shutil.copytree(noise_work / "noise", work / "noise")
     shutil.copytree(noise_work / ".pipeline" / "state" / "once" / "noise", work / ".pipeline" / "state" / "once" / "noise")
     noisy = ["train.noise.prob=1.0", "train.noise.snr=(-5,5)", "train.noise.categories=[babble,music]"]
@@ -66,7 +66,7 @@ def test_pretraining_iteration_with_noise(noise_work, smoke_run, sample_corpus, 
 
 
 def test_decoding_under_noise_reports_wer_per_snr(noise_work, smoke_run, sample_corpus, noise_inputs, tmp_path):
-    work = copy_steps(smoke_run, tmp_path / "work", "manifest")
+    work = copy_steps(smoke_run, tmp_path / "work", "crop", "manifest")
     shutil.copytree(noise_work / "noise", work / "noise")
     shutil.copytree(noise_work / ".pipeline" / "state" / "once" / "noise", work / ".pipeline" / "state" / "once" / "noise")
     shutil.copytree(smoke_run / "finetune" / "checkpoints", work / "finetune" / "checkpoints")  # trained: decode only

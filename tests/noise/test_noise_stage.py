@@ -96,6 +96,7 @@ def test_the_dataset_reads_the_lists(noise_work, tmp_path):
     data = noise_work / "manifest"
     # the smoke manifest's words are not frame labels: give the task one label per frame
     root, *rows = (data / "valid.tsv").read_text().splitlines()
+    root = str(data / root)  # the manifest's root is relative to its own directory (../crop)
     (tmp_path / "valid.tsv").write_text("\n".join([root, *rows]) + "\n")
     (tmp_path / "valid.km").write_text("".join(" ".join(["0"] * int(r.split("\t")[3])) + "\n" for r in rows))
     (tmp_path / "dict.km.txt").write_text("0 1\n")
@@ -135,7 +136,7 @@ def test_speakers_of_evaluation_noise_stay_out_of_training_noise(tmp_path):
 
 def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke_run, sample_corpus, noise_inputs,
                                                              tmp_path):
-    work = copy_steps(smoke_run, tmp_path / "work", "manifest")
+    work = copy_steps(smoke_run, tmp_path / "work", "crop", "manifest")
     args = ["--stage", "noise", *noise_args(noise_inputs)]
     first = launch_here(work, sample_corpus, *args)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -164,7 +165,7 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
 
 
 def test_dry_run_plans_without_writing(smoke_run, sample_corpus, noise_inputs, tmp_path):
-    work = copy_steps(smoke_run, tmp_path / "work", "manifest")
+    work = copy_steps(smoke_run, tmp_path / "work", "crop", "manifest")
     proc = launch_here(work, sample_corpus, "--stage", "noise", "--dry-run", *noise_args(noise_inputs))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # 2 categories x (4 + 2 + 2) clips, 11 recordings: 6 + 3 shards
