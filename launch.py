@@ -97,6 +97,9 @@ def cmd_run(argv) -> int:
         cfg, pipe, steps = build(args, args.dry_run)
         if args.dry_run:
             print(pipe.describe_plan(steps))
+            from pipeline.estimate import check_plan_disk
+
+            check_plan_disk(steps, Path(cfg.workdir))  # what a launch would refuse, refused here too
             print("\n(dry run: nothing submitted)")
             return 0
         with WorkdirLock(Path(cfg.workdir)) as lock:

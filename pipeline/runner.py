@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline import executors
+from pipeline import estimate, executors
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
@@ -220,6 +220,7 @@ class Pipeline:
                 f"[{step.name}] submitting {len(todo)}/{n_total} shard(s) with the "
                 f"{self.cfg.cluster.executor} executor"
             )
+            estimate.check_free_space(step, self.workdir)  # one error line, before anything is submitted
             failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo)
             if failures:
                 lines = [f"  {key}: {err}\n    log: {logp}" for key, logp, err in failures]
@@ -277,6 +278,7 @@ class Pipeline:
             lines.append(f"{step.name:<28} {shards}; jobs: {jobs}")
             lines.append(f"{'':<28} resources: {res}")
             lines.append(f"{'':<28} outputs: {out}")
+        lines += [""] + estimate.plan_lines(steps, self.workdir)
         return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -59,38 +59,114 @@ def choose_utterances(n_utts: int, percent: float, rng: np.random.Generator) -> 
     return np.sort(rng.choice(n_utts, n, replace=False))
 
 
+class SampleSet:
+    """The utterances k-means may draw its frames from: ``picks[i]`` (sorted utterance indices)
+    of ``shards[i]`` (:class:`speechfeat.shards.FeatureShard`), in shard order. Nothing is read
+    until asked: ``draw`` reads only the utterances it keeps, ``read_all`` everything (the
+    reference's in-memory sample), ``iter_chunks`` streams it."""
+
+    def __init__(self, shards: Sequence, picks: Sequence[np.ndarray]):
+        if not shards:
+            raise ValueError("no feature shards to sample from")
+        self.shards = list(shards)
+        self.dim = self.shards[0].dim
+        for sh in self.shards:
+            if sh.dim != self.dim:
+                raise ValueError(f"{sh.npy_path}: {sh.dim}-d features, other shards have {self.dim}")
+        self.shard_of = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(picks)])
+        self.utt_of = np.concatenate([np.asarray(p, np.int64) for p in picks])
+        self.lengths = np.concatenate([sh.lengths[np.asarray(p, np.int64)] for sh, p in zip(self.shards, picks)])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def n_utterances(self) -> int:
+        return len(self.lengths)
+
+    def _read_into(self, which: np.ndarray, out: np.ndarray, keep: Optional[Sequence[np.ndarray]] = None) -> None:
+        pos = 0
+        for n, u in enumerate(which):
+            sh = self.shards[self.shard_of[u]]
+            j = self.utt_of[u]
+            if keep is None:
+                a, b = sh.offsets[j], sh.offsets[j + 1]
+                sh.read(a, b, out[pos:pos + b - a])
+                pos += b - a
+            elif len(keep[n]):
+                rows = sh.utterance(j)[keep[n]]
+                out[pos:pos + len(rows)] = rows
+                pos += len(rows)
+
+    def read_all(self) -> np.ndarray:
+        """Every frame of the set as one float32 (N, D) array (preallocated: peak ~ the sample)."""
+        out = np.empty((self.n_frames, self.dim), dtype=np.float32)
+        self._read_into(np.arange(self.n_utterances), out)
+        return out
+
+    def draw(self, n_frames: int, rng: np.random.Generator) -> np.ndarray:
+        """``n_frames`` frames (all of them when the set has no more) from utterances drawn in a
+        seeded random order until they hold enough, then thinned to exactly ``n_frames`` at
+        random rows. Only those utterances are read; the result is the only large allocation."""
+        if n_frames >= self.n_frames:
+            return self.read_all()
+        order = rng.permutation(self.n_utterances)
+        cum = np.cumsum(self.lengths[order])
+        chosen = np.sort(order[: int(np.searchsorted(cum, n_frames)) + 1])  # shard and file order
+        lengths = self.lengths[chosen]
+        kept = np.sort(rng.choice(int(lengths.sum()), n_frames, replace=False))
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        bounds = np.searchsorted(kept, starts)
+        keep = [kept[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(chosen))]
+        out = np.empty((n_frames, self.dim), dtype=np.float32)
+        self._read_into(chosen, out, keep)
+        return out
+
+    def iter_chunks(self, chunk_frames: int = 262144) -> Iterator[np.ndarray]:
+        """Every frame of the set, in float32 chunks of about ``chunk_frames`` rows."""
+        group: list = []
+        size = 0
+        for u in range(self.n_utterances):
+            group.append(u)
+            size += int(self.lengths[u])
+            if size >= chunk_frames:
+                out = np.empty((size, self.dim), dtype=np.float32)
+                self._read_into(np.array(group), out)
+                yield out
+                group, size = [], 0
+        if size:
+            out = np.empty((size, self.dim), dtype=np.float32)
+            self._read_into(np.array(group), out)
+            yield out
+
+    def close(self) -> None:
+        for sh in self.shards:
+            sh.close()
+
+
+def sample_set(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int) -> SampleSet:
+    """The reference's sample of a feature dump: from each shard (``(npy, len)`` paths) a seeded
+    draw of ``percent`` of its utterances (``choose_utterances``, one random stream per shard
+    index, so the draw of a shard does not depend on the others)."""
+    from speechfeat.shards import FeatureShard
+
+    opened, picks = [], []
+    for i, (npy, len_path) in enumerate(shards):
+        sh = FeatureShard(npy, len_path)
+        opened.append(sh)
+        picks.append(choose_utterances(len(sh.lengths), percent, np.random.default_rng([int(seed), i])))
+    return SampleSet(opened, picks)
+
+
 def sample_frames(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int) -> np.ndarray:
     """Frames of a seeded draw of utterances from every shard (``(npy, len)`` paths), as one
-    float32 (N, D) array. Shards are memory-mapped and the result is preallocated, so the peak
-    memory is about the sample itself."""
-    from speechfeat.shards import open_shard
-
-    picks = []
-    total, dim = 0, None
-    for i, (npy, len_path) in enumerate(shards):
-        feats, lengths = open_shard(npy, len_path)
-        if dim is None:
-            dim = feats.shape[1]
-        elif feats.shape[1] != dim:
-            raise ValueError(f"{npy}: {feats.shape[1]}-d features, other shards have {dim}")
-        rng = np.random.default_rng([int(seed), i])
-        idx = choose_utterances(len(lengths), percent, rng)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        picks.append((npy, len_path, idx, offsets))
-        total += int(lengths[idx].sum())
-        del feats
-    if dim is None:
-        raise ValueError("no feature shards to sample from")
-    out = np.empty((total, dim), dtype=np.float32)
-    pos = 0
-    for npy, len_path, idx, offsets in picks:
-        feats, _ = open_shard(npy, len_path)
-        for j in idx:
-            a, b = offsets[j], offsets[j + 1]
-            out[pos:pos + b - a] = feats[a:b]
-            pos += b - a
-        del feats
-    return out
+    float32 (N, D) array (``sample_set(...).read_all()``)."""
+    ss = sample_set(shards, percent, seed)
+    try:
+        return ss.read_all()
+    finally:
+        ss.close()
 
 
 # ------------------------------------------------------------------------------------ training
@@ -117,6 +193,33 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
     return {"format": FORMAT, "backend": backend, "centroids": centroids, "inertia": float(inertia),
             "n_frames": int(len(x)), "dim": int(x.shape[1]), "seed": int(seed), "params": used,
             "train_seconds": seconds, **extra}
+
+
+def pool_frames(n_clusters: int, params: Optional[dict] = None) -> int:
+    """Frames the faiss/torch backends train on at most (the largest of their seeding, Lloyd and
+    refine samples): what the kmeans stage reads, whatever the corpus size."""
+    p = {**FAISS_DEFAULTS, **(params or {})}
+    k = int(n_clusters)
+    seeding = min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"]))
+    lloyd = int(p["max_points_per_centroid"]) * k
+    refine = min(int(p["refine_points_per_centroid"]) * k, int(p["refine_max_points"])) if int(p["refine_niter"]) else 0
+    return max(k, seeding, lloyd, refine)
+
+
+def fit_sample(samples: "SampleSet", n_clusters: int, backend: str = "faiss", seed: int = 0,
+               params: Optional[dict] = None) -> dict:
+    """Train on a :class:`SampleSet` reading only what the backend uses: ``pool_frames`` frames
+    drawn by utterance (``SampleSet.draw``) for faiss/torch, so memory does not grow with the
+    corpus; every sampled frame for sklearn (the reference holds its whole sample in memory).
+    The reported inertia is over the frames trained on (computed in chunks)."""
+    if backend == "sklearn":
+        x = samples.read_all()
+    else:
+        x = samples.draw(pool_frames(n_clusters, params), np.random.default_rng([int(seed), 1]))
+    model = fit(x, n_clusters, backend, seed, params)
+    model["sample_frames"] = samples.n_frames
+    model["sample_utterances"] = samples.n_utterances
+    return model
 
 
 def _fit_sklearn(x, k, seed, p):
@@ -231,9 +334,12 @@ def _fit_torch(x, k, seed, p):
 
 # ------------------------------------------------------------------------------------ applying
 def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 32768,
-           return_inertia: bool = False):
+           return_inertia: bool = False, device: str = "cpu"):
     """Nearest centroid of every row (squared Euclidean, chunked BLAS products), int64 (N,);
-    with ``return_inertia`` also the sum of squared distances (float64)."""
+    with ``return_inertia`` also the sum of squared distances (float64). ``device`` "cuda[:N]"
+    computes the products with torch on that GPU (same formula; ties may break differently)."""
+    if device != "cpu":
+        return _assign_torch(x, centroids, chunk, return_inertia, device)
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     c_sq = (c.astype(np.float64) ** 2).sum(1)
     labels = np.empty(len(x), dtype=np.int64)
@@ -247,6 +353,24 @@ def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 32768,
         if return_inertia:
             x_sq = (xb.astype(np.float64) ** 2).sum(1)
             inertia += float(np.maximum(x_sq + d[np.arange(len(xb)), lab].astype(np.float64), 0).sum())
+    return (labels, inertia) if return_inertia else labels
+
+
+def _assign_torch(x, centroids, chunk, return_inertia, device):
+    import torch
+
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+    c_sq = (c.double() ** 2).sum(1).float()
+    labels = np.empty(len(x), dtype=np.int64)
+    inertia = 0.0
+    with torch.no_grad():
+        for a in range(0, len(x), chunk):
+            xb = torch.from_numpy(np.ascontiguousarray(x[a:a + chunk], dtype=np.float32)).to(device)
+            d = c_sq[None, :] - 2.0 * (xb @ c.T)
+            best, lab = d.min(1)
+            labels[a:a + len(xb)] = lab.cpu().numpy()
+            if return_inertia:
+                inertia += float(((xb.double() ** 2).sum(1) + best.double()).clamp(min=0).sum())
     return (labels, inertia) if return_inertia else labels
 
 

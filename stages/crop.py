@@ -279,6 +279,11 @@ class CropStage(Stage):
         bounds = [round(i * n_items / n) for i in range(n + 1)]
         return [Shard(i, n, f"{i:05d}", {"start": bounds[i], "stop": bounds[i + 1]}) for i in range(n)]
 
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.crop(ctx)
+
     def outputs(self, ctx, shard):
         return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]
 

@@ -1,11 +1,20 @@
 """k-means stage: one shard that trains iteration N's clustering on a sample of its features.
 
-Reads the features stage's shards of ``kmeans.split`` (train) through mmap, draws a seeded sample
-of whole utterances (``kmeans.percent`` of each shard's utterances, ceil, as the reference
-``learn_kmeans.py``; -1 = every frame) into one preallocated array (peak memory ~ the sample),
-trains ``n_clusters`` = the schedule's K (or ``kmeans.n_clusters``) with ``kmeans.backend``:
-``sklearn`` (MiniBatchKMeans with the reference settings) or ``faiss`` (k-means++ seeding + Lloyd
-iterations, the fast one; see ``speechfeat.kmeans`` and bench/kmeans.py). Writes
+The sample is the reference ``learn_kmeans.py``'s: ``kmeans.percent`` of the utterances of each
+features shard of ``kmeans.split`` (train), a seeded draw per shard (ceil; -1 = every utterance).
+With ``features.store=sample`` (default) the features stage wrote exactly those utterances; with
+``features.store=all`` they are drawn here from the full dump; the same utterances either way.
+
+What is read depends on ``kmeans.backend``:
+- ``faiss`` (default) and ``torch``: only the frames they train on, a pool of at most
+  ``speechfeat.kmeans.pool_frames(K)`` frames (seeding, Lloyd and refine samples, a few hundred
+  thousand frames) drawn from the sample by seeded utterance sampling and read straight from the
+  shard files (``SampleSet.draw``): peak memory is that pool, whatever the corpus size;
+- ``sklearn``: MiniBatchKMeans with the reference settings (n_init 20, batch 10000, ...) on every
+  sampled frame in memory, as the reference does (at LRS3 + VoxCeleb2 size, 10 % of 158M layer
+  frames = ~49 GB). It is the reference, one key away (``kmeans.backend=sklearn``), not the default:
+  faiss is faster at a lower inertia (bench/kmeans.py).
+The inertia in the stats is computed in chunks over the frames trained on. Writes
 ``iter{N}/kmeans/kmeans.joblib``: a dict with the centroids whatever the backend
 (``speechfeat.kmeans.load_model``), which is all the labels stage needs.
 """
@@ -17,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
 
@@ -25,7 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    backend: str = "sklearn"  # "sklearn" (reference MiniBatchKMeans), "faiss" (faster, CPU) or "torch" (GPU)
+    # "faiss" (default: reads only the frames it trains on), "torch" (the same on a GPU) or
+    # "sklearn" (the reference learn_kmeans.py settings, whole sample in memory)
+    backend: str = "faiss"
     device: str = "auto"  # torch backend: "auto" (cuda when available), "cpu", "cuda"
     n_clusters: Optional[int] = None  # None = the schedule's K for this iteration
     percent: float = 0.1  # share of utterances per shard sampled (reference recipe); -1 = all frames
@@ -98,6 +111,11 @@ class KmeansStage(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(0, 1, "all")]
 
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.kmeans(ctx)
+
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [model_path(ctx)]
 
@@ -105,28 +123,56 @@ class KmeansStage(Stage):
         from speechfeat import kmeans as km
 
         c = ctx.cfg.kmeans
-        nshard = int(ctx.cfg.features.nshard)
-        feat_dir = ctx.stage_dir("features")
-        shards = [(feat_dir / f"{c.split}_{r}_{nshard}.npy", feat_dir / f"{c.split}_{r}_{nshard}.len")
-                  for r in range(nshard)]
-        for npy, len_path in shards:
-            if not npy.is_file() or not len_path.is_file():
-                raise FileNotFoundError(f"{npy}: feature shard missing (run the features stage)")
         t0 = time.time()
-        x = km.sample_frames(shards, float(c.percent), int(c.seed))
-        sample_seconds = time.time() - t0
+        samples = sample_set(ctx)
         k = n_clusters(ctx)
-        log.info("kmeans: %d frames x %d dims sampled in %.1fs; training K=%d with %s", len(x), x.shape[1],
-                 sample_seconds, k, c.backend)
-        model = km.fit(x, k, str(c.backend), int(c.seed), backend_params(c))
+        log.info("kmeans: %d utterances, %d frames x %d dims sampled; training K=%d with %s",
+                 samples.n_utterances, samples.n_frames, samples.dim, k, c.backend)
+        try:
+            model = km.fit_sample(samples, k, str(c.backend), int(c.seed), backend_params(c))
+        finally:
+            samples.close()
         model["percent"] = float(c.percent)
         model["iteration"] = ctx.iteration
         # timings go to the shard's stats, never into the model file (same inputs, same bytes)
         train_seconds = model.pop("train_seconds")
         km.save_model(model_path(ctx), model)
         return {"backend": c.backend, "n_clusters": k, "frames": model["n_frames"], "dim": model["dim"],
-                "inertia": model["inertia"], "train_seconds": round(train_seconds, 2),
-                "sample_seconds": round(sample_seconds, 2)}
+                "sample_frames": model["sample_frames"], "sample_utterances": model["sample_utterances"],
+                "inertia": model["inertia"], "inertia_per_frame": model["inertia"] / max(model["n_frames"], 1),
+                "train_seconds": round(train_seconds, 2), "seconds": round(time.time() - t0, 2)}
+
+
+def sample_set(ctx: StageContext):
+    """The utterances k-means samples (``speechfeat.kmeans.SampleSet``), from the features stage's
+    sample files or drawn from its full dump. Opens headers and lengths only."""
+    from speechfeat.kmeans import SampleSet, sample_set as dump_sample
+    from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
+    from stages.features import sample_draw, shard_files, store_mode
+
+    c = ctx.cfg.kmeans
+    nshard = int(ctx.cfg.features.nshard)
+    keys = [f"{c.split}_{r}_{nshard}" for r in range(nshard)]
+    files = [shard_files(ctx, key) for key in keys]
+    for f in files:
+        if not f["npy"].is_file() or not f["len"].is_file():
+            if f["removed"].exists():
+                raise FileNotFoundError(f"{f['npy']} was deleted (features.keep=false): rerun "
+                                        f"`--stage features --iteration {ctx.iteration} --force` first")
+            raise FileNotFoundError(f"{f['npy']}: feature shard missing (run the features stage)")
+    if store_mode(ctx) == "all":
+        return dump_sample([(f["npy"], f["len"]) for f in files], float(c.percent), int(c.seed))
+    # the sample files must hold today's draw: a changed percent or seed needs new features
+    n_rows = count_tsv_rows(ctx.with_iteration(None).stage_dir("manifest") / f"{c.split}.tsv")
+    shards = []
+    for rank, f in enumerate(files):
+        want = sample_draw(n_rows, rank, nshard, float(c.percent), int(c.seed))
+        if not np.array_equal(read_rows_file(f["rows"]), want):
+            raise ValueError(f"{f['rows']}: the features stage sampled other utterances than kmeans.percent="
+                             f"{c.percent}, kmeans.seed={c.seed} draw now (settings or manifest changed since): "
+                             f"rerun `--stage features --iteration {ctx.iteration} --force`")
+        shards.append(FeatureShard(f["npy"], f["len"]))
+    return SampleSet(shards, [np.arange(len(sh.lengths)) for sh in shards])
 
 
 STAGE = KmeansStage()
