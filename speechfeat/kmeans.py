@@ -17,6 +17,7 @@ The saved model (``save_model``/``load_model``, joblib) is a plain dict whatever
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -29,22 +30,14 @@ from pipeline import atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "speechfeat-kmeans-1"
-BACKENDS = ("sklearn", "faiss", "torch")
+BACKENDS = ("numpy", "faiss", "torch", "sklearn")
 
 SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10000, tol=0.0,
                         max_no_improvement=100, reassignment_ratio=0.0, init_size=None)
-# faiss backend: n_init k-means++ seedings on init_points_per_centroid x K frames (the best one on
-# that sample kept, as sklearn's n_init does), Lloyd iterations (faiss) on max_points_per_centroid
-# x K frames, then refine_niter iterations on refine_points_per_centroid x K frames. The k-means++
-# seeding is what keeps the inertia at or below sklearn's (faiss's own random seeding ends ~1-2%
-# above it on the bench data); one seeding is enough: on bench/kmeans.py's MFCC case three of them
-# ended at the same inertia after the Lloyd iterations (0.995x vs 0.994x sklearn's, seeds 0-2
-# within 0.993-0.995x) and took 2/3 of the time.
-# Each sample is also capped (``*_max_points``) so 768-d features with a large K stay cheap. On the
-# 1M x 768, K=500 case 5 refine iterations ended within 0.05% of the inertia of 10, in 80% of the time.
-FAISS_DEFAULTS = dict(init="k-means++", n_init=1, init_points_per_centroid=512, init_max_points=65536,
-                      niter=20, max_points_per_centroid=256, refine_niter=5, refine_points_per_centroid=4096,
-                      refine_max_points=262144, threads=0)
+# numpy, faiss and torch backends (TUNING IN PROGRESS)
+FAST_DEFAULTS = dict(init="k-means++", n_init=1, init_points_per_centroid=128, init_max_points=65536,
+                     init_trials=40, niter=6, max_points_per_centroid=128, refine_niter=2,
+                     refine_points_per_centroid=2621, refine_max_points=262144, threads=0)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -170,9 +163,10 @@ def sample_frames(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int
 
 
 # ------------------------------------------------------------------------------------ training
-def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
+def fit(x: np.ndarray, n_clusters: int, backend: str = "numpy", seed: int = 0,
         params: Optional[dict] = None) -> dict:
-    """Train k-means on (N, D) frames; returns the model dict (see module doc)."""
+    """Train k-means on (N, D) frames; returns the model dict (see module doc). The inertia is
+    over all of ``x`` (chunked); ``train_seconds`` excludes it."""
     if backend not in BACKENDS:
         raise ValueError(f"kmeans backend {backend!r}: must be one of {', '.join(BACKENDS)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -185,8 +179,8 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
         centroids = model.cluster_centers_.astype(np.float32)
         extra = {"sklearn_model": model}
     else:
-        used = {**FAISS_DEFAULTS, **({"device": "auto"} if backend == "torch" else {}), **(params or {})}
-        centroids = (_fit_faiss if backend == "faiss" else _fit_torch)(x, n_clusters, seed, used)
+        used = fast_params(backend, params)
+        centroids = {"numpy": _fit_numpy, "faiss": _fit_faiss, "torch": _fit_torch}[backend](x, n_clusters, seed, used)
         extra = {}
     seconds = time.time() - t0
     _, inertia = assign(x, centroids, return_inertia=True)
@@ -195,22 +189,33 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "sklearn", seed: int = 0,
             "train_seconds": seconds, **extra}
 
 
-def pool_frames(n_clusters: int, params: Optional[dict] = None) -> int:
-    """Frames the faiss/torch backends train on at most (the largest of their seeding, Lloyd and
-    refine samples): what the kmeans stage reads, whatever the corpus size."""
-    p = {**FAISS_DEFAULTS, **(params or {})}
+def fast_params(backend: str, params: Optional[dict] = None) -> dict:
+    """``FAST_DEFAULTS`` under ``params`` (plus ``device`` for torch)."""
+    return {**FAST_DEFAULTS, **({"device": "auto"} if backend == "torch" else {}), **(params or {})}
+
+
+def sample_sizes(n_clusters: int, params: Optional[dict] = None) -> dict:
+    """Frames of the seeding, Lloyd and refine samples of the numpy/faiss/torch backends."""
+    p = fast_params("numpy", params)
     k = int(n_clusters)
-    seeding = min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"]))
-    lloyd = int(p["max_points_per_centroid"]) * k
-    refine = min(int(p["refine_points_per_centroid"]) * k, int(p["refine_max_points"])) if int(p["refine_niter"]) else 0
-    return max(k, seeding, lloyd, refine)
+    return {"seeding": max(k, min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"]))),
+            "lloyd": max(k, int(p["max_points_per_centroid"]) * k) if int(p["niter"]) else 0,
+            "refine": (max(k, min(int(p["refine_points_per_centroid"]) * k, int(p["refine_max_points"])))
+                       if int(p["refine_niter"]) else 0)}
 
 
-def fit_sample(samples: "SampleSet", n_clusters: int, backend: str = "faiss", seed: int = 0,
+def pool_frames(n_clusters: int, params: Optional[dict] = None) -> int:
+    """Frames the numpy/faiss/torch backends train on at most (the largest of their seeding,
+    Lloyd and refine samples, which are drawn from it): what the kmeans stage reads, whatever
+    the corpus size."""
+    return max(sample_sizes(n_clusters, params).values())
+
+
+def fit_sample(samples: "SampleSet", n_clusters: int, backend: str = "numpy", seed: int = 0,
                params: Optional[dict] = None) -> dict:
     """Train on a :class:`SampleSet` reading only what the backend uses: ``pool_frames`` frames
-    drawn by utterance (``SampleSet.draw``) for faiss/torch, so memory does not grow with the
-    corpus; every sampled frame for sklearn (the reference holds its whole sample in memory).
+    drawn by utterance (``SampleSet.draw``) for numpy/faiss/torch, so memory does not grow with
+    the corpus; every sampled frame for sklearn (the reference holds its whole sample in memory).
     The reported inertia is over the frames trained on (computed in chunks)."""
     if backend == "sklearn":
         x = samples.read_all()
@@ -234,15 +239,20 @@ def _fit_sklearn(x, k, seed, p):
 
 
 def _subsample(x, n, rng):
-    return x if n >= len(x) else x[np.sort(rng.choice(len(x), n, replace=False))]
+    """``n`` rows of ``x`` in their order, drawn without replacement (all of ``x`` when n >= N)."""
+    if n >= len(x):
+        return x
+    # a random-key draw: O(N) and no full permutation (rng.choice without replacement shuffles N)
+    keys = rng.random(len(x), dtype=np.float32)
+    return x[np.sort(np.argpartition(keys, n - 1)[:n])]
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator,
                     n_local_trials: Optional[int] = None) -> np.ndarray:
     """Greedy k-means++ seeding (as sklearn's ``kmeans_plusplus``: each new centre is the best of
-    ``2 + ln k`` candidates drawn with probability proportional to the squared distance to the
-    nearest centre so far). Written with one BLAS product per step over float32 rows: sklearn's
-    own took 4x longer on bench/kmeans.py's 768-d case, where seeding was the largest cost."""
+    ``n_local_trials`` (default ``2 + ln k``) candidates drawn with probability proportional to
+    the squared distance to the nearest centre so far). One BLAS product per step over float32
+    rows, candidates x points so every reduction runs along contiguous memory."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     trials = int(n_local_trials or 2 + int(np.log(k)))
@@ -257,31 +267,95 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator,
             cand = rng.integers(n, size=trials)
         else:
             cand = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), n - 1)
-        dist = x_sq[:, None] - 2.0 * (x @ x[cand].T) + x_sq[cand][None, :]
+        dist = x[cand] @ x.T  # (trials, n)
+        dist *= -2.0
+        dist += x_sq[cand][:, None]
+        dist += x_sq[None, :]
         np.maximum(dist, 0.0, out=dist)
-        np.minimum(dist, closest[:, None], out=dist)
-        best = int(dist.sum(axis=0, dtype=np.float64).argmin())
-        closest = np.ascontiguousarray(dist[:, best])
+        np.minimum(dist, closest[None, :], out=dist)
+        best = int(dist.sum(axis=1, dtype=np.float64).argmin())
+        closest = dist[best]
         centres[j] = x[cand[best]]
     return centres
 
 
 def _seed_centroids(x, k, p, rng):
+    """Initial centroids from a sample of ``x``: the best of ``n_init`` k-means++ seedings."""
     if p["init"] == "k-means++":
-        n_seed = max(k, min(int(p["init_points_per_centroid"]) * k, int(p["init_max_points"])))
-        sample = np.ascontiguousarray(_subsample(x, n_seed, rng), dtype=np.float32)
+        sample = np.ascontiguousarray(_subsample(x, sample_sizes(k, p)["seeding"], rng), dtype=np.float32)
         best = None
         for _ in range(max(1, int(p["n_init"]))):
-            c = kmeans_plusplus(sample, k, rng)
-            _, inertia = assign(sample, c, return_inertia=True)
+            c = kmeans_plusplus(sample, k, rng, int(p.get("init_trials") or 0) or None)
+            _, inertia = assign(sample, c, return_inertia=True) if int(p["n_init"]) > 1 else (None, 0.0)
             if best is None or inertia < best[0]:
                 best = (inertia, c)
-        init = best[1]
-    elif p["init"] == "random":
-        init = np.ascontiguousarray(_subsample(x, k, rng), dtype=np.float32)
-    else:
-        raise ValueError(f"kmeans init {p['init']!r}: must be k-means++ or random")
-    return init
+        return best[1]
+    if p["init"] == "random":
+        return np.ascontiguousarray(_subsample(x, k, rng), dtype=np.float32)
+    raise ValueError(f"kmeans init {p['init']!r}: must be k-means++ or random")
+
+
+def _phases(x, k, p, rng):
+    """(sample, iterations) of the Lloyd phases: ``niter`` on ``max_points_per_centroid`` x K
+    frames, then ``refine_niter`` on the (larger) refine sample."""
+    sizes = sample_sizes(k, p)
+    for phase, niter in (("lloyd", p["niter"]), ("refine", p["refine_niter"])):
+        if int(niter) > 0:
+            yield np.ascontiguousarray(_subsample(x, sizes[phase], rng)), int(niter)
+
+
+def _blas_threads(p):
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(int(p["threads"])) if int(p.get("threads") or 0) > 0 else contextlib.nullcontext()
+
+
+def _fit_numpy(x, k, seed, p):
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(seed)
+    with _blas_threads(p):
+        # seeding is many small products: on one BLAS thread (more threads spin, not compute)
+        with threadpool_limits(1):
+            c = _seed_centroids(x, k, p, rng)
+        for xs, niter in _phases(x, k, p, rng):
+            c = lloyd(xs, c, niter)
+    return c
+
+
+def lloyd(x: np.ndarray, centroids: np.ndarray, niter: int, chunk: int = 32768) -> np.ndarray:
+    """``niter`` Lloyd iterations (assign every row, move each centroid to its rows' mean; an
+    empty cluster keeps its centroid), with BLAS distance products in chunks."""
+    c = np.array(centroids, dtype=np.float32)
+    k, n = len(c), len(x)
+    buf = np.empty((min(chunk, n), k), dtype=np.float32)
+    for _ in range(int(niter)):
+        sums = np.zeros(c.shape, dtype=np.float64)
+        counts = np.zeros(k, dtype=np.int64)
+        neg2c, c_sq = -2.0 * c, np.einsum("ij,ij->i", c, c)
+        for a in range(0, n, chunk):
+            xb = x[a:a + chunk]
+            lab = _nearest(xb, neg2c, c_sq, buf[:len(xb)])
+            counts += np.bincount(lab, minlength=k)
+            sums += _cluster_sums(xb, lab, k)
+        keep = counts > 0
+        c[keep] = (sums[keep] / counts[keep, None]).astype(np.float32)
+    return c
+
+
+def _nearest(xb: np.ndarray, neg2c: np.ndarray, c_sq: np.ndarray, out: np.ndarray) -> np.ndarray:
+    # ||x||^2 is the same for every centroid: argmin of ||c||^2 - 2 x.c (-2c is exact in float32)
+    np.dot(xb, neg2c.T, out=out)
+    out += c_sq
+    return out.argmin(1)
+
+
+def _cluster_sums(xb: np.ndarray, lab: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster sums of the rows (a sparse one-hot product: one pass over the rows)."""
+    from scipy import sparse
+
+    onehot = sparse.csr_matrix((np.ones(len(lab), dtype=np.float32), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
+    return np.asarray(onehot @ xb)
 
 
 def _fit_faiss(x, k, seed, p):
@@ -291,17 +365,13 @@ def _fit_faiss(x, k, seed, p):
         faiss.omp_set_num_threads(int(p["threads"]))
     rng = np.random.default_rng(seed)
     d = x.shape[1]
-    centroids = _seed_centroids(x, k, p, rng)
-    for niter, per_centroid, cap in ((p["niter"], p["max_points_per_centroid"], None),
-                                     (p["refine_niter"], p["refine_points_per_centroid"], p["refine_max_points"])):
-        if int(niter) <= 0:
-            continue
-        xs = x if cap is None else _subsample(x, max(k, min(int(per_centroid) * k, int(cap))), rng)
-        km = faiss.Kmeans(d, k, niter=int(niter), seed=int(rng.integers(2**31 - 1)),
-                          max_points_per_centroid=int(per_centroid), verbose=False)
-        km.train(xs, init_centroids=centroids)
-        centroids = np.asarray(km.centroids, dtype=np.float32).reshape(k, d).copy()
-    return centroids
+    c = _seed_centroids(x, k, p, rng)
+    for xs, niter in _phases(x, k, p, rng):
+        km = faiss.Kmeans(d, k, niter=niter, seed=int(rng.integers(2**31 - 1)), max_points_per_centroid=len(xs),
+                          verbose=False)
+        km.train(xs, init_centroids=c)
+        c = np.asarray(km.centroids, dtype=np.float32).reshape(k, d).copy()
+    return c
 
 
 def _fit_torch(x, k, seed, p):
@@ -314,21 +384,20 @@ def _fit_torch(x, k, seed, p):
         torch.set_num_threads(int(p["threads"]))
     rng = np.random.default_rng(seed)
     c = torch.from_numpy(_seed_centroids(x, k, p, rng)).to(device)
-    for niter, per_centroid, cap in ((p["niter"], p["max_points_per_centroid"], None),
-                                     (p["refine_niter"], p["refine_points_per_centroid"], p["refine_max_points"])):
-        n = min(len(x), int(per_centroid) * k, int(cap) if cap is not None else len(x))
-        xs = torch.from_numpy(np.ascontiguousarray(_subsample(x, max(n, k), rng))).to(device)
-        for _ in range(int(niter)):
-            sums = torch.zeros_like(c, dtype=torch.float64)
-            counts = torch.zeros(k, dtype=torch.float64, device=device)
-            c_sq = (c * c).sum(1)
-            for a in range(0, len(xs), 65536):
-                xb = xs[a:a + 65536]
-                lab = (c_sq[None, :] - 2.0 * (xb @ c.T)).argmin(1)
-                sums.index_add_(0, lab, xb.double())
-                counts += torch.bincount(lab, minlength=k).double()
-            keep = counts > 0  # an empty cluster keeps its centroid
-            c = torch.where(keep[:, None], (sums / counts.clamp(min=1)[:, None]).float(), c)
+    with torch.no_grad():
+        for xs_np, niter in _phases(x, k, p, rng):
+            xs = torch.from_numpy(xs_np).to(device)
+            for _ in range(niter):
+                sums = torch.zeros_like(c, dtype=torch.float64)
+                counts = torch.zeros(k, dtype=torch.float64, device=device)
+                c_sq = (c * c).sum(1)
+                for a in range(0, len(xs), 65536):
+                    xb = xs[a:a + 65536]
+                    lab = torch.addmm(c_sq[None, :], xb, c.T, alpha=-2.0).argmin(1)
+                    sums.index_add_(0, lab, xb.double())
+                    counts += torch.bincount(lab, minlength=k).double()
+                keep = counts > 0  # an empty cluster keeps its centroid
+                c = torch.where(keep[:, None], (sums / counts.clamp(min=1)[:, None]).float(), c)
     return c.cpu().numpy().astype(np.float32)
 
 
@@ -341,14 +410,16 @@ def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 32768,
     if device != "cpu":
         return _assign_torch(x, centroids, chunk, return_inertia, device)
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    c_sq = (c.astype(np.float64) ** 2).sum(1)
+    c_sq = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    neg2c = -2.0 * c
     labels = np.empty(len(x), dtype=np.int64)
+    buf = np.empty((min(chunk, len(x)), len(c)), dtype=np.float32)
     inertia = 0.0
     for a in range(0, len(x), chunk):
         xb = np.ascontiguousarray(x[a:a + chunk], dtype=np.float32)
         # ||x||^2 is the same for every centroid: leave it out of the argmin, add it for the inertia
-        d = c_sq[None, :].astype(np.float32) - 2.0 * (xb @ c.T)
-        lab = d.argmin(1)
+        d = buf[:len(xb)]
+        lab = _nearest(xb, neg2c, c_sq, d)
         labels[a:a + len(xb)] = lab
         if return_inertia:
             x_sq = (xb.astype(np.float64) ** 2).sum(1)

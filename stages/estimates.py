@@ -181,8 +181,9 @@ def _model_name(config_path: Path) -> str:
 
 def _resources(ctx: StageContext, stage: str):
     from pipeline.config import resources_for
+    from stages import get_stage
 
-    return resources_for(ctx.cfg, stage)
+    return resources_for(ctx.cfg, stage, multi_task=get_stage(stage).multi_task)
 
 
 def _compute(est: Estimate, gflop: float, cpu_seconds: float, use_gpu: bool, kind: str = "inference") -> None:

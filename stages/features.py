@@ -307,7 +307,9 @@ class LayerFeaturizer:
     kind = "layer"
 
     def __init__(self, checkpoint, layer: int, modality: str = "av", device: str = "auto", max_frames: int = 2500,
-                 batch_frames: int = 0, torch_threads: int = 0):
+                 batch_frames: int = 0, torch_threads: int = 0, loaded=None):
+        """``loaded``: an already loaded ``(model, task_cfg)`` (on ``device``) instead of reading
+        ``checkpoint`` (which then only names it)."""
         import torch
 
         from avhubert.extract import load_pretrained
@@ -315,12 +317,12 @@ class LayerFeaturizer:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.checkpoint = Path(checkpoint)
-        if not self.checkpoint.is_file():
+        if loaded is None and not self.checkpoint.is_file():
             raise FileNotFoundError(f"{self.checkpoint}: checkpoint for layer features not found")
         self.device = resolve_device(device)
         self.batch_frames = batch_frames if batch_frames else (8000 if self.device.startswith("cuda") else 0)
         self.layer, self.modality, self.max_frames = int(layer), modality, int(max_frames)
-        self.model, self.task_cfg = load_pretrained(str(self.checkpoint), device=self.device)
+        self.model, self.task_cfg = loaded or load_pretrained(str(self.checkpoint), device=self.device)
         n_layers = len(self.model.encoder.layers)
         if not 0 <= self.layer <= n_layers:
             raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")

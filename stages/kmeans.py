@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    # "faiss" (default: reads only the frames it trains on), "torch" (the same on a GPU) or
-    # "sklearn" (the reference learn_kmeans.py settings, whole sample in memory)
-    backend: str = "faiss"
+    # "numpy" (default: k-means++ seeding and Lloyd iterations on bounded samples, BLAS products),
+    # "torch" (the same on a GPU), "faiss" (the same seeding, faiss's Lloyd iterations) or
+    # "sklearn" (the reference learn_kmeans.py: MiniBatchKMeans, whole sample in memory)
+    backend: str = "numpy"
     device: str = "auto"  # torch backend: "auto" (cuda when available), "cpu", "cuda"
     n_clusters: Optional[int] = None  # None = the schedule's K for this iteration
     percent: float = 0.1  # share of utterances per shard sampled (reference recipe); -1 = all frames
@@ -52,14 +53,15 @@ class Config:
     tol: float = 0.0
     max_no_improvement: int = 100
     reassignment_ratio: float = 0.0
-    # faiss and torch (speechfeat.kmeans.FAISS_DEFAULTS; n_init above is sklearn's, faiss_n_init theirs)
-    faiss_n_init: int = 1  # k-means++ seedings, the best on the seeding sample kept (more: no gain measured)
-    init_points_per_centroid: int = 512  # seeding sample = this x K frames, at most init_max_points
+    # numpy, faiss and torch (speechfeat.kmeans.FAST_DEFAULTS, where the choices are measured)
+    seedings: int = 1  # k-means++ seedings, the best on the seeding sample kept
+    init_points_per_centroid: int = 128  # seeding sample = this x K frames, at most init_max_points
     init_max_points: int = 65536
-    niter: int = 20  # Lloyd iterations on max_points_per_centroid x K frames
-    max_points_per_centroid: int = 256
-    refine_niter: int = 5  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
-    refine_points_per_centroid: int = 4096
+    init_trials: int = 0  # candidates per k-means++ step; 0 = by K and D (speechfeat.kmeans.seeding_trials)
+    niter: int = 6  # Lloyd iterations on max_points_per_centroid x K frames
+    max_points_per_centroid: int = 128
+    refine_niter: int = 2  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
+    refine_points_per_centroid: int = 2048
     refine_max_points: int = 262144
     threads: int = 0  # 0 = all the job's CPUs
 
@@ -80,9 +82,10 @@ def backend_params(c) -> dict:
         return {"init": str(c.init), "n_init": int(c.n_init), "max_iter": int(c.max_iter),
                 "batch_size": int(c.batch_size), "tol": float(c.tol), "max_no_improvement": int(c.max_no_improvement),
                 "reassignment_ratio": float(c.reassignment_ratio)}
-    return {"init": str(c.init), "n_init": int(c.faiss_n_init), "init_points_per_centroid": int(c.init_points_per_centroid),
-            "init_max_points": int(c.init_max_points), "niter": int(c.niter), "max_points_per_centroid": int(c.max_points_per_centroid),
-            "refine_niter": int(c.refine_niter), "refine_points_per_centroid": int(c.refine_points_per_centroid),
+    return {"init": str(c.init), "n_init": int(c.seedings), "init_points_per_centroid": int(c.init_points_per_centroid),
+            "init_max_points": int(c.init_max_points), "init_trials": int(c.init_trials), "niter": int(c.niter),
+            "max_points_per_centroid": int(c.max_points_per_centroid), "refine_niter": int(c.refine_niter),
+            "refine_points_per_centroid": int(c.refine_points_per_centroid),
             "refine_max_points": int(c.refine_max_points), "threads": int(c.threads),
             **({"device": str(c.device)} if c.backend == "torch" else {})}
 

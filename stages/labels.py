@@ -105,7 +105,11 @@ class LabelsStage(Stage):
             if not f["npy"].is_file():
                 raise FileNotFoundError(_missing_dump_message(ctx, f))
             return label_dump(centroids, f["npy"], f["len"], km_path, chunk, device)
-        return label_rows(ctx, shard, centroids, km_path, chunk, device)
+        from stages.features import make_featurizer
+
+        tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{shard.params['split']}.tsv"
+        return label_rows(make_featurizer(ctx), tsv, int(shard.params["rank"]), int(shard.params["nshard"]),
+                          centroids, km_path, chunk, device, float(ctx.cfg.features.max_failure_fraction))
 
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         d = ctx.stage_dir(self.name)
@@ -229,21 +233,19 @@ def label_dump(centroids: np.ndarray, npy_path, len_path, km_path, chunk_frames:
             "frames_per_second": round(writer.frames / max(seconds, 1e-9), 1)}
 
 
-def label_rows(ctx: StageContext, shard: Shard, centroids: np.ndarray, km_path, chunk_frames: int = 32768,
-               device: str = "auto") -> dict:
-    """Featurize the shard's tsv rows (``stages.features.row_features``) and label them in the
-    same pass into ``km_path`` (atomic); nothing else is written."""
+def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, km_path, chunk_frames: int = 32768,
+               device: str = "cpu", max_failure_fraction: float = 0.01) -> dict:
+    """Featurize the rows of shard ``rank`` of ``nshard`` of a manifest tsv with ``featurizer``
+    (``stages.features.row_features``) and label them in the same pass into ``km_path`` (atomic);
+    nothing else is written."""
     from speechfeat.shards import read_tsv, shard_range
-    from stages.features import Failures, make_featurizer, row_features
+    from stages.features import Failures, row_features
 
     t0 = time.time()
     device = _assign_device(device)
-    split, rank, nshard = shard.params["split"], int(shard.params["rank"]), int(shard.params["nshard"])
-    tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.tsv"
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
-    failures = Failures(tsv, b - a, float(ctx.cfg.features.max_failure_fraction))
-    featurizer = make_featurizer(ctx)
+    failures = Failures(Path(tsv), b - a, max_failure_fraction)
     with atomic.atomic_open(km_path, "w") as f:
         writer = LabelWriter(f, centroids, chunk_frames, device)
         for _, feats in row_features(featurizer, root, rows[a:b], failures, [Path(km_path).parent]):
