@@ -30,7 +30,7 @@ VIDEO_RATE = 25
 SAMPLES_PER_FRAME = 640  # 16 kHz audio per 25 fps video frame
 MFCC_PER_FRAME = 4  # 100 Hz MFCC frames per video frame
 
-# --- measured on the 2-core dev machine ------------------------------------------------------
+# --- measured on the 2-core dev machine (one thread, process CPU time) -----------------------
 # crop outputs per video frame: the smoke run's crop dir on the sample corpus (96x96 gray h264 at
 # crf 18, 16-bit 16 kHz wav, compressed landmarks npz)
 CROP_BYTES_PER_FRAME = {"video": 318, "audio": 1296, "landmarks": 379}
@@ -38,14 +38,18 @@ CROP_BYTES_PER_FRAME = {"video": 318, "audio": 1296, "landmarks": 379}
 # the ROI encoding and audio extraction
 CROP_CPU_SECONDS_PER_FRAME = 0.040
 CROP_BASE_RAM = 400 * MB  # dlib models + decoder, on top of crop.frame_cache_mb
-# MFCC (speechfeat.mfcc.mfcc39, bench/features.py): seconds of audio per second, one core
-MFCC_REALTIME_PER_CORE = 157.0
-# reading one utterance's inputs per video frame (ROI mp4 decode, wav, filterbanks), one core
-INPUT_CPU_SECONDS_PER_FRAME = 0.0006
-# layer features forward on CPU, seconds per frame, one core (bench/features.py --config)
-LAYER_CPU_SECONDS_PER_FRAME = {"tiny": 0.004, "base": 0.030, "large": 0.060}
-# float32 matrix products (numpy sgemm), GFLOP/s per core: k-means and nearest-centroid search
-CPU_GFLOPS_PER_CORE = 40.0
+# speechfeat.mfcc.mfcc39 on 60 s of audio: seconds of audio per CPU second
+MFCC_REALTIME_PER_CORE = 663.0
+# reading one utterance's model inputs, per video frame: ROI mp4 decode, wav, filterbanks, transforms
+INPUT_CPU_SECONDS_PER_FRAME = 0.0007
+# layer features (stages.features.extract_batched, all layers, 125-frame clips, randomly
+# initialised models of each size), one torch thread
+LAYER_CPU_SECONDS_PER_FRAME = {"tiny": 0.0060, "base": 0.0118, "large": 0.0176}
+# float32 products (numpy OpenBLAS sgemm: 90.8 GFLOP/s on one thread; with the argmin and the
+# centroid sums of a k-means iteration or a labels assignment about 60)
+CPU_GFLOPS_PER_CORE = 60.0
+# the reference MiniBatchKMeans (n_init 20) on bench/kmeans.py's 1M x 768, K=500 case, CPU seconds
+SKLEARN_CPU_SECONDS = 1100.0
 
 # --- counted on the models (FlopCounterMode, layer-L extraction of a 125-frame clip) ------------
 MODEL_FORWARD_GFLOP_PER_FRAME = {"tiny": 0.32, "base": 0.815, "large": 1.259}
@@ -286,15 +290,23 @@ def kmeans(ctx: StageContext) -> Estimate:
     if c.backend == "sklearn":
         frames = sample
         ram = 700 * MB + 1.3 * frames * f.dim * 4
-        # MiniBatchKMeans with the reference settings: bench/kmeans.py's 1M x 768, K=500 run took
-        # ~460 s on both cores of the dev machine (quiet); its cost grows with K x D, weakly with N
-        cpu_seconds = 2 * 460 * (k * f.dim) / (500 * 768) * max(1.0, frames / 1e6) ** 0.5
+        # MiniBatchKMeans with the reference settings: SKLEARN_CPU_SECONDS at 1M x 768, K=500
+        # (bench/kmeans.py); its cost grows with K x D and weakly with N (it stops after 100
+        # mini-batches without improvement)
+        cpu_seconds = SKLEARN_CPU_SECONDS * (k * f.dim) / (500 * 768) * max(1.0, frames / 1e6) ** 0.5
         detail = f"sklearn on all {frames / 1e6:,.1f}M sampled frames"
     else:
-        frames = min(sample, pool_frames(k, backend_params(c)))
+        from speechfeat.kmeans import fast_params, sample_sizes
+
+        p = fast_params(str(c.backend), backend_params(c))
+        sizes = {name: min(n, sample) for name, n in sample_sizes(k, p).items()}
+        frames = min(sample, pool_frames(k, p))
         ram = 700 * MB + 2.5 * frames * f.dim * 4
-        # phases of speechfeat.kmeans (points x iterations): about 12 passes over the pool
-        cpu_seconds = 12 * frames * k * f.dim * 2 / (CPU_GFLOPS_PER_CORE * 1e9)
+        # seeding: candidates x points per step (in at most 64 principal dimensions, plus the
+        # elementwise updates); Lloyd phases: ~8 and ~4 iterations (the tolerance stops them)
+        seeding = sizes["seeding"] * int(p["init_trials"]) * k * (2 * min(f.dim, 64) + 8)
+        lloyd = (8 * sizes["lloyd"] + 4 * sizes["refine"]) * k * f.dim * 2
+        cpu_seconds = seeding / (CPU_GFLOPS_PER_CORE * 1e9 / 3) + lloyd / (CPU_GFLOPS_PER_CORE * 1e9)
         detail = f"{c.backend} on {frames / 1e6:,.2f}M of {sample / 1e6:,.1f}M sampled frames, K={k}"
     return Estimate(disk_bytes=k * f.dim * 4 * (2 if c.backend == "sklearn" else 1) + 10_000,
                     peak_ram_bytes=ram, jobs=1, cpu_hours=cpu_seconds / 3600, detail=detail,

@@ -57,12 +57,14 @@ class Config:
     seedings: int = 1  # k-means++ seedings, the best on the seeding sample kept
     init_points_per_centroid: int = 128  # seeding sample = this x K frames, at most init_max_points
     init_max_points: int = 65536
-    init_trials: int = 0  # candidates per k-means++ step; 0 = by K and D (speechfeat.kmeans.seeding_trials)
-    niter: int = 6  # Lloyd iterations on max_points_per_centroid x K frames
+    init_trials: int = 32  # candidates per k-means++ step
+    init_pca_variance: float = 0.95  # seed in the principal subspace holding this share of variance (0: off)
+    niter: int = 10  # Lloyd iterations (at most) on max_points_per_centroid x K frames
     max_points_per_centroid: int = 128
-    refine_niter: int = 2  # then this many on refine_points_per_centroid x K frames (<= refine_max_points)
-    refine_points_per_centroid: int = 2048
+    refine_niter: int = 10  # then at most this many on refine_points_per_centroid x K frames (<= refine_max_points)
+    refine_points_per_centroid: int = 4096
     refine_max_points: int = 262144
+    lloyd_tol: float = 1e-3  # a phase stops once an iteration lowers the inertia by less than this (relative)
     threads: int = 0  # 0 = all the job's CPUs
 
 
@@ -83,7 +85,8 @@ def backend_params(c) -> dict:
                 "batch_size": int(c.batch_size), "tol": float(c.tol), "max_no_improvement": int(c.max_no_improvement),
                 "reassignment_ratio": float(c.reassignment_ratio)}
     return {"init": str(c.init), "n_init": int(c.seedings), "init_points_per_centroid": int(c.init_points_per_centroid),
-            "init_max_points": int(c.init_max_points), "init_trials": int(c.init_trials), "niter": int(c.niter),
+            "init_max_points": int(c.init_max_points), "init_trials": int(c.init_trials),
+            "init_pca_variance": float(c.init_pca_variance), "tol": float(c.lloyd_tol), "niter": int(c.niter),
             "max_points_per_centroid": int(c.max_points_per_centroid), "refine_niter": int(c.refine_niter),
             "refine_points_per_centroid": int(c.refine_points_per_centroid),
             "refine_max_points": int(c.refine_max_points), "threads": int(c.threads),
@@ -139,6 +142,7 @@ class KmeansStage(Stage):
         model["iteration"] = ctx.iteration
         # timings go to the shard's stats, never into the model file (same inputs, same bytes)
         train_seconds = model.pop("train_seconds")
+        model.pop("train_cpu_seconds")
         km.save_model(model_path(ctx), model)
         return {"backend": c.backend, "n_clusters": k, "frames": model["n_frames"], "dim": model["dim"],
                 "sample_frames": model["sample_frames"], "sample_utterances": model["sample_utterances"],
