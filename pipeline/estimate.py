@@ -96,10 +96,11 @@ def plan_lines(steps, workdir: Path) -> List[str]:
         if step.todo is not None and not step.todo and step.shards:
             lines.append(f"  {step.name:<26} complete")
             continue
-        lines.append(f"  {step.name:<26} disk {human_bytes(est.disk_bytes):>9}   RAM/job {human_bytes(est.peak_ram_bytes):>9}"
+        ram = human_bytes(est.peak_ram_bytes) if est.peak_ram_bytes else "-"
+        lines.append(f"  {step.name:<26} disk {human_bytes(est.disk_bytes):>9}   RAM/job {ram:>9}"
                      f"   jobs {est.jobs:>6,}   CPU {human_hours(est.cpu_hours):>10}   GPU {human_hours(est.gpu_hours):>10}"
                      + (f"   {est.detail}" if est.detail else ""))
-        total.disk_bytes += max(est.disk_bytes, 0)
+        total.disk_bytes += est.disk_bytes  # net: a step that deletes counts negative
         total.cpu_hours += est.cpu_hours
         total.gpu_hours += est.gpu_hours
         total.peak_ram_bytes = max(total.peak_ram_bytes, est.peak_ram_bytes)
@@ -110,7 +111,7 @@ def plan_lines(steps, workdir: Path) -> List[str]:
                 bases.append(b)
     free = free_bytes(workdir)
     out = ["resources (estimate):"] + lines
-    out.append(f"  {'total':<26} disk {human_bytes(total.disk_bytes):>9}   RAM/job {human_bytes(total.peak_ram_bytes):>9}"
+    out.append(f"  {'total (net)':<26} disk {human_bytes(total.disk_bytes):>9}   RAM/job {human_bytes(total.peak_ram_bytes):>9}"
                f" (largest)   CPU {human_hours(total.cpu_hours)}   GPU {human_hours(total.gpu_hours)}")
     out.append(f"  free on the work dir's filesystem: {human_bytes(free)}")
     out += [f"  basis: {b}" for b in bases]

@@ -6,14 +6,15 @@ With ``features.store=sample`` (default) the features stage wrote exactly those 
 ``features.store=all`` they are drawn here from the full dump; the same utterances either way.
 
 What is read depends on ``kmeans.backend``:
-- ``faiss`` (default) and ``torch``: only the frames they train on, a pool of at most
-  ``speechfeat.kmeans.pool_frames(K)`` frames (seeding, Lloyd and refine samples, a few hundred
-  thousand frames) drawn from the sample by seeded utterance sampling and read straight from the
-  shard files (``SampleSet.draw``): peak memory is that pool, whatever the corpus size;
+- ``numpy`` (default), ``torch`` (GPU) and ``faiss``: only the frames they train on, a pool of at
+  most ``speechfeat.kmeans.pool_frames(K)`` frames (262,144 with the defaults: the seeding, Lloyd
+  and refine samples are drawn from it) drawn from the sample by seeded utterance sampling and
+  read straight from the shard files (``SampleSet.draw``): peak memory is that pool, whatever the
+  corpus size;
 - ``sklearn``: MiniBatchKMeans with the reference settings (n_init 20, batch 10000, ...) on every
   sampled frame in memory, as the reference does (at LRS3 + VoxCeleb2 size, 10 % of 158M layer
-  frames = ~49 GB). It is the reference, one key away (``kmeans.backend=sklearn``), not the default:
-  faiss is faster at a lower inertia (bench/kmeans.py).
+  frames = ~49 GB). It is the reference, one key away (``kmeans.backend=sklearn``), not the
+  default: numpy is 20x+ faster at a lower inertia (bench/kmeans.py).
 The inertia in the stats is computed in chunks over the frames trained on. Writes
 ``iter{N}/kmeans/kmeans.joblib``: a dict with the centroids whatever the backend
 (``speechfeat.kmeans.load_model``), which is all the labels stage needs.

@@ -63,3 +63,23 @@ def test_kmeans_peak_memory_does_not_grow_with_the_feature_set(tmp_path):
           f"{big['peak_rss_mb']:.0f} MB ({big_frames} frames); the big sample alone is {sample_mb:.0f} MB")
     assert abs(big["peak_rss_mb"] - small["peak_rss_mb"]) < 40
     assert big["peak_rss_mb"] < small["peak_rss_mb"] + 0.25 * sample_mb
+
+
+def test_sample_set_draws_whole_utterances_thinned_to_the_pool(tmp_path):
+    from speechfeat.kmeans import sample_set
+
+    fabricate(tmp_path, nshard=2, utts_per_shard=30, frames_per_utt=20, dim=8)
+    d = tmp_path / "iter1" / "features"
+    paths = [(d / f"train_{r}_2.npy", d / f"train_{r}_2.len") for r in range(2)]
+    ss = sample_set(paths, 0.5, seed=0)
+    assert ss.n_utterances == 30 and ss.n_frames == 600 and ss.dim == 8
+    everything = ss.read_all()
+    a = ss.draw(250, np.random.default_rng(1))
+    b = ss.draw(250, np.random.default_rng(1))
+    assert a.shape == (250, 8) and a.dtype == np.float32 and np.array_equal(a, b)
+    utterance_of = {r.tobytes(): i // 20 for i, r in enumerate(everything)}
+    # whole utterances in a random order until 250 frames: 13 of the 20-frame ones, then thinned
+    assert len({utterance_of[r.tobytes()] for r in a}) == 13
+    assert np.array_equal(ss.draw(10_000, np.random.default_rng(2)), everything)
+    assert sum(len(c) for c in ss.iter_chunks(128)) == 600
+    ss.close()

@@ -112,7 +112,7 @@ def test_sklearn_backend_and_reference_defaults(tmp_path):
     sk = model["sklearn_model"]
     assert (sk.init, sk.max_iter, sk.tol, sk.max_no_improvement, sk.reassignment_ratio) == ("k-means++", 100, 0.0, 100, 0.0)
     assert km.SKLEARN_DEFAULTS["n_init"] == 20 and km.SKLEARN_DEFAULTS["batch_size"] == 10000
-    for backend in ("faiss", "torch"):
+    for backend in ("numpy", "faiss", "torch"):
         fast = km.fit(x, 4, backend, seed=0)
         assert fast["centroids"].shape == (4, 3)
         assert fast["inertia"] <= model["inertia"] * 1.01, backend
