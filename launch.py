@@ -7,8 +7,10 @@
     python launch.py --stage kmeans --iteration 2 kmeans.percent=0.2
     python launch.py --dry-run                       # the plan; submits nothing
     python launch.py status [--workdir DIR]
+    python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
+    python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main")}
+FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
+             "report": ("report", "main"), "units": ("stages.units", "main")}
 
 
 def parse_args(argv):
@@ -31,7 +35,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
-        epilog="Subcommands: `status [--workdir DIR]`, `crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`. "
+        epilog="Subcommands: `status [--workdir DIR]`, `report [--workdir DIR]`, `crop-video VIDEO --out DIR`, "
+        "`infer VIDEO --checkpoint FT.pt`, `units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
@@ -87,6 +92,16 @@ def _echo(msg: str) -> None:
 
 
 def cmd_run(argv) -> int:
+    launch = {"start": time.time()}  # filled in as the launch goes (work dir once locked, error)
+    rc = _launch(argv, launch)
+    if launch.get("workdir"):  # it ran: the report is written at the end of every launch, failed ones too
+        from report import at_end_of_launch
+
+        print("\n".join(at_end_of_launch(launch["workdir"], argv, launch["start"], rc, launch.get("error"))), flush=True)
+    return rc
+
+
+def _launch(argv, launch: dict) -> int:
     from pipeline.config import to_yaml
     from pipeline.lock import WorkdirLock
     from pipeline.errors import PipelineError
@@ -103,6 +118,7 @@ def cmd_run(argv) -> int:
             print("\n(dry run: nothing submitted)")
             return 0
         with WorkdirLock(Path(cfg.workdir)) as lock:
+            launch["workdir"] = Path(cfg.workdir)
             if lock.cleared_stale:
                 print(f"cleared a stale lock left by pid {lock.cleared_stale.get('pid')} on {lock.cleared_stale.get('host')}")
             from pipeline import atomic
@@ -113,9 +129,11 @@ def cmd_run(argv) -> int:
         print(f"done: {len(results)} step(s), {ran} shard(s) run" + ("" if ran else " (everything was already complete)"))
         return 0
     except PipelineError as e:
+        launch["error"] = str(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        launch["error"] = "interrupted"
         print("interrupted: running jobs keep running on a cluster; rerun the same command to resume", file=sys.stderr)
         return 130
 

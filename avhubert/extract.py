@@ -1,6 +1,7 @@
 """Loading a pretrained AV-HuBERT checkpoint and computing its layer features.
 
-Used by the features stage (iteration N+1 labels from iteration N's checkpoint).
+Used by the features stage (iteration N+1 labels from iteration N's checkpoint), the units stage
+and the Python API (``avhubert.load``, ``avhubert/api.py``).
 
     model, task_cfg = load_pretrained("checkpoint_last.pt")
     video = video_input(roi_gray, task_cfg)                  # (T, 88, 88)
@@ -30,8 +31,11 @@ def ensure_plugin_registered() -> None:
 
 
 def load_pretrained(path: str, device: str = "cpu"):
-    """Load an av_hubert checkpoint (ours or the reference code's, also from older fairseq
-    versions) in eval mode. Returns (model, task_cfg)."""
+    """Load the av_hubert model of a checkpoint (ours or the reference code's, also from older
+    fairseq versions) in eval mode: a pretraining checkpoint as it is, a fine-tuned one
+    (``av_hubert_seq2seq`` / ``av_hubert_ctc``) as its encoder (``encoder.w2v_model.*``, built from
+    the pretraining config the checkpoint carries in ``model.w2v_args``; no decoder, no
+    dictionary files). Returns (model, task_cfg)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     ensure_plugin_registered()
@@ -45,9 +49,36 @@ def load_pretrained(path: str, device: str = "cpu"):
         from omegaconf import open_dict
         with open_dict(cfg):
             cfg.common.user_dir = _PLUGIN_DIR
+    name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
+    if name in FINETUNED_MODELS:
+        model = _finetuned_encoder(path, state)
+        return model.to(device).eval(), cfg.task
+    if name != "av_hubert":
+        raise ValueError(f"{path}: model {name!r} is neither an av_hubert pretraining checkpoint nor a "
+                         f"fine-tuned one ({', '.join(FINETUNED_MODELS)})")
     models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0].to(device).eval()
     return model, saved_cfg.task
+
+
+FINETUNED_MODELS = ("av_hubert_seq2seq", "av_hubert_ctc")
+_ENCODER_PREFIX = "encoder.w2v_model."
+
+
+def _finetuned_encoder(path: str, state):
+    from .hubert_asr import _PRETRAINING_ONLY, _as_omegaconf, build_encoder_model
+
+    w2v_args = state["cfg"].model.get("w2v_args")
+    if w2v_args is None:
+        raise ValueError(f"{path}: fine-tuned checkpoint without model.w2v_args (its encoder's config)")
+    model = build_encoder_model(_as_omegaconf(w2v_args))
+    weights = {k[len(_ENCODER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(_ENCODER_PREFIX)}
+    weights = {k: v for k, v in weights.items() if not k.startswith(_PRETRAINING_ONLY)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: encoder weights do not fit the av_hubert model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
 
 
 def _cfg_get(cfg, key, default):

@@ -6,10 +6,14 @@ the 68-point predictor then runs on the face. With several faces the reference k
 dlib lists last; we keep the largest box (``face_rule="largest"``, the default), which is the
 speaker in nearly every talking-head clip; ``face_rule="last"`` reproduces the reference.
 
-``mode="fast"``: detection only every ``detect_every`` frames on a frame downscaled to at most
-``detect_width`` pixels; in between, the predictor runs on the box around the previous frame's
-landmarks (tracking). A tracked shape whose box drifts or shrinks implausibly triggers a new
-detection. The predictor always runs at full resolution, so landmarks stay precise.
+``mode="fast"``, strategy "levels" (the default): the reference's HOG boxes without its
+full-frame pyramid. A found face is followed by window scans of its pyramid level and the two
+beside it (avprep/hog_levels.py: ``LevelScanner.track``); when they cannot tell, the levels of the
+last face's size are scanned on the whole frame, and a lost face is searched for on a small frame,
+then with the reference's own search (see ``_levels``). The predictor always runs at full
+resolution on the box found, as the reference's. Strategy "track": detection only every
+``detect_every`` frames on a frame downscaled to at most ``detect_width`` pixels; in between, the
+predictor runs on the box around the previous frame's landmarks.
 """
 from __future__ import annotations
 
@@ -45,6 +49,19 @@ class DetectorSettings:
     fast_strategy: str = "levels"
     level_margin: int = 1  # "levels": pyramid levels scanned below the last face's (shrinking faces)
     level_presteps: int = 1  # "levels": pyramid steps dlib computes itself before the scanned level
+    # "levels": between full searches, scan only windows of the last face's level and the two beside
+    # it (avprep/hog_levels.py, LevelScanner.track); 0 turns it off
+    window: int = 128
+    # "levels": with window scans, look for a larger face elsewhere in the frame (the coarser
+    # levels of the whole frame) every this many frames
+    larger_face_every: int = 25
+    # "levels": window scans leave out a level beside the face's whose best score was this far below
+    # the face's (0 = never), for up to level_refresh_every - 1 frames
+    level_skip_margin: float = 0.7
+    level_refresh_every: int = 4
+    # "levels": while no face is found on the small frame, the reference's HOG search on the whole
+    # frame runs once every this many frames (small faces; frames without one cost little)
+    full_search_every: int = 25
 
 
 class LandmarkDetector:
@@ -67,7 +84,14 @@ class LandmarkDetector:
             raise ValueError(f"fast_strategy {self.s.fast_strategy!r}: levels or track")
         from avprep.hog_levels import LevelScanner
 
-        self.scanner = LevelScanner(self.hog, upsample=self.s.upsample, presteps=self.s.level_presteps)
+        self.scanner = LevelScanner(self.hog, upsample=self.s.upsample, presteps=self.s.level_presteps,
+                                    window=self.s.window or 128)
+        self._face = None  # "levels": the last face's box and the pyramid level it was found on
+        self._face_level = 0
+        self._since_larger = 0
+        self._level_scores: dict = {}  # "levels": best window score per pyramid level, last scans
+        self._since_all_levels = 0
+        self._since_full = 1 << 30
 
     @property
     def cnn(self):
@@ -79,6 +103,10 @@ class LandmarkDetector:
         self._prev = None
         self._since_detect = 0
         self._level = None
+        self._face = None
+        self._since_larger = 0
+        self._level_scores, self._since_all_levels = {}, 0
+        self._since_full = 1 << 30  # the first frame without a face found gets the full search
 
     def _pick(self, rects):
         if not rects:
@@ -106,7 +134,38 @@ class LandmarkDetector:
             return self._levels(gray)
         return self._fast(gray)
 
+    def _track_levels(self) -> tuple:
+        """The levels to scan for the tracked face: its own and the two beside it, but a level
+        whose best score was far below the face's (or had no box) is left out for a few frames
+        (all three every level_refresh_every frames): the winner moves between levels slowly."""
+        level = self._face_level
+        self._since_all_levels += 1
+        best = self._level_scores.get(level)
+        if self._since_all_levels >= self.s.level_refresh_every or best is None:
+            self._since_all_levels = 0
+            return level - 1, level, level + 1
+        return tuple(lv for lv in (level - 1, level, level + 1)
+                     if lv == level or (self._level_scores.get(lv) or -1e9) >= best - self.s.level_skip_margin)
+
     def _levels(self, gray: np.ndarray) -> Optional[np.ndarray]:
+        if self._face is not None and self.s.window:
+            self._since_larger += 1
+            larger = False
+            if self._since_larger >= self.s.larger_face_every:
+                # the reference keeps the largest face: is there one on coarser levels elsewhere?
+                self._since_larger = 0
+                larger = any(r.width() > 1.3 * self._face.width()
+                             for r in self.scanner.detect(gray, self._face_level + 2))
+            found = None
+            if not larger:
+                found, scores = self.scanner.track(gray, self._face, self._face_level, self._track_levels())
+                self._level_scores.update(scores)
+            if found is not None:
+                if found.level != self._face_level:
+                    self._level_scores, self._since_all_levels = {}, 0
+                self._face, self._face_level = found.rect, found.level
+                self._level = found.level
+                return self._shape(gray, found.rect)
         rects = []
         if self._level is not None:
             rects = self.scanner.detect(gray, max(0, self._level - self.s.level_margin))
@@ -116,20 +175,36 @@ class LandmarkDetector:
             h, w = gray.shape
             scale = min(1.0, self.s.detect_width / w)
             small = gray if scale == 1.0 else _resize(gray, scale)
-            coarse = self._detect(small, self.s.fast_upsample if scale != 1.0 else self.s.upsample)
+            up = self.s.fast_upsample if scale != 1.0 else self.s.upsample
+            coarse = self._pick(list(self.hog(small, up)))
             if coarse is None:
-                self._level = None
-                return None
-            size = (coarse.right() - coarse.left() + 1) / scale
-            level = self.scanner.level_of(self._dlib.rectangle(0, 0, int(size) - 1, int(size) - 1))
-            rects = self.scanner.detect(gray, max(0, level - self.s.level_margin))
-            if not rects:  # the reference's own search
-                rects = list(self.hog(gray, self.s.upsample)) or [self._refine(gray, coarse, scale) if scale != 1.0 else coarse]
+                # a face too small for the small frame (under ~2 x width / detect_width times the
+                # reference's smallest), or none: the reference's own HOG search, on the first such
+                # frame and then once every full_search_every frames while nothing is found ...
+                self._level = self._face = None
+                self._since_full += 1
+                if self._since_full >= self.s.full_search_every:
+                    self._since_full = 0
+                    rects = list(self.hog(gray, self.s.upsample))
+                # ... and the CNN on the small frame (as the reference, whose CNN sees the whole frame)
+                if not rects and self.s.cnn_fallback:
+                    coarse = self._pick([d.rect for d in self.cnn(small)])
+                if not rects and coarse is None:
+                    return None
+            if not rects:
+                size = (coarse.right() - coarse.left() + 1) / scale
+                level = self.scanner.level_of(self._dlib.rectangle(0, 0, int(size) - 1, int(size) - 1))
+                rects = self.scanner.detect(gray, max(0, level - self.s.level_margin))
+                if not rects:  # the reference's own search
+                    rects = list(self.hog(gray, self.s.upsample)) or [self._refine(gray, coarse, scale) if scale != 1.0 else coarse]
         rect = self._pick(rects)
         if rect is None:
-            self._level = None
+            self._level = self._face = None
             return None
         self._level = self.scanner.level_of(rect)
+        self._face, self._face_level, self._since_larger = rect, self._level, 0
+        self._level_scores, self._since_all_levels = {}, 0
+        self._since_full = 1 << 30  # a face lost after this gets the full search at once
         return self._shape(gray, rect)
 
     def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:

@@ -22,6 +22,20 @@ if ! command -v espeak-ng >/dev/null; then
   fi
 fi
 
+# headless Chromium renders the run report (launch.py report) in its browser test; optional elsewhere
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (apt; for the report's browser test)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || {
+      apt-get update >/dev/null 2>&1
+      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null ||
+        echo "setup: chromium could not be installed: the report's browser test will skip (and fail in CI)" >&2
+    }
+  else
+    echo "setup: no chromium: the report's browser test will skip (sudo apt-get install chromium)" >&2
+  fi
+fi
+
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
   echo "setup: $PY is $("$PY" --version 2>&1); Python >= 3.10 is needed (set PYTHON=...)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -525,11 +525,15 @@ def _assign_torch(x, centroids, chunk, return_inertia, device):
 
 
 # ------------------------------------------------------------------------------------ storage
+TIMINGS = ("train_seconds", "train_cpu_seconds")  # in fit's result for stats; never saved
+
+
 def save_model(path, model: dict) -> None:
+    """The model dict (without ``TIMINGS``: same inputs and settings, same bytes), atomically."""
     import joblib
 
     with atomic.atomic_path(path) as tmp:
-        joblib.dump(model, tmp)
+        joblib.dump({k: v for k, v in model.items() if k not in TIMINGS}, tmp)
 
 
 def load_model(path) -> dict:

@@ -1,20 +1,44 @@
 """Iteration-1 features: 13 Kaldi MFCCs + deltas + delta-deltas (39-d, 100 Hz).
 
-Matches the reference ``dump_mfcc_feature.py`` (torchaudio.compliance.kaldi.mfcc with
-``use_energy=False`` and torchaudio's defaults otherwise, then ``compute_deltas`` twice) without
-torchaudio: the MFCCs come from kaldi-native-fbank with its options set to torchaudio's defaults
-(dither 0 in particular; knf's default dither is not 0) and the deltas are computed here the way
-torchaudio does (window 5, replicate padding at the clip edges).
+Matches the reference ``dump_mfcc_feature.py``: ``torchaudio.compliance.kaldi.mfcc`` with
+``use_energy=False`` and torchaudio's defaults otherwise (25 ms povey window every 10 ms,
+snip_edges, DC offset removed, pre-emphasis 0.97, dither 0, 512-point power spectrum, 23 mel bins
+from 20 Hz to Nyquist, log floored at float32's epsilon, orthonormal DCT-II with Kaldi's C0
+scaling, cepstral lifter 22), then ``torchaudio.functional.compute_deltas`` twice (window 5,
+replicate padding), without torchaudio (it cannot be imported beside this project's torch).
+
+Why it is fast (bench/mfcc.py measures it against torchaudio's own code, side by side): the
+reference spends most of its time in per-call set-up (mel banks, DCT and window rebuilt on every
+call, an energy column it then drops) and in many small torch operations. Here the matrices are
+built once per process; the whole utterance is framed at once as a strided view; DC removal,
+pre-emphasis and the window are a few in-place passes over a block of frames, in the reference's
+order of float32 operations; one real FFT per block (scipy's pocketfft in float32); the squared
+re/im parts go through the mel matrix (each weight repeated for re and im), the log, and one
+DCT+lifter matrix; deltas are shifted differences. Blocks of ``BLOCK_FRAMES`` frames keep the
+working set in cache for long audio. Numerical agreement with the reference: ~1e-4 absolute on
+noise, 4.5e-4 on the golden speech file (where float32 rounding in near-silent mel bins dominates:
+a float64 computation is 3.8e-4 from it too).
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 
 SAMPLE_RATE = 16_000
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # next power of two (round_to_power_of_two)
 FEATURE_RATE = 100  # frames per second
+NUM_MEL_BINS = 23
+NUM_CEPS = 13
+LOW_FREQ = 20.0
+PREEMPH = 0.97
+LIFTER = 22.0
 DIM = 39
+BLOCK_FRAMES = 256
+EPSILON = np.float32(np.finfo(np.float32).eps)
 
 
 def n_mfcc_frames(n_samples: int) -> int:
@@ -24,53 +48,77 @@ def n_mfcc_frames(n_samples: int) -> int:
     return 1 + (int(n_samples) - FRAME_LENGTH) // FRAME_SHIFT
 
 
-def _options():
-    import kaldi_native_fbank as knf
-
-    opts = knf.MfccOptions()
-    fo = opts.frame_opts
-    fo.samp_freq = SAMPLE_RATE
-    fo.frame_shift_ms = 10.0
-    fo.frame_length_ms = 25.0
-    fo.dither = 0.0  # torchaudio's default; knf defaults to a small dither (not reproducible)
-    fo.preemph_coeff = 0.97
-    fo.remove_dc_offset = True
-    fo.window_type = "povey"
-    fo.round_to_power_of_two = True
-    fo.snip_edges = True
-    opts.mel_opts.num_bins = 23
-    opts.mel_opts.low_freq = 20.0
-    opts.mel_opts.high_freq = 0.0
-    opts.num_ceps = 13
-    opts.use_energy = False
-    opts.raw_energy = True
-    opts.cepstral_lifter = 22.0
-    return opts
+def _mel(f):
+    return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
 
 
-def kaldi_mfcc(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """(n,) mono samples -> float32 (T, 13). int16 input is scaled to [-1, 1] first, as the
-    reference reads audio with soundfile's float default."""
-    import kaldi_native_fbank as knf
+@functools.lru_cache(maxsize=1)
+def _matrices():
+    """(povey window (400,), mel matrix (514, 23) applied to interleaved re/im squares,
+    DCT+lifter matrix (23, 13)), all float32, as torchaudio builds them."""
+    n = np.arange(FRAME_LENGTH, dtype=np.float64)
+    # torch.hann_window(periodic=False) ** 0.85, computed in float32 as torchaudio does
+    hann = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))).astype(np.float32)
+    window = np.power(hann, np.float32(0.85), dtype=np.float32)
+    # triangular mel filters on the 256 lowest FFT bins (Nyquist's bin gets weight 0)
+    lo, hi = _mel(LOW_FREQ), _mel(SAMPLE_RATE / 2)
+    delta = (hi - lo) / (NUM_MEL_BINS + 1)
+    b = np.arange(NUM_MEL_BINS, dtype=np.float64)[:, None]
+    left, centre, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+    mel = _mel(SAMPLE_RATE / FFT_SIZE * np.arange(FFT_SIZE // 2))[None, :]
+    banks = np.maximum(0.0, np.minimum((mel - left) / (centre - left), (right - mel) / (right - centre)))
+    banks = np.concatenate([banks, np.zeros((NUM_MEL_BINS, 1))], axis=1).astype(np.float32)  # (23, 257)
+    # the FFT's complex64 output viewed as float32 pairs: re^2 and im^2 both weigh the bin's weight
+    mel_pairs = np.ascontiguousarray(np.repeat(banks.T, 2, axis=0))  # (514, 23)
+    # orthonormal DCT-II (torchaudio.functional.create_dct), Kaldi's C0 weight, then the lifter
+    k = np.arange(NUM_MEL_BINS, dtype=np.float64)
+    dct = np.cos(math.pi / NUM_MEL_BINS * (k[:, None] + 0.5) * k[None, :]) * math.sqrt(2.0 / NUM_MEL_BINS)
+    dct[:, 0] = math.sqrt(1.0 / NUM_MEL_BINS)
+    dct = dct[:, :NUM_CEPS].astype(np.float32)
+    lifter = (1.0 + 0.5 * LIFTER * np.sin(math.pi * np.arange(NUM_CEPS) / LIFTER)).astype(np.float32)
+    return window, mel_pairs, dct * lifter[None, :]
 
+
+def _as_float(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"MFCC features need {SAMPLE_RATE} Hz audio, got {sample_rate} Hz")
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise ValueError(f"MFCC features need mono audio, got shape {wav.shape}")
-    if wav.dtype == np.int16:
-        x = wav.astype(np.float32) / 32768.0
-    else:
-        x = wav.astype(np.float32)
+    if wav.dtype == np.int16:  # the reference reads audio with soundfile's float default
+        return wav.astype(np.float32) * np.float32(1 / 32768)
+    return wav.astype(np.float32, copy=False)
+
+
+def kaldi_mfcc(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(n,) mono samples -> float32 (T, 13). int16 input is scaled to [-1, 1] first."""
+    from scipy import fft
+
+    x = _as_float(wav, sample_rate)
     n = n_mfcc_frames(len(x))
+    out = np.empty((n, NUM_CEPS), dtype=np.float32)
     if n == 0:
-        return np.zeros((0, 13), dtype=np.float32)
-    mfcc = knf.OnlineMfcc(_options())
-    mfcc.accept_waveform(SAMPLE_RATE, x)
-    mfcc.input_finished()
-    if mfcc.num_frames_ready != n:  # would mean the options above are not snip_edges framing
-        raise RuntimeError(f"kaldi-native-fbank made {mfcc.num_frames_ready} frames of {len(x)} samples, expected {n}")
-    return np.asarray([mfcc.get_frame(i) for i in range(n)], dtype=np.float32).reshape(n, 13)
+        return out
+    window, mel_pairs, dct = _matrices()
+    frames = np.lib.stride_tricks.sliding_window_view(x, FRAME_LENGTH)[: (n - 1) * FRAME_SHIFT + 1 : FRAME_SHIFT]
+    buf = np.zeros((min(n, BLOCK_FRAMES), FFT_SIZE), dtype=np.float32)
+    for s in range(0, n, BLOCK_FRAMES):
+        e = min(n, s + BLOCK_FRAMES)
+        b = buf[: e - s]
+        f = b[:, :FRAME_LENGTH]
+        # the reference's order of float32 operations: DC offset removed, pre-emphasis with the
+        # frame's own first sample replicated, window (the same rounding, to ~1e-5 absolute)
+        np.subtract(frames[s:e], frames[s:e].mean(axis=1, dtype=np.float32, keepdims=True), out=f)
+        f[:, 1:] -= PREEMPH * f[:, :-1]
+        f[:, 0] *= np.float32(1 - PREEMPH)
+        f *= window
+        spec = fft.rfft(b, axis=1).view(np.float32)  # (frames, 514): re, im, ...
+        np.square(spec, out=spec)
+        energies = spec @ mel_pairs
+        np.maximum(energies, EPSILON, out=energies)
+        np.log(energies, out=energies)
+        np.matmul(energies, dct, out=out[s:e])
+    return out
 
 
 def deltas(feats: np.ndarray, win_length: int = 5) -> np.ndarray:
@@ -79,21 +127,26 @@ def deltas(feats: np.ndarray, win_length: int = 5) -> np.ndarray:
     if win_length < 3:
         raise ValueError("win_length must be at least 3")
     n = (win_length - 1) // 2
-    denom = n * (n + 1) * (2 * n + 1) / 3
+    denom = np.float32(n * (n + 1) * (2 * n + 1) / 3)
     x = np.asarray(feats, dtype=np.float32)
     if len(x) == 0:
         return x.copy()
     padded = np.concatenate([np.repeat(x[:1], n, axis=0), x, np.repeat(x[-1:], n, axis=0)], axis=0)
     t = len(x)
-    out = np.zeros_like(x)
-    for k in range(1, n + 1):
-        out += k * (padded[n + k:n + k + t] - padded[n - k:n - k + t])
-    return (out / denom).astype(np.float32)
+    out = padded[n + 1 : n + 1 + t] - padded[n - 1 : n - 1 + t]
+    for k in range(2, n + 1):
+        out += k * (padded[n + k : n + k + t] - padded[n - k : n - k + t])
+    out /= denom
+    return out
 
 
 def mfcc39(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """(n,) audio -> float32 (T, 39) = [mfcc, delta, delta-delta] at 100 Hz."""
     m = kaldi_mfcc(wav, sample_rate)
-    d = deltas(m)
-    dd = deltas(d)
-    return np.ascontiguousarray(np.concatenate([m, d, dd], axis=1), dtype=np.float32)
+    out = np.empty((len(m), DIM), dtype=np.float32)
+    out[:, :NUM_CEPS] = m
+    if len(m):
+        d = deltas(m)
+        out[:, NUM_CEPS : 2 * NUM_CEPS] = d
+        out[:, 2 * NUM_CEPS :] = deltas(d)
+    return out

@@ -1,13 +1,17 @@
 """The AV-HuBERT stages. Each module ``stages/<name>.py`` exposes ``STAGE`` (a
 ``pipeline.stage.Stage``) and ``Config`` (a dataclass: that stage's typed config section,
-``cfg.<name>``, defaults = the reference/paper settings)."""
+``cfg.<name>``, defaults = the reference/paper settings; None for a stage that reads another
+stage's section)."""
 from __future__ import annotations
 
 import importlib
 
-# Order of the DAG as a user reads it. crop and manifest run once; the rest once per iteration
-# (finetune once, after the last iteration).
-STAGE_ORDER = ["crop", "manifest", "features", "kmeans", "labels", "train", "finetune"]
+# Order of the DAG as a user reads it. crop, manifest and noise run once (noise only when
+# something uses it: see stages/noise.py); the rest once per iteration (finetune once, after the
+# last iteration). units_kmeans and units (discrete units for downstream use, after the last
+# iteration too) run in --stage all only when units are asked for (units.enabled, or a units
+# k-means setting: see stages/units.py).
+STAGE_ORDER = ["crop", "manifest", "noise", "features", "kmeans", "labels", "train", "finetune", "units_kmeans", "units"]
 
 
 def get_stage(name: str):
@@ -26,5 +30,6 @@ def config_sections() -> dict:
             if e.name == f"stages.{name}":
                 continue
             raise
-        sections[name] = mod.Config
+        if getattr(mod, "Config", None) is not None:  # units_kmeans reads the units section
+            sections[name] = mod.Config
     return sections

@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from avprep.quality import QualityBounds
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
@@ -66,6 +67,9 @@ class Config:
     items_per_shard: int = 50
     n_shards: int = 0  # 0 = from items_per_shard
     max_failure_rate: float = 0.2  # finalize fails the stage above this share of failed items
+    # per-item quality figures and the bounds outside which an item is flagged (not failed):
+    # avprep/quality.py; each ok record gets a ``quality`` dict, each shard a contact sheet
+    quality: QualityBounds = field(default_factory=QualityBounds)
 
 
 class CropError(RuntimeError):
@@ -85,6 +89,8 @@ class CropResult:
     n_samples: int
     faces_found: int
     seconds: float
+    quality: Optional[dict] = None  # avprep.quality.item_quality
+    tiles: Optional[np.ndarray] = None  # a few ROI frames for the contact sheet
 
     @property
     def fps(self) -> float:
@@ -150,7 +156,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
               start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
     """Crop one video (or segment) into the three output files, each written atomically.
     Landmarks already saved in ``out_landmarks`` are reused."""
-    from avprep import align, media
+    from avprep import align, media, quality
 
     t0 = time.time()
     video = Path(video)
@@ -167,7 +173,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         saved = None
     cached = None
     if saved is not None:
-        track, found = saved["interpolated"], int(saved["found"].sum())
+        track, found, raw_arr = saved["interpolated"], int(saved["found"].sum()), saved["raw"]
         n = len(track)
     else:
         detector = detector or _detector(cfg)
@@ -190,7 +196,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
                 np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
                                     fps=cfg.fps, mode=cfg.mode)
     frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
-    rois = mouth_rois(frames, track, cfg)
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(n, bounds.sheet_frames)  # figures of the ROIs as they are encoded
+    rois = meter.observe(mouth_rois(frames, track, cfg))
     try:
         n_written = media.write_gray_video(out_video, rois, fps=cfg.fps, crf=cfg.crf)
     except align.AlignmentError as e:
@@ -200,7 +208,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
-    return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0)
+    q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info.get("rotation", 0), cfg.window)
+    return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
+                      q, meter.tile_stack())
 
 
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
@@ -239,6 +249,13 @@ def crop_video_main(argv: list) -> int:
     print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
           f"{r.fps:.1f} frames/s ({a.mode} mode)")
     print(f"  video: {r.video}\n  audio: {r.audio if r.audio else '(no audio track)'}\n  landmarks: {r.landmarks}")
+    if r.quality:
+        from avprep.quality import describe_flag, bounds_of
+
+        q = r.quality
+        print(f"  quality: face in {q['face_share']:.0%} of frames ({q['face_px']:.0f} px high), mouth motion "
+              f"{q['motion']:.1f}, brightness {q['brightness']:.0f}, contrast {q['contrast']:.0f}, jitter {q['jitter']:.2f}"
+              + "".join(f"\n  flagged: {describe_flag(c, q, bounds_of(cfg.quality))}" for c in q["flags"]))
     return 0
 
 
@@ -288,13 +305,15 @@ class CropStage(Stage):
         return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from avprep import media
+        from avprep import media, quality
 
         cfg = Config(**ctx.cfg.crop)
+        bounds = quality.bounds_of(cfg.quality)
         out = crop_dir(ctx)
         items = self._items(ctx)[shard.params["start"] : shard.params["stop"]]
         detector = None
         records, n_ok, frames, t0 = [], 0, 0, time.time()
+        sheet = []  # the ok items' ROI tiles, in record order: the shard's contact sheet
         for item in items:
             paths = {k: out / k / f"{item.id}{ext}" for k, ext in
                      (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
@@ -303,15 +322,21 @@ class CropStage(Stage):
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
+                    info = media.video_info(item.video)
+                    q, tiles = quality.quality_from_outputs(
+                        media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
+                        info.get("rotation", 0), cfg.window, n_frames)
                 else:
                     if detector is None:
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
                                   item.start, item.end, detector)
-                    n_frames, n_samples = r.n_frames, r.n_samples
+                    n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = {**q, "sheet_index": len(sheet)}
+                sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
                 records.append({**base, "status": "ok", "video": str(paths["video"].relative_to(out)),
                                 "audio": str(paths["audio"].relative_to(out)),
-                                "n_frames": n_frames, "n_samples": n_samples})
+                                "n_frames": n_frames, "n_samples": n_samples, "quality": q})
                 n_ok += 1
                 frames += n_frames
             except Exception as e:  # one broken video never kills the shard
@@ -321,12 +346,14 @@ class CropStage(Stage):
                 reason = str(e) if str(item.video) in str(e) else f"{item.video}: {type(e).__name__}: {e}"
                 log.warning("crop failed: %s", reason)
                 records.append({**base, "status": "failed", "reason": reason})
+        if sheet:  # written before the results: a shard with results has its sheet
+            quality.write_sheet(out / "sheets" / f"{shard.key}.png", sheet, bounds.sheet_frames)
         with atomic.atomic_open(self.outputs(ctx, shard)[0]) as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
         dt = time.time() - t0
         return {"items": len(items), "ok": n_ok, "failed": len(items) - n_ok, "frames": frames,
-                "fps": round(frames / dt, 2) if dt else None}
+                "flagged": sum(bool(e.flags) for e in sheet), "fps": round(frames / dt, 2) if dt else None}
 
     def final_outputs(self, ctx):
         return [crop_dir(ctx) / "summary.json"]
@@ -346,7 +373,8 @@ class CropStage(Stage):
         total = ok + failed
         rate = failed / total if total else 1.0
         summary = {"items": total, "ok": ok, "failed": failed, "failure_rate": round(rate, 4),
-                   "frames": sum(s.get("frames", 0) for s in shard_stats.values())}
+                   "frames": sum(s.get("frames", 0) for s in shard_stats.values()),
+                   "flagged": sum(s.get("flagged", 0) for s in shard_stats.values())}  # avprep/quality.py
         if rate > float(ctx.cfg.crop.max_failure_rate):
             raise StageFailed(
                 f"crop: {failed} of {total} items failed ({rate:.0%} > crop.max_failure_rate="

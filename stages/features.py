@@ -187,7 +187,7 @@ class FeaturesStage(Stage):
         return [f[k] for k in ("npy", "len", "rows") if k in f]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat.shards import ShardWriter, read_tsv, shard_range
+        from speechfeat.shards import read_tsv, shard_range
 
         t0 = time.time()
         c = ctx.cfg.features
@@ -200,16 +200,11 @@ class FeaturesStage(Stage):
             picked = sample_draw(len(rows), rank, nshard, float(ctx.cfg.kmeans.percent), int(ctx.cfg.kmeans.seed))
         else:
             picked = np.arange(*shard_range(len(rows), rank, nshard))
-        failures = Failures(tsv, len(picked), float(c.max_failure_fraction))
-        featurizer = make_featurizer(ctx)
-        with ShardWriter(files["npy"], files["len"], featurizer.dim, str(c.dtype)) as w:
-            for _, feats in row_features(featurizer, root, [rows[i] for i in picked], failures, [files["npy"].parent]):
-                w.append(feats)
+        stats = write_features(make_featurizer(ctx), tsv, root, [rows[i] for i in picked], files["npy"], files["len"],
+                               float(c.max_failure_fraction), str(c.dtype))
         if "rows" in files:
             atomic.write_text(files["rows"], "".join(f"{i}\n" for i in picked))
-        return {**featurizer.describe(), "store": store_mode(ctx), "dtype": str(c.dtype), "utterances": len(picked),
-                "frames": w.n_rows, "dim": featurizer.dim, "failures": failures.records,
-                "seconds": round(time.time() - t0, 2)}
+        return {**stats, "store": store_mode(ctx), "seconds": round(time.time() - t0, 2)}
 
 
 STAGE = FeaturesStage()
@@ -306,26 +301,23 @@ class LayerFeaturizer:
 
     kind = "layer"
 
-    def __init__(self, checkpoint, layer: int, modality: str = "av", device: str = "auto", max_frames: int = 2500,
-                 batch_frames: int = 0, torch_threads: int = 0, loaded=None):
+    def __init__(self, checkpoint, layer: Optional[int], modality: str = "av", device: str = "auto",
+                 max_frames: int = 2500, batch_frames: int = 0, torch_threads: int = 0, loaded=None):
         """``loaded``: an already loaded ``(model, task_cfg)`` (on ``device``) instead of reading
-        ``checkpoint`` (which then only names it)."""
+        ``checkpoint`` (which then only names it). ``layer`` None = the last one."""
         import torch
-
-        from avhubert.extract import load_pretrained
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.checkpoint = Path(checkpoint)
-        if loaded is None and not self.checkpoint.is_file():
-            raise FileNotFoundError(f"{self.checkpoint}: checkpoint for layer features not found")
-        self.device = resolve_device(device)
-        self.batch_frames = batch_frames if batch_frames else (8000 if self.device.startswith("cuda") else 0)
-        self.layer, self.modality, self.max_frames = int(layer), modality, int(max_frames)
-        self.model, self.task_cfg = loaded or load_pretrained(str(self.checkpoint), device=self.device)
-        n_layers = len(self.model.encoder.layers)
-        if not 0 <= self.layer <= n_layers:
-            raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")
+        if loaded is None:
+            self.model, self.task_cfg, self.device, self.layer = load_layer_model(checkpoint, layer, device)
+        else:
+            self.model, self.task_cfg = loaded
+            self.device = resolve_device(device)
+            self.layer = len(self.model.encoder.layers) if layer is None else int(layer)
+        self.batch_frames = batch_frames or auto_batch_frames(self.device)
+        self.modality, self.max_frames = modality, int(max_frames)
         self.dim = _model_dim(self.model)
         self.read_video, self.read_wav = media_readers()
 
@@ -371,16 +363,19 @@ def make_featurizer(ctx: StageContext):
                            torch_threads=int(c.torch_threads))
 
 
-def row_features(featurizer, root: Path, rows: Sequence, failures: Failures,
-                 output_roots: Sequence[Path] = ()) -> Iterator[Tuple[object, np.ndarray]]:
-    """(row, float32 (T, D) features) for each tsv row, in order: "features of these rows".
+def row_features(featurizer, root: Path, rows: Sequence, on_failure=None,
+                 output_roots: Sequence[Path] = ()) -> Iterator[Tuple[object, Optional[np.ndarray]]]:
+    """(row, float32 (T, D) features or None) for each tsv row, in order: "features of these rows".
 
     Rows are read one by one and computed in groups of about ``featurizer.group_frames()`` frames
-    (batched forwards on a GPU). A row that cannot be read, or whose features do not have the
-    tsv's frame count, is recorded in ``failures`` and yields 0 frames; an infrastructure error
-    (disk full under ``output_roots``, I/O error, signal) propagates and fails the shard."""
+    (batched forwards on a GPU), so memory stays bounded. A row that cannot be read, or whose
+    features do not have the tsv's frame count, yields None after ``on_failure(row.id, reason)``
+    (e.g. ``Failures.add``; default: a warning); an infrastructure error (disk full under
+    ``output_roots``, I/O error, signal: ``pipeline.errors``) propagates and fails the shard."""
+    if on_failure is None:
+        def on_failure(utt_id, reason):
+            log.warning("%s: %s", utt_id, reason)
     group_frames = featurizer.group_frames()
-    empty = np.zeros((0, featurizer.dim), dtype=np.float32)
     pending: list = []  # (row, loaded input | None), in order
     queued = 0
 
@@ -392,11 +387,9 @@ def row_features(featurizer, root: Path, rows: Sequence, failures: Failures,
         pending.clear()
         for r, _ in done:
             f = by_row.get(id(r))
-            if f is None:
-                f = empty
-            elif len(f) != featurizer.expected(r):  # a decoder or model that drops frames
-                failures.add(r.id, f"{len(f)} feature frames, expected {featurizer.expected(r)}")
-                f = empty
+            if f is not None and len(f) != featurizer.expected(r):  # a decoder or model that drops frames
+                on_failure(r.id, f"{len(f)} feature frames, expected {featurizer.expected(r)}")
+                f = None
             yield r, f
 
     for row in rows:
@@ -404,7 +397,7 @@ def row_features(featurizer, root: Path, rows: Sequence, failures: Failures,
             x = featurizer.load(root, row)
         except Exception as e:  # one broken file must not stop the shard
             raise_if_infrastructure(e, list(output_roots))  # a full disk or a signal does
-            failures.add(row.id, f"{type(e).__name__}: {e}")
+            on_failure(row.id, f"{type(e).__name__}: {e}")
             x = None
         pending.append((row, x))
         queued += featurizer.expected(row) if x is not None else 0
@@ -486,5 +479,65 @@ def extract_batched(model, inputs: Sequence[Tuple[Optional["torch.Tensor"], Opti
     return result
 
 
+def auto_batch_frames(device: str) -> int:
+    """``batch_frames=0`` (auto): batched on a GPU; on a CPU padding only costs time."""
+    return 8000 if device.startswith("cuda") else 0
+
+
+def load_layer_model(checkpoint, layer: Optional[int], device: str = "auto"):
+    """(model, task_cfg, device, layer) for layer features of ``checkpoint`` (any ours/reference
+    pretraining or fine-tuning checkpoint); ``layer`` None = its last transformer layer."""
+    from avhubert.extract import load_pretrained
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint for layer features not found")
+    device = resolve_device(device)
+    model, task_cfg = load_pretrained(str(checkpoint), device=device)
+    n_layers = len(model.encoder.layers)
+    layer = n_layers if layer is None else int(layer)
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")
+    return model, task_cfg, device, layer
+
+
 def _model_dim(model) -> int:
     return int(getattr(model, "encoder_embed_dim", None) or model.encoder.layers[0].fc2.out_features)
+
+
+def layer_features_of_rows(model, task_cfg, root, rows, layer: int, modality: str = "av", max_frames: int = 2500,
+                           batch_frames: int = 0, on_failure=None, output_roots=()) -> Iterator[tuple]:
+    """``(row, features)`` for every tsv row in order: float32 (n_video_frames, D) of ``layer`` of
+    an already loaded model, or None for a row that failed (``row_features`` with a
+    ``LayerFeaturizer`` of that model)."""
+    featurizer = LayerFeaturizer("(loaded model)", layer, modality, str(next(model.parameters()).device),
+                                 max_frames, batch_frames, loaded=(model, task_cfg))
+    return row_features(featurizer, Path(root), rows, on_failure, output_roots)
+
+
+def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint, layer: int,
+                    modality: str = "av", device: str = "auto", max_frames: int = 2500, batch_frames: int = 0,
+                    max_failure_fraction: float = 0.01, torch_threads: int = 0, dtype: str = "float32") -> dict:
+    """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv into a
+    feature dump shard (``npy_path`` / ``len_path``)."""
+    from speechfeat.shards import read_tsv, shard_range
+
+    featurizer = LayerFeaturizer(checkpoint, layer, modality, device, max_frames, batch_frames, torch_threads)
+    root, rows = read_tsv(tsv)
+    a, b = shard_range(len(rows), rank, nshard)
+    return write_features(featurizer, Path(tsv), root, rows[a:b], npy_path, len_path, max_failure_fraction, dtype)
+
+
+def write_features(featurizer, tsv: Path, root: Path, rows: Sequence, npy_path, len_path,
+                   max_failure_fraction: float = 0.01, dtype: str = "float32") -> dict:
+    """The features of ``rows`` (0 frames for a failed row) streamed into a feature shard."""
+    from speechfeat.shards import ShardWriter
+
+    t0 = time.time()
+    failures = Failures(tsv, len(rows), max_failure_fraction)
+    empty = np.zeros((0, featurizer.dim), dtype=np.float32)
+    with ShardWriter(npy_path, len_path, featurizer.dim, dtype) as w:
+        for _, feats in row_features(featurizer, root, rows, failures.add, [Path(npy_path).parent]):
+            w.append(empty if feats is None else feats)
+    return {**featurizer.describe(), "dtype": dtype, "utterances": len(rows), "frames": w.n_rows,
+            "dim": featurizer.dim, "failures": failures.records, "seconds": round(time.time() - t0, 2)}

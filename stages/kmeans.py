@@ -143,7 +143,6 @@ class KmeansStage(Stage):
         model["iteration"] = ctx.iteration
         # timings go to the shard's stats, never into the model file (same inputs, same bytes)
         train_seconds = model.pop("train_seconds")
-        model.pop("train_cpu_seconds")
         km.save_model(model_path(ctx), model)
         return {"backend": c.backend, "n_clusters": k, "frames": model["n_frames"], "dim": model["dim"],
                 "sample_frames": model["sample_frames"], "sample_utterances": model["sample_utterances"],

@@ -246,10 +246,11 @@ def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, k
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
     failures = Failures(Path(tsv), b - a, max_failure_fraction)
+    empty = np.zeros((0, featurizer.dim), dtype=np.float32)
     with atomic.atomic_open(km_path, "w") as f:
         writer = LabelWriter(f, centroids, chunk_frames, device)
-        for _, feats in row_features(featurizer, root, rows[a:b], failures, [Path(km_path).parent]):
-            writer.add(feats)
+        for _, feats in row_features(featurizer, root, rows[a:b], failures.add, [Path(km_path).parent]):
+            writer.add(empty if feats is None else feats)  # a failed utterance: an empty line
         writer.flush()
     seconds = time.time() - t0
     return {**writer.stats(), **featurizer.describe(), "source": "computed", "assign_device": device,

@@ -80,11 +80,7 @@ class ManifestStage(Stage):
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.manifest
-        for key in ("valid_fraction", "test_fraction"):
-            if not 0 <= float(c[key]) < 1:
-                raise ConfigError(f"manifest.{key}={c[key]}: must be in [0, 1)")
-        if float(c.valid_fraction) + float(c.test_fraction) >= 1:
-            raise ConfigError("manifest.valid_fraction + manifest.test_fraction must be below 1")
+        check_split_fractions("manifest", c)
         if float(c.max_segment_seconds) <= 0:
             raise ConfigError(f"manifest.max_segment_seconds={c.max_segment_seconds}: must be positive")
         if float(c.av_tolerance_frames) < 0:
@@ -115,6 +111,15 @@ class ManifestStage(Stage):
 
 
 STAGE = ManifestStage()
+
+
+def check_split_fractions(section: str, c) -> None:
+    """``<section>.valid_fraction`` and ``test_fraction``: each in [0, 1), together below 1."""
+    for key in ("valid_fraction", "test_fraction"):
+        if not 0 <= float(c[key]) < 1:
+            raise ConfigError(f"{section}.{key}={c[key]}: must be in [0, 1)")
+    if float(c.valid_fraction) + float(c.test_fraction) >= 1:
+        raise ConfigError(f"{section}.valid_fraction + {section}.test_fraction must be below 1")
 
 
 def manifest_dir(ctx: StageContext) -> Path:

