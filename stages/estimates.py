@@ -38,8 +38,8 @@ CROP_BYTES_PER_FRAME = {"video": 318, "audio": 1296, "landmarks": 379}
 # the ROI encoding and audio extraction
 CROP_CPU_SECONDS_PER_FRAME = 0.040
 CROP_BASE_RAM = 400 * MB  # dlib models + decoder, on top of crop.frame_cache_mb
-# speechfeat.mfcc.mfcc39 on 60 s of audio: seconds of audio per CPU second
-MFCC_REALTIME_PER_CORE = 663.0
+# speechfeat.mfcc.mfcc39: seconds of audio per CPU second (bench/README.md, bench/mfcc.py: 3,482-3,854)
+MFCC_REALTIME_PER_CORE = 3700.0
 # reading one utterance's model inputs, per video frame: ROI mp4 decode, wav, filterbanks, transforms
 INPUT_CPU_SECONDS_PER_FRAME = 0.0007
 # layer features (stages.features.extract_batched, all layers, 125-frame clips, randomly
@@ -206,7 +206,8 @@ def crop(ctx: StageContext) -> Estimate:
     return Estimate(disk_bytes=frames * sum(CROP_BYTES_PER_FRAME.values()),
                     peak_ram_bytes=CROP_BASE_RAM + int(c.frame_cache_mb) * 2**20, jobs=max(1, min(shards, items)),
                     cpu_hours=frames * CROP_CPU_SECONDS_PER_FRAME / 3600,
-                    detail=f"{items:,} items, {size.hours():,.0f} h", basis=[size.source, BASIS_CPU])
+                    detail=f"{items:,} items, {size.hours():,.{0 if size.hours() >= 10 else 2}f} h",
+                    basis=[size.source, BASIS_CPU])
 
 
 def manifest(ctx: StageContext) -> Estimate:
