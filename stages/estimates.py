@@ -6,7 +6,7 @@ frames per split), else the item list with the frames of items the crop stage ha
 for the rest, durations from their segment bounds or from the container headers of a seeded
 sample of their source videos, extrapolated to all of them (the plan says which).
 
-Per-frame costs: CPU figures measured on the 2-core dev machine (Intel Xeon, 2 vCPUs, one core
+Per-frame costs: CPU figures measured on the 2-core dev machine (AMD EPYC, 2 vCPUs, one core
 per figure, bench/ scripts named next to each); GPU figures are the model's forward FLOPs per
 frame counted with ``torch.utils.flop_counter.FlopCounterMode`` on the real model, divided by an
 assumed sustained GPU throughput (no GPU was available to measure: replace ``GPU_TFLOPS`` with
