@@ -1,6 +1,7 @@
 """AV-HuBERT dataset: tsv manifest + per-utterance label files -> padded audio/video batches.
 
-Manifest ``{split}.tsv``: first line the root directory; then one row per utterance
+Manifest ``{split}.tsv``: first line the root directory (a relative root is relative to the tsv's
+own directory); then one row per utterance
 ``id <TAB> video_rel_path <TAB> audio_rel_path <TAB> n_video_frames <TAB> n_audio_samples``.
 Labels ``{split}.{label}``: one line per manifest row (all rows, also those filtered out here),
 space-separated tokens at ``label_rate`` per second (-1 = a sequence label, e.g. words).
@@ -38,6 +39,8 @@ def load_manifest(manifest_path: str, max_keep: Optional[int], min_keep: Optiona
     with open(manifest_path) as f:
         root = f.readline().strip()
         rows = [line.rstrip("\n") for line in f if line.strip()]
+    if not os.path.isabs(root):  # the manifest stage writes the crop dir relative to the tsv
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest_path)), root))
     for path, durs in zip(duration_paths, label_durations):
         if len(durs) != len(rows):
             raise ValueError(f"{path}: {len(durs)} label lines but {manifest_path} has {len(rows)} rows")

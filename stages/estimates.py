@@ -78,15 +78,29 @@ class CorpusSize:
         return self.total(splits) / VIDEO_RATE / 3600
 
 
+def _size_key(ctx: StageContext) -> tuple:
+    workdir = Path(ctx.workdir)
+    tsv = workdir / "manifest" / "train.tsv"
+    results = workdir / "crop" / "results"
+    return (str(workdir), str(ctx.cfg.get("corpus")), str(ctx.cfg.get("layout") or "plain"),
+            tsv.stat().st_mtime_ns if tsv.is_file() else None,
+            len(list(results.glob("*.jsonl"))) if results.is_dir() else 0)
+
+
+def note_listing(ctx: StageContext, items: list) -> None:
+    """The crop stage's listing of this launch, used for the size while no manifest exists: the
+    corpus is listed once per launch (a second walk of 1.2M files would cost minutes)."""
+    key = _size_key(ctx)
+    if key[3] is None and key not in _SIZES:
+        _SIZES[key] = _from_items(Path(ctx.workdir), ctx.cfg, items=items)
+
+
 def corpus_size(ctx: StageContext) -> CorpusSize:
     """The corpus size from the best source present; cached per launch while its sources are
     unchanged (every step of a plan asks)."""
     workdir = Path(ctx.workdir)
     tsv = workdir / "manifest" / "train.tsv"
-    results = workdir / "crop" / "results"
-    key = (str(workdir), str(ctx.cfg.get("corpus")), str(ctx.cfg.get("layout") or "plain"),
-           tsv.stat().st_mtime_ns if tsv.is_file() else None,
-           len(list(results.glob("*.jsonl"))) if results.is_dir() else 0)
+    key = _size_key(ctx)
     if key not in _SIZES:
         _SIZES[key] = _from_manifest(workdir / "manifest") if tsv.is_file() else _from_items(workdir, ctx.cfg)
     return _SIZES[key]
@@ -128,11 +142,20 @@ def _crop_records(workdir: Path) -> Dict[str, int]:
     return frames
 
 
-def _from_items(workdir: Path, cfg, probe: int = 48) -> CorpusSize:
+def _from_items(workdir: Path, cfg, probe: int = 48, items: Optional[list] = None) -> CorpusSize:
     from avprep import media
     from stages.corpus import list_items
 
-    items = list_items(cfg)
+    if items is None:  # the frozen item list if there is one (no walk of the corpus), else a listing
+        from stages import item_list as il
+
+        idir = workdir / "crop" / "items"
+        index = il.read_index(idir) if idir.is_dir() else None
+        if index is not None:
+            root = Path(index.corpus)
+            items = [il.record_item(rec, root) for rec in il.iter_records(idir, index)]
+        else:
+            items = list_items(cfg)
     cropped = _crop_records(workdir)
     known: Dict[str, int] = {}
     unknown = []

@@ -638,6 +638,26 @@ class TrainStage(Stage):
             "wall_s": round(time.time() - start, 1),
         }
 
+    def progress(self, ctx: StageContext, shard: Shard) -> Optional[int]:
+        """The update count training would resume from (None before the first checkpoint): a job
+        stopped at its time limit is requeued only when this grew since it started."""
+        ckpt_dir = ctx.stage_dir("train") / CHECKPOINT_DIR
+        if ctx.force and (ckpt_dir / FINAL_CHECKPOINT).exists():
+            return None  # --force on a complete iteration: run() starts over from nothing
+        path, updates = resume_point(ckpt_dir)
+        return updates if path is not None else None
+
+    def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
+        """A complete iteration trained to fewer updates than ``train.max_update`` asks now runs
+        again: it continues from its last checkpoint (and the next iteration becomes stale)."""
+        stats = done.get("stats") or {}
+        trained = stats.get("num_updates", stats.get("max_update"))
+        wanted = max_update_for(ctx.cfg, ctx.iteration)
+        if trained is not None and int(trained) < wanted:
+            return (f"train.max_update raised from {int(trained)} to {wanted}: training continues from "
+                    f"its last checkpoint")
+        return None
+
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         return [ctx.stage_dir("train") / LOSS_PNG]
 
