@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -75,7 +75,8 @@ class LandmarkDetector:
             raise ValueError(f"face_rule {self.s.face_rule!r}: largest or last")
         self._dlib = dlib
         self.hog = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self._predictor = None  # dlib's 68-point predictor (reference mode, strategy "track")
+        self._batch_predictor = None  # the same predictor batched (avprep/shape_predictor.py)
         self._cnn = None
         self._prev: Optional[np.ndarray] = None
         self._since_detect = 0
@@ -92,6 +93,21 @@ class LandmarkDetector:
         self._level_scores: dict = {}  # "levels": best window score per pyramid level, last scans
         self._since_all_levels = 0
         self._since_full = 1 << 30
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            self._predictor = self._dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        return self._predictor
+
+    @property
+    def batch_predictor(self):
+        """dlib's predictor run on many frames at once, with dlib's exact landmarks (fast mode)."""
+        if self._batch_predictor is None:
+            from avprep.shape_predictor import ShapePredictor
+
+            self._batch_predictor = ShapePredictor(model_dir() / "shape_predictor_68_face_landmarks.dat")
+        return self._batch_predictor
 
     @property
     def cnn(self):
@@ -131,8 +147,29 @@ class LandmarkDetector:
             rect = self._detect(gray, self.s.upsample)
             return None if rect is None else self._shape(gray, rect)
         if self.s.fast_strategy == "levels":
-            return self._levels(gray)
+            rect = self._levels(gray)
+            return None if rect is None else self.batch_predictor([gray], [rect])[0]
         return self._fast(gray)
+
+    def stream(self, frames: Iterable[np.ndarray], batch: int = 32) -> Iterator[Optional[np.ndarray]]:
+        """Landmarks (or None) of each gray frame in order, as ``self(frame)`` gives them. In fast
+        mode (strategy "levels", whose boxes do not depend on landmarks) the predictor runs on
+        ``batch`` frames at once: up to ``batch`` frames are held until their landmarks are out."""
+        if self.s.mode != "fast" or self.s.fast_strategy != "levels":
+            yield from map(self, frames)
+            return
+        pending = []
+        for gray in frames:
+            pending.append((gray, self._levels(gray)))
+            if len(pending) == batch:
+                yield from self._shapes(pending)
+                pending = []
+        yield from self._shapes(pending)
+
+    def _shapes(self, pending: list) -> list:
+        found = [(g, r) for g, r in pending if r is not None]
+        shapes = iter(self.batch_predictor([g for g, _ in found], [r for _, r in found]) if found else [])
+        return [None if r is None else next(shapes) for _, r in pending]
 
     def _track_levels(self) -> tuple:
         """The levels to scan for the tracked face: its own and the two beside it, but a level
@@ -147,7 +184,8 @@ class LandmarkDetector:
         return tuple(lv for lv in (level - 1, level, level + 1)
                      if lv == level or (self._level_scores.get(lv) or -1e9) >= best - self.s.level_skip_margin)
 
-    def _levels(self, gray: np.ndarray) -> Optional[np.ndarray]:
+    def _levels(self, gray: np.ndarray):
+        """The reference detector's box for this frame (dlib rectangle), or None."""
         if self._face is not None and self.s.window:
             self._since_larger += 1
             larger = False
@@ -165,7 +203,7 @@ class LandmarkDetector:
                     self._level_scores, self._since_all_levels = {}, 0
                 self._face, self._face_level = found.rect, found.level
                 self._level = found.level
-                return self._shape(gray, found.rect)
+                return found.rect
         rects = []
         if self._level is not None:
             rects = self.scanner.detect(gray, max(0, self._level - self.s.level_margin))
@@ -205,7 +243,7 @@ class LandmarkDetector:
         self._face, self._face_level, self._since_larger = rect, self._level, 0
         self._level_scores, self._since_all_levels = {}, 0
         self._since_full = 1 << 30  # a face lost after this gets the full search at once
-        return self._shape(gray, rect)
+        return rect
 
     def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:
         dlib = self._dlib
@@ -266,4 +304,4 @@ def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
 def detect_all(frames: Iterable[np.ndarray], detector: LandmarkDetector) -> list:
     """Landmarks per frame (None where no face) for an iterable of gray frames."""
     detector.reset()
-    return [detector(f) for f in frames]
+    return list(detector.stream(frames))
