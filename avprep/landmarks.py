@@ -62,6 +62,10 @@ class DetectorSettings:
     # "levels": while no face is found on the small frame, the reference's HOG search on the whole
     # frame runs once every this many frames (small faces; frames without one cost little)
     full_search_every: int = 25
+    # "levels": the face is searched on every key_every-th frame ("key frames"); a frame between
+    # two key frames with the same box gets that box, else the middle frame is scanned (windows
+    # around the nearer box) and each half is settled the same way. 1 = every frame.
+    key_every: int = 4
 
 
 class LandmarkDetector:
@@ -158,13 +162,56 @@ class LandmarkDetector:
         if self.s.mode != "fast" or self.s.fast_strategy != "levels":
             yield from map(self, frames)
             return
-        pending = []
-        for gray in frames:
-            pending.append((gray, self._levels(gray)))
-            if len(pending) == batch:
-                yield from self._shapes(pending)
-                pending = []
-        yield from self._shapes(pending)
+        k = max(1, self.s.key_every)
+        ready, gap, key_box = [], [], None  # boxes found; frames since the last key frame; its box
+        for i, gray in enumerate(frames):
+            if i == 0:
+                key_box = self._levels(gray)
+                ready.append((gray, key_box))
+            else:
+                gap.append(gray)
+                if len(gap) == k:
+                    box = self._levels(gray, frames_since=k)
+                    ready += self._bridge(key_box, gap[:-1], box) + [(gray, box)]
+                    key_box, gap = box, []
+            if len(ready) >= batch:
+                yield from self._shapes(ready)
+                ready = []
+        if gap:  # the last frame is a key frame too
+            box = self._levels(gap[-1], frames_since=len(gap))
+            ready += self._bridge(key_box, gap[:-1], box) + [(gap[-1], box)]
+        yield from self._shapes(ready)
+
+    def _bridge(self, before, grays: list, after) -> list:
+        """(gray, box) of the frames between two key frames whose boxes are ``before`` and
+        ``after``: where both ends of a stretch have the same box (or no face), the frames in it
+        get it (the reference's box changes in ~10% of frames of a talking head, and seldom changes
+        back within a few frames); else its middle frame is scanned and each half settled alike."""
+        boxes = [None] * len(grays)
+
+        def settle(lo_box, lo: int, hi: int, hi_box) -> None:  # the frames strictly between lo and hi
+            if hi - lo <= 1:
+                return
+            if _same_box(lo_box, hi_box):
+                boxes[lo + 1 : hi] = [lo_box] * (hi - lo - 1)
+                return
+            mid = (lo + hi) // 2
+            boxes[mid] = self._box_near(grays[mid], lo_box if lo_box is not None else hi_box)
+            settle(lo_box, lo, mid, boxes[mid])
+            settle(boxes[mid], mid, hi, hi_box)
+
+        settle(before, -1, len(grays), after)
+        return list(zip(grays, boxes))
+
+    def _box_near(self, gray: np.ndarray, rect):
+        """The reference detector's box in a frame whose face is near ``rect`` (found in a frame a
+        few frames away), or None: windows of its level and the two beside it, else those levels
+        on the whole frame. Leaves the tracking state as it is."""
+        level = self.scanner.level_of(rect)
+        found, _ = self.scanner.track(gray, rect, level)
+        if found is not None:
+            return found.rect
+        return self._pick(self.scanner.detect(gray, max(0, level - self.s.level_margin)))
 
     def _shapes(self, pending: list) -> list:
         found = [(g, r) for g, r in pending if r is not None]
@@ -184,10 +231,11 @@ class LandmarkDetector:
         return tuple(lv for lv in (level - 1, level, level + 1)
                      if lv == level or (self._level_scores.get(lv) or -1e9) >= best - self.s.level_skip_margin)
 
-    def _levels(self, gray: np.ndarray):
-        """The reference detector's box for this frame (dlib rectangle), or None."""
+    def _levels(self, gray: np.ndarray, frames_since: int = 1):
+        """The reference detector's box for this frame (dlib rectangle), or None. ``frames_since``:
+        frames since the previous call (key frames), for the every-N-frames checks."""
         if self._face is not None and self.s.window:
-            self._since_larger += 1
+            self._since_larger += frames_since
             larger = False
             if self._since_larger >= self.s.larger_face_every:
                 # the reference keeps the largest face: is there one on coarser levels elsewhere?
@@ -220,7 +268,7 @@ class LandmarkDetector:
                 # reference's smallest), or none: the reference's own HOG search, on the first such
                 # frame and then once every full_search_every frames while nothing is found ...
                 self._level = self._face = None
-                self._since_full += 1
+                self._since_full += frames_since
                 if self._since_full >= self.s.full_search_every:
                     self._since_full = 0
                     rects = list(self.hog(gray, self.s.upsample))
@@ -293,6 +341,12 @@ class LandmarkDetector:
             best = self._pick(rects)
             return dlib.rectangle(best.left() + x0, best.top() + y0, best.right() + x0, best.bottom() + y0)
         return dlib.rectangle(int(round(l)), int(round(t)), int(round(r)), int(round(b)))
+
+
+def _same_box(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.left(), a.top(), a.right(), a.bottom()) == (b.left(), b.top(), b.right(), b.bottom())
 
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:

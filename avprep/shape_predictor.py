@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.sparse import _sparsetools  # csr_matvecs: y += A x, row by row, in A's order
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when ShapeModel's arrays change meaning
@@ -279,8 +280,6 @@ class ShapePredictor:
     def __call__(self, frames: Sequence[np.ndarray], rects) -> np.ndarray:
         """Landmarks (N, P, 2) int32 of N uint8 gray frames, each with its box ``rects[i]``
         (dlib rectangles or (left, top, right, bottom) rows): dlib's ``predictor(frame, rect)``."""
-        from scipy.sparse import _sparsetools
-
         m = self.m
         n = len(frames)
         if n == 0:
