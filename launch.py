@@ -6,7 +6,9 @@
     python launch.py --stage all --cluster mycluster --preset base --corpus /data/lrs3 --layout lrs3
     python launch.py --stage kmeans --iteration 2 kmeans.percent=0.2
     python launch.py --dry-run                       # the plan; submits nothing
+    python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
     python launch.py status [--workdir DIR]
+    python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
     python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 import os
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -27,6 +30,8 @@ if str(ROOT) not in sys.path:
 
 FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
              "report": ("report", "main"), "units": ("stages.units", "main")}
+# how a detached driver runs this launcher again (a module with main(argv), importable from paths)
+ENTRY = {"module": "launch", "script": str(ROOT / "launch.py"), "paths": [str(ROOT)]}
 
 
 def parse_args(argv):
@@ -35,8 +40,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
-        epilog="Subcommands: `status [--workdir DIR]`, `report [--workdir DIR]`, `crop-video VIDEO --out DIR`, "
-        "`infer VIDEO --checkpoint FT.pt`, `units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
+        epilog="Subcommands: `status [--workdir DIR]`, `cancel [--workdir DIR]`, `report [--workdir DIR]`, "
+        "`crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`, "
+        "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
@@ -50,13 +56,18 @@ def parse_args(argv):
     p.add_argument("--preset", default="smoke", help="presets/NAME.yaml (default: smoke)")
     p.add_argument("--force", action="store_true", help="redo complete shards of the selected stages")
     p.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
+    p.add_argument("--detach", action="store_true",
+                   help="hand the run to a driver that does not depend on this terminal (a Slurm job, "
+                   "cluster.driver, or a background process) and return; prints how to follow and stop it")
+    p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)  # set in the detached driver
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 
 
-def build(args, dry_run: bool):
-    """(cfg, Pipeline, steps) for the parsed arguments; raises PipelineError subclasses."""
+def build(args, dry_run: bool, compute_shards: bool = True):
+    """(cfg, Pipeline, steps) for the parsed arguments; raises PipelineError subclasses.
+    ``compute_shards`` False only validates (a launch that detaches: the driver plans)."""
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
     from pipeline.runner import Pipeline
@@ -83,7 +94,7 @@ def build(args, dry_run: bool):
     pipe = Pipeline(cfg, stages, STAGE_ORDER, Path(cfg.workdir), force=args.force, echo=_echo, dry_run=dry_run)
     names = "all" if args.stage == "all" else [args.stage]
     iterations = [args.iteration] if args.iteration is not None else None
-    steps = pipe.plan(pipe.targets(names, iterations))
+    steps = pipe.plan(pipe.targets(names, iterations), compute_shards=compute_shards)
     return cfg, pipe, steps
 
 
@@ -91,67 +102,186 @@ def _echo(msg: str) -> None:
     print(msg, flush=True)
 
 
-def cmd_run(argv) -> int:
-    launch = {"start": time.time()}  # filled in as the launch goes (work dir once locked, error)
-    rc = _launch(argv, launch)
-    if launch.get("workdir"):  # it ran: the report is written at the end of every launch, failed ones too
-        from report import at_end_of_launch
-
-        print("\n".join(at_end_of_launch(launch["workdir"], argv, launch["start"], rc, launch.get("error"))), flush=True)
-    return rc
+def _say(msg: str, err: bool = False) -> None:
+    """Print, even when the terminal is gone (SIGHUP): a lost message must not become a traceback."""
+    try:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+    except OSError:
+        pass
 
 
-def _launch(argv, launch: dict) -> int:
-    from pipeline.config import to_yaml
-    from pipeline.lock import WorkdirLock
-    from pipeline.errors import PipelineError
+def _fail(msg: str, workdir) -> int:
+    _say(f"error: {msg}", err=True)
+    return 2
 
+
+def _internal_error(e: BaseException, workdir) -> int:
+    """An unexpected exception: one line for the user, the traceback in a file for a report."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    where = None
+    for d in ([Path(workdir) / ".pipeline"] if workdir else []) + [Path(tempfile.gettempdir())]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            where = d / f"launch-error-{os.getpid()}.txt"
+            where.write_text(text)
+            break
+        except OSError:
+            where = None
+    _say(f"error: internal error: {type(e).__name__}: {e}" + (f" (traceback in {where})" if where else ""), err=True)
+    return 3
+
+
+def _guarded(run, workdir_of, driver_store=None, outcome: Optional[dict] = None) -> int:
+    """Run ``run()`` turning every way it can fail into one line and an exit code (the error is
+    kept in ``outcome['error']`` for the run report)."""
+    from pipeline.driver import Interrupted, interrupted_message, update_record
+    from pipeline.errors import PipelineError, infrastructure_cause
+
+    outcome = {} if outcome is None else outcome
+    try:
+        rc = run()
+        if driver_store is not None:
+            update_record(driver_store, state="done", since=time.time())
+        return rc
+    except Interrupted as e:
+        cfg, workdir = workdir_of()
+        outcome["error"] = f"interrupted by {e.name}"
+        _say(interrupted_message(e, cfg, workdir), err=True)
+        if driver_store is not None:
+            update_record(driver_store, state=f"stopped ({e.name})", since=time.time())
+        return 128 + e.signum
+    except PipelineError as e:
+        outcome["error"] = str(e)
+        if driver_store is not None:
+            update_record(driver_store, state="failed", error=str(e).splitlines()[0], since=time.time())
+        return _fail(str(e), workdir_of()[1])
+    except OSError as e:
+        workdir = workdir_of()[1]
+        cause = infrastructure_cause(e, [workdir] if workdir else [])
+        if cause and not e.filename and workdir:  # a failed write() names no file: name the disk
+            from pipeline.disk import free_line
+
+            cause = f"{cause} in {workdir} ({free_line(Path(workdir))})"
+        outcome["error"] = cause or str(e)
+        if driver_store is not None:
+            update_record(driver_store, state="failed", error=cause or str(e), since=time.time())
+        if cause:
+            return _fail(f"{cause}: free space (or fix the file system) and rerun the same command", workdir)
+        return _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", workdir)
+    except Exception as e:  # a bug: one line, the traceback in a file
+        outcome["error"] = f"internal error: {type(e).__name__}: {e}"
+        return _internal_error(e, workdir_of()[1])
+
+
+def _report_at_end(workdir, argv, start, rc, error) -> list:
+    from report import at_end_of_launch
+
+    return at_end_of_launch(workdir, argv, start, rc, error)
+
+
+def cmd_run(argv, build_fn=None, entry=None, at_end=_report_at_end) -> int:
+    """A launch: plan and run (or --dry-run, or --detach). ``build_fn`` and ``entry`` are the
+    planning function and the driver's entry point (tests run the same launcher on toy stages);
+    ``at_end`` writes the run report after every launch that ran (failed ones too)."""
+    build_fn, entry = build_fn or build, entry or ENTRY
+    start = time.time()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, pipe, steps = build(args, args.dry_run)
-        if args.dry_run:
-            print(pipe.describe_plan(steps))
-            print("\n(dry run: nothing submitted)")
-            return 0
-        with WorkdirLock(Path(cfg.workdir)) as lock:
-            launch["workdir"] = Path(cfg.workdir)
-            if lock.cleared_stale:
-                print(f"cleared a stale lock left by pid {lock.cleared_stale.get('pid')} on {lock.cleared_stale.get('host')}")
-            from pipeline import atomic
+    logging.getLogger("submitit").propagate = False  # it has its own handler: one line, not two
+    built: dict = {}
+    driver_store = None
+    if args.driver and args.workdir:
+        from pipeline.state import StateStore
 
-            atomic.write_text(Path(cfg.workdir) / ".pipeline" / "config.yaml", to_yaml(cfg))
-            results = pipe.run(steps)
+        driver_store = StateStore(Path(args.workdir).resolve())
+
+    def workdir_of():
+        cfg = built.get("cfg")
+        return cfg, (Path(cfg.workdir) if cfg is not None else (Path(args.workdir).resolve() if args.workdir else None))
+
+    def run() -> int:
+        from pipeline.driver import interrupts_raise, run_locked
+
+        with interrupts_raise():
+            if args.detach and not args.dry_run:
+                return cmd_detach(args, argv, built, build_fn, entry)
+            cfg, pipe, steps = build_fn(args, args.dry_run)
+            built["cfg"] = cfg
+            if args.dry_run:
+                print(pipe.describe_plan(steps))
+                print("\n(dry run: nothing submitted)")
+                return 0
+            results = run_locked(cfg, pipe, steps, role="driver" if args.driver else "launch", echo=_echo,
+                                 on_locked=lambda: built.update(ran=True))
         ran = sum(r.submitted for r in results)
         print(f"done: {len(results)} step(s), {ran} shard(s) run" + ("" if ran else " (everything was already complete)"))
         return 0
-    except PipelineError as e:
-        launch["error"] = str(e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        launch["error"] = "interrupted"
-        print("interrupted: running jobs keep running on a cluster; rerun the same command to resume", file=sys.stderr)
-        return 130
+
+    outcome: dict = {}
+    rc = _guarded(run, workdir_of, driver_store, outcome)
+    if built.get("ran") and at_end is not None:  # the report after every launch that ran, failed ones too
+        for line in at_end(Path(built["cfg"].workdir), argv, start, rc, outcome.get("error")):
+            _say(line)
+    return rc
+
+
+def cmd_detach(args, argv, built: dict, build_fn, entry: dict) -> int:
+    from pipeline.driver import check_can_detach, detach_local, detach_slurm, detached_message
+    from pipeline.state import StateStore
+
+    cfg, _pipe, _steps = build_fn(args, dry_run=False, compute_shards=False)
+    built["cfg"] = cfg
+    store = StateStore(Path(cfg.workdir))
+    check_can_detach(cfg, store)
+    # the driver runs the same command; paths made absolute (later flags win in argparse)
+    driver_argv = [a for a in argv if a != "--detach"] + ["--workdir", cfg.workdir]
+    if cfg.get("corpus"):
+        driver_argv += ["--corpus", cfg.corpus]
+    if cfg.cluster.executor == "slurm":
+        rec = detach_slurm(cfg, driver_argv, store, entry)
+    else:
+        rec = detach_local([sys.executable, entry["script"], *driver_argv, "--driver"], store)
+    print(detached_message(rec, cfg, Path(cfg.workdir)))
+    return 0
 
 
 def cmd_status(argv) -> int:
-    from pipeline.status import collect, render
+    from pipeline.status import report
     from stages import STAGE_ORDER
 
     p = argparse.ArgumentParser(prog="launch.py status")
     p.add_argument("--workdir", default="./work")
     a = p.parse_args(argv)
     workdir = Path(a.workdir).resolve()
-    statuses = collect(workdir, STAGE_ORDER)
-    print(render(statuses, workdir))
-    return 1 if any(s.failed for s in statuses) else 0
+
+    def run() -> int:
+        text, rc = report(workdir, STAGE_ORDER)
+        print(text)
+        return rc
+
+    return _guarded(run, lambda: (None, workdir))
+
+
+def cmd_cancel(argv) -> int:
+    from pipeline.driver import cancel
+
+    p = argparse.ArgumentParser(prog="launch.py cancel",
+                                description="Stop the driver (or a launch of this host) and cancel every job of the work dir.")
+    p.add_argument("--workdir", default="./work")
+    a = p.parse_args(argv)
+    workdir = Path(a.workdir).resolve()
+    return _guarded(lambda: cancel(workdir, echo=_echo), lambda: (None, workdir))
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "status":
         return cmd_status(argv[1:])
+    if argv and argv[0] == "cancel":
+        return cmd_cancel(argv[1:])
     if argv and argv[0] in FORWARDED:
         import importlib
 

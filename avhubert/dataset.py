@@ -1,11 +1,13 @@
 """AV-HuBERT dataset: tsv manifest + per-utterance label files -> padded audio/video batches.
 
-Manifest ``{split}.tsv``: first line the root directory; then one row per utterance
+Manifest ``{split}.tsv``: first line the root directory (a relative root is relative to the tsv's
+own directory); then one row per utterance
 ``id <TAB> video_rel_path <TAB> audio_rel_path <TAB> n_video_frames <TAB> n_audio_samples``.
 Labels ``{split}.{label}``: one line per manifest row (all rows, also those filtered out here),
 space-separated tokens at ``label_rate`` per second (-1 = a sequence label, e.g. words).
 """
 import ast
+import hashlib
 import logging
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -37,6 +39,8 @@ def load_manifest(manifest_path: str, max_keep: Optional[int], min_keep: Optiona
     with open(manifest_path) as f:
         root = f.readline().strip()
         rows = [line.rstrip("\n") for line in f if line.strip()]
+    if not os.path.isabs(root):  # the manifest stage writes the crop dir relative to the tsv
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest_path)), root))
     for path, durs in zip(duration_paths, label_durations):
         if len(durs) != len(rows):
             raise ValueError(f"{path}: {len(durs)} label lines but {manifest_path} has {len(rows)} rows")
@@ -73,6 +77,14 @@ def load_label_lines(label_path: str, inds: Sequence[int], total: int) -> List[s
     if len(lines) != total:
         raise ValueError(f"{label_path}: {len(lines)} lines, manifest has {total} rows")
     return [lines[i] for i in inds]
+
+
+def talker_key(utt_id: str) -> str:
+    """Who speaks in an utterance, as far as its id tells: the id's directory (the LRS3 speaker,
+    the VoxCeleb2 video, the sub-folder of a plain corpus), else the id itself. Noise lists name
+    the talkers of each corpus-made clip this way, so an utterance is not mixed with its own voice."""
+    head, sep, _ = utt_id.rpartition("/")
+    return head if sep else utt_id
 
 
 def parse_snr(value: Union[str, int, float, None]):
@@ -115,10 +127,11 @@ class AVHubertDataset(FairseqDataset):
         image_aug: bool = False,
         modalities: Optional[List[str]] = None,
         is_s2s: bool = False,
-        noise_fn: Optional[str] = None,
+        noise_fn: Union[str, Sequence[str], None] = None,
         noise_prob: float = 0.0,
         noise_snr: Union[str, float] = 0,
         noise_num: int = 1,
+        noise_seed: Optional[int] = None,
         label_tolerance: float = 0.1,
     ):
         self.modalities = set(modalities or ["audio", "video"])
@@ -150,42 +163,83 @@ class AVHubertDataset(FairseqDataset):
         self.image_crop_size, self.image_aug = image_crop_size, image_aug
         self.noise_prob, self.noise_num = noise_prob, noise_num
         self.noise_snr = parse_snr(noise_snr)
-        self.noise_paths: List[str] = []
+        # noise lists (one per category manifest), each picked with equal probability
+        self.noise_lists: List[List[Tuple[str, frozenset]]] = []
         if noise_fn is not None and noise_prob > 0:
-            self.noise_paths = self._read_noise_manifest(noise_fn)
+            self.noise_lists = self._read_noise_manifests([noise_fn] if isinstance(noise_fn, str) else noise_fn)
+        # Noise draws come from a generator seeded per utterance and epoch, not from the global
+        # RNG: the same utterance gets the same noise, offset and SNR whatever the batch order or
+        # the number of data loader workers (forked workers share the global RNG's state).
+        # None: a base seed drawn from the global RNG now (fairseq seeds it from common.seed).
+        self.noise_seed = int(noise_seed) if noise_seed is not None else int(np.random.randint(2 ** 31))
+        self.epoch = 1
 
     @staticmethod
-    def _read_noise_manifest(noise_fn: str) -> List[str]:
-        base = os.path.dirname(os.path.abspath(noise_fn))
-        with open(noise_fn) as f:
-            paths = [line.split("\t")[0].strip() for line in f if line.strip()]
-        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
-        if not paths:
-            raise ValueError(f"{noise_fn}: noise manifest lists no wav files")
-        return paths
+    def _read_noise_manifests(noise_fns: Sequence[str]) -> List[List[Tuple[str, frozenset]]]:
+        """Noise lists: one wav a line (absolute, or relative to the list's directory), optionally
+        followed by tab-separated ``talker_key``s of the voices in it (the noise stage writes them
+        for clips made of corpus utterances). An empty list is skipped (a category without noise
+        for this split), but at least one must list something."""
+        lists = []
+        for noise_fn in noise_fns:
+            base = os.path.dirname(os.path.abspath(noise_fn))
+            clips = []
+            with open(noise_fn) as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    path, *talkers = line.rstrip("\n").split("\t")
+                    path = path.strip()
+                    clips.append((path if os.path.isabs(path) else os.path.join(base, path), frozenset(talkers)))
+            if not clips:
+                logger.warning(f"{noise_fn}: noise manifest lists no wav files; not used")
+                continue
+            lists.append(clips)
+        if not lists:
+            raise ValueError(f"{', '.join(noise_fns)}: noise manifest lists no wav files")
+        return lists
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     # ------------------------------------------------------------------ items
     def _path(self, rel: str) -> str:
         return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
 
-    def _select_noise(self) -> np.ndarray:
-        picks = np.random.randint(0, len(self.noise_paths), size=self.noise_num)
+    def noise_rng(self, utt_id: str) -> np.random.RandomState:
+        """The generator of one utterance's noise draws in this epoch."""
+        key = f"{self.noise_seed}\x1f{self.epoch}\x1f{utt_id}".encode("utf-8")
+        return np.random.RandomState(int.from_bytes(hashlib.sha256(key).digest()[:4], "big"))
+
+    def _select_noise(self, rng: np.random.RandomState, talker: Optional[str] = None) -> np.ndarray:
+        clips = self.noise_lists[rng.randint(0, len(self.noise_lists))]
         waves = []
-        for i in picks:
-            wav, sr = feat.read_wav_int16(self.noise_paths[i])
+        for _ in range(self.noise_num):
+            # a clip with the utterance's own talker in it is drawn again (a few times: in a tiny
+            # corpus every clip may hold every talker)
+            for _attempt in range(8):
+                path, talkers = clips[rng.randint(0, len(clips))]
+                if talker not in talkers:
+                    break
+            wav, sr = feat.read_wav_int16(path)
             if sr != feat.AUDIO_SAMPLE_RATE or wav.ndim != 1:
-                raise ValueError(f"{self.noise_paths[i]}: noise must be 16 kHz mono, got {sr} Hz {wav.shape}")
+                raise ValueError(f"{path}: noise must be 16 kHz mono, got {sr} Hz {wav.shape}")
             waves.append(wav.astype(np.float32))
         if len(waves) == 1:
             return waves[0]
         n = min(len(w) for w in waves)
         return np.floor(np.stack([w[:n] for w in waves]).mean(axis=0))
 
-    def add_noise(self, clean: np.ndarray) -> np.ndarray:
+    def add_noise(self, clean: np.ndarray, rng: Optional[np.random.RandomState] = None,
+                  talker: Optional[str] = None) -> np.ndarray:
+        """``clean`` with one draw of noise: a category, a clip (``noise_num`` averaged) without
+        ``talker``'s voice, an SNR from the range and a start offset in the clip, all from ``rng``."""
+        rng = rng if rng is not None else np.random
         snr = self.noise_snr
         if isinstance(snr, tuple):
-            snr = np.random.randint(snr[0], snr[1] + 1)
-        return feat.mix_noise(clean, self._select_noise(), float(snr))
+            snr = rng.randint(snr[0], snr[1] + 1)
+        noise = self._select_noise(rng, talker)
+        return feat.mix_noise(clean, noise, float(snr), offset=int(rng.randint(0, len(noise))))
 
     def load_feature(self, index: int) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         video_rel, audio_rel, _ = self.names[index]
@@ -200,8 +254,11 @@ class AVHubertDataset(FairseqDataset):
             wav, sr = feat.read_wav_int16(path)
             if sr != feat.AUDIO_SAMPLE_RATE or wav.ndim != 1:
                 raise ValueError(f"{path}: audio must be 16 kHz mono, got {sr} Hz, shape {wav.shape}")
-            if self.noise_paths and np.random.rand() < self.noise_prob:
-                wav = self.add_noise(wav)
+            if self.noise_lists:
+                utt_id = self.names[index][2]
+                rng = self.noise_rng(utt_id)
+                if rng.random_sample() < self.noise_prob:
+                    wav = self.add_noise(wav, rng, talker_key(utt_id))
             audio = feat.audio_features(wav, self.stack_order_audio)
         if audio is not None and video is not None:
             audio = feat.match_length(audio, len(video))

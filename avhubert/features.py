@@ -71,25 +71,37 @@ def match_length(audio_feats: np.ndarray, n_frames: int) -> np.ndarray:
     return audio_feats[:n_frames] if diff > 0 else audio_feats
 
 
-def mix_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """Add ``noise`` (tiled/cut to the clean length) at ``snr_db``; rescale to avoid int16 clipping."""
-    clean = clean.astype(np.float32)
-    noise = noise.astype(np.float32)
+def noise_gain(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> float:
+    """The factor that brings ``noise`` (already cut to the clean length) to ``snr_db`` below
+    ``clean``: clean power / (gain^2 x noise power) = 10^(snr/10). 0 for silent noise."""
+    clean_rms = np.sqrt(np.mean(np.square(clean, dtype=np.float64)))
+    noise_rms = np.sqrt(np.mean(np.square(noise, dtype=np.float64)))
+    if noise_rms == 0:
+        return 0.0
+    return float(clean_rms / (10 ** (snr_db / 20)) / noise_rms)
+
+
+def fit_noise(noise: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
+    """``length`` samples of ``noise`` read cyclically from ``offset`` (a short noise repeats)."""
     if len(noise) == 0:
         raise ValueError("empty noise waveform")
-    if len(noise) < len(clean):
-        noise = np.tile(noise, int(np.ceil(len(clean) / len(noise))))
-    noise = noise[: len(clean)]
-    clean_rms = np.sqrt(np.mean(np.square(clean)))
-    noise_rms = np.sqrt(np.mean(np.square(noise)))
-    if noise_rms == 0:
-        return clean.astype(np.int16)
-    mixed = clean + noise * (clean_rms / (10 ** (snr_db / 20)) / noise_rms)
+    index = (np.arange(length) + int(offset)) % len(noise)
+    return noise[index]
+
+
+def mix_noise(clean: np.ndarray, noise: np.ndarray, snr_db: float, offset: int = 0) -> np.ndarray:
+    """``clean`` + ``noise`` (read cyclically from ``offset``, cut to the clean length) scaled to
+    ``snr_db``, as int16. A mixture that would clip is scaled down as a whole (speech and noise
+    alike, so the SNR is kept), as the reference does; samples are rounded (the reference
+    truncates), so the SNR of the int16 mixture is exact to well within 0.1 dB."""
+    clean = clean.astype(np.float64)
+    noise = fit_noise(noise.astype(np.float64), len(clean), offset)
+    mixed = clean + noise * noise_gain(clean, noise, snr_db)
     hi, lo = np.iinfo(np.int16).max, np.iinfo(np.int16).min
-    if mixed.max() > hi or mixed.min() < lo:
+    if len(mixed) and (mixed.max() > hi or mixed.min() < lo):
         scale = hi / mixed.max() if mixed.max() >= abs(mixed.min()) else lo / mixed.min()
         mixed = mixed * scale
-    return mixed.astype(np.int16)
+    return np.clip(np.rint(mixed), lo, hi).astype(np.int16)
 
 
 def read_video_gray(path: str) -> np.ndarray:

@@ -6,6 +6,10 @@
     results = decode_split(model, task, "test", generator, spm)   # [(utt_id, ref, hyp)]
     wer = word_error_rate(results)
 
+    decoder = Decoder("checkpoint_final.pt", modalities="av")       # the same, loaded once:
+    decoder.score("test", modalities="audio", noise={"dir": "WORKDIR/noise", "category": "babble",
+                                                      "snr": 0, "seed": 0})   # WER under noise
+
 fairseq's ``SequenceGenerator`` sizes its buffers from ``net_input["src_tokens"]`` (or a tensor
 ``source``); AV-HuBERT's ``source`` is a dict of two streams, so :class:`AVSequenceGenerator` hands
 it a stand-in ``src_tokens`` of the right batch size, frame count and device. The encoder ignores it.
@@ -81,7 +85,8 @@ def build_generator(model, task, beam: int = DEFAULT_BEAM, max_len_a: float = DE
 def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrides: Optional[dict] = None):
     """(model in eval mode, saved cfg, task) of a fine-tuned ``av_hubert_seq2seq`` checkpoint
     (ours or the reference's). ``modalities`` ('video'|'audio'|'av' or a list) replaces the
-    streams the task loads; the model gets zeros for a stream it is not given."""
+    streams the task loads; the model gets zeros for a stream it is not given. Decoding is clean
+    whatever noise the model was fine-tuned with (``set_inputs`` adds noise)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: fine-tuned checkpoint not found")
     register()
@@ -100,12 +105,63 @@ def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrid
             cfg.common.user_dir = _PLUGIN_DIR  # where it was trained is not where we are
         if modalities is not None:
             cfg.task.modalities = modality_list(modalities)
+        cfg.task.noise_prob = 0.0  # fine-tuned with noise or not, decoding is clean unless asked
         for key, value in (task_overrides or {}).items():
             cfg.task[key] = value
     with fairseq_checkpoint_loading():
         models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0].to(device).eval()
     return model, saved_cfg, task
+
+
+def set_inputs(task, modalities=None, noise: Optional[dict] = None) -> None:
+    """What the next ``task.load_dataset`` feeds the model: ``modalities`` (as ``load_finetuned``;
+    None = unchanged) and ``noise``: None for clean audio, or ``{"dir": a noise dir, "category": one
+    of its sub-folders or None (its own lists), "snr": dB, "seed": int}`` to mix every utterance's
+    audio with a noise clip of the split's list at exactly that SNR, the clip and its offset drawn
+    per utterance from the seed (the same noise for every model and modality)."""
+    from omegaconf import open_dict
+
+    with open_dict(task.cfg):
+        if modalities is not None:
+            task.cfg.modalities = modality_list(modalities)
+        if noise is None:
+            task.cfg.noise_prob = 0.0
+            return
+        task.cfg.noise_wav = str(noise["dir"])
+        task.cfg.noise_prob = 1.0
+        task.cfg.noise_snr = repr(float(noise["snr"]))
+        task.cfg.noise_num = 1
+        task.cfg.noise_categories = [str(noise["category"])] if noise.get("category") else None
+        task.cfg.noise_seed = int(noise.get("seed", 0))
+
+
+class Decoder:
+    """A fine-tuned checkpoint loaded once, decoding manifest splits with any streams and noise."""
+
+    def __init__(self, checkpoint, modalities=None, beam: int = DEFAULT_BEAM, max_len_a: float = DEFAULT_MAX_LEN_A,
+                 max_len_b: int = DEFAULT_MAX_LEN_B, lenpen: float = DEFAULT_LENPEN, data_dir=None,
+                 max_tokens: int = 2000, device: str = "cpu"):
+        overrides = {"data": str(data_dir), "label_dir": str(data_dir)} if data_dir is not None else None
+        self.model, self.saved_cfg, self.task = load_finetuned(str(checkpoint), modalities=modalities, device=device,
+                                                               task_overrides=overrides)
+        spm = find_spm_model(self.saved_cfg.task, str(checkpoint))
+        self.detok = Detokenizer(self.task.target_dictionary, str(spm) if spm else None)
+        self.generator = build_generator(self.model, self.task, beam=beam, max_len_a=max_len_a,
+                                         max_len_b=max_len_b, lenpen=lenpen)
+        self.max_tokens, self.device = max_tokens, device
+
+    def score(self, split: str, modalities=None, noise: Optional[dict] = None) -> dict:
+        """WER of ``split`` (``word_error_rate``) with every ``hypotheses`` (id, ref, hyp)."""
+        tsv = Path(self.task.cfg.data) / f"{split}.tsv"
+        if not tsv.is_file():
+            raise FileNotFoundError(f"{tsv}: manifest split {split!r} not found")
+        set_inputs(self.task, modalities, noise)
+        results = decode_split(self.model, self.task, split, self.generator, self.detok,
+                               max_tokens=self.max_tokens, device=self.device)
+        scores = word_error_rate(results)
+        scores["hypotheses"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in results]
+        return scores
 
 
 # ------------------------------------------------------------------------------------- text

@@ -73,6 +73,12 @@ class AVHubertPretrainingConfig(FairseqDataclass):
     noise_prob: float = field(default=0, metadata={"help": "probability of adding noise"})
     noise_snr: Optional[str] = field(default="0", metadata={"help": "SNR in dB, or '(low, high)'"})
     noise_num: int = field(default=1, metadata={"help": "noise files averaged per mixture"})
+    noise_categories: Optional[List[str]] = field(
+        default=None, metadata={"help": "read noise_wav/<category>/{split}.tsv for each (picked with equal "
+                                        "probability) instead of noise_wav/{split}.tsv"})
+    noise_seed: Optional[int] = field(
+        default=None, metadata={"help": "seed of the per-utterance noise draws (fixed for evaluation); "
+                                        "None = drawn from the global RNG (common.seed)"})
     fine_tuning: bool = field(default=False, metadata={"help": "fine-tuning: one target dictionary"})
     input_modality: str = field(default="image", metadata={"help": "kept for checkpoint compatibility"})
     label_tolerance: float = field(default=0.1, metadata={"help": "max |label - video| duration (s)"})
@@ -143,9 +149,7 @@ class AVHubertPretrainingTask(FairseqTask):
         for p in paths:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"{p}: label file for split {split!r} not found")
-        noise_fn = os.path.join(self.cfg.noise_wav, f"{split}.tsv") if self.cfg.noise_wav else None
-        if noise_fn is not None and self.cfg.noise_prob > 0 and not os.path.exists(noise_fn):
-            raise FileNotFoundError(f"{noise_fn}: noise manifest not found (task.noise_wav)")
+        noise_fn = self.noise_manifests(split)
         self.datasets[split] = AVHubertDataset(
             manifest,
             sample_rate=self.cfg.sample_rate,
@@ -173,8 +177,25 @@ class AVHubertPretrainingTask(FairseqTask):
             noise_prob=self.cfg.noise_prob,
             noise_snr=self.cfg.noise_snr,
             noise_num=self.cfg.noise_num,
+            noise_seed=self.cfg.get("noise_seed", None),
             label_tolerance=self.cfg.label_tolerance,
         )
+
+    def noise_manifests(self, split: str) -> Optional[List[str]]:
+        """The noise lists of ``split`` (None without noise): ``noise_wav/{split}.tsv``, or one
+        ``noise_wav/<category>/{split}.tsv`` per entry of ``noise_categories``."""
+        if not self.cfg.noise_wav or self.cfg.noise_prob <= 0:
+            return None
+        categories = self.cfg.get("noise_categories", None)
+        if categories:
+            paths = [os.path.join(self.cfg.noise_wav, str(c), f"{split}.tsv") for c in categories]
+        else:
+            paths = [os.path.join(self.cfg.noise_wav, f"{split}.tsv")]
+        for path in paths:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: noise manifest not found (task.noise_wav"
+                                        + (", task.noise_categories)" if categories else ")"))
+        return paths
 
     def max_positions(self):
         return (np.iinfo(np.int64).max, np.iinfo(np.int64).max)

@@ -1,10 +1,18 @@
 """Reading and writing the media the pipeline handles, with PyAV and the static ffmpeg that
 imageio-ffmpeg ships (no system ffmpeg).
 
-Errors name the file and the reason (``MediaError``), so a stage can record them per item.
+Errors name the file and the reason (``MediaError``), so a stage can record them per item. When
+ffmpeg fails because of the disk or filesystem (no space left, quota, I/O error, read-only), the
+error is an ``OSError`` with that errno instead: the job's fault, never the item's.
+
+Rotation: phones store frames sideways with a display matrix (or, in older files, a ``rotate``
+tag that ffmpeg's demuxer turns into one). Decoded frames are turned upright by that rotation
+(multiples of 90 degrees; PyAV's ``frame.rotation``, counterclockwise), so detection and the ROI
+see the picture as a player shows it.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import subprocess
@@ -25,6 +33,21 @@ class MediaError(RuntimeError):
     """A media file cannot be used; the message names the file and the reason."""
 
 
+# what ffmpeg prints when the disk or filesystem fails (strerror texts)
+_FS_ERRORS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+              "input/output error": errno.EIO, "read-only file system": errno.EROFS}
+
+
+def _ffmpeg_failed(path: PathLike, what: str, stderr: str) -> Exception:
+    """The exception for a failed ffmpeg run: OSError(errno) for a disk/filesystem failure (so the
+    shard fails and is retried), else MediaError (the item's failure record)."""
+    for line in stderr.splitlines():
+        for phrase, code in _FS_ERRORS.items():
+            if phrase in line.lower():
+                return OSError(code, f"{path}: {what}: {line.strip()}", str(path))
+    return MediaError(f"{path}: {what}: {stderr.strip()[-300:]}")
+
+
 def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
@@ -42,8 +65,20 @@ def _open(path: PathLike):
         raise MediaError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
 
 
+def _quarter_turns(frame) -> int:
+    """Counterclockwise quarter turns that make a decoded frame upright (display matrix)."""
+    rotation = getattr(frame, "rotation", 0) or 0
+    return int(round(rotation / 90.0)) % 4
+
+
+def _upright(img: np.ndarray, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(img, turns)) if turns else img
+
+
 def video_info(path: PathLike) -> dict:
-    """fps, frame size, duration (s) and whether there is an audio track."""
+    """fps, frame size as displayed, duration (s), rotation (degrees counterclockwise applied to
+    the stored frames, 0/90/180/270), frame count from the container header (None when it does
+    not say) and whether there is an audio track."""
     with _open(path) as c:
         if not c.streams.video:
             raise MediaError(f"{path}: no video stream")
@@ -54,11 +89,23 @@ def video_info(path: PathLike) -> dict:
             duration = float(vs.duration * vs.time_base)
         elif c.duration is not None:
             duration = c.duration / 1e6
+        turns = 0
+        try:  # the display matrix travels with the frames: look at the first one
+            for frame in c.decode(vs):
+                turns = _quarter_turns(frame)
+                break
+        except Exception:  # noqa: BLE001 - undecodable: iter_frames reports it with the reason
+            pass
+        width, height = vs.codec_context.width, vs.codec_context.height
+        if turns % 2:
+            width, height = height, width
         return {
             "fps": float(rate),
-            "width": vs.codec_context.width,
-            "height": vs.codec_context.height,
+            "width": width,
+            "height": height,
             "duration": duration,
+            "rotation": 90 * turns,
+            "header_frames": int(vs.frames) or None,
             "has_audio": bool(c.streams.audio),
         }
 
@@ -75,6 +122,7 @@ def iter_frames(
     ``fps``: resample to this rate by taking, for each output instant k/fps, the last frame
     shown at that instant (frames are dropped or repeated, as ffmpeg's fps filter does).
     ``start``/``end`` (seconds) trim to a segment; output instants count from ``start``.
+    Frames come upright (the display matrix's rotation applied, see the module docstring).
     """
     c = _open(path)
     try:
@@ -98,7 +146,7 @@ def iter_frames(
                     break
                 if fps is None:
                     if start is None or t >= start - 1e-6:
-                        yield _to_ndarray(frame, fmt)
+                        yield _upright(_to_ndarray(frame, fmt), _quarter_turns(frame))
                     continue
                 if prev is not None:
                     # output instant base + k/fps shows the input frame nearest to it
@@ -106,7 +154,7 @@ def iter_frames(
                     while base + k / fps < mid:
                         yield prev
                         k += 1
-                prev, prev_t = _to_ndarray(frame, fmt), t
+                prev, prev_t = _upright(_to_ndarray(frame, fmt), _quarter_turns(frame)), t
             if fps is not None and prev is not None:
                 stop = prev_t + 1.0 / in_rate
                 if end is not None:
@@ -160,6 +208,15 @@ def count_video_frames(path: PathLike) -> int:
     return n
 
 
+def header_frame_count(path: PathLike) -> Optional[int]:
+    """The frame count an mp4's header states (its sample table; no decoding), None when the
+    container does not say. Exact for the ROI videos ``write_gray_video`` writes."""
+    with _open(path) as c:
+        if not c.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        return int(c.streams.video[0].frames) or None
+
+
 def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarray]], fps: int = TARGET_FPS,
                      crf: int = 18) -> int:
     """Encode uint8 (H, W) gray frames as an h264 mp4 (yuv420p, the form every decoder reads),
@@ -197,7 +254,7 @@ def write_gray_video(path: PathLike, frames: Union[np.ndarray, Iterable[np.ndarr
             raise
         err = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
-            raise MediaError(f"{path}: encoding failed: {err.strip()[-300:]}")
+            raise _ffmpeg_failed(path, "encoding failed", err)
     return n
 
 
@@ -216,9 +273,9 @@ def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[floa
         cmd += ["-t", f"{end - (start or 0.0):.3f}"]
     with atomic_path(wav_path) as tmp:
         cmd += ["-vn", "-map", "0:a:0", "-ac", "1", "-ar", str(sr), "-acodec", "pcm_s16le", "-f", "wav", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         if proc.returncode != 0:
-            raise MediaError(f"{video_path}: audio extraction failed: {proc.stderr.strip()[-300:]}")
+            raise _ffmpeg_failed(video_path, "audio extraction failed", proc.stderr)
     return count_wav_samples(wav_path)
 
 

@@ -36,6 +36,20 @@ class StageResources:
     nodes: Optional[int] = None
     # tasks per node of a multi-task stage (training: one rank per GPU); None = gpus_per_node or 1
     tasks_per_node: Optional[int] = None
+    # Slurm partition of this stage's jobs (e.g. GPUs for training, CPUs for crop); None = cluster.partition
+    partition: Optional[str] = None
+
+
+@dataclass
+class DriverResources:
+    """The driver job of ``launch.py --detach`` on Slurm: one CPU that submits and waits."""
+
+    partition: Optional[str] = None  # None = cluster.partition
+    cpus_per_task: int = 1
+    mem_gb: float = 2
+    # its time limit; at the limit (or on preemption) it is requeued and resumes where it stopped
+    timeout_min: int = 1440
+    max_requeues: int = 1000
 
 
 @dataclass
@@ -51,9 +65,21 @@ class ClusterConfig:
     array_parallelism: int = 2
     # GPUs per node of the training allocation (one rank per GPU); 0 on CPU clusters
     gpus_per_node: int = 0
-    # seconds between scheduler polls while waiting for jobs
+    # seconds between looks at the shards' markers while waiting for jobs
     poll_interval_s: float = 1.0
-    # preemptions/timeouts a checkpointable job may survive before it is given up
+    # seconds between scheduler queries (one squeue/sacct call for all jobs of a step)
+    scheduler_poll_s: float = 15.0
+    # seconds between progress lines in a log (a terminal gets a progress bar)
+    progress_interval_s: float = 60.0
+    # a job pending for a reason that cannot clear (PartitionConfig, InvalidAccount, ...) for this
+    # long fails its step
+    fatal_pending_after_s: float = 10.0
+    # check each request against the partition (and sbatch --test-only) before submitting
+    check_requests: bool = True
+    # seconds between the time-limit signal and the kill; None = min(90 s, 15% of the stage's limit)
+    signal_delay_s: Optional[int] = None
+    # preemptions/timeouts a checkpointable job may survive before it is given up (a job stopped
+    # at its time limit is requeued only when it made progress since it started)
     max_requeues: int = 20
     # shell lines run before each Slurm job (module load, venv activation, ...)
     setup: List[str] = field(default_factory=list)
@@ -63,6 +89,7 @@ class ClusterConfig:
         default_factory=lambda: StageResources(cpus_per_task=1, mem_gb=4, gpus_per_task=0, timeout_min=60)
     )
     stages: Dict[str, StageResources] = field(default_factory=dict)
+    driver: DriverResources = field(default_factory=DriverResources)
 
 
 @dataclass
@@ -158,6 +185,9 @@ def validate_cluster(cluster: DictConfig) -> None:
             v = res.get(key)
             if v is not None and v < 0:
                 raise ConfigError(f"cluster {cluster.name}: {stage_name}.{key}={v} must be >= 0")
+    d = cluster.driver
+    if d.cpus_per_task < 1 or d.timeout_min < 1 or d.mem_gb < 0:
+        raise ConfigError(f"cluster {cluster.name}: cluster.driver needs cpus_per_task >= 1, timeout_min >= 1, mem_gb >= 0")
 
 
 def resources_for(cfg: DictConfig, stage_name: str, multi_task: bool = False) -> Resources:
@@ -175,6 +205,7 @@ def resources_for(cfg: DictConfig, stage_name: str, multi_task: bool = False) ->
         timeout_min=int(merged.get("timeout_min") or 60),
         nodes=1,
         tasks_per_node=1,
+        partition=merged.get("partition") or cluster.partition or None,
     )
     if multi_task:
         res.nodes = int(merged.get("nodes") or 1)
@@ -185,11 +216,70 @@ def resources_for(cfg: DictConfig, stage_name: str, multi_task: bool = False) ->
     return res
 
 
-def check_resources(cfg: DictConfig, stage_name: str, res: Resources) -> None:
-    """Impossible requests fail before anything is submitted."""
+def signal_delay_s(cluster: DictConfig, timeout_min: float) -> int:
+    """Seconds between the time-limit signal (USR2) and the kill: long enough to checkpoint and
+    requeue, never a large part of a short limit (submitit's fixed 90 s before a 1 min limit
+    signalled the job at its start, every time)."""
+    if cluster.get("signal_delay_s"):
+        return int(cluster.signal_delay_s)
+    return int(max(5, min(90, 0.15 * float(timeout_min) * 60)))
+
+
+def setting_name(cfg: DictConfig, stage_name: str, field_name: str) -> str:
+    """The config key a resource value of a stage comes from (for error messages)."""
+    cluster = cfg.cluster
+    if field_name == "gpus_per_node":
+        return "cluster.gpus_per_node"
+    if field_name in ("account", "qos"):
+        return f"cluster.{field_name}"
+    if stage_name in cluster.stages and cluster.stages[stage_name].get(field_name) is not None:
+        return f"cluster.stages.{stage_name}.{field_name}"
+    if field_name == "partition":
+        return "cluster.partition"
+    return f"cluster.defaults.{field_name}"
+
+
+def slurm_request(cfg: DictConfig, stage_name: str, res: Resources, what: str = "job"):
+    """The sbatch request of one job of a stage, each value named by its config key."""
+    from pipeline.scheduler import Request
+
+    cluster = cfg.cluster
+    gpus_per_node = res.gpus_per_task * res.tasks_per_node
+    settings = {f: setting_name(cfg, stage_name, f) for f in
+                ("partition", "nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos")}
+    settings["gpus_per_node"] = ("cluster.gpus_per_node" if cluster.gpus_per_node
+                                 else setting_name(cfg, stage_name, "gpus_per_task"))
+    return Request(
+        partition=res.partition, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
+        cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb, gpus_per_node=gpus_per_node,
+        timeout_min=res.timeout_min, account=cluster.account, qos=cluster.qos,
+        extra=dict(cluster.slurm_additional_parameters or {}), settings=settings, what=what,
+    )
+
+
+def driver_request(cfg: DictConfig):
+    from pipeline.scheduler import Request
+
+    cluster, d = cfg.cluster, cfg.cluster.driver
+    settings = {f: f"cluster.driver.{f}" for f in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")}
+    settings.update(partition="cluster.driver.partition" if d.partition else "cluster.partition",
+                    account="cluster.account", qos="cluster.qos")
+    return Request(
+        partition=d.partition or cluster.partition, nodes=1, tasks_per_node=1, cpus_per_task=int(d.cpus_per_task),
+        mem_gb=float(d.mem_gb or 0), gpus_per_node=0, timeout_min=int(d.timeout_min), account=cluster.account,
+        qos=cluster.qos, extra=dict(cluster.slurm_additional_parameters or {}), settings=settings, what="driver job",
+    )
+
+
+def check_resources(cfg: DictConfig, stage_name: str, res: Resources, checker=None) -> None:
+    """Impossible requests fail before anything is submitted. ``checker`` (a
+    ``pipeline.scheduler.RequestChecker``) checks a Slurm request against the cluster."""
     import os
 
     executor = cfg.cluster.executor
+    if executor == "slurm" and checker is not None and cfg.cluster.check_requests:
+        checker.check(slurm_request(cfg, stage_name, res, what=f"{stage_name} job"))
+        return
     if executor in ("debug", "local"):
         if res.nodes > 1:
             raise ConfigError(

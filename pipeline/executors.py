@@ -1,59 +1,134 @@
-"""Submitting a step's shards through submitit and waiting for them.
+"""Submitting a step's shards through submitit, adopting jobs that already run, and waiting.
 
 - ``debug``: in-process, one shard after another (submitit's DebugExecutor); for stepping
   through a stage with a debugger.
-- ``local``: one process per shard on this machine (submitit's LocalExecutor), at most
-  ``array_parallelism`` at once.
+- ``local``: one process group per shard on this machine (submitit's LocalExecutor, its
+  controller started in a session of its own so it survives the launcher and the terminal), at
+  most ``array_parallelism`` at once.
 - ``slurm``: one sbatch job array per step (split into several arrays when the step has more
   shards than ``max_array_size``), throttled by ``array_parallelism``; a multi-task step (training)
   is one job of nodes x tasks_per_node tasks.
+
+Adoption, never duplication: every submission is recorded (shard -> job id) before anything waits
+on it (``StateStore.record_jobs``). A launch first asks the scheduler about the recorded job of
+every incomplete shard (one squeue/sacct call; process liveness for local jobs): live jobs are
+waited for, only dead ones are submitted again. The shard lease (``pipeline.lease``) covers the
+rest: a job that starts on a shard another live job holds exits, and the waiting launcher follows
+the holder.
+
+Waiting reads the shards' markers (one directory listing per poll) and asks the scheduler every
+``cluster.scheduler_poll_s`` about jobs that ended without a marker (their reason comes from sacct:
+killed by a signal, time limit, out of memory, ...) and about pending reasons; a reason that
+cannot clear by itself (``scheduler.FATAL_PENDING``) fails the shards after
+``cluster.fatal_pending_after_s``. Progress: a bar in a terminal, timestamped lines in a log.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import os
+import signal
+import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import submitit
 
-from pipeline.config import PROJECT_ROOT
-from pipeline.state import StateStore, last_error_line
+from pipeline import procs
+from pipeline.config import PROJECT_ROOT, signal_delay_s
+from pipeline.errors import StageFailed
+from pipeline.lease import MALFORMED, holder_alive
+from pipeline.scheduler import JobInfo, LocalScheduler, SchedulerError, SlurmScheduler, fatal_pending, sbatch_error_line
+from pipeline.state import StateStore, scope_name
 from pipeline.worker import CheckpointableShardTask, ShardTask
 
+# how long a job may be gone from squeue without an accounting record before it is reported
+ACCOUNTING_GRACE_S = 20.0
+_INTERRUPTS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 
-def make_executor(cluster, folder: Path, step) -> submitit.Executor:
+
+def workdir_tag(workdir: Path) -> str:
+    """A short tag of the work dir in every Slurm job name: `launch.py cancel` can find this work
+    dir's jobs even if one was never recorded."""
+    return hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:6]
+
+
+def job_name(step, workdir: Path) -> str:
+    scope = "once" if step.iteration is None else f"it{step.iteration}"
+    return f"{step.stage.name}-{scope}-{workdir_tag(workdir)}"
+
+
+class _NewSessionSubprocess:
+    """``subprocess`` whose Popen starts a new session: submitit's local controller then outlives
+    the launcher, its terminal (SIGHUP) and a Ctrl-C, like a Slurm job would."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 - subprocess's name
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
+class SessionLocalExecutor(submitit.LocalExecutor):
+    def _submit_command(self, command: str):
+        from submitit.local import local as local_module
+
+        saved = local_module.subprocess
+        local_module.subprocess = _NewSessionSubprocess()
+        try:
+            return super()._submit_command(command)
+        finally:
+            local_module.subprocess = saved
+
+
+def make_executor(cluster, folder: Path, step, workdir: Optional[Path] = None) -> submitit.Executor:
     res = step.resources
     kind = cluster.executor
-    name = f"{step.stage.name}-{'once' if step.iteration is None else 'it' + str(step.iteration)}"
+    delay = signal_delay_s(cluster, res.timeout_min)
     _export_project_path()
     if kind == "debug":
         return submitit.DebugExecutor(folder)
     if kind == "local":
-        ex = submitit.LocalExecutor(folder, max_num_timeout=int(cluster.max_requeues))
+        ex = SessionLocalExecutor(folder, max_num_timeout=int(cluster.max_requeues))
         ex.update_parameters(
             timeout_min=res.timeout_min,
             tasks_per_node=res.tasks_per_node,
             nodes=1,
             gpus_per_node=res.gpus_per_task * res.tasks_per_node,
+            signal_delay_s=delay,
         )
         return ex
     ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=int(cluster.max_requeues))
     params = dict(
-        name=name,
+        name=job_name(step, workdir or step.ctx.workdir),
         timeout_min=res.timeout_min,
         cpus_per_task=res.cpus_per_task,
         nodes=res.nodes,
         tasks_per_node=res.tasks_per_node,
         slurm_array_parallelism=int(cluster.array_parallelism),
+        slurm_signal_delay_s=delay,
     )
-    if res.mem_gb:
-        params["mem_gb"] = res.mem_gb
-    if res.gpus_per_task:
-        params["gpus_per_node"] = res.gpus_per_task * res.tasks_per_node
-    if cluster.partition:
-        params["slurm_partition"] = cluster.partition
+    params.update(slurm_params(cluster, res.partition, res.mem_gb, res.gpus_per_task * res.tasks_per_node))
+    ex.update_parameters(**params)
+    return ex
+
+
+def slurm_params(cluster, partition: Optional[str], mem_gb: float, gpus_per_node: int) -> dict:
+    """The submitit parameters every Slurm job of this cluster config gets."""
+    params: dict[str, Any] = {}
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if partition:
+        params["slurm_partition"] = partition
     if cluster.account:
         params["slurm_account"] = cluster.account
     if cluster.qos:
@@ -63,8 +138,7 @@ def make_executor(cluster, folder: Path, step) -> submitit.Executor:
     extra = dict(cluster.slurm_additional_parameters or {})
     if extra:
         params["slurm_additional_parameters"] = extra
-    ex.update_parameters(**params)
-    return ex
+    return params
 
 
 def _export_project_path() -> None:
@@ -76,115 +150,448 @@ def _export_project_path() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
 
 
-def make_task(step, shard, in_process: bool):
+def make_task(step, shard, in_process: bool, cluster=None):
     cls = CheckpointableShardTask if step.stage.checkpointable else ShardTask
-    return cls(stage=step.stage, ctx=step.ctx, shard=shard, in_process=in_process)
+    kind = cluster.executor if cluster is not None else ("debug" if in_process else "local")
+    timeout = step.resources.timeout_min
+    return cls(stage=step.stage, ctx=step.ctx, shard=shard, in_process=in_process, executor=kind,
+               timeout_min=timeout, signal_delay_s=signal_delay_s(cluster, timeout) if cluster is not None else 90)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP while a submission and its record are written: an interrupt
+    between sbatch and the record would leave a job no later launch knows about."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    except (AttributeError, ValueError, OSError):  # not the main thread / platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@dataclass
+class Tracked:
+    """A shard the launcher waits for, and the job that runs it."""
+
+    shard: Any
+    job_id: str
+    record: dict
+    popen: Any = None  # a local controller this process started (reaped here)
+    adopted: bool = False
+    ended_at: Optional[float] = None
+    fatal_since: Optional[float] = None
+    foreign_holder: Optional[dict] = None  # a live job of another executor holds the shard
+
+
+class SubmissionRejected(StageFailed):
+    """sbatch refused the submission."""
+
+
+def make_scheduler(cluster):
+    return SlurmScheduler() if cluster.executor == "slurm" else LocalScheduler()
+
+
+def query(scheduler, tracked: list) -> dict[str, JobInfo]:
+    if isinstance(scheduler, SlurmScheduler):
+        return scheduler.query([t.job_id for t in tracked])
+    return scheduler.query_records({t.job_id: t.record for t in tracked})
 
 
 def run_shards(cluster, store: StateStore, step, todo: list, echo: Callable[[str], None] = print) -> list:
-    """Run ``todo`` shards of ``step``; return [(shard key, log path, error line)] of failures."""
+    """Run ``todo`` shards of ``step`` (adopting live recorded jobs); return [(shard key, log
+    path, error line)] of the failures."""
     folder = store.submitit_dir(step.stage.name, step.iteration)
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(cluster, folder, step)
     if cluster.executor == "debug":
-        return _run_debug(executor, store, step, todo)
-    if cluster.executor == "local":
-        return _run_throttled(executor, store, step, todo, int(cluster.array_parallelism), cluster.poll_interval_s)
-    jobs = []
+        echo(f"[{step.name}] submitting {len(todo)}/{len(step.shards or todo)} shard(s) with the debug executor")
+        for s in todo:
+            store.clear_shard(step.stage.name, step.iteration, s.key)
+        folder.mkdir(parents=True, exist_ok=True)
+        return _run_debug(make_executor(cluster, folder, step), store, step, todo)
+    scheduler = make_scheduler(cluster)
+    adopted, to_submit = adopt(cluster, store, step, todo, scheduler, echo)
+    for s in to_submit:
+        store.clear_shard(step.stage.name, step.iteration, s.key)
+    if to_submit:
+        echo(f"[{step.name}] submitting {len(to_submit)}/{len(step.shards or todo)} shard(s) with the "
+             f"{cluster.executor} executor")
+    waiter = Waiter(cluster, store, step, scheduler, echo, adopted)
+    if to_submit:
+        folder.mkdir(parents=True, exist_ok=True)
+        executor = make_executor(cluster, folder, step, store.workdir)
+        if cluster.executor == "local":
+            waiter.queue = list(to_submit)
+            waiter.local_executor, waiter.folder = executor, folder
+        else:
+            waiter.tracked += submit_slurm(executor, folder, store, step, to_submit, cluster, echo)
+    return waiter.wait()
+
+
+def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tuple[list, list]:
+    """Split ``todo`` into shards whose recorded (or lease-holding) job still lives — waited for,
+    never submitted again — and shards to submit."""
+    name, it = step.stage.name, step.iteration
+    records = store.job_records(name, it)
+    leases = store.markers(name, it)["lease"]
+    candidates: dict[str, Tracked] = {}
+    for s in todo:
+        rec = records.get(s.key)
+        if rec and rec.get("executor") == cluster.executor:
+            candidates[s.key] = Tracked(s, str(rec["job_id"]), rec, adopted=True)
+    if not candidates and not leases:
+        return [], list(todo)
+    try:
+        infos = query(scheduler, list(candidates.values()))
+    except SchedulerError as e:
+        raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch: {e}") from None
+    adopted, to_submit, holders = [], [], {}
+    for s in todo:
+        t = candidates.get(s.key)
+        info = infos.get(t.job_id) if t else None
+        if info is not None and (info.alive or info.state == "UNKNOWN"):
+            if info.state == "UNKNOWN":
+                raise StageFailed(f"{step.name}: shard {s.key} runs as a local job of host {t.record.get('host')} "
+                                  f"(pid {t.record.get('pid')}): relaunch on that host, or stop it there with "
+                                  f"`launch.py cancel`")
+            adopted.append(t)
+            continue
+        holder = store.lease(name, it, s.key).holder() if s.key in leases else None
+        if holder and holder is not MALFORMED:
+            if t is not None and str(holder.get("job_id")) == t.job_id:
+                store.lease(name, it, s.key).break_if_held_by(t.job_id)  # its job is over
+            else:
+                holders[s.key] = holder  # a job that took the shard but was never recorded?
+                continue
+        to_submit.append(s)
+    # holders of leases nobody recorded (a launcher killed right after sbatch): one scheduler call
+    alive = _holders_alive(holders)
+    for key, is_alive in alive.items():
+        if is_alive is None:
+            h = holders[key]
+            raise StageFailed(f"{step.name}: shard {key} is held by job {h.get('job_id')} of host {h.get('host')} "
+                              f"(pid {h.get('pid')}), which cannot be checked from here: relaunch on that host, or "
+                              f"remove {store.lease(name, it, key).path} if that job is gone")
+    adopted += [Tracked(s, str(holders[s.key]["job_id"]), _record_of_holder(holders[s.key]), adopted=True)
+                for s in todo if alive.get(s.key)]
+    submit = {s.key for s in to_submit} | {k for k in holders if not alive.get(k)}
+    to_submit = [s for s in todo if s.key in submit]
+    if adopted:
+        ids = _summarize_ids([t.job_id for t in adopted])
+        echo(f"[{step.name}] adopting {len(adopted)} running job(s) of an earlier launch ({ids}); "
+             f"they are waited for, not submitted again")
+    return adopted, to_submit
+
+
+def _holders_alive(holders: dict) -> dict:
+    """{shard key: alive?} for lease holders: by their process on this host, else one squeue call."""
+    out, ask = {}, {}
+    for key, holder in holders.items():
+        here = procs.alive(holder)
+        if here is not None:
+            out[key] = here
+        elif holder.get("executor") == "slurm" and holder.get("job_id"):
+            ask[key] = str(holder["job_id"])
+        else:
+            out[key] = None  # a local job of another host: nothing here can tell
+    if ask:
+        try:
+            infos = SlurmScheduler().query(list(ask.values()))
+            out.update({key: infos[job].alive for key, job in ask.items()})
+        except SchedulerError:
+            out.update({key: True for key in ask})  # cannot tell: do not start a second writer
+    return out
+
+
+def _record_of_holder(holder: dict) -> dict:
+    rec = {k: holder.get(k) for k in ("executor", "job_id", "host", "pid", "start", "boot")}
+    return rec
+
+
+def _summarize_ids(ids: list, limit: int = 6) -> str:
+    ids = sorted(ids)
+    text = ", ".join(ids[:limit])
+    return text + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def submit_slurm(executor, folder: Path, store: StateStore, step, shards: list, cluster, echo) -> list:
+    tracked = []
     size = int(cluster.max_array_size)
-    for start in range(0, len(todo), size):
-        chunk = todo[start : start + size]
-        with executor.batch():
-            chunk_jobs = [executor.submit(make_task(step, s, False)) for s in chunk]
-        jobs += list(zip(chunk, chunk_jobs))
-        echo(f"[{step.name}] submitted array {chunk_jobs[0].job_id.split('_')[0]} ({len(chunk)} task(s))")
-    return _wait(store, step, jobs, cluster.poll_interval_s)
+    for start in range(0, len(shards), size):
+        chunk = shards[start : start + size]
+        with signals_deferred():
+            try:
+                with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+                    jobs = [executor.submit(make_task(step, s, False, cluster)) for s in chunk]
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
+                    subprocess.SubprocessError) as e:
+                raise SubmissionRejected(
+                    f"{step.name}: sbatch rejected the job array: {sbatch_error_line(str(e))} "
+                    f"(cluster {cluster.name}, partition {step.resources.partition or 'default'})"
+                ) from None
+            entries = {s.key: {"job_id": str(j.job_id)} for s, j in zip(chunk, jobs)}
+            store.record_jobs(step.stage.name, step.iteration, "slurm", folder, entries)
+        first = str(jobs[0].job_id).split("_")[0]
+        echo(f"[{step.name}] submitted {'array ' if len(chunk) > 1 else 'job '}{first} ({len(chunk)} task(s))")
+        tracked += [Tracked(s, str(j.job_id), {"executor": "slurm", **entries[s.key]}) for s, j in zip(chunk, jobs)]
+    return tracked
 
 
 def _run_debug(executor, store, step, todo) -> list:
     failures = []
-    bar = _progress(step, len(todo))
+    bar = _progress_bar(step, len(todo))
     for shard in todo:
         job = executor.submit(make_task(step, shard, True))
         try:
             job.result()
         except Exception as e:  # recorded by the worker; keep going with the other shards
-            failures.append(_failure(store, step, shard, e, job))
+            marker = store.read_failed(step.stage.name, step.iteration, shard.key) or {}
+            failures.append((shard.key, marker.get("log", str(store.log_path(step.stage.name, step.iteration, shard.key))),
+                             marker.get("error") or f"{type(e).__name__}: {e}"))
         bar.update(1)
     bar.close()
     return failures
 
 
-def _run_throttled(executor, store, step, todo, parallelism: int, poll: float) -> list:
-    pending = list(todo)
-    running: list = []
-    failures: list = []
-    bar = _progress(step, len(todo))
-    while pending or running:
-        while pending and len(running) < parallelism:
-            shard = pending.pop(0)
-            running.append((shard, executor.submit(make_task(step, shard, False))))
-        time.sleep(min(poll, 0.2))
-        running = _reap(store, step, running, failures, bar)
-    bar.close()
-    return failures
+class Waiter:
+    """Waits for a step's jobs: submits queued local shards as room frees up, collects results
+    from the markers, asks the scheduler about the rest, prints progress."""
 
+    def __init__(self, cluster, store: StateStore, step, scheduler, echo, tracked: list):
+        self.cluster, self.store, self.step, self.scheduler, self.echo = cluster, store, step, scheduler, echo
+        self.tracked: list[Tracked] = list(tracked)
+        self.queue: list = []
+        self.local_executor = None
+        self.folder: Optional[Path] = None
+        self.failures: list = []
+        self.infos: dict[str, JobInfo] = {}
+        self.last_query = 0.0
+        self.scheduler_errors = 0
 
-def _wait(store, step, jobs: list, poll: float) -> list:
-    failures = []
-    bar = _progress(step, len(jobs))
-    remaining = list(jobs)
-    while remaining:
-        time.sleep(poll)
-        remaining = _reap(store, step, remaining, failures, bar)
-    bar.close()
-    return failures
+    # --- local submissions -----------------------------------------------------------------------
+    def _submit_local(self) -> None:
+        parallelism = int(self.cluster.array_parallelism)
+        while self.queue and len(self.tracked) < parallelism:
+            shard = self.queue.pop(0)
+            with signals_deferred():
+                job = self.local_executor.submit(make_task(self.step, shard, False, self.cluster))
+                popen = getattr(job, "_process", None)
+                rec = {"job_id": str(job.job_id), **procs.identity(int(job.job_id))}
+                self.store.record_jobs(self.step.stage.name, self.step.iteration, "local", self.folder, {shard.key: rec})
+            self.tracked.append(Tracked(shard, str(job.job_id), {"executor": "local", **rec}, popen=popen))
+            self.last_query = 0.0  # ask about it at once
 
+    # --- the loop --------------------------------------------------------------------------------
+    def wait(self) -> list:
+        total = len(self.tracked) + len(self.queue)
+        progress = Progress(self.step.name, total, self.echo, float(self.cluster.progress_interval_s))
+        poll = float(self.cluster.poll_interval_s)
+        every = poll if self.cluster.executor == "local" else max(poll, float(self.cluster.scheduler_poll_s))
+        done = 0
+        try:
+            while self.tracked or self.queue:
+                if self.queue:
+                    self._submit_local()
+                now = time.time()
+                if now - self.last_query >= every:
+                    self._query()
+                    self.last_query = now
+                # markers are read after the scheduler was asked: a job seen gone before this
+                # listing and without a marker in it really ended without one
+                markers = self.store.markers(self.step.stage.name, self.step.iteration)
+                still = []
+                for t in self.tracked:
+                    if t.popen is not None:
+                        t.popen.poll()  # reap our own finished controllers
+                    outcome = self._outcome(t, markers, now)
+                    if outcome is None:
+                        still.append(t)
+                    elif outcome == "done":
+                        done += 1
+                    else:
+                        self.failures.append(outcome)
+                self.tracked = still
+                self._fail_unschedulable(now)
+                progress.show(done, self._counts(), len(self.failures), len(self.queue))
+                if self.tracked or self.queue:
+                    time.sleep(poll)
+        finally:
+            progress.close(done, len(self.failures))
+        return self.failures
 
-def _reap(store, step, jobs: list, failures: list, bar) -> list:
-    """Collect the finished jobs of ``jobs`` (failures appended); return those still running."""
-    still = []
-    for shard, job in jobs:
-        if job.done():
-            f = _collect(store, step, shard, job)
-            if f:
-                failures.append(f)
-            bar.update(1)
+    def _query(self) -> None:
+        if not self.tracked:
+            return
+        try:
+            self.infos = query(self.scheduler, self.tracked)
+            self.scheduler_errors = 0
+        except SchedulerError as e:  # slurmctld restarting, a slow sacct: try again next time
+            self.scheduler_errors += 1
+            if self.scheduler_errors in (3, 30):
+                self.echo(f"[{self.step.name}] warning: the scheduler does not answer ({e}); still waiting")
+
+    def _counts(self) -> dict:
+        running, reasons = 0, Counter()
+        for t in self.tracked:
+            info = self.infos.get(t.job_id)
+            if info is not None and info.pending:
+                reasons[info.reason or "no reason given"] += 1
+            else:
+                running += 1
+        return {"running": running, "pending": reasons}
+
+    def _outcome(self, t: Tracked, markers: dict, now: float):
+        """None while the shard's job runs; 'done'; or a failure (key, log, error line)."""
+        name, it, key = self.step.stage.name, self.step.iteration, t.shard.key
+        if key in markers["done"]:
+            if not self.step.stage.multi_task:
+                return "done"
+            # a multi-task job: rank 0 recorded the shard; done once the other ranks ended too
+            info = self.infos.get(t.job_id)
+            if info is not None and not info.alive:
+                return "done"
+            self.last_query = 0.0
+            return None
+        if key in markers["failed"]:
+            marker = self.store.read_failed(name, it, key) or {}
+            return key, marker.get("log", str(self.store.log_path(name, it, key))), marker.get("error", "failed")
+        info = self.infos.get(t.job_id)
+        if info is None or info.alive:
+            return None
+        if self._follow_lease(t):
+            return None
+        if info.state == "ENDED" and self.cluster.executor == "slurm":
+            t.ended_at = t.ended_at or now
+            if now - t.ended_at < ACCOUNTING_GRACE_S:
+                self.last_query = 0.0  # sacct writes a moment after the end
+                return None
+        return self._failure_without_marker(t, info)
+
+    def _follow_lease(self, t: Tracked) -> bool:
+        """A job that found its shard held by another live job stepped back: wait for that one."""
+        holder = self.store.lease(self.step.stage.name, self.step.iteration, t.shard.key).holder()
+        if not holder or holder is MALFORMED or str(holder.get("job_id")) == t.job_id:
+            return False
+        if not holder_alive(holder):
+            return False
+        if holder.get("executor") not in (self.cluster.executor, None):
+            # a live job of another executor (an earlier launch with another cluster config)
+            t.foreign_holder = holder
+            return False
+        self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} stepped back for job "
+                  f"{holder.get('job_id')}, which holds the shard; waiting for that one")
+        t.job_id, t.record, t.popen, t.ended_at = str(holder["job_id"]), _record_of_holder(holder), None, None
+        self.last_query = 0.0
+        return True
+
+    def _failure_without_marker(self, t: Tracked, info: JobInfo) -> tuple:
+        name, it, key = self.step.stage.name, self.step.iteration, t.shard.key
+        if t.foreign_holder is not None:
+            h = t.foreign_holder
+            why = (f"the shard is held by the live {h.get('executor')} job {h.get('job_id')} of an earlier launch: "
+                   f"wait for it, or stop it with `launch.py cancel`")
+        elif self.cluster.executor == "local":
+            why = "its process ended without recording a result (killed, e.g. by SIGKILL or the out-of-memory killer)"
         else:
-            still.append((shard, job))
-    return still
+            why = info.describe()
+            if info.state == "TIMEOUT":
+                why += f": raise cluster.stages.{name}.timeout_min"
+            elif info.state == "OUT_OF_MEMORY":
+                why += f": raise cluster.stages.{name}.mem_gb"
+        why = f"job {t.job_id}: {why}" + disk_hint(self.store.workdir)
+        log = self.store.log_path(name, it, key)
+        try:
+            self.store.mark_failed(name, it, key, why, log, {"job_id": t.job_id, "scheduler_state": info.state})
+        except OSError:  # the disk is full: the failure is still reported by this launch
+            pass
+        return key, str(log), why
+
+    def _fail_unschedulable(self, now: float) -> None:
+        """Jobs pending for a reason that cannot clear fail their shards (and are cancelled)."""
+        stuck = []
+        for t in self.tracked:
+            info = self.infos.get(t.job_id)
+            if info is not None and info.pending and fatal_pending(info.reason):
+                t.fatal_since = t.fatal_since or now
+                if now - t.fatal_since >= float(self.cluster.fatal_pending_after_s):
+                    stuck.append((t, info.reason))
+            else:
+                t.fatal_since = None
+        if not stuck:
+            return
+        with contextlib.suppress(SchedulerError):
+            self.scheduler.cancel([t.job_id for t, _ in stuck])
+        gone = {id(t) for t, _ in stuck}
+        self.tracked = [t for t in self.tracked if id(t) not in gone]
+        name, it = self.step.stage.name, self.step.iteration
+        for t, reason in stuck:
+            why = f"job {t.job_id} cannot start: pending for reason {reason} ({explain_pending(reason)}); cancelled"
+            log = self.store.log_path(name, it, t.shard.key)
+            with contextlib.suppress(OSError):
+                self.store.mark_failed(name, it, t.shard.key, why, log, {"job_id": t.job_id, "pending_reason": reason})
+            self.failures.append((t.shard.key, str(log), why))
 
 
-def _collect(store, step, shard, job) -> Optional[tuple]:
-    try:
-        exc = job.exception()
-    except Exception as e:  # e.g. submitit cannot read a result file of a killed job
-        exc = e
-    if exc is None and store.read_done(step.stage.name, step.iteration, shard.key) is not None:
-        return None
-    if exc is None:
-        exc = RuntimeError("the job ended without recording the shard as complete")
-    return _failure(store, step, shard, exc, job)
+def explain_pending(reason: str) -> str:
+    known = {
+        "PartitionConfig": "the request exceeds what the partition's nodes offer: CPUs, memory or GPUs",
+        "PartitionNodeLimit": "more nodes than the partition has or allows",
+        "PartitionTimeLimit": "a time limit above the partition's MaxTime",
+        "InvalidAccount": "cluster.account is not valid on this cluster",
+        "InvalidQOS": "cluster.qos is not valid on this cluster",
+        "BadConstraints": "the constraints (slurm_additional_parameters) match no node",
+        "DependencyNeverSatisfied": "it depends on a job that failed",
+    }
+    if reason in known:
+        return known[reason]
+    if "Minutes" in reason:
+        return "the account's compute-time budget is used up"
+    return "it cannot clear by itself"
 
 
-def _failure(store, step, shard, exc, job) -> tuple:
-    name, it = step.stage.name, step.iteration
-    marker = store.read_failed(name, it, shard.key)
-    if marker is None:
-        # the worker never got to record it: killed (OOM, scancel, node failure) or crashed early
-        err = last_error_line(str(exc)) or type(exc).__name__
-        log = store.log_path(name, it, shard.key)
-        extra = {"job_id": str(getattr(job, "job_id", "")), "scheduler_log": str(_stderr_path(job))}
-        store.mark_failed(name, it, shard.key, f"{type(exc).__name__}: {err}", log, extra)
-        marker = store.read_failed(name, it, shard.key)
-    return shard.key, marker.get("log"), marker.get("error")
+def disk_hint(workdir: Path) -> str:
+    """'; the work dir's disk is full (filesystem ...: 0 B free)' when it is, else ''."""
+    from pipeline.disk import free_line, is_full
+
+    return f"; the work dir's disk is full ({free_line(workdir)})" if is_full(workdir) else ""
 
 
-def _stderr_path(job) -> str:
-    try:
-        return str(job.paths.stderr)
-    except Exception:
-        return ""
+class Progress:
+    """A bar per step in a terminal; in a log (the driver's, CI's) a timestamped line every
+    ``interval`` seconds and when the step ends, so a long wait is never silent."""
+
+    def __init__(self, name: str, total: int, echo, interval: float):
+        self.name, self.total, self.echo, self.interval = name, total, echo, interval
+        self.started = self.last = time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="shard", leave=True)
+
+    def _line(self, done: int, counts: dict, failed: int, queued: int) -> str:
+        pending = counts["pending"]
+        n_pending = sum(pending.values()) + queued
+        reasons = ", ".join(f"{r} {n}" if len(pending) > 1 else r for r, n in pending.most_common(3))
+        return (f"{done}/{self.total} done, {counts['running']} running, {n_pending} pending"
+                + (f" ({reasons})" if reasons else "") + f", {failed} failed")
+
+    def show(self, done: int, counts: dict, failed: int, queued: int) -> None:
+        if self.bar is not None:
+            self.bar.n = done + failed
+            self.bar.set_postfix_str(self._line(done, counts, failed, queued), refresh=True)
+            return
+        now = time.time()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{self.name}] {self._line(done, counts, failed, queued)}")
+
+    def close(self, done: int, failed: int) -> None:
+        if self.bar is not None:
+            self.bar.n = done + failed
+            self.bar.close()
 
 
 class _NoBar:
@@ -195,9 +602,12 @@ class _NoBar:
         pass
 
 
-def _progress(step, total: int):
+def _progress_bar(step, total: int):
     if not sys.stderr.isatty():
         return _NoBar()
     from tqdm import tqdm
 
     return tqdm(total=total, desc=step.name, unit="shard", leave=True)
+
+
+__all__ = ["run_shards", "make_executor", "make_task", "workdir_tag", "job_name", "scope_name"]

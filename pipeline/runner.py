@@ -3,6 +3,12 @@
 A *step* is one stage in one scope (once, or iteration N). Steps run one after another in DAG
 order; the shards of a step run in parallel as one job array. A step whose prerequisites are
 neither complete on disk nor earlier in this launch's plan is refused before anything is submitted.
+
+Generations: each time a step's outputs are made anew, its ``_stage.done.json`` gets a new
+generation, and every step records the generations of its prerequisites when it runs
+(``_inputs.json``). A step whose inputs were redone since (a prerequisite's generation changed)
+is *stale*: all its shards run again, and so on down the DAG. A stage can also declare single
+complete shards out of date (``Stage.out_of_date``: training after ``train.max_update`` was raised).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from pipeline import executors
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
-from pipeline.state import StateStore, scope_name
+from pipeline.state import StateStore, new_generation, scope_name
 
 log = logging.getLogger("pipeline")
 
@@ -35,6 +41,9 @@ class Step:
     shards: Optional[list] = None  # None: not computable yet (its inputs come from earlier steps)
     todo: Optional[list] = None
     prepared: bool = False  # Stage.prepare ran for this step in this launch
+    stale: Optional[str] = None  # why every shard runs again (its inputs were redone since)
+    out_of_date: dict = field(default_factory=dict)  # shard key -> why that complete shard runs again
+    rerun_after: list = field(default_factory=list)  # prerequisites that run again in this launch
 
     @property
     def name(self) -> str:
@@ -70,6 +79,7 @@ class Pipeline:
         self.dry_run = dry_run
         self.store = StateStore(self.workdir)
         self.n_iterations = int(cfg.get("iterations", 1) or 1)
+        self._checker = None
 
     # --- what to run -----------------------------------------------------------------------------
     def context(self, iteration: Optional[int]) -> StageContext:
@@ -98,13 +108,38 @@ class Pipeline:
         pairs = [(n, it) for n, it in pairs if self.stages[n].enabled(self.context(it)) or stage_names != "all"]
         return pairs
 
-    def plan(self, pairs: list[tuple]) -> list[Step]:
+    def request_checker(self):
+        """Checks Slurm requests against the cluster before anything is submitted (None for the
+        other executors, or with cluster.check_requests=false)."""
+        if self.cfg.cluster.executor != "slurm" or not self.cfg.cluster.check_requests:
+            return None
+        if self._checker is None:
+            from pipeline.scheduler import RequestChecker
+
+            self._checker = RequestChecker()
+        return self._checker
+
+    def _check_request(self, name: str, res: Resources) -> None:
+        from pipeline.scheduler import SchedulerError
+
+        try:
+            check_resources(self.cfg, name, res, checker=self.request_checker())
+        except SchedulerError as e:
+            if not self.dry_run:
+                raise ConfigError(f"cannot check the {name} request against the cluster: {e}") from None
+            self.echo(f"note: requests not checked against the cluster ({e})")
+            self.cfg.cluster.check_requests = False
+
+    def plan(self, pairs: list[tuple], compute_shards: bool = True) -> list[Step]:
+        """Steps for ``pairs`` with their requests and configuration checked and, with
+        ``compute_shards``, the shards to run of every step whose inputs exist (Stage.prepare
+        runs for them); a launch that only validates (``--detach``) passes False."""
         steps = []
         for name, it in pairs:
             stage = self.stages[name]
             ctx = self.context(it)
             res = resources_for(self.cfg, name, multi_task=stage.multi_task)
-            check_resources(self.cfg, name, res)
+            self._check_request(name, res)
             try:
                 stage.validate(ctx)
             except PipelineError:
@@ -113,10 +148,13 @@ class Pipeline:
                 raise ConfigError(f"stage {describe(name, it)}: {e}") from e
             steps.append(Step(stage, it, ctx, res))
         self._check_prerequisites(steps)
+        if not compute_shards:
+            return steps
         pending: set = set()  # steps of this launch that will (or may) produce new outputs
         for step in steps:
             # a step whose inputs come from earlier steps of this launch is planned when it runs
-            if not any(dep in pending for dep in self.prerequisites(step.stage, step.iteration)):
+            step.rerun_after = [dep for dep in self.prerequisites(step.stage, step.iteration) if dep in pending]
+            if not step.rerun_after:
                 self._compute_shards(step, quiet=True)
             if step.todo is None or step.todo or not self.step_complete(step.stage, step.iteration):
                 pending.add((step.stage.name, step.iteration))
@@ -158,8 +196,11 @@ class Pipeline:
         return all(Path(p).exists() for p in step.stage.outputs(step.ctx, shard))
 
     def step_complete(self, stage: Stage, iteration: Optional[int]) -> bool:
-        """Complete on disk: finalized, final outputs present, every shard's outputs present."""
+        """Complete on disk: finalized, final outputs present, every shard's outputs present,
+        and not stale (its inputs were not redone since it ran)."""
         if self.store.read_stage_done(stage.name, iteration) is None:
+            return False
+        if self.store.stale_reason(stage.name, iteration):
             return False
         ctx = self.context(iteration)
         if not all(Path(p).exists() for p in stage.final_outputs(ctx)):
@@ -191,7 +232,19 @@ class Pipeline:
         if len(set(keys)) != len(keys):
             raise StageFailed(f"{step.name}: shard keys are not unique")
         done = self.store.markers(step.stage.name, step.iteration)["done"]
-        step.todo = [s for s in step.shards if self.force or not self.shard_complete(step, s, done)]
+        step.stale = self.store.stale_reason(step.stage.name, step.iteration)
+        rerun_all = self.force or bool(step.stale)
+        step.todo = [s for s in step.shards if rerun_all or not self.shard_complete(step, s, done)]
+        step.out_of_date = {}
+        if not rerun_all and type(step.stage).out_of_date is not Stage.out_of_date:
+            todo_keys = {s.key for s in step.todo}
+            for s in step.shards:
+                if s.key in todo_keys:
+                    continue
+                why = step.stage.out_of_date(step.ctx, s, self.store.read_done(step.stage.name, step.iteration, s.key) or {})
+                if why:
+                    step.out_of_date[s.key] = why
+                    step.todo.append(s)
 
     # --- running ---------------------------------------------------------------------------------
     def run(self, steps: list[Step]) -> list[StepResult]:
@@ -200,26 +253,52 @@ class Pipeline:
             results.append(self.run_step(step))
         return results
 
+    def input_generations(self, stage: Stage, iteration: Optional[int]) -> dict:
+        """'stage@scope' -> generation of each prerequisite, as they are now."""
+        return {f"{dep}@{scope_name(it)}": self.store.generation(dep, it)
+                for dep, it in self.prerequisites(stage, iteration)}
+
     def run_step(self, step: Step) -> StepResult:
+        stage, it = step.stage, step.iteration
+        try:
+            return self._run_step(step)
+        except PipelineError as e:
+            # status shows a failed step with its reason (a failed finalize, an unschedulable job)
+            try:
+                self.store.mark_stage_failed(stage.name, it, str(e).splitlines()[0])
+            except OSError:  # a full disk: the launcher still prints the error
+                pass
+            raise
+
+    def _run_step(self, step: Step) -> StepResult:
         start = time.time()
         self._compute_shards(step)
         stage, it = step.stage, step.iteration
         n_total, todo = len(step.shards), step.todo
-        finalized = self.store.read_stage_done(stage.name, it) is not None and all(
-            Path(p).exists() for p in stage.final_outputs(step.ctx)
-        )
+        previous = self.store.read_stage_done(stage.name, it)
+        finalized = previous is not None and all(Path(p).exists() for p in stage.final_outputs(step.ctx))
         if not todo and finalized and not self.force:
             self.echo(f"[{step.name}] complete ({n_total} shards), nothing to do")
             return StepResult(step, 0, 0.0)
+        inputs = self.input_generations(stage, it)
+        digest = _digest(s.key for s in step.shards)
+        # outputs made anew (forced, stale, out of date, new shards) get a new generation, which
+        # makes the steps reading them stale; a repair (a lost or failed shard run again, a lost
+        # summary written again) keeps the old one: its outputs mean the same
+        last = self.store.read_inputs_record(stage.name, it)
+        prev_gen = (previous or {}).get("generation") or last.get("carry_generation")
+        prev_digest = (previous or {}).get("shards") or last.get("shards")
+        renew = self.force or bool(step.stale) or bool(step.out_of_date) or not prev_gen or prev_digest != digest
+        carry = None if renew else prev_gen
+        self.store.clear_stage_failed(stage.name, it)
+        self.store.write_inputs(stage.name, it, inputs, carry, digest)
         self.store.clear_stage_done(stage.name, it)
         _write_plan(self.store, stage.name, it, n_total)
         if todo:
-            for s in todo:
-                self.store.clear_shard(stage.name, it, s.key)
-            self.echo(
-                f"[{step.name}] submitting {len(todo)}/{n_total} shard(s) with the "
-                f"{self.cfg.cluster.executor} executor"
-            )
+            if step.stale:
+                self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
+            for key, why in sorted(step.out_of_date.items()):
+                self.echo(f"[{step.name}] shard {key} is out of date: {why}")
             failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo)
             if failures:
                 lines = [f"  {key}: {err}\n    log: {logp}" for key, logp, err in failures]
@@ -241,7 +320,8 @@ class Pipeline:
         if missing:
             raise StageFailed(f"{step.name}: finalize did not write {', '.join(missing)}")
         seconds = time.time() - start
-        self.store.mark_stage_done(stage.name, it, {**summary, "seconds": round(seconds, 2)}, n_total)
+        self.store.mark_stage_done(stage.name, it, {**summary, "seconds": round(seconds, 2)}, n_total,
+                                   generation=carry or new_generation(), inputs=inputs, shards=digest)
         self.echo(f"[{step.name}] complete: {n_total} shard(s), {len(todo)} run now, {seconds:.1f}s")
         return StepResult(step, len(todo), seconds, summary)
 
@@ -262,6 +342,9 @@ class Pipeline:
             if step.shards is None:
                 shards = "shards: known once its inputs exist"
                 jobs = "?"
+                if step.rerun_after and self.store.read_stage_done(step.stage.name, step.iteration):
+                    deps = ", ".join(describe(d, i) for d, i in step.rerun_after)
+                    shards = f"complete, but reruns after {deps} (its inputs change in this launch)"
             else:
                 shards = f"shards: {len(step.todo)} to run / {len(step.shards)}"
                 n = len(step.todo)
@@ -272,9 +355,17 @@ class Pipeline:
                     jobs = f"{arrays} array(s) of {n} task(s)" if n else "none"
             res = (
                 f"{r.cpus_per_task} cpu, {r.mem_gb:g} GB, {r.gpus_per_task} gpu per task, {r.timeout_min} min"
-                + (", requeued on preemption" if step.stage.checkpointable else "")
+                + (f", partition {r.partition}" if r.partition and r.partition != cl.partition else "")
+                + (", requeued at its time limit when it made progress" if step.stage.checkpointable else "")
             )
             lines.append(f"{step.name:<28} {shards}; jobs: {jobs}")
+            if step.stale:
+                lines.append(f"{'':<28} stale: {step.stale} (every shard runs again)")
+            elif step.rerun_after and step.shards is not None and not step.todo:
+                deps = ", ".join(describe(d, i) for d, i in step.rerun_after)
+                lines.append(f"{'':<28} reruns after {deps} (its inputs change in this launch)")
+            for key, why in sorted(step.out_of_date.items())[:5]:
+                lines.append(f"{'':<28} out of date: {key}: {why}")
             lines.append(f"{'':<28} resources: {res}")
             lines.append(f"{'':<28} outputs: {out}")
         return "\n".join(lines)
@@ -282,6 +373,15 @@ class Pipeline:
 
 def _after(stage: Stage) -> bool:
     return bool(getattr(stage, "after_iterations", False))
+
+
+def _digest(keys) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for k in sorted(keys):
+        h.update(k.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _write_plan(store: StateStore, stage: str, iteration: Optional[int], n_shards: int) -> None:

@@ -45,6 +45,7 @@ class Resources:
     timeout_min: int = 60
     nodes: int = 1
     tasks_per_node: int = 1
+    partition: Optional[str] = None  # Slurm partition (None: the cluster's default)
 
 
 @dataclass
@@ -137,6 +138,21 @@ class Stage:
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         """Files ``finalize`` writes (checked for stage completeness)."""
         return []
+
+    def progress(self, ctx: StageContext, shard: Shard) -> Optional[int]:
+        """Optional, for ``checkpointable`` stages: a number that grows while the shard makes
+        lasting progress (training: the update count of its last checkpoint); None when nothing
+        is saved yet. A job stopped at its time limit is requeued only when this number grew
+        since it started; otherwise the shard fails with 'raise ...timeout_min'. Stages that do
+        not override it are requeued up to ``cluster.max_requeues`` times."""
+        return None
+
+    def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
+        """Optional: why a complete shard no longer matches the configuration (``done`` is its
+        completion marker, with the stats ``run`` returned), or None. Such a shard runs again
+        (e.g. training after ``train.max_update`` was raised continues from its checkpoint), and
+        the steps that read its outputs become stale."""
+        return None
 
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
         """Called once after all shards are complete; returns a summary dict (printed, stored)."""

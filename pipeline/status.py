@@ -1,90 +1,173 @@
-"""``launch.py status``: per iteration and stage, shards done / total, running, failed (with log
-paths and last error lines), read from the marker files alone (no stage code is imported)."""
+"""``launch.py status``: per iteration and stage, shards done / total, running, pending (with the
+scheduler's reasons), failed (with log paths and last error lines), shards whose job ended without
+a result (killed by a signal, time limit, out of memory: from sacct), a failed finalize, stale
+steps; and who drives the run (the detached driver or a foreground launch).
+
+Read from the marker files (one directory listing per step, failure markers) and the job records
+of incomplete shards; the scheduler is asked once for all of those jobs (one squeue + one sacct
+call), never once per shard, so it stays fast at 10^4 shards. No stage code is imported.
+"""
 from __future__ import annotations
 
-import json
-import os
-import socket
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from pipeline.state import StageStatus, StateStore
+from pipeline import procs
+from pipeline.lease import MALFORMED
+from pipeline.lock import describe_owner, lock_holder
+from pipeline.scheduler import LocalScheduler, SchedulerError, SlurmScheduler
+from pipeline.state import StageStatus, StateStore, _read
 
 
-def _pid_dead_here(info: dict) -> bool:
-    if info.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(info.get("pid", -1)), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-
-
-def collect(workdir: Path, order: Optional[list] = None) -> list[StageStatus]:
+def collect(workdir: Path, order: Optional[list] = None, notes: Optional[list] = None) -> list[StageStatus]:
     store = StateStore(Path(workdir))
     out = []
+    waiting = []  # (status, key, job record) of incomplete shards with a recorded job
     for it, stages in store.scopes():
         if order:
             stages = sorted(stages, key=lambda s: (order.index(s) if s in order else len(order), s))
         for stage in stages:
             d = store.stage_state_dir(stage, it)
             m = store.markers(stage, it)
-            total = None
-            plan = d / "_plan.json"
-            if plan.exists():
-                total = json.loads(plan.read_text()).get("n_shards")
+            plan = _read(d / "_plan.json") or {}
+            total = plan.get("n_shards")
             failed = []
             for key in sorted(m["failed"] - m["done"]):
                 info = store.read_failed(stage, it, key) or {}
                 failed.append((key, info.get("log", "?"), info.get("error", "?")))
-            running = 0
-            for key in m["running"] - m["done"] - m["failed"]:
-                info = _read(d / f"{key}.running.json")
-                if info is not None and not _pid_dead_here(info):
-                    running += 1
-            out.append(
-                StageStatus(
-                    stage=stage,
-                    iteration=it,
-                    total=total,
-                    done=len(m["done"]),
-                    running=running,
-                    failed=failed,
-                    finalized=store.read_stage_done(stage, it) is not None,
-                )
+            st = StageStatus(
+                stage=stage, iteration=it, total=total, done=len(m["done"]), running=0, failed=failed,
+                finalized=store.read_stage_done(stage, it) is not None,
+                stage_error=(store.read_stage_failed(stage, it) or {}).get("error"),
+                stale=store.stale_reason(stage, it),
             )
+            out.append(st)
+            if st.finalized and not st.stale:
+                continue
+            settled = m["done"] | m["failed"]
+            records = store.job_records(stage, it) if (total is None or len(settled) < total) else {}
+            for key, rec in records.items():
+                if key not in settled:
+                    waiting.append((st, key, rec))
+            for key in m["running"] - settled - set(records):  # no job record (debug executor, older state)
+                info = store.read_running(stage, it, key)
+                if info is not None and procs.alive(info) is not False:
+                    st.running += 1
+    _ask_scheduler(waiting, notes if notes is not None else [])
     return out
 
 
-def _read(p: Path) -> Optional[dict]:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+def _ask_scheduler(waiting: list, notes: list) -> None:
+    slurm = {str(r["job_id"]): r for _, _, r in waiting if r.get("executor") == "slurm"}
+    local = {str(r["job_id"]): r for _, _, r in waiting if r.get("executor") == "local"}
+    infos = {}
+    if slurm:
+        try:
+            infos.update(SlurmScheduler().query(list(slurm)))
+        except SchedulerError as e:
+            notes.append(f"scheduler: no answer ({e}); running/pending counts are unknown")
+    if local:
+        infos.update(LocalScheduler().query_records(local))
+    for st, key, rec in waiting:
+        info = infos.get(str(rec["job_id"]))
+        if info is None:
+            continue
+        if info.pending:
+            st.pending += 1
+            st.pending_reasons[info.reason or "no reason given"] = st.pending_reasons.get(info.reason or "no reason given", 0) + 1
+        elif info.alive:
+            st.running += 1
+        else:
+            why = ("its process ended without a result" if rec.get("executor") == "local" else info.describe())
+            st.stopped.append((key, str(rec["job_id"]), why))
+
+
+def driver_line(workdir: Path) -> Optional[str]:
+    store = StateStore(Path(workdir))
+    rec = _read(store.driver_file)
+    if not rec:
         return None
+    from pipeline.driver import describe_record, record_alive
+
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(rec.get("since") or rec.get("submitted") or 0)))
+    state = rec.get("state", "?")
+    if state in ("submitted", "running"):
+        alive, sched = record_alive(rec)
+        if alive is False:
+            state = f"ended ({sched})" if rec.get("executor") == "slurm" else "ended"
+        elif rec.get("executor") == "slurm":
+            state = sched
+        else:
+            state = "running" if alive else state
+    return f"driver: {describe_record(rec)}, {state}, since {since}; log {rec.get('log')}"
 
 
-def render(statuses: list[StageStatus], workdir: Path) -> str:
-    if not statuses:
+def lock_line(workdir: Path) -> Optional[str]:
+    owner, problem = lock_holder(Path(workdir))
+    if problem:
+        return f"lock: {problem}"
+    if not owner or owner is MALFORMED:
+        return None
+    if owner.get("role") == "driver":
+        return None  # the driver line says it
+    alive = procs.alive(owner)
+    if alive is False:
+        return f"lock: left by a launch that is gone (pid {owner.get('pid')}); the next launch clears it"
+    return f"launch: {describe_owner(owner)}"
+
+
+def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = None) -> str:
+    if not statuses and not header:
         return f"{workdir}: nothing recorded yet"
-    lines = [f"work dir {workdir}", f"{'iteration':<10} {'stage':<10} {'done/total':>12} {'running':>8} {'failed':>7}  state"]
+    lines = [f"work dir {workdir}", *(header or [])]
+    if not statuses:
+        return "\n".join(lines + ["nothing recorded yet"])
+    lines.append(f"{'iteration':<10} {'stage':<10} {'done/total':>12} {'running':>8} {'pending':>8} {'failed':>7}  state")
     for s in statuses:
         total = "?" if s.total is None else str(s.total)
-        if s.finalized:
+        n_failed = len(s.failed)
+        if s.finalized and s.stale:
+            state = "stale"
+        elif s.finalized:
             state = "complete"
-        elif s.failed:
+        elif s.failed or s.stage_error:
             state = "FAILED"
         elif s.running:
             state = "running"
+        elif s.pending:
+            state = "pending"
         else:
             state = "incomplete"
         it = "-" if s.iteration is None else str(s.iteration)
-        lines.append(f"{it:<10} {s.stage:<10} {f'{s.done}/{total}':>12} {s.running:>8} {len(s.failed):>7}  {state}")
+        lines.append(f"{it:<10} {s.stage:<10} {f'{s.done}/{total}':>12} {s.running:>8} {s.pending:>8} {n_failed:>7}  {state}")
+        if s.stale:
+            lines.append(f"    stale: {s.stale}; its shards run again at the next launch")
+        if s.stage_error and not s.finalized and not s.failed:
+            lines.append(f"    step failed: {s.stage_error}")
+        for reason, n in Counter(s.pending_reasons).most_common():
+            lines.append(f"    pending: {n} job(s), reason {reason}")
+        for key, job, why in s.stopped[:20]:
+            lines.append(f"    stopped {key} (job {job}): {why}; it runs again at the next launch")
+        if len(s.stopped) > 20:
+            lines.append(f"    ... and {len(s.stopped) - 20} more stopped shard(s)")
         for key, log, err in s.failed[:20]:
             lines.append(f"    failed {key}: {err}")
             lines.append(f"           log: {log}")
-        if len(s.failed) > 20:
-            lines.append(f"    ... and {len(s.failed) - 20} more failed shard(s)")
+        if n_failed > 20:
+            lines.append(f"    ... and {n_failed - 20} more failed shard(s)")
     return "\n".join(lines)
+
+
+def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:
+    """(text, exit code) of ``launch.py status``: 1 when a shard or a step failed."""
+    workdir = Path(workdir)
+    notes: list = []
+    statuses = collect(workdir, order, notes)
+    header = [line for line in (driver_line(workdir), lock_line(workdir)) if line] + notes
+    failed = any(s.failed or (s.stage_error and not s.finalized) for s in statuses)
+    return render(statuses, workdir, header), (1 if failed else 0)
+
+
+__all__ = ["collect", "render", "report"]

@@ -1,21 +1,45 @@
-"""What runs inside a job: one shard of one stage, with its log, markers and output checks."""
+"""What runs inside a job: one shard of one stage, with its log, lease, markers and output checks.
+
+Order inside a job: take the shard's lease (rank 0; other ranks wait until rank 0 holds it for
+this job, or gave up), record the running marker, run the stage, record done (or failed, with
+one line: the infrastructure cause such as "disk full on ...", or the error's last line).
+
+The time-limit signal (USR2, ``signal_delay_s`` before the limit) never reaches the stage as an
+``Exception``: for a checkpointable stage it requeues the job through submitit when the stage made
+progress since the job started (``Stage.progress``), otherwise the shard fails with "timed out
+after N min ... raise cluster.stages.<stage>.timeout_min"; for other stages it fails the shard
+with that line. Either way the failure is a ``ShardInterrupted`` (a BaseException), so no
+per-item ``except Exception`` can record it as a bad input item.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import submitit
 
+from pipeline import procs
+from pipeline.errors import infrastructure_cause
+from pipeline.lease import MALFORMED, describe_holder, new_token
 from pipeline.stage import Shard, Stage, StageContext
 from pipeline.state import StateStore, last_error_line
 
 log = logging.getLogger("pipeline.worker")
+
+RANK0_WAIT_S = 600.0  # how long other ranks wait for rank 0 to take the lease
+
+
+class ShardInterrupted(BaseException):
+    """The job must stop now (its time limit, with nothing to requeue for). A BaseException, so
+    per-item ``except Exception`` blocks let it through and the shard fails as a whole."""
 
 
 def task_rank() -> tuple[int, int]:
@@ -32,6 +56,11 @@ def job_id() -> str:
         return str(submitit.JobEnvironment().job_id)
     except RuntimeError:
         return f"inprocess-{os.getpid()}"
+
+
+def attempt() -> str:
+    """Which run of this job this is (Slurm counts requeues)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0")
 
 
 @contextlib.contextmanager
@@ -73,6 +102,26 @@ class MissingOutputs(RuntimeError):
     pass
 
 
+def failure_line(exc: BaseException, tb: str, workdir: Path) -> str:
+    """The one line a failed shard shows: the infrastructure cause when there is one (disk full
+    on PATH, out of memory, ...), the time-limit message, else the error's last line."""
+    if isinstance(exc, ShardInterrupted):
+        return str(exc)
+    cause = infrastructure_cause(exc, [workdir])
+    if cause and isinstance(exc, Exception):
+        if cause.startswith(("disk full", "disk quota")) and str(workdir) not in cause:
+            # a tool's message may name only its input: say which disk is full
+            from pipeline.disk import free_line
+
+            cause += f" (writing to {workdir}; {free_line(workdir)})"
+        return cause
+    return last_error_line(tb) or type(exc).__name__
+
+
+def _grew(before: Optional[int], now: Optional[int]) -> bool:
+    return (-1 if now is None else now) > (-1 if before is None else before)
+
+
 @dataclass
 class ShardTask:
     """A picklable callable: ``task()`` runs the shard. Submitted once per shard (array element)
@@ -82,49 +131,194 @@ class ShardTask:
     ctx: StageContext
     shard: Shard
     in_process: bool = False
+    executor: str = "local"
+    timeout_min: float = 60
+    signal_delay_s: int = 90
 
     def __call__(self) -> dict:
         store = StateStore(Path(self.ctx.workdir))
         stage, it, key = self.stage.name, self.ctx.iteration, self.shard.key
         rank, ntasks = task_rank()
+        jid, run = job_id(), attempt()
         log_path = store.log_path(stage, it, key, rank)
+        self._requeued = False
         with shard_log(log_path, redirect_fds=not self.in_process):
-            start = time.time()
+            lease = store.lease(stage, it, key)
+            me = {"token": new_token(), "job_id": jid, "attempt": run, "executor": self.executor,
+                  **procs.identity(), "time": time.time()}
             if rank == 0:
-                store.mark_running(stage, it, key, {"job_id": job_id(), "log": str(log_path)})
-            log.info("== %s %s (iteration %s) rank %d/%d on job %s", stage, key, it, rank, ntasks, job_id())
+                holder = lease.acquire(me)
+                if holder is not None:
+                    self._back_off(store, jid, run, holder)
+                    return {"backed_off_to": None if holder is MALFORMED else holder.get("job_id")}
+            elif not self._rank0_holds(store, lease, jid, run):
+                log.warning("== %s %s: rank 0 of job %s did not take the shard: this rank exits", stage, key, jid)
+                return {"rank": rank, "backed_off": True}
+            started = time.time()
+            progress0 = self._progress() if rank == 0 else None
+            restore = self._watch_time_limit(store, started, progress0) if rank == 0 else (lambda: None)
             try:
-                stats = self.stage.run(self.ctx, self.shard) or {}
                 if rank == 0:
-                    missing = [str(p) for p in self.stage.outputs(self.ctx, self.shard) if not Path(p).exists()]
-                    if missing:
-                        raise MissingOutputs(
-                            f"stage {stage} shard {key} returned but did not write: {', '.join(missing[:5])}"
-                        )
-            except BaseException as e:
-                tb = traceback.format_exc()
-                log.error("shard %s failed:\n%s", key, tb)
-                if rank == 0 and not _is_preemption(e):
-                    store.mark_failed(stage, it, key, last_error_line(tb), log_path, {"job_id": job_id()})
+                    store.mark_running(stage, it, key, {"job_id": jid, "attempt": run, "log": str(log_path),
+                                                        "executor": self.executor, "progress": progress0})
+                log.info("== %s %s (iteration %s) rank %d/%d on job %s (run %s)", stage, key, it, rank, ntasks,
+                         jid, run)
+                try:
+                    stats = self.stage.run(self.ctx, self.shard) or {}
+                    if rank == 0:
+                        missing = [str(p) for p in self.stage.outputs(self.ctx, self.shard) if not Path(p).exists()]
+                        if missing:
+                            raise MissingOutputs(
+                                f"stage {stage} shard {key} returned but did not write: {', '.join(missing[:5])}"
+                            )
+                except BaseException as e:
+                    tb = traceback.format_exc()
+                    if self._requeued:
+                        log.warning("== %s %s: requeued (time limit or preemption); the next run resumes", stage, key)
+                        raise
+                    log.error("shard %s failed:\n%s", key, tb)
+                    if rank == 0:
+                        self._record_failure(store, failure_line(e, tb, Path(self.ctx.workdir)), log_path, jid,
+                                             infrastructure=isinstance(e, ShardInterrupted)
+                                             or infrastructure_cause(e, [self.ctx.workdir]) is not None)
+                        lease.release(me)
+                    raise
+                if rank == 0:
+                    stats = dict(stats)
+                    stats.setdefault("seconds", round(time.time() - started, 3))
+                    store.mark_done(stage, it, key, stats, {"job_id": jid, "log": str(log_path)})
+                    lease.release(me)
+                log.info("== done in %.1fs", time.time() - started)
+                return stats
+            finally:
+                restore()
+
+    # --- the lease -------------------------------------------------------------------------------
+    def _back_off(self, store: StateStore, jid: str, run: str, holder: dict) -> None:
+        log.warning("== %s %s: the shard is held by %s; job %s exits without touching its outputs",
+                    self.stage.name, self.shard.key, describe_holder(holder), jid)
+        # tell the other ranks of this job not to start
+        flag = store.stage_state_dir(self.stage.name, self.ctx.iteration) / "_backoff" / f"{self.shard.key}.{jid}.{run}"
+        with contextlib.suppress(OSError):
+            flag.parent.mkdir(parents=True, exist_ok=True)
+            flag.touch()
+
+    def _rank0_holds(self, store: StateStore, lease, jid: str, run: str) -> bool:
+        """Other ranks: wait until rank 0 of this job holds the lease (True), or gave up (False)."""
+        flag = store.stage_state_dir(self.stage.name, self.ctx.iteration) / "_backoff" / f"{self.shard.key}.{jid}.{run}"
+        deadline = time.time() + RANK0_WAIT_S
+        while time.time() < deadline:
+            holder = lease.holder()
+            if holder and holder is not MALFORMED and str(holder.get("job_id")) == jid \
+                    and str(holder.get("attempt", "0")) == run:
+                return True
+            if flag.exists():
+                return False
+            time.sleep(0.2)
+        raise RuntimeError(f"rank 0 of job {jid} did not take the lease {lease.path} within {RANK0_WAIT_S:.0f} s")
+
+    # --- failures and the time limit -------------------------------------------------------------
+    def _record_failure(self, store, line: str, log_path, jid: str, infrastructure: bool) -> None:
+        stage, it, key = self.stage.name, self.ctx.iteration, self.shard.key
+        try:
+            store.mark_failed(stage, it, key, line, log_path, {"job_id": jid, "infrastructure": infrastructure})
+        except OSError as e:  # a full disk: the launcher reports the job's end from the scheduler
+            log.error("could not record the failure of shard %s: %s", key, e)
+
+    def _progress(self) -> Optional[int]:
+        if type(self.stage).progress is Stage.progress:
+            return None
+        try:
+            return self.stage.progress(self.ctx, self.shard)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is "no progress known"
+            log.warning("could not read the progress of shard %s", self.shard.key, exc_info=True)
+            return None
+
+    def _watch_time_limit(self, store: StateStore, started: float, progress0: Optional[int]):
+        """Replace submitit's USR2 handler for this shard (see the module doc); returns the undo.
+
+        Slurm sends the signal up to a minute earlier than asked (its timer's resolution): when it
+        comes with no progress made yet and more than ``_DECIDE_BEFORE_S`` left, the decision
+        waits for an alarm shortly before the limit, so a short limit is not cut short."""
+        if self.in_process or not hasattr(signal, "SIGUSR2"):
+            return lambda: None
+        sig = submitit.JobEnvironment._usr_sig()
+        previous = signal.getsignal(sig)
+        previous_alarm = signal.getsignal(signal.SIGALRM)
+        stage_name = self.stage.name
+        has_progress = type(self.stage).progress is not Stage.progress
+        limit_s = float(self.timeout_min) * 60
+
+        def requeue(signum, frame, now):
+            log.warning("== %s %s: signal after %.0f s, progress %s -> %s: requeueing", stage_name,
+                        self.shard.key, time.time() - started, progress0, now)
+            try:
+                if callable(previous):
+                    previous(sig, frame)
+            except SystemExit:  # submitit requeued the job and exits this run
+                self._requeued = True
                 raise
-            if rank == 0:
-                stats = dict(stats)
-                stats.setdefault("seconds", round(time.time() - start, 3))
-                store.mark_done(stage, it, key, stats, {"job_id": job_id(), "log": str(log_path)})
-            log.info("== done in %.1fs", time.time() - start)
-            return stats
+            except submitit.core.utils.UncompletedJobError as e:  # requeued too often
+                raise ShardInterrupted(f"stopped at its time limit too many times (cluster.max_requeues): "
+                                       f"{last_error_line(str(e))}") from None
+
+        def decide(signum, frame, final: bool):
+            minutes = f"{self.timeout_min:g}"
+            now = self._progress() if has_progress else None
+            if self.stage.checkpointable and (not has_progress or _grew(progress0, now)):
+                return requeue(signum, frame, now)
+            # only Slurm signals early; submitit's local controller signals exactly when asked
+            early = not final and os.environ.get("SLURM_JOB_ID")
+            left = limit_s - (time.time() - _job_start(started)) if early else 0.0
+            if early and left > 2 * _DECIDE_BEFORE_S:
+                log.warning("== %s %s: time-limit signal %.0f s before the limit; deciding %.0f s before it",
+                            stage_name, self.shard.key, left, _DECIDE_BEFORE_S)
+                signal.signal(signal.SIGALRM, lambda s, f: decide(s, f, final=True))
+                signal.alarm(max(1, int(left - _DECIDE_BEFORE_S)))
+                return
+            if self.stage.checkpointable:
+                where = "nothing saved yet" if now is None else f"progress still {now}"
+                raise ShardInterrupted(
+                    f"timed out after {minutes} min without progress since it started ({where}): "
+                    f"raise cluster.stages.{stage_name}.timeout_min"
+                )
+            raise ShardInterrupted(f"timed out after {minutes} min: raise cluster.stages.{stage_name}.timeout_min")
+
+        signal.signal(sig, lambda s, f: decide(s, f, final=False))
+
+        def undo():
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous_alarm)
+            signal.signal(sig, previous)
+
+        return undo
 
 
-def _is_preemption(e: BaseException) -> bool:
-    # submitit raises these (or a plain SystemExit from the signal handler) when a job is
-    # requeued: not a failure of the shard
-    return isinstance(e, (KeyboardInterrupt, SystemExit))
+_DECIDE_BEFORE_S = 8.0  # how long before the limit a deferred time-limit decision is taken
+
+
+def _job_start(fallback: float) -> float:
+    """When this run of the Slurm job started (scontrol), else a bit before ``fallback``."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        import subprocess
+        from datetime import datetime
+
+        try:
+            out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True,
+                                 timeout=10).stdout
+            stamp = next(f.split("=", 1)[1] for f in out.split() if f.startswith("StartTime="))
+            return datetime.fromisoformat(stamp).timestamp()
+        except (OSError, subprocess.SubprocessError, StopIteration, ValueError):
+            pass
+    return fallback - 10.0
 
 
 class CheckpointableShardTask(ShardTask, submitit.helpers.Checkpointable):
-    """On preemption (USR2) or timeout, submitit calls ``checkpoint`` and requeues the job with the
-    same callable; the stage resumes from the checkpoints it wrote itself."""
+    """On the time-limit signal with progress made (or a preemption signal), submitit calls
+    ``checkpoint`` and requeues the job with the same callable; the stage resumes from the
+    checkpoints it wrote itself."""
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        log.warning("== %s %s: preempted or timed out, requeueing", self.stage.name, self.shard.key)
+        log.warning("== %s %s: stopped before its end, requeueing", self.stage.name, self.shard.key)
         return submitit.helpers.DelayedSubmission(self)

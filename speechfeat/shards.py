@@ -32,7 +32,8 @@ class Row:
 
 
 def read_tsv(path) -> Tuple[Path, List[Row]]:
-    """(root, rows) of a manifest tsv; a malformed row is a ValueError naming file and line."""
+    """(root, rows) of a manifest tsv (a relative root line is relative to the tsv's directory);
+    a malformed row is a ValueError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest tsv not found (run the manifest stage first)")
@@ -40,6 +41,8 @@ def read_tsv(path) -> Tuple[Path, List[Row]]:
     if not lines:
         raise ValueError(f"{path}: empty manifest (no root line)")
     root = Path(lines[0].strip())
+    if not root.is_absolute():  # the manifest stage writes the crop dir relative to the tsv
+        root = Path(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root)))
     rows = []
     for n, line in enumerate(lines[1:], 2):
         if not line.strip():

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib
 
-# Order of the DAG as a user reads it. crop and manifest run once; the rest once per iteration
-# (finetune once, after the last iteration). units_kmeans and units (discrete units for
-# downstream use, after the last iteration too) run in --stage all only when units are asked for
-# (units.enabled, or a units k-means setting: see stages/units.py).
-STAGE_ORDER = ["crop", "manifest", "features", "kmeans", "labels", "train", "finetune", "units_kmeans", "units"]
+# Order of the DAG as a user reads it. crop, manifest and noise run once (noise only when
+# something uses it: see stages/noise.py); the rest once per iteration (finetune once, after the
+# last iteration). units_kmeans and units (discrete units for downstream use, after the last
+# iteration too) run in --stage all only when units are asked for (units.enabled, or a units
+# k-means setting: see stages/units.py).
+STAGE_ORDER = ["crop", "manifest", "noise", "features", "kmeans", "labels", "train", "finetune", "units_kmeans", "units"]
 
 
 def get_stage(name: str):

@@ -1,8 +1,10 @@
 """Corpus layouts: which items (videos or segments of videos) a corpus holds, their split and text.
 
-Interface used by the crop and manifest stages: ``list_items(cfg) -> list[Item]``, reading the
-top-level ``cfg.corpus`` (a directory) and ``cfg.layout`` (``plain`` | ``lrs3`` | ``vox2``) and the
-split settings of the manifest section (``cfg.manifest``, see ``stages.manifest.Config``).
+``scan_corpus(cfg) -> Listing`` (and ``list_items(cfg) -> list[Item]``) reads the top-level
+``cfg.corpus`` (a directory) and ``cfg.layout`` (``plain`` | ``lrs3`` | ``vox2``) and the corpus
+settings (``CorpusSettings``; the keys live in the ``manifest`` section of the config, where
+users have always set them). The crop stage lists the corpus once per launch and freezes the
+result (``stages/item_list.py``); every later reader uses that frozen list, never the tree.
 
 Layouts (ids are paths relative to the corpus dir, without extension; they may contain ``/``):
 
@@ -20,26 +22,51 @@ Layouts (ids are paths relative to the corpus dir, without extension; they may c
   and test/, as the official archives unpack, is accepted and left out of the ids). No
   transcripts. test/ is the test split; valid from ``valid_ids`` or a seeded fraction of dev.
 - ``plain``: every video under the corpus dir (recursively; ``.mp4 .avi .mov .mkv .webm``, hidden
-  dirs skipped), with an optional same-name ``.txt`` transcript (its ``Text:`` line if it has one,
-  else its whole text). valid/test from ``valid_ids``/``test_ids`` or seeded
-  ``valid_fraction``/``test_fraction``.
+  files and dirs skipped, symlinked dirs not followed), with an optional same-name ``.txt``
+  transcript (its ``Text:`` line if it has one, else its whole text). valid/test from
+  ``valid_ids``/``test_ids`` or seeded ``valid_fraction``/``test_fraction``.
 
-Id list files: one id per line (blank lines and ``#`` comments ignored); a relative path is looked
-up in the corpus dir, then in the current dir. A listed id also matches every segment of that
-utterance. Seeded fractions draw whole source videos (segments of one video never straddle two
-splits), ``round(fraction * n)`` of them but at least one when the fraction is positive. An
+Listing cost: one ``os.scandir`` walk (no glob), one ``stat`` per video (its size and mtime are
+frozen with the item, so a later launch can tell a changed source), each transcript read once
+(in a process pool when there are many, LRS3's 150k word tables, and 4 CPUs or more).
+
+Ids: the relative path decoded as the filesystem does (UTF-8, undecodable bytes kept as
+surrogates), then ``%``, control characters and every undecodable byte percent-escaped
+(``caf\\xe9.mp4`` -> ``caf%E9``, ``50%.mp4`` -> ``50%25``): ids, output file names and manifest
+rows are always valid UTF-8 without tabs or newlines, and ``unescape_id`` gives the bytes back.
+``Item.video`` keeps the source path exactly.
+
+Per-item problems never refuse the corpus; the item carries ``error`` and the crop stage records
+it as a failure: several videos giving one id (``a.mp4`` + ``a.mov``: one item with the error,
+naming every file; none is cropped, since nothing says which one was meant), a transcript that is
+not valid UTF-8 (named with the byte and its offset; its text is never guessed), a video that
+cannot be stat'ed (a dangling link).
+
+Splits. Id list files: one id per line (blank lines and ``#`` comments ignored); a relative path
+is looked up in the corpus dir, then in the current dir. A listed id also matches every segment
+of that utterance. Without a list, a seeded per-video rule: each source video of the draw pool
+(lrs3: trainval, vox2: dev, plain: everything) gets ``u = hash(split_seed, video id)`` in [0, 1);
+``u < valid_fraction`` is valid, then (plain, without ``test_ids``) the next ``test_fraction`` of
+the range is test. A video's split depends on nothing else, so adding videos never moves one
+(segments of one video never straddle two splits). When a positive fraction selects no video at
+all (a corpus of a few videos), the pool video with the smallest ``u`` is taken, so valid is
+never empty; that choice can move once the corpus grows enough for the rule to select one. An
 optional ``include_ids`` list restricts the corpus (e.g. the English subset of VoxCeleb2).
 
-The order is deterministic: sorted paths, segments in time order.
+The order is deterministic: the layout's parts in order, sorted paths, segments in time order.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import logging
 import os
-import random
-from dataclasses import dataclass, replace
+import re
+import stat
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 from pipeline.errors import ConfigError
 
@@ -47,31 +74,84 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("plain", "lrs3", "vox2")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+SPLITS = ("train", "valid", "test")
+# transcripts parsed in a process pool above this many (below, starting the pool costs more)
+PARALLEL_MIN_TRANSCRIPTS = 4000
+PARALLEL_MIN_CPUS = 4
 
 
-@dataclass(frozen=True)
-class Item:
-    id: str  # unique; may contain '/', e.g. "spk01/00001" (LRS3) or "clip_003" (plain)
-    video: str  # absolute path of the source video
+@dataclass
+class CorpusSettings:
+    """What decides the items and their splits. The keys are set in the ``manifest`` section
+    (``manifest.valid_ids=...``); the manifest stage's Config extends this class."""
+
+    valid_ids: Optional[str] = None  # id list file (relative: to the corpus dir, then the cwd)
+    test_ids: Optional[str] = None
+    include_ids: Optional[str] = None  # restrict the corpus to these ids (e.g. VoxCeleb2 English)
+    valid_fraction: float = 0.05  # without valid_ids: share of source videos drawn for valid
+    test_fraction: float = 0.05  # plain layout without test_ids (lrs3/vox2 have a test/ dir)
+    split_seed: int = 0
+    # LRS3 pretrain segmentation (reference: 15 s, pauses > 0.4 s)
+    max_segment_seconds: float = 15.0
+    min_pause_seconds: float = 0.4
+
+
+CORPUS_KEYS = tuple(f.name for f in fields(CorpusSettings))
+
+
+def corpus_settings(cfg) -> CorpusSettings:
+    """The corpus keys of ``cfg.manifest`` over their defaults (a partial config is fine)."""
+    section = _get(cfg, "manifest")
+    values = {}
+    for key in CORPUS_KEYS:
+        value = _get(section, key) if section is not None else None
+        if value is not None:
+            values[key] = value
+    s = CorpusSettings(**values)
+    for key in ("valid_fraction", "test_fraction", "max_segment_seconds", "min_pause_seconds"):
+        setattr(s, key, float(getattr(s, key)))
+    s.split_seed = int(s.split_seed)
+    return s
+
+
+class Item(NamedTuple):
+    """One item. A named tuple, not a dataclass: a VoxCeleb2 listing makes 1.1M of them."""
+
+    id: str  # unique, escaped (see escape_id); may contain '/', e.g. "spk01/00001" or "clip_003"
+    video: str  # absolute path of the source video (exactly as on disk)
     start: Optional[float] = None  # seconds into the video; None = from the beginning
     end: Optional[float] = None  # seconds; None = to the end
     split: str = "train"  # train | valid | test
     text: Optional[str] = None  # transcript words, or None when the corpus has none
+    group: str = ""  # id of the source video (what an id list or the split rule selects)
+    part: str = ""  # the layout's division: pretrain, trainval, test, dev, or "" (plain)
+    size: Optional[int] = None  # bytes of the source video when listed
+    mtime_ns: Optional[int] = None  # its modification time when listed
+    error: Optional[str] = None  # why this item cannot be cropped (a failure record, not a crop)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """An item before split assignment: ``group`` is the id of its source video (the unit a list
-    id or a seeded draw selects), ``part`` the layout's own division (pretrain, trainval, test,
-    dev, or "" for plain)."""
+@dataclass
+class Listing:
+    root: Path
+    layout: str
+    items: list  # list[Item], in the deterministic order
+    seconds: float = 0.0
+    problems: dict = field(default_factory=dict)  # kind -> [message, ...]
 
-    item: Item
-    group: str
-    part: str
+    def problem_lines(self, limit: int = 3) -> list[str]:
+        out = []
+        for kind, messages in sorted(self.problems.items()):
+            out.append(f"{len(messages)} {kind} (failure records): " + "; ".join(messages[:limit])
+                       + (" ..." if len(messages) > limit else ""))
+        return out
 
 
 def list_items(cfg) -> list[Item]:
     """All items of the configured corpus with their split, in a deterministic order."""
+    return scan_corpus(cfg).items
+
+
+def corpus_root(cfg) -> Path:
     corpus = _get(cfg, "corpus")
     layout = _get(cfg, "layout") or "plain"
     if not corpus:
@@ -81,39 +161,68 @@ def list_items(cfg) -> list[Item]:
         raise ConfigError(f"corpus: {root} is not a directory")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout: unknown layout '{layout}' (one of {', '.join(LAYOUTS)})")
-    settings = manifest_settings(cfg)
+    return root
 
+
+class _Progress:
+    """Says how far a long listing has come (every 15 s; a big corpus on a shared filesystem
+    takes minutes), through ``echo`` (None: silent)."""
+
+    def __init__(self, echo):
+        self.echo, self.start, self.next, self.dirs = echo, time.time(), time.time() + 15, 0
+
+    def dir_done(self, videos: int) -> None:
+        self.dirs += 1
+        if self.echo is not None and self.dirs % 256 == 0 and time.time() >= self.next:
+            self.next = time.time() + 15
+            self.echo(f"listing the corpus: {videos} videos in {self.dirs} directories so far "
+                      f"({time.time() - self.start:.0f} s)")
+
+    def note(self, what: str) -> None:
+        """A phase starts: said once the listing has taken a while."""
+        if self.echo is not None and time.time() - self.start >= 10:
+            self.echo(f"listing the corpus: {what} ({time.time() - self.start:.0f} s)")
+
+
+
+def scan_corpus(cfg, echo=None) -> Listing:
+    """One walk of the corpus: every item with its split, text, source size/mtime and, for items
+    that cannot be cropped, the reason. Raises ConfigError for settings that cannot work.
+    ``echo(line)`` gets progress lines while a long listing runs."""
+    progress = _Progress(echo)
+    t0 = time.time()
+    root = corpus_root(cfg)
+    layout = _get(cfg, "layout") or "plain"
+    settings = corpus_settings(cfg)
+    problems: dict[str, list[str]] = {}
     if layout == "lrs3":
-        entries = _lrs3_entries(root, float(settings.max_segment_seconds), float(settings.min_pause_seconds))
+        found = _lrs3_videos(root, progress)
     elif layout == "vox2":
-        entries = _vox2_entries(root)
+        found = _vox2_videos(root, progress)
     else:
-        entries = _plain_entries(root)
-    if not entries:
+        found = _plain_videos(root, progress)
+    if not found:
         raise ConfigError(f"corpus: no videos found in {root} for layout '{layout}'")
-    _check_unique(entries)
-
+    progress.note(f"{len(found)} videos found; reading their sizes and dates")
+    stats = _stat_all([f[0] for f in found])
+    if any(f[3] for f in found):
+        progress.note("reading the transcripts")
+    rows = _rows(layout, found, stats, settings, problems)
+    del stats
+    del found
+    rows = _merge_duplicates(rows, root, problems)
     if settings.include_ids:
-        keep = _read_id_list(settings.include_ids, root, "manifest.include_ids")
-        entries = _matching(entries, keep, "manifest.include_ids", settings.include_ids)
-    return _assign_splits(entries, layout, root, settings)
-
-
-def manifest_settings(cfg):
-    """``cfg.manifest`` over the manifest stage's typed defaults (a DictConfig), so callers that
-    build a partial config still get every setting."""
-    from omegaconf import OmegaConf
-
-    from stages.manifest import Config
-
-    section = _get(cfg, "manifest")
-    base = OmegaConf.structured(Config)
-    if section is None:
-        return base
-    return OmegaConf.merge(base, section)
+        keep = read_id_list(settings.include_ids, root, "manifest.include_ids")
+        rows = _matching(rows, keep, "manifest.include_ids", settings.include_ids)
+    split_of = assign_splits(rows, layout, root, settings)
+    make = tuple.__new__  # Item(...) without its Python-level __new__: 1.1M of them
+    items = [make(Item, (r[0], r[3], r[4], r[5], split_of[r[1]], r[6], r[1], r[2], r[7], r[8], r[9])) for r in rows]
+    return Listing(root, layout, items, time.time() - t0, problems)
 
 
 def _get(cfg, key):
+    if cfg is None:
+        return None
     if isinstance(cfg, dict):
         return cfg.get(key)
     try:
@@ -123,39 +232,133 @@ def _get(cfg, key):
 
 
 # ---------------------------------------------------------------------------------------------
+# ids and names
+
+_NEEDS_ESCAPE = re.compile("[%\x00-\x1f\x7f\udc80-\udcff]")
+_ESCAPED = re.compile("%([0-9A-Fa-f]{2})")
+
+
+def escape_id(name: str) -> str:
+    """A path as the filesystem decoded it -> a valid UTF-8 id without control characters
+    (``%``, control characters and undecodable bytes become ``%XX``); reversible."""
+    if not _NEEDS_ESCAPE.search(name):
+        return name
+
+    def one(m):
+        c = m.group(0)
+        code = ord(c) - 0xDC00 if "\udc80" <= c <= "\udcff" else ord(c)
+        return f"%{code:02X}"
+
+    return _NEEDS_ESCAPE.sub(one, name)
+
+
+def unescape_id(item_id: str) -> str:
+    """The inverse of ``escape_id``: the path text as ``os.fsdecode`` gives it."""
+    def one(m):
+        code = int(m.group(1), 16)
+        return chr(0xDC00 + code) if code >= 0x80 else chr(code)
+
+    return _ESCAPED.sub(one, item_id)
+
+
+def shown(path) -> str:
+    """A path for messages and logs: undecodable bytes as ``\\xNN`` (a raw surrogate would make
+    logging and ``print`` fail)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------------
 # transcripts
 
 
-def read_transcript(path: Path) -> Optional[str]:
-    """Words of a transcript file: the ``Text:`` line if there is one, else the whole text;
+class TranscriptError(ValueError):
+    """A transcript file cannot be used; the message names the file and the reason."""
+
+
+def _decode(data: bytes, path) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TranscriptError(f"transcript {shown(path)} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start}); re-encode it as UTF-8 (its text is never guessed)") from None
+
+
+def transcript_words(text: str) -> Optional[str]:
+    """Words of a transcript: the ``Text:`` line if there is one, else the whole text;
     whitespace collapsed; None when empty."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     for line in text.splitlines():
         if line.startswith("Text:"):
-            words = line[len("Text:"):].split()
-            return " ".join(words) or None
-    words = text.split()
-    return " ".join(words) or None
+            return " ".join(line[len("Text:"):].split()) or None
+    return " ".join(text.split()) or None
 
 
-def read_word_table(path: Path) -> list[tuple[str, float, float]]:
+def word_table(text: str, where="") -> list[tuple[str, float, float]]:
     """The ``WORD START END [ASDSCORE]`` table of an LRS3 transcript, [] when it has none."""
     words = []
     in_table = False
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        fields = line.split()
+    for n, line in enumerate(text.splitlines(), 1):
+        fields_ = line.split()
         if not in_table:
-            in_table = bool(fields) and fields[0] == "WORD"
+            in_table = bool(fields_) and fields_[0] == "WORD"
             continue
-        if not fields:
+        if not fields_:
             continue
-        if len(fields) < 3:
-            raise ValueError(f"{path}:{n}: expected 'WORD START END [SCORE]', got {line!r}")
+        if len(fields_) < 3:
+            raise ValueError(f"{where}:{n}: expected 'WORD START END [SCORE]', got {line!r}")
         try:
-            words.append((fields[0], float(fields[1]), float(fields[2])))
+            words.append((fields_[0], float(fields_[1]), float(fields_[2])))
         except ValueError:
-            raise ValueError(f"{path}:{n}: bad time in {line!r}") from None
+            raise ValueError(f"{where}:{n}: bad time in {line!r}") from None
     return words
+
+
+def read_transcript(path: Path) -> Optional[str]:
+    return transcript_words(_decode(Path(path).read_bytes(), path))
+
+
+def read_word_table(path: Path) -> list[tuple[str, float, float]]:
+    return word_table(_decode(Path(path).read_bytes(), path), shown(path))
+
+
+def _parse_transcript(job):
+    """(text, pieces or None, error or None, warning or None) of one transcript; ``job`` =
+    (path, segmenting (max_seconds, min_pause) or None). Runs in pool workers."""
+    path, segmenting = job
+    try:
+        text = _decode(Path(path).read_bytes(), path)
+    except TranscriptError as e:
+        return None, None, str(e), None
+    except OSError as e:
+        return None, None, f"transcript {shown(path)} cannot be read ({e.strerror or e})", None
+    words = transcript_words(text)
+    if segmenting is None:
+        return words, None, None, None
+    try:
+        table = word_table(text, shown(path))
+    except ValueError as e:
+        return words, None, None, f"{e}; utterance kept whole"
+    if not table:
+        return words, None, None, None
+    pieces = segment_words(table, *segmenting)
+    if len(pieces) == 1:
+        return words, None, None, None
+    return words, [(s, e, " ".join(w) or None) for s, e, w in pieces], None, None
+
+
+def _parse_chunk(jobs):
+    return [_parse_transcript(j) for j in jobs]
+
+
+def _parse_transcripts(jobs: list) -> list:
+    # a pool pays from about 4 idle CPUs: bench/scale.py on 2 busy cores, 150k LRS3 transcripts:
+    # 12.4 s CPU in one process, 17.1 s CPU with a pool of 2 (fork, pickling) and no faster
+    workers = min(8, len(os.sched_getaffinity(0)))
+    if workers < PARALLEL_MIN_CPUS or len(jobs) < PARALLEL_MIN_TRANSCRIPTS:
+        return [_parse_transcript(j) for j in jobs]
+    size = max(256, len(jobs) // (workers * 8))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(_parse_chunk, chunks) for r in part]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,171 +411,281 @@ def segment_words(
 
 
 # ---------------------------------------------------------------------------------------------
-# layouts
+# the walk
 
 
-def _videos_in(directory: Path, depth: int) -> list[Path]:
-    """``*.mp4`` exactly ``depth`` directory levels below ``directory``, sorted."""
-    pattern = "/".join(["*"] * depth + ["*.mp4"])
-    return sorted(p for p in directory.glob(pattern) if p.is_file())
+# The walk yields plain tuples (a VoxCeleb2 listing makes 1.1M of them):
+#   found: (path, id, part, transcript path or None)
+#   rows:  (id, group, part, path, start, end, text, size, mtime_ns, error); the splitting code
+#          reads (id, group, part) = row[:3]
 
 
-def _lrs3_entries(root: Path, max_seconds: float, min_pause: float) -> list[_Entry]:
+def _scandir(path: str) -> tuple[list, list]:
+    """(subdirectory names, file names) of one directory, sorted; hidden entries and symlinked
+    directories left out. One ``scandir``; no ``stat`` (the entry type comes with the listing)."""
+    dirs, files = [], []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                name = e.name
+                if name[0] == ".":
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(name)
+                else:
+                    files.append(name)
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:  # an unreadable directory: its videos would silently go missing
+        raise ConfigError(f"corpus: cannot list {shown(path)} ({e.strerror or e}); fix its permissions or move it "
+                          "out of the corpus") from None
+    dirs.sort()
+    files.sort()
+    return dirs, files
+
+
+def _videos_here(dirpath: str, files: list, rel: str, part: str, prefix: str, mp4_only: bool, want_txt: bool,
+                 out: list) -> None:
+    names = set(files) if want_txt else ()
+    base = f"{prefix}{rel}/" if rel else prefix
+    for name in files:
+        if mp4_only:
+            if not name.endswith(".mp4"):
+                continue
+            stem = name[:-4]
+        else:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in VIDEO_EXTENSIONS:
+                continue
+        item_id = base + stem
+        if _NEEDS_ESCAPE.search(item_id):
+            item_id = escape_id(item_id)
+        txt = f"{dirpath}/{stem}.txt" if want_txt and f"{stem}.txt" in names else None
+        out.append((f"{dirpath}/{name}", item_id, part, txt))
+
+
+def _walk(base: str, depth: Optional[int], part: str, prefix: str, mp4_only: bool, want_txt: bool, out: list,
+          progress: _Progress, rel: str = "") -> None:
+    """Videos exactly ``depth`` directory levels below ``base`` (any depth when None)."""
+    dirpath = f"{base}/{rel}" if rel else base
+    dirs, files = _scandir(dirpath)
+    if depth is None or depth == 0:
+        _videos_here(dirpath, files, rel, part, prefix, mp4_only, want_txt, out)
+    progress.dir_done(len(out))
+    if depth is None or depth > 0:
+        for d in dirs:
+            _walk(base, None if depth is None else depth - 1, part, prefix, mp4_only, want_txt, out, progress,
+                  f"{rel}/{d}" if rel else d)
+
+
+def _stat_chunk(paths: list) -> list:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # follows links: the size and mtime of the video itself
+        except OSError as e:
+            out.append(f"{shown(path)}: cannot be read ({e.strerror or e})")
+            continue
+        out.append((st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None)
+    return out
+
+
+def _stat_all(paths: list) -> list:
+    """Per path (size, mtime_ns), None when it is not a regular file (a link to a directory), or
+    the error. Threads: on a network filesystem each stat waits for the metadata server."""
+    if len(paths) < 20000:
+        return _stat_chunk(paths)
+    size = 4096
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return [r for part in pool.map(_stat_chunk, chunks) for r in part]
+
+
+def _lrs3_videos(root: Path, progress: _Progress) -> list:
     parts = [p for p in ("pretrain", "trainval", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has none of pretrain/, trainval/, test/ (layout lrs3)")
-    entries = []
-    for part in parts:
-        for video in _videos_in(root / part, 1):
-            group = video.relative_to(root).with_suffix("").as_posix()
-            txt = video.with_suffix(".txt")
-            text = None
-            if txt.is_file():
-                text = read_transcript(txt)
-            else:
-                log.warning("%s: no transcript %s", video, txt.name)
-            if part == "pretrain" and txt.is_file():
-                try:
-                    table = read_word_table(txt)
-                except ValueError as e:
-                    log.warning("%s; utterance kept whole", e)
-                    table = []
-                pieces = segment_words(table, max_seconds, min_pause) if table else [(None, None, None)]
-            else:
-                pieces = [(None, None, None)]
-            if len(pieces) == 1:
-                entries.append(_Entry(Item(group, str(video), text=text), group, part))
-                continue
-            for k, (start, end, seg_words) in enumerate(pieces):
-                item = Item(f"{group}_{k}", str(video), start, end, text=" ".join(seg_words) or None)
-                entries.append(_Entry(item, group, part))
-    return entries
+    out: list = []
+    for part in parts:  # LRS3 videos are .mp4 only (the plain layout takes the other containers)
+        _walk(str(root / part), 1, part, f"{part}/", True, True, out, progress)
+    return out
 
 
-def _vox2_entries(root: Path) -> list[_Entry]:
+def _vox2_videos(root: Path, progress: _Progress) -> list:
     parts = [p for p in ("dev", "test") if (root / p).is_dir()]
     if not parts:
         raise ConfigError(f"corpus: {root} has neither dev/ nor test/ (layout vox2)")
-    entries = []
+    out: list = []
     for part in parts:
         base = root / part / "mp4" if (root / part / "mp4").is_dir() else root / part
-        for video in _videos_in(base, 2):
-            group = f"{part}/{video.relative_to(base).with_suffix('').as_posix()}"
-            entries.append(_Entry(Item(group, str(video)), group, part))
-    return entries
+        _walk(str(base), 2, part, f"{part}/", True, False, out, progress)
+    return out
 
 
-def _plain_entries(root: Path) -> list[_Entry]:
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
-                continue
-            item_id = path.relative_to(root).with_suffix("").as_posix()
-            txt = path.with_suffix(".txt")
-            text = read_transcript(txt) if txt.is_file() else None
-            entries.append(_Entry(Item(item_id, str(path), text=text), item_id, ""))
-    entries.sort(key=lambda e: e.item.id)
-    return entries
+def _plain_videos(root: Path, progress: _Progress) -> list:
+    out: list = []
+    _walk(str(root), None, "", "", False, True, out, progress)
+    out.sort(key=lambda f: f[1])
+    return out
 
 
-def _check_unique(entries: list[_Entry]) -> None:
-    seen: dict[str, str] = {}
-    for e in entries:
-        if any(c in e.item.id for c in "\t\n\r"):
-            raise ConfigError(f"corpus: {e.item.video}: a tab or newline in a file name cannot go in a manifest")
-        if e.item.id in seen:
-            raise ConfigError(
-                f"corpus: two videos give the same id '{e.item.id}': {seen[e.item.id]} and {e.item.video}"
-            )
-        seen[e.item.id] = e.item.video
+def _rows(layout: str, found: list, stats: list, settings: CorpusSettings, problems: dict) -> list:
+    segmenting = (settings.max_segment_seconds, settings.min_pause_seconds)
+    jobs = [(txt, segmenting if part == "pretrain" else None) for _, _, part, txt in found if txt]
+    parsed = iter(_parse_transcripts(jobs))
+    rows, untranscribed = [], []
+    for (path, item_id, part, txt), st in zip(found, stats):
+        if st is None:
+            continue  # not a regular file
+        error = None
+        if isinstance(st, str):
+            error, size, mtime_ns = st, None, None
+            problems.setdefault("unreadable videos", []).append(error)
+        else:
+            size, mtime_ns = st
+        if txt is None:
+            if layout == "lrs3" and error is None:
+                untranscribed.append(shown(path))
+            rows.append((item_id, item_id, part, path, None, None, None, size, mtime_ns, error))
+            continue
+        text, pieces, txt_error, warning = next(parsed)
+        if warning:
+            log.warning("%s", warning)
+        if txt_error:
+            problems.setdefault("unusable transcripts", []).append(txt_error)
+            rows.append((item_id, item_id, part, path, None, None, None, size, mtime_ns, error or txt_error))
+        elif pieces is None:
+            rows.append((item_id, item_id, part, path, None, None, text, size, mtime_ns, error))
+        else:
+            rows.extend((f"{item_id}_{k}", item_id, part, path, s, e, t, size, mtime_ns, error)
+                        for k, (s, e, t) in enumerate(pieces))
+    if untranscribed:
+        log.warning("%d LRS3 videos have no .txt transcript beside them (e.g. %s): kept, without text",
+                    len(untranscribed), ", ".join(untranscribed[:3]))
+    return rows
+
+
+def _merge_duplicates(rows: list, root: Path, problems: dict) -> list:
+    """Several videos giving one id (``a.mp4`` + ``a.mov``) become one item with an error that
+    names them all: none is cropped (nothing says which one was meant) and the rest of the corpus
+    proceeds. The item keeps the first file by VIDEO_EXTENSIONS order, then name."""
+    if len({r[0] for r in rows}) == len(rows):
+        return rows
+    by_id: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        by_id.setdefault(row[0], []).append(k)
+
+    def rank(k):
+        ext = os.path.splitext(rows[k][3])[1].lower()
+        return (VIDEO_EXTENSIONS.index(ext) if ext in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS), rows[k][3])
+
+    drop = set()
+    for item_id, ks in by_id.items():
+        if len(ks) < 2:
+            continue
+        ks = sorted(ks, key=rank)
+        names = ", ".join(shown(os.path.relpath(rows[k][3], root)) for k in ks)
+        msg = (f"{len(ks)} videos give the id '{item_id}' ({names}): none is used; rename all but one "
+               f"(or move it out of the corpus)")
+        problems.setdefault("duplicate ids", []).append(msg)
+        keep = rows[ks[0]]
+        rows[ks[0]] = keep[:6] + (None, keep[7], keep[8], msg)
+        drop.update(ks[1:])
+    return [row for k, row in enumerate(rows) if k not in drop]
 
 
 # ---------------------------------------------------------------------------------------------
 # splits
 
 
-def _read_id_list(setting: str, root: Path, name: str) -> set[str]:
+def read_id_list(setting: str, root: Path, name: str) -> set[str]:
     path = Path(str(setting)).expanduser()
     candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
             ids = set()
-            for line in candidate.read_text(encoding="utf-8").splitlines():
+            for line in candidate.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
                 line = line.split("#", 1)[0].strip()
                 if line:
-                    ids.add(line)
+                    ids.add(escape_id(line) if _NEEDS_ESCAPE.search(line.replace("%", "")) else line)
             return ids
     raise ConfigError(f"{name}: id list {setting} not found (looked for {', '.join(map(str, candidates))})")
 
 
-def _matching(entries: Iterable[_Entry], ids: set[str], name: str, setting: str) -> list[_Entry]:
-    entries = list(entries)
-    hits = [e for e in entries if e.item.id in ids or e.group in ids]
-    known = {e.item.id for e in entries} | {e.group for e in entries}
+def _matching(units: Iterable, ids: set[str], name: str, setting: str) -> list:
+    """The units (tuples starting ``(item id, group, ...)``) whose id or group is listed."""
+    units = list(units)
+    hits = [u for u in units if u[0] in ids or u[1] in ids]
+    known = {u[0] for u in units} | {u[1] for u in units}
     missing = sorted(ids - known)
     if ids and not hits:
         raise ConfigError(
             f"{name}: none of the {len(ids)} ids in {setting} is in the corpus "
-            f"(e.g. '{missing[0]}'; corpus ids look like '{entries[0].item.id}')"
+            f"(e.g. '{shown(missing[0])}'; corpus ids look like '{units[0][0]}')"
         )
     if missing:
         log.warning("%s: %d of %d ids in %s are not in the corpus (e.g. %s)", name, len(missing), len(ids),
-                    setting, ", ".join(missing[:3]))
+                    setting, ", ".join(shown(m) for m in missing[:3]))
     return hits
 
 
-def _draw(groups: list[str], fraction: float, rng: random.Random) -> list[str]:
-    if fraction <= 0 or not groups:
-        return []
-    n = max(1, round(fraction * len(groups)))
-    return rng.sample(groups, n)
+def split_draw(seed: int, group: str) -> float:
+    """The seeded per-video number in [0, 1) that decides a drawn split (stable: it depends on
+    the seed and the video's id only)."""
+    return _draws(seed, [group])[0] / 2.0**64
 
 
-def _assign_splits(entries: list[_Entry], layout: str, root: Path, settings) -> list[Item]:
-    split_of_group: dict[str, str] = {}
+def _draws(seed: int, groups: Iterable[str]) -> list[int]:
+    """``split_draw`` x 2**64 for many groups (a VoxCeleb2 listing draws 1.1M)."""
+    blake2b, prefix = hashlib.blake2b, f"{seed}\0".encode()
+    return [int.from_bytes(blake2b(prefix + g.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+            for g in groups]
+
+
+def assign_splits(units: Sequence[tuple], layout: str, root: Path, settings: CorpusSettings) -> dict[str, str]:
+    """``{group: split}`` for units: tuples starting ``(item id, group, part)`` (see the module
+    docstring)."""
+    part_of_group = {u[1]: u[2] for u in units}
     test_parts = {"test"} if layout in ("lrs3", "vox2") else set()
-    for e in entries:
-        split_of_group[e.group] = "test" if e.part in test_parts else "train"
+    split_of_group = {g: "test" if part in test_parts else "train" for g, part in part_of_group.items()}
 
-    rng = random.Random(int(settings.split_seed))
     listed: dict[str, set[str]] = {}
     for split in ("valid", "test"):
-        setting = settings.get(f"{split}_ids")
+        setting = getattr(settings, f"{split}_ids")
         if setting:
-            hits = _matching(entries, _read_id_list(setting, root, f"manifest.{split}_ids"),
+            hits = _matching(units, read_id_list(setting, root, f"manifest.{split}_ids"),
                              f"manifest.{split}_ids", setting)
-            listed[split] = {e.group for e in hits}
+            listed[split] = {u[1] for u in hits}
     if "valid" in listed and "test" in listed and listed["valid"] & listed["test"]:
         both = sorted(listed["valid"] & listed["test"])
-        raise ConfigError(
-            f"manifest.valid_ids and manifest.test_ids share {len(both)} ids (e.g. '{both[0]}')"
-        )
+        raise ConfigError(f"manifest.valid_ids and manifest.test_ids share {len(both)} ids (e.g. '{both[0]}')")
     for split, groups in listed.items():
         for g in groups:
             split_of_group[g] = split
 
-    # seeded draws, from the groups still in train (lrs3: trainval only, as the reference)
-    def pool() -> list[str]:
-        parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
-        return sorted({e.group for e in entries if e.part in parts and split_of_group[e.group] == "train"})
-
     draws = []
     if "valid" not in listed:
-        draws.append(("valid", float(settings.valid_fraction)))
+        draws.append(("valid", settings.valid_fraction))
     if layout == "plain" and "test" not in listed:
-        draws.append(("test", float(settings.test_fraction)))
+        draws.append(("test", settings.test_fraction))
+    draws = [(split, fraction) for split, fraction in draws if fraction > 0]
+    pool_parts = {"trainval"} if layout == "lrs3" else {"dev", ""}
+    pool = [g for g, part in part_of_group.items() if part in pool_parts and split_of_group[g] == "train"]
+    if not draws or not pool:
+        return split_of_group
+    draw = _draws(settings.split_seed, pool)
+    low = 0.0
     for split, fraction in draws:
-        candidates = pool()
-        chosen = _draw(candidates, fraction, rng)
-        if chosen and len(chosen) >= len(candidates):
-            raise ConfigError(
-                f"manifest.{split}_fraction={fraction}: the corpus has only {len(candidates)} candidate videos "
-                f"left for train/{split}; give id lists or lower the fractions"
-            )
+        lo, hi = int(low * 2**64), int((low + fraction) * 2**64)
+        chosen = [g for g, d in zip(pool, draw) if lo <= d < hi]
+        if not chosen:  # a tiny corpus: still one video
+            rest = [(d, g) for g, d in zip(pool, draw) if split_of_group[g] == "train"]
+            chosen = [min(rest)[1]] if rest else []
         for g in chosen:
             split_of_group[g] = split
-
-    return [replace(e.item, split=split_of_group[e.group]) for e in entries]
+        low += fraction
+    if "train" not in split_of_group.values():
+        names = " and ".join(f"manifest.{s}_fraction={f}" for s, f in draws)
+        raise ConfigError(f"{names}: the corpus has only {len(pool)} candidate videos and none is left "
+                          f"for train; give id lists or lower the fractions")
+    return split_of_group

@@ -91,6 +91,7 @@ class CropResult:
     seconds: float
     quality: Optional[dict] = None  # avprep.quality.item_quality
     tiles: Optional[np.ndarray] = None  # a few ROI frames for the contact sheet
+    rotation: int = 0  # degrees the source's frames were turned to be upright
 
     @property
     def fps(self) -> float:
@@ -172,8 +173,11 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         raise CropError(f"{video}: no audio track")
     # what the landmarks were detected on: a file left by another video (same name in a reused
     # --out dir, a re-encoded source) or another segment must not be reused
-    source = json.dumps({"video": str(video.resolve()), "size": video.stat().st_size, "start": start,
-                         "end": end, "fps": cfg.fps})
+    source = {"video": str(video.resolve()), "size": video.stat().st_size, "start": start, "end": end,
+              "fps": cfg.fps}
+    if info["rotation"]:  # detected on the upright frames (older files saw them sideways)
+        source["rotation"] = info["rotation"]
+    source = json.dumps(source)
     saved = np.load(out_landmarks) if out_landmarks.exists() else None
     if saved is not None and ("source" not in saved or str(saved["source"]) != source):
         log.warning("%s: landmarks were detected on another input; detecting again", out_landmarks)
@@ -199,9 +203,8 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
             if r is not None:
                 raw_arr[i] = r
         with atomic.atomic_path(out_landmarks) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
-                                    fps=cfg.fps, mode=cfg.mode)
+            save_npz(tmp, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
+                     fps=cfg.fps, mode=cfg.mode)
     frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
     bounds = quality.bounds_of(cfg.quality)
     meter = quality.RoiMeter(n, bounds.sheet_frames)  # figures of the ROIs as they are encoded
@@ -215,9 +218,25 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
-    q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info.get("rotation", 0), cfg.window)
+    q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
     return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
-                      q, meter.tile_stack())
+                      q, meter.tile_stack(), info["rotation"])
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """``np.savez_compressed`` without the time stamps numpy's zip members carry (the write time):
+    the same landmarks give the same bytes."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = zipfile.ZIP_DEFLATED
+            member.external_attr = 0o644 << 16
+            zf.writestr(member, buf.getvalue())
 
 
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
@@ -255,6 +274,8 @@ def crop_video_main(argv: list) -> int:
         return 1
     print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
           f"{r.fps:.1f} frames/s ({a.mode} mode)")
+    if r.rotation:
+        print(f"  stored turned: frames rotated {r.rotation} degrees (display matrix) to be upright")
     print(f"  video: {r.video}\n  audio: {r.audio if r.audio else '(no audio track)'}\n  landmarks: {r.landmarks}")
     if r.quality:
         from avprep.quality import describe_flag, bounds_of
@@ -271,8 +292,31 @@ def crop_dir(ctx: StageContext) -> Path:
     return ctx.with_iteration(None).stage_dir("crop")
 
 
+def items_dir(ctx: StageContext) -> Path:
+    """The frozen item list (stages/item_list.py)."""
+    return crop_dir(ctx) / "items"
+
+
+def source_root(ctx: StageContext) -> Path:
+    """Where the frozen items' relative source paths are looked up: the configured corpus dir
+    (the corpus may have moved since it was listed)."""
+    return Path(str(ctx.cfg.corpus)).expanduser().resolve()
+
+
+def output_paths(out: Path, item_id: str) -> dict:
+    return {k: out / k / f"{item_id}{ext}" for k, ext in (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+
+
 class CropStage(Stage):
+    """Shards are slices of the frozen item list: ``prepare`` lists the corpus once per launch
+    and appends what is new as new shards; ``shards`` reads only the list's small index and
+    ``run`` reads only its own slice."""
+
     name = "crop"
+
+    def __init__(self):
+        # items dir -> index with the batch a dry run planned but did not write
+        self._planned: dict = {}
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.crop
@@ -288,46 +332,119 @@ class CropStage(Stage):
         if not corpus or not Path(corpus).is_dir():
             raise ConfigError(f"corpus {corpus!r}: no such directory (--corpus)")
 
-    def _items(self, ctx):
-        from stages.corpus import list_items
+    # --- planning ---------------------------------------------------------------------------
+    def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
+        from stages.corpus import scan_corpus
 
-        return list_items(ctx.cfg)
+        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
+        lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
+                 f"{listing.seconds:.1f} s"] + listing.problem_lines()
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit)
+        return lines
+
+    def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True) -> list[str]:
+        """Freeze ``items`` (the current listing) against the frozen list: the whole list the
+        first time, the new items as a new batch of shards later. Returns lines for the user."""
+        from stages import item_list as il
+
+        idir = items_dir(ctx)
+        self._planned.pop(str(idir), None)
+        try:
+            index = il.read_index(idir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{idir}: the frozen item list cannot be read ({e}); restore it or use a new "
+                              "work dir") from None
+        c = ctx.cfg.crop
+        lines = []
+        if index is None:
+            index = il.Index(str(root), layout)
+            new, changes = items, il.Changes(new=list(items))
+            n_shards = int(c.n_shards)
+        else:
+            if index.layout != layout:
+                raise ConfigError(
+                    f"layout={layout}: the item list in {idir} was frozen from a '{index.layout}' corpus; "
+                    "use another work dir for another corpus")
+            if index.corpus != str(root):
+                lines.append(f"the corpus was listed from {index.corpus} before, now from {root}: sources are "
+                             "matched by their path relative to the corpus dir")
+                index.corpus = str(root)
+            changes = il.compare(idir, index, items, root)
+            new, n_shards = changes.new, 0
+        verb = "froze" if commit else "would freeze"
+        if new:
+            batch, data = il.new_batch(index, new, root, int(c.items_per_shard), n_shards)
+            shards = f"shard {batch.first_shard:05d}" if len(batch.shards) == 1 else \
+                f"shards {batch.first_shard:05d}-{batch.first_shard + len(batch.shards) - 1:05d}"
+            what = "the item list" if not index.batches else (
+                f"{len(new)} new items" + (f" ({changes.replanned} planned again: their problem is gone)"
+                                           if changes.replanned else ""))
+            lines.append(f"{verb} {what}: {len(new)} items in {len(batch.shards)} shards ({shards})")
+            if commit:
+                il.write_batch(idir, index, batch, data)
+            else:
+                index.batches.append(batch)
+                self._planned[str(idir)] = index
+        elif index.batches:
+            lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
+        lines += changes.lines()
+        if commit:
+            il.write_listing_report(idir, len(items), changes)
+        summary = crop_dir(ctx) / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            lines.append(f"last crop summary: {s.get('ok')} ok, {s.get('failed')} failed of {s.get('items')} items")
+        return lines
+
+    def _index(self, ctx: StageContext):
+        from stages import item_list as il
+
+        idir = items_dir(ctx)
+        index = self._planned.get(str(idir)) or il.read_index(idir)
+        if index is None:
+            raise FileNotFoundError(f"{idir}: no frozen item list yet (a launch of the crop stage lists the corpus)")
+        return index
 
     def shards(self, ctx: StageContext) -> list:
-        n_items = len(self._items(ctx))
-        if n_items == 0:
-            raise ConfigError(f"corpus {ctx.cfg.corpus}: no videos found for layout {ctx.cfg.layout!r}")
-        c = ctx.cfg.crop
-        n = int(c.n_shards) or math.ceil(n_items / int(c.items_per_shard))
-        n = max(1, min(n, n_items))
-        bounds = [round(i * n_items / n) for i in range(n + 1)]
-        return [Shard(i, n, f"{i:05d}", {"start": bounds[i], "stop": bounds[i + 1]}) for i in range(n)]
+        index = self._index(ctx)
+        n = index.n_shards
+        return [Shard(k, n, f"{k:05d}", {"batch": b.file, "offset": offset, "length": length, "count": count})
+                for k, b, offset, length, count in index.slices()]
 
     def outputs(self, ctx, shard):
         return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]
 
+    def shard_items(self, ctx: StageContext, shard: Shard) -> list:
+        from stages import item_list as il
+
+        p = shard.params
+        return il.read_slice(items_dir(ctx), p["batch"], p["offset"], p["length"], p["count"], source_root(ctx))
+
+    # --- running ------------------------------------------------------------------------------
     def run(self, ctx: StageContext, shard: Shard) -> dict:
         from avprep import media, quality
+        from stages.corpus import shown
 
         cfg = Config(**ctx.cfg.crop)
         bounds = quality.bounds_of(cfg.quality)
         out = crop_dir(ctx)
-        items = self._items(ctx)[shard.params["start"] : shard.params["stop"]]
+        items = self.shard_items(ctx, shard)
         detector = None
         records, n_ok, frames, t0 = [], 0, 0, time.time()
         sheet = []  # the ok items' ROI tiles, in record order: the shard's contact sheet
         for item in items:
-            paths = {k: out / k / f"{item.id}{ext}" for k, ext in
-                     (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+            paths = output_paths(out, item.id)
             base = {"id": item.id, "split": item.split, "text": item.text}
             try:
+                if item.error:
+                    raise CropError(item.error)
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
-                    n_frames = media.count_video_frames(paths["video"])
+                    n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
                     info = media.video_info(item.video)
                     q, tiles = quality.quality_from_outputs(
                         media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
-                        info.get("rotation", 0), cfg.window, n_frames)
+                        info["rotation"], cfg.window, n_frames)
                 else:
                     if detector is None:
                         detector = _detector(cfg)
@@ -336,16 +453,18 @@ class CropStage(Stage):
                     n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
-                records.append({**base, "status": "ok", "video": str(paths["video"].relative_to(out)),
-                                "audio": str(paths["audio"].relative_to(out)),
-                                "n_frames": n_frames, "n_samples": n_samples, "quality": q})
+                records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
+                                "audio": paths["audio"].relative_to(out).as_posix(), "n_frames": n_frames,
+                                "n_samples": n_samples, "video_bytes": paths["video"].stat().st_size,
+                                "audio_bytes": paths["audio"].stat().st_size, "quality": q})
                 n_ok += 1
                 frames += n_frames
             except Exception as e:  # one broken video never kills the shard
                 # ... but a full disk, an I/O error or a signal is not the video's fault: the shard
                 # fails and a rerun retries the item
                 raise_if_infrastructure(e, [out])
-                reason = str(e) if str(item.video) in str(e) else f"{item.video}: {type(e).__name__}: {e}"
+                reason = str(e) if (item.error or item.video in str(e)) else f"{item.video}: {type(e).__name__}: {e}"
+                reason = shown(reason)
                 log.warning("crop failed: %s", reason)
                 records.append({**base, "status": "failed", "reason": reason})
         if sheet:  # written before the results: a shard with results has its sheet
@@ -361,26 +480,33 @@ class CropStage(Stage):
         return [crop_dir(ctx) / "summary.json"]
 
     def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
+        from stages import item_list as il
+
         out = crop_dir(ctx)
-        ok = failed = 0
-        reasons = []
+        latest = {}  # id -> (ok, frames): an item planned again has a later record that wins
+        reasons = {}
         for shard in self.shards(ctx):
-            for line in (out / "results" / f"{shard.key}.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if rec["status"] == "ok":
-                    ok += 1
+            for rec in il.read_json_lines(out / "results" / f"{shard.key}.jsonl"):
+                ok = rec["status"] == "ok"
+                latest[rec["id"]] = (ok, rec.get("n_frames", 0) if ok else 0)
+                if ok:
+                    reasons.pop(rec["id"], None)
                 else:
-                    failed += 1
-                    reasons.append(f"{rec['id']}: {rec['reason']}")
-        total = ok + failed
+                    reasons[rec["id"]] = rec["reason"]
+        ok = sum(1 for good, _ in latest.values() if good)
+        total = len(latest)
+        failed = total - ok
         rate = failed / total if total else 1.0
+        listing = il.read_listing_report(items_dir(ctx))
         summary = {"items": total, "ok": ok, "failed": failed, "failure_rate": round(rate, 4),
-                   "frames": sum(s.get("frames", 0) for s in shard_stats.values()),
-                   "flagged": sum(s.get("flagged", 0) for s in shard_stats.values())}  # avprep/quality.py
+                   "frames": sum(n for _, n in latest.values()),
+                   "flagged": sum(s.get("flagged", 0) for s in shard_stats.values()),  # avprep/quality.py
+                   "last_listing": {k: listing.get(k, 0) for k in ("listed", "new", "removed", "changed")}}
         if rate > float(ctx.cfg.crop.max_failure_rate):
+            first = [f"{i}: {r}" for i, r in sorted(reasons.items())[:10]]
             raise StageFailed(
                 f"crop: {failed} of {total} items failed ({rate:.0%} > crop.max_failure_rate="
-                f"{ctx.cfg.crop.max_failure_rate}); first reasons:\n  " + "\n  ".join(reasons[:10])
+                f"{ctx.cfg.crop.max_failure_rate}); first reasons:\n  " + "\n  ".join(first)
                 + f"\nall failures are in {out / 'results'}/*.jsonl")
         atomic.write_json(out / "summary.json", summary)
         return summary

@@ -27,6 +27,23 @@ to a copy of the sentencepiece model (so the checkpoint directory is self-contai
                 "test": {...}}}
 
 (``wer`` in percent; null for a split without reference words.)
+
+Under noise (``finetune.noise.eval_snrs``, e.g. ``[-5, 0, 5]``): rank 0 then decodes each split of
+``eval_splits`` once per modality of ``eval_modalities`` (audio, av, video: the fine-tuned model
+with the other stream zeroed) clean and for every noise category x SNR, the noise clip and its
+offset drawn per utterance from ``eval_seed`` (the same noisy input for every modality), and adds::
+
+    "noise": {"dir": ..., "seed": 0, "snrs": [-5, 0, 5], "categories": [...], "modalities": [...],
+              "wer": {"test": {"av": {"clean": 8.1, "babble": {"-5": 30.2, "0": 15.0, "5": 10.3}, ...},
+                               "audio": {...}}},
+              "conditions": [{"split", "modalities", "category", "snr", "wer", "errors", "ref_words",
+                              "utterances"}, ...], "notes": [...]}
+
+Each condition's hypotheses are in ``finetune/noise_eval/<split>/<modality>/<category>_<snr>.json``
+(a requeued job reuses the conditions already decoded with the same checkpoint and settings), and
+the table in ``noise_eval/done-<digest of the evaluation settings>.json``, a declared output: asking
+a finished run for another evaluation reruns the shard, which only decodes.
+Noise does not reach the video stream: a video-only model is decoded clean only.
 """
 from __future__ import annotations
 
@@ -42,6 +59,7 @@ from typing import List, Optional
 from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from stages.noise import NOISE_TASK_KEYS, FinetuneNoise
 from stages.train import RUN_OWNED_KEYS
 
 log = logging.getLogger(__name__)
@@ -54,6 +72,7 @@ FINAL_CHECKPOINT = "checkpoint_final.pt"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 TENSORBOARD_DIR = "tensorboard"
 RESULTS = "results.json"
+NOISE_EVAL_DIR = "noise_eval"
 DECODE_SPLITS = ("valid", "test")
 
 STAGE_OWNED_KEYS = (
@@ -64,6 +83,7 @@ STAGE_OWNED_KEYS = (
     "task.modalities",
     "model.w2v_path",
     "model.w2v_args",
+    *NOISE_TASK_KEYS,  # from finetune.noise
     *RUN_OWNED_KEYS,
 )
 
@@ -93,6 +113,8 @@ class Config:
     decode_max_tokens: int = 2000  # frames per decoding batch
     # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
     master_port: Optional[int] = None
+    # Noise in fine-tuning (prob, snr, categories, dir) and decoding under noise (eval_*): stages/noise.py.
+    noise: FinetuneNoise = field(default_factory=FinetuneNoise)
 
 
 def base_config_path(cfg) -> Path:
@@ -175,6 +197,9 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
         f"task.modalities=[{','.join(streams)}]",
         f"model.w2v_path={_hydra_value(pretrained_checkpoint(ctx))}",
     ]
+    from stages.noise import task_overrides as noise_overrides
+
+    overrides += noise_overrides(ctx, cfg.finetune.noise, _hydra_value)
     overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
         overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
@@ -185,27 +210,132 @@ def decode_and_score(checkpoint: Path, modalities, beam: int, max_len_a: float, 
                      lenpen: float, splits=DECODE_SPLITS, data_dir: Optional[Path] = None,
                      max_tokens: int = 2000, device: str = "cpu") -> dict:
     """Beam-search decode ``splits`` of the manifest with a fine-tuned checkpoint; WER per split."""
-    from avhubert import s2s_decode
+    from avhubert.s2s_decode import Decoder
 
-    overrides = {"data": str(data_dir), "label_dir": str(data_dir)} if data_dir is not None else None
-    model, saved_cfg, task = s2s_decode.load_finetuned(str(checkpoint), modalities=modalities, device=device,
-                                                       task_overrides=overrides)
-    spm = s2s_decode.find_spm_model(saved_cfg.task, str(checkpoint))
-    detok = s2s_decode.Detokenizer(task.target_dictionary, str(spm) if spm else None)
-    generator = s2s_decode.build_generator(model, task, beam=beam, max_len_a=max_len_a,
-                                           max_len_b=max_len_b, lenpen=lenpen)
+    decoder = Decoder(checkpoint, modalities, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
+                      lenpen=lenpen, data_dir=data_dir, max_tokens=max_tokens, device=device)
+    return score_splits(decoder, splits)
+
+
+def score_splits(decoder, splits=DECODE_SPLITS) -> dict:
     out = {}
     for split in splits:
-        tsv = Path(task.cfg.data) / f"{split}.tsv"
-        if not tsv.is_file():
-            raise FileNotFoundError(f"{tsv}: manifest split {split!r} not found")
-        results = s2s_decode.decode_split(model, task, split, generator, detok, max_tokens=max_tokens,
-                                          device=device)
-        scores = s2s_decode.word_error_rate(results)
-        scores["hypotheses"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in results]
-        out[split] = scores
-        log.info("%s: WER %s over %d utterances", split, scores["wer"], scores["utterances"])
+        out[split] = decoder.score(split)
+        log.info("%s: WER %s over %d utterances", split, out[split]["wer"], out[split]["utterances"])
     return out
+
+
+def _snr_key(snr: float) -> str:
+    return f"{float(snr):g}"
+
+
+def noise_eval_plan(ctx: StageContext) -> dict:
+    """What decoding under noise covers: the noise dir, its categories per split (those with noise
+    for the split; the dir's own lists are the category ``all``), modalities, SNRs; and notes on
+    what had to be left out."""
+    from stages.noise import noise_categories_made, use_dir
+
+    f = ctx.cfg.finetune
+    use = f.noise
+    directory = use_dir(ctx, use)
+    made = noise_categories_made(directory)
+    wanted = [str(c) for c in use.eval_categories] or made or ["all"]
+    notes, categories = [], {}
+    for split in use.eval_splits:
+        categories[split] = []
+        for category in wanted:
+            tsv = directory / f"{split}.tsv" if category == "all" else directory / category / f"{split}.tsv"
+            if tsv.is_file() and tsv.read_text().strip():
+                categories[split].append(category)
+            else:
+                notes.append(f"no {split} noise of category {category} in {directory}: not evaluated")
+    modalities = [str(m) for m in use.eval_modalities] or [str(f.modalities)]
+    if "video" in modalities:
+        notes.append("noise does not reach the video stream: video-only input is decoded clean only")
+    return {"dir": str(directory), "seed": int(use.eval_seed), "snrs": [float(s) for s in use.eval_snrs],
+            "splits": [str(s) for s in use.eval_splits], "modalities": modalities, "categories": categories,
+            "notes": notes}
+
+
+def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: dict) -> dict:
+    """Decode every (split, modality, category, SNR) of ``noise_eval_plan`` plus each modality's
+    clean input (``clean``: scores already computed for finetune.modalities, by split); each
+    condition is kept in its own file, reused by a requeued job when made with the same
+    checkpoint and settings."""
+    from pipeline.atomic import write_json
+
+    f = ctx.cfg.finetune
+    plan = noise_eval_plan(ctx)
+    stat = Path(checkpoint).stat()
+    generation = {"beam": int(f.beam), "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b),
+                  "lenpen": float(f.lenpen)}
+    identity = {"checkpoint": str(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "generation": generation, "seed": plan["seed"], "noise_dir": plan["dir"],
+                "noise_fingerprint": _noise_fingerprint(Path(plan["dir"]))}
+    eval_dir = ctx.with_iteration(None).stage_dir("finetune") / NOISE_EVAL_DIR
+    table, conditions = {}, []
+    for split in plan["splits"]:
+        for modality in plan["modalities"]:
+            cells = table.setdefault(split, {}).setdefault(modality, {})
+            todo = [("clean", None)]
+            if modality != "video":  # noise never reaches the video stream
+                todo += [(c, snr) for c in plan["categories"][split] for snr in plan["snrs"]]
+            for category, snr in todo:
+                name = "clean" if snr is None else f"{category}_{_snr_key(snr)}"
+                path = eval_dir / split / modality / f"{name}.json"
+                key = {**identity, "split": split, "modalities": modality, "category": category, "snr": snr}
+                scores = _cached(path, key)
+                if scores is None and snr is None and modality == str(f.modalities) and split in clean:
+                    scores = clean[split]
+                if scores is None:
+                    noise = None if snr is None else {"dir": plan["dir"], "snr": snr, "seed": plan["seed"],
+                                                      "category": None if category == "all" else category}
+                    scores = decoder.score(split, modality, noise)
+                    log.info("%s %s %s %s dB: WER %s", split, modality, category, snr, scores["wer"])
+                write_json(path, {"key": key, "scores": scores})
+                summary = {k: scores[k] for k in ("wer", "errors", "ref_words", "utterances")}
+                conditions.append({"split": split, "modalities": modality, "category": category,
+                                   "snr": snr, **summary})
+                if snr is None:
+                    cells["clean"] = scores["wer"]
+                else:
+                    cells.setdefault(category, {})[_snr_key(snr)] = scores["wer"]
+    return {"dir": plan["dir"], "seed": plan["seed"], "snrs": plan["snrs"], "splits": plan["splits"],
+            "modalities": plan["modalities"], "categories": plan["categories"], "wer": table,
+            "conditions": conditions, "notes": plan["notes"]}
+
+
+def noise_eval_record(ctx: StageContext) -> Path:
+    """``noise_eval/done-<digest>.json``: the noise table of an evaluation with these settings."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    f = ctx.cfg.finetune
+    settings = {k: f.noise[k] for k in ("eval_snrs", "eval_categories", "eval_modalities", "eval_splits",
+                                         "eval_seed", "dir")}
+    settings.update({k: f[k] for k in ("beam", "max_len_a", "max_len_b", "lenpen", "modalities")})
+    text = json.dumps(OmegaConf.to_container(OmegaConf.create(settings)), sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return ctx.with_iteration(None).stage_dir("finetune") / NOISE_EVAL_DIR / f"done-{digest}.json"
+
+
+def _noise_fingerprint(directory: Path) -> Optional[str]:
+    import json
+
+    summary = directory / "summary.json"
+    return json.loads(summary.read_text()).get("fingerprint") if summary.is_file() else None
+
+
+def _cached(path: Path, key: dict) -> Optional[dict]:
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["scores"] if saved.get("key") == json.loads(json.dumps(key)) else None
 
 
 class FinetuneStage(Stage):
@@ -218,10 +348,12 @@ class FinetuneStage(Stage):
     checkpointable = True
 
     def dependencies(self, ctx: StageContext):
+        from stages.noise import uses_noise_stage
+
         # a given checkpoint (e.g. a published one) needs no pretraining from this run
-        if ctx.cfg.finetune.get("pretrained_checkpoint"):
-            return ("manifest",)
-        return self.depends_on
+        deps = ("manifest",) if ctx.cfg.finetune.get("pretrained_checkpoint") else tuple(self.depends_on)
+        # noise in fine-tuning or in decoding reads the noise stage's lists
+        return deps + ("noise",) if uses_noise_stage(ctx.cfg.finetune.noise) else deps
 
     def enabled(self, ctx: StageContext) -> bool:
         setting = ctx.cfg.finetune.get("enabled", None)
@@ -258,13 +390,30 @@ class FinetuneStage(Stage):
             pretrained_checkpoint(ctx)  # iterations >= 1
         if int(cfg.finetune.beam) < 1:
             raise ConfigError(f"finetune.beam must be >= 1, got {cfg.finetune.beam}")
+        from stages.noise import validate_use
+
+        validate_use(ctx, "finetune")
+        use = cfg.finetune.noise
+        for m in use.eval_modalities:
+            try:
+                modality_list(str(m))
+            except ValueError as e:
+                raise ConfigError(f"finetune.noise.eval_modalities: {e}") from None
+        bad = [s for s in use.eval_splits if s not in ("train", "valid", "test")]
+        if bad or (use.eval_snrs and not use.eval_splits):
+            raise ConfigError(f"finetune.noise.eval_splits={list(use.eval_splits)}: train, valid and/or test")
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="finetune")]
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         stage_dir = ctx.with_iteration(None).stage_dir("finetune")
-        return [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]
+        out = [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]
+        if ctx.cfg.finetune.noise.eval_snrs:
+            # named by the evaluation settings: asking a finished run for another evaluation
+            # under noise makes the shard incomplete, and its rerun only decodes
+            out.append(noise_eval_record(ctx))
+        return out
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
         from stages import train as train_stage
@@ -329,9 +478,12 @@ class FinetuneStage(Stage):
                 shutil.copyfile(last, tmp)
 
         f = cfg.finetune
-        splits = decode_and_score(final, str(f.modalities), int(f.beam), float(f.max_len_a), int(f.max_len_b),
-                                  float(f.lenpen), data_dir=manifest_dir(ctx),
-                                  max_tokens=int(f.decode_max_tokens), device=device)
+        from avhubert.s2s_decode import Decoder
+
+        decoder = Decoder(final, str(f.modalities), beam=int(f.beam), max_len_a=float(f.max_len_a),
+                          max_len_b=int(f.max_len_b), lenpen=float(f.lenpen), data_dir=manifest_dir(ctx),
+                          max_tokens=int(f.decode_max_tokens), device=device)
+        splits = score_splits(decoder)
         results = {
             "checkpoint": str(final),
             "pretrained": str(pretrained),
@@ -341,7 +493,11 @@ class FinetuneStage(Stage):
                            "lenpen": float(f.lenpen)},
             "splits": splits,
         }
+        if f.noise.eval_snrs:
+            results["noise"] = evaluate_under_noise(ctx, decoder, final, splits)
         atomic.write_json(stage_dir / RESULTS, results)
+        if f.noise.eval_snrs:
+            atomic.write_json(noise_eval_record(ctx), results["noise"])
         return {
             "num_updates": int(end_updates),
             "resumed_from_updates": int(start_updates),
@@ -356,8 +512,11 @@ class FinetuneStage(Stage):
         import json
 
         results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
-        return {"num_updates": results["num_updates"], "modalities": results["modalities"],
-                **{f"wer_{s}": v["wer"] for s, v in results["splits"].items()}}
+        summary = {"num_updates": results["num_updates"], "modalities": results["modalities"],
+                   **{f"wer_{s}": v["wer"] for s, v in results["splits"].items()}}
+        if "noise" in results:
+            summary["noise_wer"] = results["noise"]["wer"]
+        return summary
 
 
 STAGE = FinetuneStage()

@@ -1,12 +1,19 @@
 """infer: lip reading / audio-visual speech recognition of one raw video with a fine-tuned model.
 
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av] [--beam 50]
+                                 [--snr DB --noise FILE]
 
 Runs the crop stage's code on VIDEO (face and landmark detection, mouth ROI at 25 fps, 16 kHz mono
 audio from the video's audio track when it has one), builds the model inputs exactly as the
 fine-tuning dataset does for evaluation (ROI frames /255, centre crop, normalised; log filterbanks
 stacked to 25 Hz, cut to the video length when both streams are used, layer-normed), decodes with
 beam search and prints the transcript on stdout (one line). Logs go to stderr.
+
+``--snr DB --noise FILE`` mixes the noise recording FILE (any audio file; resampled to 16 kHz
+mono) into the video's audio at exactly DB dB SNR before recognition, as the finetune stage's
+evaluation under noise does: the noise is read cyclically from an offset fixed by ``--noise-seed``
+and the video's name, so a rerun hears the same mixture (``--keep-crop DIR`` also writes it there
+as ``<name>.noisy.wav``). It only changes what the audio stream hears.
 
 ``--modalities`` defaults to the streams the checkpoint was fine-tuned on. Exit status: 0 with a
 transcript; 1 with a one-line error message (no traceback) when the input cannot be recognised
@@ -51,6 +58,10 @@ def parse_args(argv):
                    help="face tracking mode of the crop step (default: the crop stage's default)")
     p.add_argument("--keep-crop", default=None, metavar="DIR",
                    help="keep the mouth ROI video and audio written by the crop step in DIR")
+    p.add_argument("--snr", type=float, default=None, metavar="DB",
+                   help="mix --noise into the audio at this signal-to-noise ratio (dB)")
+    p.add_argument("--noise", default=None, metavar="FILE", help="noise recording for --snr (any audio file)")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise offset (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return p.parse_args(argv)
 
@@ -112,13 +123,30 @@ def build_sample(roi: Optional[np.ndarray], wav: Optional[np.ndarray], streams, 
     return {"id": torch.tensor([0]), "net_input": net_input}
 
 
+def add_noise(wav: np.ndarray, noise_file: Path, snr: float, seed: int, name: str) -> np.ndarray:
+    """``wav`` (16 kHz int16) mixed with the recording ``noise_file`` at ``snr`` dB, read from an
+    offset fixed by ``seed`` and ``name``."""
+    from avhubert.features import mix_noise
+    from speechfeat.noise import AudioError, load_mono_16k, seeded_unit
+
+    if not noise_file.is_file():
+        raise InferError(f"{noise_file}: no such noise file")
+    try:
+        noise = load_mono_16k(noise_file)
+    except AudioError as e:
+        raise InferError(str(e)) from None
+    offset = int(seeded_unit(seed, "infer", name) * len(noise))
+    return mix_noise(wav, noise, snr, offset=offset)
+
+
 # ------------------------------------------------------------------------------------- main
 
 
 def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, beam: int = 50,
                max_len_a: float = 1.0, max_len_b: int = 0, lenpen: float = 1.0, spm: Optional[str] = None,
                device: Optional[str] = None, keep_crop: Optional[Path] = None,
-               crop_mode: Optional[str] = None) -> str:
+               crop_mode: Optional[str] = None, snr: Optional[float] = None, noise: Optional[Path] = None,
+               noise_seed: int = 0) -> str:
     import torch
 
     from avhubert import s2s_decode
@@ -143,6 +171,14 @@ def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, 
         roi, wav = crop_video(video, out_dir, mode=crop_mode)
     if "audio" in streams and wav is None:
         raise InferError(f"{video}: the video has no audio track; use --modalities video")
+    if noise is not None and wav is not None:
+        wav = add_noise(wav, Path(noise), float(snr), noise_seed, video.name)
+        if "audio" not in streams:
+            log.warning("--noise: the model reads video only here; the noise changes nothing")
+        if keep_crop:
+            import soundfile as sf
+
+            sf.write(str(Path(keep_crop) / f"{video.stem}.noisy.wav"), wav, 16000, subtype="PCM_16")
     log.info("%s: %d frames, %s; decoding %s", video, len(roi),
              "no audio" if wav is None else f"{len(wav)} audio samples", "+".join(streams))
 
@@ -166,11 +202,15 @@ def main(argv: list[str]) -> int:
     if args.beam < 1:
         print("infer: --beam must be at least 1", file=sys.stderr)
         return 2
+    if (args.snr is None) != (args.noise is None):
+        print("infer: --snr and --noise go together", file=sys.stderr)
+        return 2
     try:
         text = transcribe(Path(args.video), Path(args.checkpoint), modalities=args.modalities, beam=args.beam,
                           max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen, spm=args.spm,
                           device=args.device, keep_crop=Path(args.keep_crop) if args.keep_crop else None,
-                          crop_mode=args.crop_mode)
+                          crop_mode=args.crop_mode, snr=args.snr,
+                          noise=Path(args.noise) if args.noise else None, noise_seed=args.noise_seed)
     except InferError as e:
         print(f"infer: {e}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pipeline.atomic import atomic_path
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from stages.noise import NOISE_TASK_KEYS, TrainNoise
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ STAGE_OWNED_KEYS = (
     "task.labels",
     "task.label_rate",
     "model.label_rate",
+    *NOISE_TASK_KEYS,  # from train.noise
     *RUN_OWNED_KEYS,
 )
 
@@ -82,6 +84,8 @@ class Config:
     iteration_overrides: List[List[str]] = field(default_factory=list)
     # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
     master_port: Optional[int] = None
+    # Noise mixed into the audio (stages/noise.py: prob, snr, categories, iterations, dir).
+    noise: TrainNoise = field(default_factory=TrainNoise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +244,9 @@ def fairseq_overrides(
         f"task.label_rate={rate}",
         f"model.label_rate={rate}",
     ]
+    from stages.noise import task_overrides as noise_overrides
+
+    overrides += noise_overrides(ctx, cfg.train.noise, _hydra_value, iteration)
     overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus)
     return overrides + user_overrides(cfg, iteration)
 
@@ -505,10 +512,18 @@ class TrainStage(Stage):
     multi_task = True
     checkpointable = True
 
+    def dependencies(self, ctx: StageContext):
+        from stages.noise import uses_noise_stage
+
+        # noise-augmented iterations read the noise stage's lists
+        return (*self.depends_on, "noise") if uses_noise_stage(ctx.cfg.train.noise, ctx.iteration) else self.depends_on
+
     def validate(self, ctx: StageContext) -> None:
+        from stages.noise import validate_use
         from stages.schedule import label_rate
 
         cfg = ctx.cfg
+        validate_use(ctx, "train")
         for override in list(cfg.train.overrides or []) + [
             o for per in (cfg.train.iteration_overrides or []) for o in (per or [])
         ]:
@@ -617,6 +632,26 @@ class TrainStage(Stage):
             "host": socket.gethostname(),
             "wall_s": round(time.time() - start, 1),
         }
+
+    def progress(self, ctx: StageContext, shard: Shard) -> Optional[int]:
+        """The update count training would resume from (None before the first checkpoint): a job
+        stopped at its time limit is requeued only when this grew since it started."""
+        ckpt_dir = ctx.stage_dir("train") / CHECKPOINT_DIR
+        if ctx.force and (ckpt_dir / FINAL_CHECKPOINT).exists():
+            return None  # --force on a complete iteration: run() starts over from nothing
+        path, updates = resume_point(ckpt_dir)
+        return updates if path is not None else None
+
+    def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
+        """A complete iteration trained to fewer updates than ``train.max_update`` asks now runs
+        again: it continues from its last checkpoint (and the next iteration becomes stale)."""
+        stats = done.get("stats") or {}
+        trained = stats.get("num_updates", stats.get("max_update"))
+        wanted = max_update_for(ctx.cfg, ctx.iteration)
+        if trained is not None and int(trained) < wanted:
+            return (f"train.max_update raised from {int(trained)} to {wanted}: training continues from "
+                    f"its last checkpoint")
+        return None
 
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         return [ctx.stage_dir("train") / LOSS_PNG]

@@ -6,7 +6,9 @@ One run is shared by every test of this module (module fixture):
    its rank processes are SIGKILLed: the launch fails;
 2. the same command again: training resumes from that checkpoint, both iterations complete;
 3. the same command a third time: nothing is submitted;
-4. ``--iteration 2 --stage train --force``: only that stage runs again (from scratch).
+4. ``--iteration 2 --stage train --force``: only that stage runs again (from scratch);
+5. ``train.max_update`` raised on the complete iteration 1 (dry run, then run): its training
+   continues from its last checkpoint, and iteration 2 becomes stale (`status`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from e2e_helpers import (
+    REPO_ROOT,
     STAGES_PER_ITERATION,
     Launch,
     events_first_steps,
@@ -46,6 +49,10 @@ class LocalRun:
     resumed: Launch
     again: Launch
     rerun: Launch
+    raise_dry: Launch
+    raised: Launch
+    status_after_raise: str
+    before_raise: dict  # iteration 1's final update count and train stats before max_update was raised
     rerun_untouched: dict = field(default_factory=dict)
     wall_times: dict = field(default_factory=dict)
 
@@ -78,9 +85,21 @@ def local_run(sample_corpus, tmp_path_factory) -> LocalRun:
                            "--force")
     rerun = run_launch(rerun_cmd, base / "launch4.log", timeout=600)
     untouched["labels_mtime_after"] = labels.stat().st_mtime_ns if labels.exists() else None
+    final1 = work / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
+    before_raise = {"final_updates": checkpoint_updates(final1), "stats": read_done_stats(work, "train", 1, "train"),
+                    "firsts": events_first_steps(work / "iter1" / "train" / "tensorboard" / "train_inner")}
+    raise_cmd = launch_cmd(work, sample_corpus, "local", "--iteration", "1", "--stage", "train",
+                           f"train.max_update={MAX_UPDATE + 2}")
+    raise_dry = run_launch(raise_cmd + ["--dry-run"], base / "launch5.log", timeout=300)
+    raised = run_launch(raise_cmd, base / "launch6.log", timeout=600)
+    import subprocess
+    import sys
 
-    run = LocalRun(work, killed, killed_at, resumed, again, rerun, untouched,
-                   stage_wall_times(killed, resumed))
+    status = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "status", "--workdir", str(work)],
+                            capture_output=True, text=True, timeout=120).stdout
+
+    run = LocalRun(work, killed, killed_at, resumed, again, rerun, raise_dry, raised, status, before_raise,
+                   untouched, stage_wall_times(killed, resumed))
     (base / "wall_times.json").write_text(json.dumps(run.wall_times, indent=1))
     print("\nwall time per stage (local executor, s):", json.dumps(run.wall_times, indent=1))
     return run
@@ -91,10 +110,11 @@ def test_two_iterations_complete(local_run):
     work = local_run.workdir
     # crop and manifest once, at the top; everything else per iteration
     assert (work / "crop").is_dir() and (work / "manifest" / "train.tsv").is_file()
+    assert local_run.before_raise["final_updates"] == MAX_UPDATE
     for it in (1, 2):
         assert tree(work, it) == set(STAGES_PER_ITERATION), tree(work, it)
         final = work / f"iter{it}" / "train" / "checkpoints" / "checkpoint_final.pt"
-        assert checkpoint_updates(final) == MAX_UPDATE
+        assert checkpoint_updates(final) == (MAX_UPDATE + 2 if it == 1 else MAX_UPDATE)
         png = work / f"iter{it}" / "train" / "loss.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -126,10 +146,9 @@ def test_killed_training_resumes_and_the_update_count_continues(local_run):
     assert local_run.killed.returncode not in (0, None), local_run.killed
     resume_at = local_run.killed_at_updates
     assert resume_at is not None and 2 <= resume_at < MAX_UPDATE, resume_at
-    stats = read_done_stats(local_run.workdir, "train", 1, "train")
+    stats = local_run.before_raise["stats"]
     assert stats["resumed_from_updates"] == resume_at and stats["num_updates"] == MAX_UPDATE
-    logdir = local_run.workdir / "iter1" / "train" / "tensorboard" / "train_inner"
-    firsts = events_first_steps(logdir)
+    firsts = local_run.before_raise["firsts"]
     assert firsts[0] == 1 and firsts[-1] == resume_at + 1, firsts
     # crop, manifest and iteration 1's label chain were not redone by the relaunch
     redone = submitted_steps(local_run.resumed)
@@ -158,3 +177,22 @@ def test_wall_time_of_every_stage_is_reported(local_run):
     expected = {"crop", "manifest"} | {f"{s} (iteration {i})" for s in STAGES_PER_ITERATION
                                        for i in (1, 2)}
     assert expected <= set(local_run.wall_times), local_run.wall_times
+
+
+def test_raising_max_update_continues_a_complete_iteration_and_makes_the_next_stale(local_run):
+    assert local_run.raise_dry.returncode == 0, local_run.raise_dry
+    assert (f"out of date: train: train.max_update raised from {MAX_UPDATE} to {MAX_UPDATE + 2}: training "
+            "continues from its last checkpoint") in local_run.raise_dry.output, local_run.raise_dry
+    raised = local_run.raised
+    assert raised.returncode == 0 and submitted_steps(raised) == ["train (iteration 1)"], raised
+    stats = read_done_stats(local_run.workdir, "train", 1, "train")
+    assert stats["resumed_from_updates"] == MAX_UPDATE and stats["num_updates"] == MAX_UPDATE + 2, stats
+    final = local_run.workdir / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
+    assert checkpoint_updates(final) == MAX_UPDATE + 2
+    firsts = events_first_steps(local_run.workdir / "iter1" / "train" / "tensorboard" / "train_inner")
+    assert firsts[-1] == MAX_UPDATE + 1, firsts  # the update count went on from the old final
+    status = local_run.status_after_raise
+    for stage in STAGES_PER_ITERATION:  # iteration 2 read iteration 1's old final checkpoint
+        line = next(ln for ln in status.splitlines() if ln.startswith("2 ") and f" {stage} " in ln)
+        assert line.rstrip().endswith("stale"), status
+    assert "stale: its input train (iteration 1) was redone since it ran" in status, status

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.errors import ConfigError
-from stages.corpus import list_items, read_transcript, read_word_table, segment_words
+from stages.corpus import list_items, read_transcript, read_word_table, segment_words, split_draw
 
 
 def _cfg(root: Path, layout: str, **manifest) -> OmegaConf:
@@ -36,6 +36,12 @@ def _continuous(n_words: int, start: float = 0.1, word: float = 0.3, gap: float 
         words.append((f"W{i}", round(t, 2), round(t + word, 2)))
         t += word + gap
     return words
+
+
+def _drawn(groups, seed: int, low: float, high: float) -> set:
+    """The groups the seeded per-video rule puts in [low, high) (without the tiny-corpus
+    fallback)."""
+    return {g for g in groups if low <= split_draw(seed, g) < high}
 
 
 def _span(piece, words_by_name):
@@ -157,8 +163,10 @@ def test_lrs3_valid_list_of_a_pretrain_utterance_takes_all_its_segments(lrs3_tre
 def test_lrs3_seeded_valid_comes_from_trainval(lrs3_tree):
     root, _ = lrs3_tree
     items = list_items(_cfg(root, "lrs3", valid_fraction=0.5, split_seed=3))
-    valid = [i.id for i in items if i.split == "valid"]
-    assert len(valid) == 2 and all(v.startswith("trainval/") for v in valid)
+    valid = {i.id for i in items if i.split == "valid"}
+    trainval = {i.id for i in items if i.id.startswith("trainval/")}
+    expected = _drawn(trainval, 3, 0.0, 0.5) or {min(trainval, key=lambda g: split_draw(3, g))}
+    assert valid == expected and valid <= trainval
     assert list_items(_cfg(root, "lrs3", valid_fraction=0.5, split_seed=3)) == items
     seeds = {tuple(i.id for i in list_items(_cfg(root, "lrs3", valid_fraction=0.5, split_seed=s)) if i.split == "valid")
              for s in range(8)}
@@ -198,8 +206,9 @@ def test_vox2_layout(tmp_path, mp4_level):
     assert items[0].id == "dev/id001/clipA/00001"
     assert all(i.text is None for i in items)
     assert {i.id: i.split for i in items}["test/id900/clipZ/00001"] == "test"
-    counts = Counter(i.split for i in items)
-    assert counts == {"train": 9, "valid": 3, "test": 1}  # round(0.25 * 12) = 3 dev videos
+    dev = {i.id for i in items if i.id.startswith("dev/")}
+    assert {i.id for i in items if i.split == "valid"} == _drawn(dev, 1, 0.0, 0.25)
+    assert Counter(i.split for i in items)["test"] == 1
     assert all(Path(i.video).is_file() for i in items)
 
 
@@ -244,19 +253,40 @@ def test_plain_id_lists(plain_tree):
 def test_plain_valid_list_with_seeded_test(plain_tree):
     _touch(plain_tree / "v.lst", "a\n")
     items = list_items(_cfg(plain_tree, "plain", valid_ids="v.lst", test_fraction=0.2, split_seed=5))
-    counts = Counter(i.split for i in items)
-    assert counts == {"train": 7, "valid": 1, "test": 2}
-    assert {i.id: i.split for i in items}["a"] == "valid"
+    split = {i.id: i.split for i in items}
+    assert split["a"] == "valid" and Counter(split.values())["valid"] == 1
+    others = set(split) - {"a"}
+    # with the valid ids listed, the test draw takes the bottom of the range
+    assert {i for i, s in split.items() if s == "test"} == _drawn(others, 5, 0.0, 0.2)
 
 
 def test_plain_seeded_fractions_are_deterministic(plain_tree):
     cfg = _cfg(plain_tree, "plain", valid_fraction=0.2, test_fraction=0.1, split_seed=7)
     first = list_items(cfg)
-    assert Counter(i.split for i in first) == {"train": 7, "valid": 2, "test": 1}
+    ids = {i.id for i in first}
+    split = {i.id: i.split for i in first}
+    valid = _drawn(ids, 7, 0.0, 0.2) or {min(ids, key=lambda g: split_draw(7, g))}
+    assert {i for i, s in split.items() if s == "valid"} == valid
+    test = _drawn(ids, 7, 0.2, 0.3) or {min(ids - valid, key=lambda g: split_draw(7, g))}
+    assert {i for i, s in split.items() if s == "test"} == test
     assert list_items(cfg) == first
     # a tiny positive fraction still gives one video
     tiny = list_items(_cfg(plain_tree, "plain", valid_fraction=0.01, test_fraction=0.01))
     assert Counter(i.split for i in tiny) == {"train": 8, "valid": 1, "test": 1}
+
+
+def test_seeded_fractions_on_a_large_corpus_are_close_and_stable(tmp_path):
+    """The per-video rule: about the fraction asked for, and adding videos never moves one."""
+    root = tmp_path / "big"
+    for k in range(1500):
+        _touch(root / f"dev/id{k % 50:03d}/clip{k:04d}/00001.mp4")
+    before = {i.id: i.split for i in list_items(_cfg(root, "vox2", valid_fraction=0.1, split_seed=2))}
+    n_valid = Counter(before.values())["valid"]
+    assert 110 <= n_valid <= 190  # 150 expected; binomial sd ~12
+    for k in range(1500, 2000):
+        _touch(root / f"dev/id{k % 50:03d}/clip{k:04d}/00001.mp4")
+    after = {i.id: i.split for i in list_items(_cfg(root, "vox2", valid_fraction=0.1, split_seed=2))}
+    assert len(after) == 2000 and all(after[i] == s for i, s in before.items())
 
 
 def test_plain_fractions_too_big_for_the_corpus(tmp_path):
@@ -289,11 +319,15 @@ def test_include_ids(plain_tree):
     assert [i.id for i in items] == ["a", "b", "sub/c"]
 
 
-def test_duplicate_ids_are_an_error(tmp_path):
+def test_duplicate_ids_are_one_failed_item_and_the_rest_proceeds(tmp_path):
     _touch(tmp_path / "p/a.mp4")
     _touch(tmp_path / "p/a.mkv")
-    with pytest.raises(ConfigError, match="same id 'a'"):
-        list_items(_cfg(tmp_path / "p", "plain"))
+    _touch(tmp_path / "p/b.mp4")
+    items = list_items(_cfg(tmp_path / "p", "plain", valid_fraction=0, test_fraction=0))
+    assert [i.id for i in items] == ["a", "b"]
+    a, b = items
+    assert b.error is None
+    assert "2 videos give the id 'a' (a.mp4, a.mkv)" in a.error and a.video.endswith("a.mp4")
 
 
 def test_bad_corpus_settings(tmp_path):

@@ -4,6 +4,7 @@ failures, failure records, sentencepiece model and fairseq dictionary."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def manifest(crop_dir):
 def test_tsv_format_exactly(manifest, crop_dir):
     ctx, _ = manifest
     out = ctx.stage_dir("manifest")
-    root = str(crop_dir.resolve())
+    root = "../crop"  # the crop dir, relative to the tsv's directory
     assert (out / "train.tsv").read_text() == (
         f"{root}\n"
         "c\tvideo/c.mp4\taudio/c.wav\t20\t12300\n"
@@ -103,11 +104,15 @@ def test_tsv_format_exactly(manifest, crop_dir):
     )
     assert (out / "valid.tsv").read_text() == f"{root}\nv1\tvideo/v1.mp4\taudio/v1.wav\t20\t12800\n"
     assert (out / "test.tsv").read_text() == f"{root}\nt1\tvideo/t1.mp4\taudio/t1.wav\t15\t9600\n"
+    from speechfeat.shards import read_tsv
+
     for split in ("train", "valid", "test"):
-        lines = (out / f"{split}.tsv").read_text().splitlines()
-        for row in lines[1:]:
-            _, video, audio, _, _ = row.split("\t")
-            assert (Path(lines[0]) / video).is_file() and (Path(lines[0]) / audio).is_file()
+        # the loaders resolve the relative root against the tsv's directory, from any cwd (the
+        # fairseq dataset's load_manifest too: the smoke runs train from these manifests)
+        tsv_root, rows = read_tsv(out / f"{split}.tsv")
+        assert tsv_root == crop_dir.resolve()
+        for row in rows:
+            assert (tsv_root / row.video).is_file() and (tsv_root / row.audio).is_file()
 
 
 def test_wrd_lines_match_tsv_rows(manifest):
@@ -215,7 +220,10 @@ def test_parallel_recount_gives_the_same_manifest(manifest, crop_dir, tmp_path, 
     summary = build_manifest(crop_dir, tmp_path / "par", settings(workers=2))
     serial = ctx.stage_dir("manifest")
     for name in ("train.tsv", "valid.tsv", "test.tsv", "train.wrd", "failures.jsonl"):
-        assert (tmp_path / "par" / name).read_text() == (serial / name).read_text(), name
+        # the root line is the crop dir relative to each manifest dir
+        skip = 1 if name.endswith(".tsv") else 0
+        assert (tmp_path / "par" / name).read_text().splitlines()[skip:] == \
+            (serial / name).read_text().splitlines()[skip:], name
     assert summary["counts"] == stats["counts"]
 
 
@@ -229,7 +237,8 @@ def test_current_corpus_listing_decides_split_and_text(crop_dir, tmp_path):
     summary = build_manifest(crop_dir, tmp_path / "m", settings(), items)
     out = tmp_path / "m"
     assert [r.split("\t")[0] for r in (out / "train.tsv").read_text().splitlines()[1:]] == ["c", "spk1/a", "spk1/b", "v1"]
-    assert (out / "valid.tsv").read_text() == (out / "test.tsv").read_text() == f"{crop_dir.resolve()}\n"
+    root = os.path.relpath(crop_dir, out)
+    assert (out / "valid.tsv").read_text() == (out / "test.tsv").read_text() == f"{root}\n"
     assert (out / "train.wrd").read_text().splitlines()[-1] == "a fixed transcript"
     assert (out / "valid.wrd").read_text() == ""
     assert summary["not_in_corpus"] == 1 and summary["not_cropped"] == 1
@@ -250,3 +259,32 @@ def test_spm_model_path_from_a_per_iteration_context(manifest):
     ctx, stats = manifest
     later = ctx.with_iteration(3)  # e.g. the finetune or features stage of iteration 3
     assert spm_model_path(later) == ctx.stage_dir("manifest") / stats["spm_model"]
+
+
+def test_counts_come_from_the_crop_records_checked_by_size(tmp_path):
+    """At scale nothing is decoded: the record's counts are used when both files have the sizes
+    the crop stage recorded; a file changed or gone since is a failure; verify=decode recounts."""
+    crop = tmp_path / "crop"
+    recs = []
+    for item_id, frames in (("same", 30), ("resized", 20), ("gone", 20)):
+        rec = ok_record(crop, item_id, "train", None, frames, frames * 640, claimed=25 if item_id == "same" else None)
+        rec["video_bytes"] = (crop / rec["video"]).stat().st_size
+        rec["audio_bytes"] = (crop / rec["audio"]).stat().st_size
+        rec["n_samples"] = 25 * 640 if item_id == "same" else rec["n_samples"]
+        recs.append(rec)
+    with open(crop / recs[1]["video"], "ab") as f:
+        f.write(b"\0" * 10)
+    (crop / recs[2]["audio"]).unlink()
+    write_results(crop, [recs])
+    summary = build_manifest(crop, tmp_path / "m", settings())
+    rows = (tmp_path / "m" / "train.tsv").read_text().splitlines()[1:]
+    assert rows == ["same\tvideo/same.mp4\taudio/same.wav\t25\t16000"]  # the record's counts: not decoded
+    failures = {f["id"]: f["reason"] for f in map(json.loads, (tmp_path / "m" / "failures.jsonl").read_text().splitlines())}
+    assert "the crop stage wrote" in failures["resized"] and "does not exist" in failures["gone"]
+    assert summary["failures"] == 2
+    build_manifest(crop, tmp_path / "d", settings(verify="decode"))
+    # recounted from the files (30 frames and 19200 samples, not the record's 25 and 16000), and
+    # the grown "resized" still decodes
+    assert (tmp_path / "d" / "train.tsv").read_text().splitlines()[1:] == [
+        "resized\tvideo/resized.mp4\taudio/resized.wav\t20\t12800",
+        "same\tvideo/same.mp4\taudio/same.wav\t30\t19200"]

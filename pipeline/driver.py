@@ -1,0 +1,364 @@
+"""Who drives the DAG: the launcher in a terminal, or a detached driver that does not depend on it.
+
+- Foreground: the launch holds the work dir lock; SIGHUP (SSH logout), SIGTERM and SIGINT end it
+  with one line: the submitted jobs keep running, the same command resumes (it adopts them),
+  ``launch.py cancel`` stops them. Local jobs run in sessions of their own, so they survive too.
+- ``--detach`` with the local executor: the same launch as a background process in a new session
+  (no terminal, stdin from /dev/null, output appended to ``.pipeline/driver/driver.log``).
+- ``--detach`` with Slurm: a driver job (``cluster.driver``: 1 CPU, its own partition, time and
+  memory) submitted through submitit. At its time limit (signal ahead of it) or on preemption it
+  is requeued; the new run takes over its own lock and resumes the DAG where it stopped, adopting
+  the jobs that still run.
+- ``launch.py cancel``: stops the driver (or a foreground launch of this host), then cancels every
+  job recorded for the work dir (plus any live Slurm job carrying the work dir's tag in its name),
+  and waits until none runs. State stays consistent: nothing is marked done that is not, and the
+  next launch resumes.
+
+The driver's record, ``.pipeline/driver.json``: kind, job id or pid (with its start time), log,
+state and since when; ``status`` shows it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import submitit
+
+from pipeline import atomic, procs
+from pipeline.config import PROJECT_ROOT, driver_request, signal_delay_s, to_yaml
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.lock import WorkdirLock, describe_owner, lock_holder
+from pipeline.scheduler import LocalScheduler, RequestChecker, SchedulerError, SlurmScheduler
+from pipeline.state import StateStore, _read
+
+SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGHUP", "SIGTERM", "SIGINT")) if s)
+
+
+class Interrupted(BaseException):
+    """A signal ended the launch (raised in the main thread by the handlers below)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """SIGHUP, SIGTERM and SIGINT raise ``Interrupted`` in the main thread (the lock is then
+    released by its context manager and one line is printed)."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    saved = {}
+    for sig in SIGNALS:
+        try:
+            saved[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def interrupted_message(e: Interrupted, cfg, workdir: Path) -> str:
+    if cfg is not None and cfg.cluster.executor == "debug":
+        return f"interrupted by {e.name}: rerun the same command to resume (complete shards are kept)"
+    where = "Slurm jobs" if cfg is not None and cfg.cluster.executor == "slurm" else "local jobs (own sessions)"
+    return (f"interrupted by {e.name}: the {where} already submitted keep running; rerun the same command to "
+            f"resume (it waits for them, never starts them twice), or stop them with "
+            f"`python launch.py cancel --workdir {workdir}`")
+
+
+# --- the driver record ---------------------------------------------------------------------------
+def read_record(store: StateStore) -> Optional[dict]:
+    return _read(store.driver_file)
+
+
+def update_record(store: StateStore, **fields) -> None:
+    rec = read_record(store) or {}
+    rec.update(fields)
+    try:
+        atomic.write_json(store.driver_file, rec)
+    except OSError:  # a full disk must not hide why the run stopped
+        pass
+
+
+def driver_log(store: StateStore) -> Path:
+    return store.driver_dir / "driver.log"
+
+
+def record_alive(rec: dict) -> tuple[Optional[bool], str]:
+    """(alive?, scheduler state line) of a recorded driver."""
+    if rec.get("executor") == "slurm":
+        try:
+            info = SlurmScheduler().query([str(rec.get("job_id"))])[str(rec.get("job_id"))]
+        except SchedulerError as e:
+            return None, f"unknown ({e})"
+        return info.alive, info.describe()
+    alive = procs.alive(rec)
+    if alive is None:
+        return None, f"on host {rec.get('host')}"
+    return alive, "running" if alive else "ended"
+
+
+# --- the foreground / driver run -----------------------------------------------------------------
+def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], None] = print,
+               on_locked: Optional[Callable[[], None]] = None):
+    """Run the planned steps holding the work dir lock (``role`` 'driver' in a detached driver,
+    which also keeps its record up to date); ``on_locked`` is called once the lock is held."""
+    workdir = Path(cfg.workdir)
+    store = StateStore(workdir)
+    extra = {"executor": cfg.cluster.executor}
+    if role == "driver" and cfg.cluster.executor == "slurm" and os.environ.get("SLURM_JOB_ID"):
+        extra.update(executor="slurm", job_id=_slurm_job_id())
+    with WorkdirLock(workdir, role=role, extra=extra) as lock:
+        if on_locked is not None:
+            on_locked()
+        if lock.cleared_stale:
+            echo(f"cleared a stale lock left by {describe_owner(lock.cleared_stale)}")
+        if role == "driver":
+            update_record(store, state="running", since=time.time(), host=procs.hostname(), pid=os.getpid(),
+                          start=procs.start_time(os.getpid()), boot=procs.boot_id(),
+                          attempt=os.environ.get("SLURM_RESTART_COUNT", "0"))
+        atomic.write_text(workdir / ".pipeline" / "config.yaml", to_yaml(cfg))
+        return pipe.run(steps)
+
+
+def _slurm_job_id() -> str:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+
+
+# --- detaching -------------------------------------------------------------------------------------
+def check_can_detach(cfg, store: StateStore) -> None:
+    if cfg.cluster.executor == "debug":
+        raise ConfigError("--detach needs the local or slurm executor (debug runs in this process)")
+    WorkdirLock(store.workdir).check_free()
+    rec = read_record(store)
+    if rec and rec.get("state") in ("submitted", "running"):
+        alive, _ = record_alive(rec)
+        if alive:
+            raise ConfigError(f"a driver already runs for {store.workdir} ({describe_record(rec)}); "
+                              f"`python launch.py cancel --workdir {store.workdir}` stops it")
+
+
+def detach_local(cmd: list, store: StateStore, echo=print) -> dict:
+    """Start ``cmd`` (a launch with --driver) as a background process that survives logout."""
+    log = driver_log(store)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} detached driver: {' '.join(cmd)}\n".encode())
+        out.flush()
+        p = subprocess.Popen(cmd, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, env=env)
+    rec = {"executor": "local", "state": "submitted", "submitted": time.time(), "log": str(log), "cmd": cmd,
+           "job_id": f"pid {p.pid}", **procs.identity(p.pid)}
+    atomic.write_json(store.driver_file, rec)
+    return rec
+
+
+@dataclass
+class DriverTask(submitit.helpers.Checkpointable):
+    """The Slurm driver job: the same launch in-process, output appended to the driver log. On
+    its time-limit signal (or a preemption signal) submitit requeues it with this same callable."""
+
+    argv: list
+    cwd: str
+    log: str
+    entry: Optional[dict] = None  # {"module": ..., "paths": [...]}: whose main(argv) to run
+
+    def __call__(self) -> int:
+        import importlib
+
+        os.chdir(self.cwd)
+        entry = self.entry or {"module": "launch", "paths": [str(PROJECT_ROOT)]}
+        for path in entry.get("paths", []):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        launcher = importlib.import_module(entry["module"])
+
+        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        print(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} driver job {_slurm_job_id()} run "
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')} on {procs.hostname()}", flush=True)
+        rc = launcher.main([*self.argv, "--driver"])
+        if rc:
+            sys.exit(rc)
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} driver: time limit or preemption, requeueing", flush=True)
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def detach_slurm(cfg, argv: list, store: StateStore, entry: Optional[dict] = None) -> dict:
+    from pipeline.executors import _export_project_path, slurm_params, workdir_tag
+
+    cluster, d = cfg.cluster, cfg.cluster.driver
+    if cluster.check_requests:
+        try:
+            RequestChecker().check(driver_request(cfg))
+        except SchedulerError as e:
+            raise ConfigError(f"cannot check the driver job's request against the cluster: {e}") from None
+    log = driver_log(store)
+    folder = store.driver_dir / "submitit"
+    folder.mkdir(parents=True, exist_ok=True)
+    _export_project_path()
+    ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=int(d.max_requeues))
+    partition = d.partition or cluster.partition
+    ex.update_parameters(name=f"driver-{workdir_tag(store.workdir)}", timeout_min=int(d.timeout_min),
+                         cpus_per_task=int(d.cpus_per_task), nodes=1, tasks_per_node=1,
+                         slurm_signal_delay_s=signal_delay_s(cluster, d.timeout_min),
+                         **slurm_params(cluster, partition, float(d.mem_gb or 0), 0))
+    from pipeline.executors import signals_deferred
+    import io
+
+    with signals_deferred():
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                job = ex.submit(DriverTask(list(argv), os.getcwd(), str(log), entry))
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+            from pipeline.scheduler import sbatch_error_line
+
+            raise ConfigError(f"sbatch rejected the driver job: {sbatch_error_line(str(e))}") from None
+        rec = {"executor": "slurm", "state": "submitted", "submitted": time.time(), "log": str(log),
+               "job_id": str(job.job_id), "partition": partition, "argv": list(argv)}
+        atomic.write_json(store.driver_file, rec)
+    return rec
+
+
+def describe_record(rec: dict) -> str:
+    if rec.get("executor") == "slurm":
+        return f"Slurm job {rec.get('job_id')}"
+    return f"pid {rec.get('pid')} on {rec.get('host')}"
+
+
+def detached_message(rec: dict, cfg, workdir: Path) -> str:
+    if rec["executor"] == "slurm":
+        d = cfg.cluster.driver
+        head = (f"detached: Slurm job {rec['job_id']} drives the pipeline (partition {rec.get('partition') or 'default'}, "
+                f"{d.cpus_per_task} CPU, {d.timeout_min} min, requeued at its time limit and resumed)")
+    else:
+        head = f"detached: process {rec['pid']} drives the pipeline in the background (it survives logout)"
+    return "\n".join([
+        head,
+        f"  log:    {rec['log']}",
+        f"  status: python launch.py status --workdir {workdir}",
+        f"  follow: tail -f {rec['log']}",
+        f"  stop:   python launch.py cancel --workdir {workdir}",
+    ])
+
+
+# --- cancel ----------------------------------------------------------------------------------------
+def _stop_process(info: dict, wait_s: float = 30.0) -> bool:
+    """SIGTERM a process of this host (its handler ends it cleanly), SIGKILL after ``wait_s``."""
+    if procs.alive(info) is not True:
+        return False
+    pid = int(info["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and procs.alive(info):
+        time.sleep(0.1)
+    if procs.alive(info):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def all_job_records(store: StateStore) -> dict[str, dict]:
+    """Every recorded job of the work dir, by job id (latest record per shard of every step)."""
+    out = {}
+    for it, stages in store.scopes():
+        for stage in stages:
+            for key, rec in store.job_records(stage, it).items():
+                out[str(rec["job_id"])] = rec
+    return out
+
+
+def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 60.0) -> int:
+    from pipeline.executors import workdir_tag
+
+    store = StateStore(Path(workdir))
+    if not store.root.is_dir():
+        raise PipelineError(f"{workdir}: no pipeline state here (nothing to cancel)")
+    stopped = []
+    slurm = SlurmScheduler()
+    # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
+    rec = read_record(store)
+    if rec and rec.get("state") in ("submitted", "running"):
+        if rec.get("executor") == "slurm":
+            jid = str(rec.get("job_id"))
+            info = slurm.query([jid])[jid]
+            if info.alive:
+                slurm.cancel([jid])
+                _wait_gone(lambda: slurm.query([jid])[jid].alive, wait_s)
+                stopped.append(f"the driver job {jid}")
+        elif _stop_process(rec):
+            stopped.append(f"the driver (pid {rec.get('pid')})")
+        update_record(store, state="cancelled", since=time.time())
+    owner, problem = lock_holder(store.workdir)
+    if problem:
+        echo(f"note: {problem}")
+    elif owner and owner.get("role") == "launch":
+        if procs.alive(owner) is True:
+            _stop_process(owner)
+            stopped.append(f"the launch (pid {owner.get('pid')})")
+        elif procs.alive(owner) is None:
+            echo(f"note: a launch on host {owner.get('host')} (pid {owner.get('pid')}) holds the lock: stop it there")
+    # 2. the jobs: every recorded one, plus any live Slurm job named with this work dir's tag
+    records = all_job_records(store)
+    local = {j: r for j, r in records.items() if r.get("executor") == "local"}
+    slurm_ids = [j for j, r in records.items() if r.get("executor") == "slurm"]
+    cancelled = LocalScheduler().cancel_records(local) if local else []
+    if slurm_ids or (rec and rec.get("executor") == "slurm"):
+        try:
+            live = [j for j, i in slurm.query(slurm_ids).items() if i.alive]
+            tagged = [j for j in slurm.jobs_named(f"-{workdir_tag(store.workdir)}") if not j.startswith("driver")]
+        except SchedulerError as e:
+            raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
+        todo = sorted(set(live) | set(tagged))
+        if todo:
+            slurm.cancel(todo)
+            _wait_gone(lambda: any(i.alive for i in slurm.query(todo).values()), wait_s)
+            cancelled += todo
+    if cancelled:
+        ids = sorted(cancelled)
+        stopped.append(f"{len(ids)} job(s) ({', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})")
+    if not stopped:
+        echo(f"nothing runs for {store.workdir}")
+    else:
+        echo(f"cancelled {', '.join(stopped)} of {store.workdir}; rerun the launch command to resume "
+             f"(complete shards are kept)")
+    return 0
+
+
+def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> None:
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            if not still_alive():
+                return
+        except SchedulerError:
+            pass
+        time.sleep(0.5)
