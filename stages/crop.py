@@ -130,15 +130,22 @@ def detect_frames(frames, detector, cache_mb: float) -> tuple:
     """Landmarks per frame (None where no face), and the frames themselves while they fit in
     ``cache_mb`` (None beyond it: the caller decodes again)."""
     detector.reset()
-    raw, cached, size = [], [], 0
-    for frame in frames:
-        raw.append(detector(_gray(frame)))
-        if cached is not None:
-            size += frame.nbytes
-            if size > cache_mb * 2**20:
-                cached = None
-            else:
-                cached.append(frame)
+    cached, size = [], 0
+
+    def grays():
+        nonlocal cached, size
+        for frame in frames:
+            if cached is not None:
+                size += frame.nbytes
+                if size > cache_mb * 2**20:
+                    cached = None
+                else:
+                    cached.append(frame)
+            yield _gray(frame)
+
+    # the detector's stream runs the landmark predictor on batches of frames (fast mode)
+    stream = getattr(detector, "stream", None)
+    raw = list(stream(grays()) if stream is not None else map(detector, grays()))
     return raw, cached
 
 
