@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from avprep import quality
 from report import collect, plots
+from speechfeat.wer import word_errors
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +616,7 @@ def _finetune_section(workdir: Path) -> str:
                      fmt_num(st.get("ref_words")), fmt_num(st.get("utterances"))])
         for hy in (st.get("hypotheses") or [])[:HYPOTHESES_SHOWN]:
             ref, hyp = str(hy.get("ref", "")), str(hy.get("hyp", ""))
-            errs = collect.word_errors(ref, hyp)
+            errs, _ = word_errors(ref, hyp)
             hyps.append([h(split), h(hy.get("id")), h(ref), f'<span class="{"err" if errs else ""}">{h(hyp)}</span>',
                          f"{errs}/{len(ref.split())}"])
     gen = res.get("generation") or {}

@@ -418,20 +418,6 @@ def count_lines(path: Path) -> Optional[int]:
         return None
 
 
-def word_errors(ref: str, hyp: str) -> int:
-    """Word-level edit distance (the per-utterance errors of a hypothesis). The decoder's own
-    ``avhubert.s2s_decode.word_errors`` imports torch and fairseq with it (tens of seconds on a
-    login node): the report stays light."""
-    r, h = ref.split(), hyp.split()
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1]
-
-
 def quality_bounds(cfg: Optional[dict]) -> quality.QualityBounds:
     """The bounds of the last launch's config (the crop stage's ``crop.quality``)."""
     return quality.bounds_of(((cfg or {}).get("crop") or {}).get("quality"))
