@@ -177,18 +177,19 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
     parts.append(("overview", "Overview", _overview(workdir, steps, crop_scan, iterations, cfg, outputs, problems)))
     # each section from its own files: one missing or malformed costs a line in its section, never
     # the page (nor a traceback on the launcher's terminal)
-    sections = [("stages", "Stages", _stages_section, (steps,)),
-                ("crop", "Crop", _crop_section, (workdir, out_dir, crop_scan, bounds, problems)),
-                ("manifest", "Manifest", _manifest_section, (workdir,)),
-                ("noise", "Noise", _noise_section, (workdir, out_dir, steps, problems)),
-                ("iterations", "Iterations", _iterations_section, (workdir, iterations, steps)),
-                ("finetune", "Fine-tuning", _finetune_section, (workdir, out_dir)),
-                ("units", "Units", _units_section, (workdir, out_dir, units, steps, problems)),
-                ("disk", "Disk", _disk_section, (workdir, crop_scan)),
-                ("failures", "Failures & logs", _failures_section, (steps, crop_scan)),
-                ("launch", "Launch & config", _launch_section, (workdir, launch, launches))]
-    for anchor, title, make, args in sections:
-        parts.append((anchor, title, _guarded(title, make, *args)))
+    sections = [("stages", "Stages", _stages_section, (steps,), ".pipeline/state/"),
+                ("crop", "Crop", _crop_section, (workdir, out_dir, crop_scan, bounds, problems), "crop/"),
+                ("manifest", "Manifest", _manifest_section, (workdir,), "manifest/"),
+                ("noise", "Noise", _noise_section, (workdir, out_dir, steps, problems), "noise/summary.json"),
+                ("iterations", "Iterations", _iterations_section, (workdir, iterations, steps), "iter*/"),
+                ("finetune", "Fine-tuning", _finetune_section, (workdir, out_dir), "finetune/results.json"),
+                ("units", "Units", _units_section, (workdir, out_dir, units, steps, problems),
+                 ", ".join(str(d) for d in units) or "units/"),
+                ("disk", "Disk", _disk_section, (workdir, crop_scan), str(workdir)),
+                ("failures", "Failures & logs", _failures_section, (steps, crop_scan), ".pipeline/"),
+                ("launch", "Launch & config", _launch_section, (workdir, launch, launches), "report/launches.jsonl")]
+    for anchor, title, make, args, source in sections:
+        parts.append((anchor, title, _guarded(source, make, *args, problems=problems, anchor=anchor)))
 
     problems_html = ""
     if problems:
@@ -210,15 +211,20 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
     return Report(path, state, [(w, p) for w, p in outputs if Path(p).exists()], problems)
 
 
-def _guarded(title: str, make, *args) -> str:
-    """A section's HTML; a section whose files cannot be read or make no sense is one line saying
-    so (the rest of the page stands)."""
+def _guarded(source: str, make, *args, problems: Optional[List[str]] = None, anchor: str = "") -> str:
+    """A section's HTML; a section whose files (``source``, as the user finds them) cannot be read
+    or make no sense is one line saying so (the rest of the page stands), also listed in
+    ``problems`` when given."""
     try:
         return make(*args)
     except Exception as e:  # noqa: BLE001 - a view of whatever is on disk; never the launch's failure
-        log.debug("report section %s failed", title, exc_info=True)
-        where = f" ({h(e.filename)})" if getattr(e, "filename", None) else ""
-        return (f'<p class="note bad">This section could not be built from its files{where}: '
+        log.debug("report section from %s failed", source, exc_info=True)
+        where = h(getattr(e, "filename", None) or source)
+        if problems is not None:
+            problems.append(f'the report could not read <span class="path">{where}</span> '
+                            f'(<a href="#{h(anchor)}">{h(type(e).__name__)}</a>)')
+        return (f'<p class="note bad">This section could not be built from its files (<span class="path">{where}'
+                f"</span>): "
                 f"<code>{h(type(e).__name__)}: {h(str(e)[:300])}</code>. The other sections are not affected; "
                 f"rerun <code>launch.py report</code> once the files are complete.</p>")
 
@@ -383,7 +389,7 @@ def _stages_section(steps) -> str:
 def _crop_section(workdir: Path, out_dir: Path, scan, bounds: quality.QualityBounds, problems: List[str]) -> str:
     from pipeline import atomic
 
-    parts = [_guarded("corpus listing", _listing_html, workdir, out_dir, problems)]
+    parts = [_guarded("crop/items/index.json, listing.json", _listing_html, workdir, out_dir, problems)]
     if scan is None:
         return "".join(parts) + '<p class="note">The crop stage has not written results yet.</p>'
     rate = scan.failed / scan.items if scan.items else 0
@@ -861,7 +867,7 @@ def _finetune_section(workdir: Path, out_dir: Path) -> str:
             + f'<p class="note">{" · ".join(meta)}</p>'
             + (f"<h3>Hypotheses (first {HYPOTHESES_SHOWN} per split)</h3>"
                + table(["split", "id", "reference", "hypothesis", "word errors"], hyps, numeric=(4,)) if hyps else "")
-            + (_guarded("WER under noise", _noise_wer_html, res["noise"], out_dir, workdir / "finetune" / "noise_eval")
+            + (_guarded(f'{path} ("noise")', _noise_wer_html, res["noise"], out_dir, workdir / "finetune" / "noise_eval")
                if res.get("noise") else ""))
 
 

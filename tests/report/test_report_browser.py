@@ -160,6 +160,9 @@ def test_missing_or_malformed_files_cost_a_line_not_the_report(run_with_bad_clip
     monkeypatch.setattr(av, "open", no_media)
     page = build.build_report(work).path.read_text()
     assert page.count("This section could not be built from its files") == 4
+    attention = page[page.index('id="problems"'):page.index('id="overview"')]
+    for path in ("noise/summary.json", "finetune/results.json", str(work / "units")):
+        assert f'the report could not read <span class="path">{path}' in attention, path
     for text in ("JSONDecodeError", "AttributeError", "listing.json: not a JSON object"):
         assert text in page, text
     for text in ("Flagged items (2)", "Labels per iteration", "90° 1", "Needs attention"):  # the rest stands
