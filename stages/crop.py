@@ -339,15 +339,17 @@ class CropStage(Stage):
         listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
-        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit)
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
         from stages import estimates
 
         estimates.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
-    def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True) -> list[str]:
+    def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
+               problems: Optional[dict] = None) -> list[str]:
         """Freeze ``items`` (the current listing) against the frozen list: the whole list the
-        first time, the new items as a new batch of shards later. Returns lines for the user."""
+        first time, the new items as a new batch of shards later. Returns lines for the user.
+        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json."""
         from stages import item_list as il
 
         idir = items_dir(ctx)
@@ -392,7 +394,7 @@ class CropStage(Stage):
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes)
+            il.write_listing_report(idir, len(items), changes, problems)
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
