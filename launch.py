@@ -212,6 +212,9 @@ def cmd_run(argv, build_fn=None, entry=None, at_end=_report_at_end) -> int:
             built["cfg"] = cfg
             if args.dry_run:
                 print(pipe.describe_plan(steps))
+                from pipeline.estimate import check_plan_disk
+
+                check_plan_disk(steps, Path(cfg.workdir))  # what a launch would refuse, refused here too
                 print("\n(dry run: nothing submitted)")
                 return 0
             results = run_locked(cfg, pipe, steps, role="driver" if args.driver else "launch", echo=_echo,

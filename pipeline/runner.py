@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline import executors
+from pipeline import estimate, executors
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
@@ -299,6 +299,7 @@ class Pipeline:
                 self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
             for key, why in sorted(step.out_of_date.items()):
                 self.echo(f"[{step.name}] shard {key} is out of date: {why}")
+            estimate.check_free_space(step, self.workdir)  # one error line, before anything is submitted
             failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo)
             if failures:
                 lines = [f"  {key}: {err}\n    log: {logp}" for key, logp, err in failures]
@@ -368,6 +369,7 @@ class Pipeline:
                 lines.append(f"{'':<28} out of date: {key}: {why}")
             lines.append(f"{'':<28} resources: {res}")
             lines.append(f"{'':<28} outputs: {out}")
+        lines += [""] + estimate.plan_lines(steps, self.workdir)
         return "\n".join(lines)
 
 

@@ -135,6 +135,13 @@ class Stage:
     def run(self, ctx: StageContext, shard: Shard) -> dict:
         raise NotImplementedError
 
+    def estimate(self, ctx: StageContext):
+        """What this step (all its shards) will cost, for the dry-run plan and the free-space
+        check before submission: a ``pipeline.estimate.Estimate`` (disk written, peak RAM per
+        job, jobs, CPU/GPU hours, the basis of the figures) or None. Must be cheap: it runs in
+        the launcher, possibly before the step's inputs exist."""
+        return None
+
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         """Files ``finalize`` writes (checked for stage completeness)."""
         return []

@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from avprep import quality
 from report import collect, plots
+from speechfeat.wer import word_errors
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
     state = _overall_state(steps, launch)
     n_iter = int((cfg or {}).get("iterations") or 0)
     iterations = collect.iterations_present(workdir, n_iter)
-    outputs = main_outputs(workdir, iterations)
+    units = collect.units_dirs(workdir, cfg)
+    outputs = main_outputs(workdir, iterations, units)
     problems: List[str] = []
     parts: List[tuple] = []  # (anchor, nav title, html)
 
@@ -173,14 +175,21 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
         first = (launch.get("error") or f"exit status {launch.get('rc')}").strip().splitlines()[0]
         problems.append(f'the last launch failed: <code>{h(first)}</code> (<a href="#launch">details</a>)')
     parts.append(("overview", "Overview", _overview(workdir, steps, crop_scan, iterations, cfg, outputs, problems)))
-    parts.append(("stages", "Stages", _stages_section(steps)))
-    parts.append(("crop", "Crop", _crop_section(workdir, out_dir, crop_scan, bounds, cfg)))
-    parts.append(("manifest", "Manifest", _manifest_section(workdir)))
-    parts.append(("iterations", "Iterations", _iterations_section(workdir, iterations, steps)))
-    parts.append(("finetune", "Fine-tuning", _finetune_section(workdir)))
-    parts.append(("disk", "Disk", _disk_section(workdir, crop_scan)))
-    parts.append(("failures", "Failures & logs", _failures_section(steps, crop_scan)))
-    parts.append(("launch", "Launch & config", _launch_section(workdir, launch, launches)))
+    # each section from its own files: one missing or malformed costs a line in its section, never
+    # the page (nor a traceback on the launcher's terminal)
+    sections = [("stages", "Stages", _stages_section, (steps,), ".pipeline/state/"),
+                ("crop", "Crop", _crop_section, (workdir, out_dir, crop_scan, bounds, problems), "crop/"),
+                ("manifest", "Manifest", _manifest_section, (workdir,), "manifest/"),
+                ("noise", "Noise", _noise_section, (workdir, out_dir, steps, problems), "noise/summary.json"),
+                ("iterations", "Iterations", _iterations_section, (workdir, iterations, steps), "iter*/"),
+                ("finetune", "Fine-tuning", _finetune_section, (workdir, out_dir), "finetune/results.json"),
+                ("units", "Units", _units_section, (workdir, out_dir, units, steps, problems),
+                 ", ".join(str(d) for d in units) or "units/"),
+                ("disk", "Disk", _disk_section, (workdir, crop_scan), str(workdir)),
+                ("failures", "Failures & logs", _failures_section, (steps, crop_scan), ".pipeline/"),
+                ("launch", "Launch & config", _launch_section, (workdir, launch, launches), "report/launches.jsonl")]
+    for anchor, title, make, args, source in sections:
+        parts.append((anchor, title, _guarded(source, make, *args, problems=problems, anchor=anchor)))
 
     problems_html = ""
     if problems:
@@ -200,6 +209,24 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
     path = out_dir / INDEX
     atomic.write_text(path, page)
     return Report(path, state, [(w, p) for w, p in outputs if Path(p).exists()], problems)
+
+
+def _guarded(source: str, make, *args, problems: Optional[List[str]] = None, anchor: str = "") -> str:
+    """A section's HTML; a section whose files (``source``, as the user finds them) cannot be read
+    or make no sense is one line saying so (the rest of the page stands), also listed in
+    ``problems`` when given."""
+    try:
+        return make(*args)
+    except Exception as e:  # noqa: BLE001 - a view of whatever is on disk; never the launch's failure
+        log.debug("report section from %s failed", source, exc_info=True)
+        where = h(getattr(e, "filename", None) or source)
+        if problems is not None:
+            problems.append(f'the report could not read <span class="path">{where}</span> '
+                            f'(<a href="#{h(anchor)}">{h(type(e).__name__)}</a>)')
+        return (f'<p class="note bad">This section could not be built from its files (<span class="path">{where}'
+                f"</span>): "
+                f"<code>{h(type(e).__name__)}: {h(str(e)[:300])}</code>. The other sections are not affected; "
+                f"rerun <code>launch.py report</code> once the files are complete.</p>")
 
 
 def _stage_order() -> List[str]:
@@ -250,9 +277,9 @@ def _overall_state(steps, launch) -> str:
     return "incomplete"
 
 
-def main_outputs(workdir: Path, iterations: List[int]) -> List[tuple]:
+def main_outputs(workdir: Path, iterations: List[int], units_dirs: List[Path] = ()) -> List[tuple]:
     """(what, path) of the main outputs: the last pretrained checkpoint, every k-means model, the
-    fine-tuned checkpoint and its results."""
+    fine-tuned checkpoint and its results, the units of a finished units run."""
     out = []
     finals = [workdir / f"iter{i}" / "train" / "checkpoints" / "checkpoint_final.pt" for i in iterations]
     done = [p for p in finals if p.exists()]
@@ -264,6 +291,9 @@ def main_outputs(workdir: Path, iterations: List[int]) -> List[tuple]:
             out.append((f"k-means model, iteration {i}", km))
     out.append(("fine-tuned checkpoint", workdir / "finetune" / "checkpoints" / "checkpoint_final.pt"))
     out.append(("fine-tuning results", workdir / "finetune" / "results.json"))
+    for d in units_dirs:
+        if (d / "summary.json").is_file():
+            out.append(("units", d))
     return out
 
 
@@ -356,14 +386,15 @@ def _stages_section(steps) -> str:
             + note + img(chart, "job time per step"))
 
 
-def _crop_section(workdir: Path, out_dir: Path, scan, bounds: quality.QualityBounds, cfg) -> str:
+def _crop_section(workdir: Path, out_dir: Path, scan, bounds: quality.QualityBounds, problems: List[str]) -> str:
     from pipeline import atomic
 
+    parts = [_guarded("crop/items/index.json, listing.json", _listing_html, workdir, out_dir, problems)]
     if scan is None:
-        return '<p class="note">The crop stage has not written results yet.</p>'
-    parts = []
+        return "".join(parts) + '<p class="note">The crop stage has not written results yet.</p>'
     rate = scan.failed / scan.items if scan.items else 0
     hours = scan.frames / 25 / 3600
+    parts.append("<h3>Crop results</h3>")
     parts.append(table(["shards with results", "items", "ok", "failed", "failure rate", "frames", "hours", "rotated sources"],
                        [[fmt_num(scan.shards), fmt_num(scan.items), fmt_num(scan.ok), fmt_num(scan.failed),
                          fmt_pct(rate), fmt_num(scan.frames), f"{hours:.2f}", fmt_num(scan.rotated)]],
@@ -371,6 +402,15 @@ def _crop_section(workdir: Path, out_dir: Path, scan, bounds: quality.QualityBou
     if scan.splits:
         parts.append('<p class="note">ok items per split: ' + ", ".join(
             f"{h(k)} {v:,}" for k, v in sorted(scan.splits.items())) + "</p>")
+    if scan.rotated:
+        angles = ", ".join(f"{h(a)}° {n:,}" for a, n in sorted(scan.rotations.items(), key=lambda x: int(x[0])))
+        examples = ", ".join(f"{h(i)} ({a}°)" for i, a in scan.rotated_examples[:5])
+        parts.append(f'<p class="note">Sources stored turned (phones: display matrix), turned upright before the '
+                     f"landmarks: {angles} (e.g. {examples}). Their tiles below and on the contact sheets show "
+                     f"the upright crops.</p>")
+    elif scan.with_quality:
+        parts.append('<p class="note">No source needed turning upright (the rotation the crop applied is recorded '
+                     "per item).</p>")
     if scan.failed:
         rows = [[fmt_num(n), h(g), h(scan.reason_examples.get(g, ["", ""])[0]),
                  f'<span class="path">{h(scan.reason_examples.get(g, ["", ""])[1])}</span>']
@@ -438,6 +478,52 @@ def _crop_section(workdir: Path, out_dir: Path, scan, bounds: quality.QualityBou
     if sheets_dir.is_dir():
         parts.append(f'<p class="note">Contact sheet of every shard (a few ROI frames per item, flagged items '
                      f'framed in red): {rel_link(sheets_dir, out_dir, str(sheets_dir) + "/")}</p>')
+    return "".join(parts)
+
+
+def _listing_html(workdir: Path, out_dir: Path, problems: List[str]) -> str:
+    """The frozen item list and what the last listing of the corpus found (crop/items/)."""
+    info = collect.read_listing(workdir / "crop" / "items")
+    if info is None:
+        return ""
+    idir = info["dir"]
+    parts = ["<h3>Corpus listing</h3>"]
+    if "frozen" in info:
+        parts.append(f'<p class="note">Frozen item list {rel_link(idir, out_dir, "crop/items/")}: '
+                     f'{info["frozen"]:,} items in {info["shards"]:,} shards ({info["batches"]:,} batch(es)), '
+                     f'listed from <span class="path">{h(info.get("corpus"))}</span> ({h(info.get("layout"))}).</p>')
+    listing = info.get("listing")
+    if listing is None:
+        return "".join(parts) + '<p class="note">No listing report (crop/items/listing.json) yet.</p>'
+    removed, changed = int(listing.get("removed") or 0), int(listing.get("changed") or 0)
+    parts.append(table(["listed", "frozen before", "new", "planned again", "gone from the corpus", "changed"],
+                       [[fmt_num(listing.get(k)) for k in ("listed", "frozen_before", "new", "replanned")]
+                        + [fmt_num(removed), fmt_num(changed)]], numeric=tuple(range(6))))
+    notes = []
+    if removed:
+        ex = ", ".join(h(i) for i in listing.get("removed_examples") or [])
+        notes.append(f"gone: {removed:,} frozen item(s) whose source is no longer listed" + (f" (e.g. {ex})" if ex else "")
+                     + f"; all in {rel_link(idir / 'removed.txt', out_dir, 'removed.txt')}")
+    if changed:
+        ex = "; ".join(f"{h(i)}: {h(w)}" for i, w in listing.get("changed_examples") or [])
+        notes.append(f"changed: {changed:,} frozen item(s) whose source differs now" + (f" (e.g. {ex})" if ex else "")
+                     + f"; all in {rel_link(idir / 'changed.txt', out_dir, 'changed.txt')}")
+    if removed or changed:
+        notes.append("their crops are from the files as first listed; <code>manifest.drop_removed=true</code> "
+                     "leaves them out of the manifest")
+        problems.append(f"the last corpus listing found {removed:,} gone and {changed:,} changed source(s): "
+                        f'<a href="#crop">see the listing</a>')
+    parts += [f'<p class="note">{n}</p>' for n in notes]
+    kinds = listing.get("problems") or {}
+    if kinds:
+        rows = [[h(kind), fmt_num(int(p.get("count") or 0)), "<br>".join(h(m) for m in p.get("examples") or [])]
+                for kind, p in sorted(kinds.items())]
+        parts.append("<h3>Listing problems</h3>" + table(["problem", "items", "first ones"], rows, numeric=(1,))
+                     + '<p class="note">Each such item is a failure record of the crop stage (never cropped, never '
+                       "guessed); fix the files and relaunch: the items are planned again.</p>")
+        total = sum(int(p.get("count") or 0) for p in kinds.values())
+        problems.append(f"{total:,} item(s) of the corpus cannot be used as listed ("
+                        + ", ".join(h(k) for k in sorted(kinds)) + '): <a href="#crop">listing problems</a>')
     return "".join(parts)
 
 
@@ -534,6 +620,158 @@ def _manifest_section(workdir: Path) -> str:
             + (f'<p class="note">{" · ".join(extra)}</p>' if extra else ""))
 
 
+NOISE_SPLITS = ("train", "valid", "test")
+
+
+def _noise_section(workdir: Path, out_dir: Path, steps, problems: List[str]) -> str:
+    """The noise stage's clips per category and split (noise/summary.json), its failures and notes."""
+    ndir = workdir / "noise"
+    step = next((st for st in steps if st.stage == "noise"), None)
+    if not ndir.is_dir() and step is None:
+        return ""  # this run uses no noise of its own
+    path = ndir / "summary.json"
+    if not path.is_file():
+        state = f" ({step.done:,}/{fmt_num(step.total)} shards done)" if step else ""
+        return f'<p class="note">The noise stage has not finished{state}: no noise/summary.json yet.</p>'
+    summary = json.loads(path.read_text())
+    categories = summary["categories"]
+    rows, totals = [], {sp: [0, 0.0] for sp in NOISE_SPLITS}
+    for category, per in sorted(categories.items()):
+        cells = []
+        for sp in NOISE_SPLITS:
+            c = per.get(sp) or {}
+            clips, sec = int(c.get("clips") or 0), float(c.get("seconds") or 0.0)
+            totals[sp][0] += clips
+            totals[sp][1] += sec
+            cells.append(f"{clips:,} ({fmt_duration(sec)})" if clips else "–")
+        lists = " ".join(rel_link(ndir / category / f"{sp}.tsv", out_dir, sp) for sp in NOISE_SPLITS
+                         if (ndir / category / f"{sp}.tsv").is_file())
+        rows.append([h(category)] + cells + [lists])
+    rows.append(["<b>all</b>"] + [f"<b>{n:,}</b> ({fmt_duration(sec)})" for n, sec in totals.values()]
+                + [" ".join(rel_link(ndir / f"{sp}.tsv", out_dir, sp) for sp in NOISE_SPLITS
+                            if (ndir / f"{sp}.tsv").is_file())])
+    out = [table(["category", "train clips", "valid clips", "test clips", "lists"], rows, numeric=(1, 2, 3)),
+           '<p class="note">Clips per noise category and split (their total audio in brackets), as the noise stage '
+           "wrote them; training and fine-tuning mix the train clips, evaluation the valid/test ones.</p>"]
+    failures = int(summary.get("failures") or 0)
+    extra = [f"noise dir {rel_link(ndir, out_dir, str(ndir) + '/')}"]
+    if summary.get("skipped"):
+        extra.append(f"{int(summary['skipped']):,} silent piece(s) skipped")
+    if failures:
+        extra.append(f"{failures:,} noise file(s) could not be read: "
+                     f"{rel_link(ndir / 'failures.jsonl', out_dir, 'failures.jsonl')}")
+        problems.append(f'{failures:,} noise file(s) could not be read: <a href="#noise">noise</a>')
+    out.append(f'<p class="note">{" · ".join(extra)}</p>')
+    notes = summary.get("notes") or []
+    if notes:
+        out.append("<ul>" + "".join(f'<li class="note">{h(n)}</li>' for n in notes) + "</ul>")
+    return "".join(out)
+
+
+def _noise_wer_html(noise: dict, out_dir: Path, eval_dir: Path) -> str:
+    """WER per split, modality, noise category and SNR (results.json["noise"]) as tables and a plot."""
+    snrs = [f"{float(x):g}" for x in noise.get("snrs") or []]
+    table_ = noise["wer"]
+    parts = ["<h3>WER under noise</h3>"]
+    for split, per_modality in table_.items():
+        rows = []
+        for modality, cells in per_modality.items():
+            clean = cells.get("clean")
+            cats = [c for c in cells if c != "clean"]
+            rows.append([h(_modalities(modality)), "<b>clean</b>", _wer(clean)] + [""] * len(snrs))
+            for category in cats:
+                by_snr = cells[category] or {}
+                rows.append(["", h(category), ""] + [_wer(by_snr.get(k)) for k in snrs])
+        parts.append(f"<p><b>{h(split)}</b></p>" + table(["input", "noise", "clean"] + [f"{k} dB" for k in snrs], rows,
+                                                         numeric=tuple(range(2, 3 + len(snrs)))))
+    parts.append(img(plots.noise_wer(table_, snrs), "WER under noise"))
+    meta = [f"noise from <span class=\"path\">{h(noise.get('dir'))}</span>", f"seed {h(noise.get('seed'))}",
+            f"each condition's hypotheses: {rel_link(eval_dir, out_dir, 'finetune/noise_eval/')}"]
+    parts.append(f'<p class="note">{" · ".join(meta)}. Noise is mixed into the audio stream only; '
+                 "a video-only input is decoded clean.</p>")
+    notes = noise.get("notes") or []
+    if notes:
+        parts.append("<ul>" + "".join(f'<li class="note">{h(n)}</li>' for n in notes) + "</ul>")
+    return "".join(parts)
+
+
+def _wer(v) -> str:
+    return "–" if v is None else f"{float(v):.1f}%"
+
+
+def _units_section(workdir: Path, out_dir: Path, dirs: List[Path], steps, problems: List[str]) -> str:
+    """Each units run (units.out_dir): what it was computed from, K, layer, per split the rows done
+    and failed, cluster use, and links to its files."""
+    ustep = next((st for st in steps if st.stage == "units"), None)
+    kstep = next((st for st in steps if st.stage == "units_kmeans"), None)
+    if not dirs:
+        if ustep is None:
+            return ""  # no units run here
+        return (f'<p class="note">The units stage has started ({ustep.done:,}/{fmt_num(ustep.total)} shards) but its '
+                "output directory is not found (units.out_dir of the last launch).</p>")
+    out = []
+    for d in dirs:
+        settings = collect.read_json(d / "settings.json") if (d / "settings.json").is_file() else None
+        if (d / "settings.json").is_file() and settings is None:
+            raise ValueError(f"{d / 'settings.json'}: not readable JSON")
+        summary_path = d / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        settings = (summary or {}).get("settings") or settings or {}
+        out.append(f"<h3>Units in {rel_link(d, out_dir, str(d) + '/')}</h3>")
+        kmeans = settings.get("kmeans")
+        source = {"trained": "trained here (units_kmeans)", "iteration": "an iteration's own k-means",
+                  "file": "a given model"}.get(kmeans, kmeans)
+        model = settings.get("kmeans_model") or (str(d / "kmeans.joblib") if kmeans == "trained" else None)
+        rows = [["checkpoint", f'<span class="path">{h(settings.get("checkpoint"))}</span>'],
+                ["layer", h((summary or {}).get("layer", settings.get("layer")))],
+                ["input", h(_modalities(settings.get("modality")))],
+                ["K (clusters)", fmt_num((summary or {}).get("n_clusters"))],
+                ["k-means", h(source) + (f' · <span class="path">{h(model)}</span>' if model else "")]]
+        if kmeans == "trained" and kstep is not None:
+            stats = _done_stats(workdir, "units_kmeans")
+            if stats:
+                rows.append(["k-means training", f"{fmt_num(stats.get('utterances'))} utterances, "
+                                                 f"{fmt_num(stats.get('frames'))} frames, inertia {fmt_num(stats.get('inertia'))}"])
+        out.append(table(["", ""], rows))
+        if summary is None:
+            state = f"{ustep.done:,}/{fmt_num(ustep.total)} shards done" if ustep else "not run"
+            out.append(f'<p class="note">Not finished ({state}): the per-split files are written when every shard '
+                       "is done.</p>")
+            continue
+        split_rows, failures = [], []
+        for split, st in (summary.get("splits") or {}).items():
+            n, failed = int(st.get("utterances") or 0), int(st.get("failed_utterances") or 0)
+            files = " ".join(rel_link(d / f"{split}.{ext}", out_dir, f".{ext}") for ext in ("units", "rle", "jsonl")
+                             if (d / f"{split}.{ext}").is_file())
+            split_rows.append([h(split), fmt_num(n - failed), fmt_num(failed), fmt_num(st.get("frames")),
+                               f'{fmt_num(st.get("clusters_used"))}/{fmt_num(st.get("n_clusters"))}',
+                               f'{fmt_num(st.get("entropy_bits"))} / {fmt_num(st.get("max_entropy_bits"))}', files])
+            failures += [(split, f) for f in st.get("failures") or []]
+        out.append(table(["split", "utterances done", "failed", "frames (25 Hz)", "clusters used",
+                          "entropy (bits) / max", "files"], split_rows, numeric=(1, 2, 3, 4, 5),
+                         row_class=lambda k: "failed" if split_rows[k][2] not in ("0", "–") else ""))
+        links = [rel_link(d / f, out_dir, f) for f in ("dict.units.txt", "summary.json", "settings.json") if (d / f).is_file()]
+        out.append(f'<p class="note">{" · ".join(links)} · formats: <code>.units</code> one line of unit ids per '
+                   "manifest row, <code>.rle</code> runs and durations, <code>.jsonl</code> speech-resynthesis manifest "
+                   f'(key <code>{h(settings.get("jsonl_key", "hubert"))}</code>; failed rows left out)</p>')
+        if failures:
+            n_failed = sum(int(st.get("failed_utterances") or 0) for st in summary["splits"].values())
+            out.append(table(["split", "id", "reason"], [[h(sp), h(f.get("id")), f'<span class="path">{h(f.get("reason"))}</span>']
+                                                       for sp, f in failures[:10]]))
+            problems.append(f'{n_failed:,} utterance(s) have no units (empty lines): <a href="#units">units</a>')
+    return "".join(out)
+
+
+def _done_stats(workdir: Path, stage: str) -> Optional[dict]:
+    """The stats of a once-only, one-shard step's done marker (units_kmeans)."""
+    from pipeline.state import StateStore
+
+    store = StateStore(workdir)
+    keys = sorted(store.markers(stage, None)["done"])
+    m = store.read_done(stage, None, keys[0]) if keys else None
+    return (m or {}).get("stats") or None
+
+
 def _iterations_section(workdir: Path, iterations: List[int], steps) -> str:
     started = [it for it in iterations if (workdir / f"iter{it}").is_dir()]
     if not started:
@@ -604,10 +842,11 @@ def _iterations_section(workdir: Path, iterations: List[int], steps) -> str:
     return "".join(out)
 
 
-def _finetune_section(workdir: Path) -> str:
-    res = collect.read_json(workdir / "finetune" / "results.json")
-    if res is None:
+def _finetune_section(workdir: Path, out_dir: Path) -> str:
+    path = workdir / "finetune" / "results.json"
+    if not path.is_file():
         return '<p class="note">Fine-tuning has not written results yet.</p>'
+    res = json.loads(path.read_text())
     rows, hyps = [], []
     for split, st in (res.get("splits") or {}).items():
         wer = st.get("wer")
@@ -615,7 +854,7 @@ def _finetune_section(workdir: Path) -> str:
                      fmt_num(st.get("ref_words")), fmt_num(st.get("utterances"))])
         for hy in (st.get("hypotheses") or [])[:HYPOTHESES_SHOWN]:
             ref, hyp = str(hy.get("ref", "")), str(hy.get("hyp", ""))
-            errs = collect.word_errors(ref, hyp)
+            errs, _ = word_errors(ref, hyp)
             hyps.append([h(split), h(hy.get("id")), h(ref), f'<span class="{"err" if errs else ""}">{h(hyp)}</span>',
                          f"{errs}/{len(ref.split())}"])
     gen = res.get("generation") or {}
@@ -627,7 +866,9 @@ def _finetune_section(workdir: Path) -> str:
     return (table(["split", "WER", "errors", "reference words", "utterances"], rows, numeric=(1, 2, 3, 4))
             + f'<p class="note">{" · ".join(meta)}</p>'
             + (f"<h3>Hypotheses (first {HYPOTHESES_SHOWN} per split)</h3>"
-               + table(["split", "id", "reference", "hypothesis", "word errors"], hyps, numeric=(4,)) if hyps else ""))
+               + table(["split", "id", "reference", "hypothesis", "word errors"], hyps, numeric=(4,)) if hyps else "")
+            + (_guarded(f'{path} ("noise")', _noise_wer_html, res["noise"], out_dir, workdir / "finetune" / "noise_eval")
+               if res.get("noise") else ""))
 
 
 def _modalities(m) -> str:

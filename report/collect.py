@@ -25,7 +25,8 @@ from avprep import quality
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: rotations per angle
+ROTATED_EXAMPLES = 3  # rotated item ids kept per shard
 MARKERS_READ = 2000  # done markers read per step for job times; more are sampled
 SAMPLES_PER_SHARD = 4  # candidates for the corpus sample sheet
 
@@ -74,7 +75,8 @@ def summarise_shard(key: str, lines, bounds: quality.QualityBounds) -> dict:
     shows its effect without cropping again (the contact sheets keep the crop-time outlines).
     Figures are gathered per shard and compared and binned as arrays: ~20 us per record."""
     s = {"items": 0, "ok": 0, "failed": 0, "frames": 0, "with_quality": 0, "rotated": 0,
-         "splits": {}, "reasons": {}, "reason_examples": {}, "flag_counts": {}, "flagged": [],
+         "rotations": {}, "rotated_examples": [], "splits": {}, "reasons": {}, "reason_examples": {},
+         "flag_counts": {}, "flagged": [],
          "hist": {}, "n_sheet": 0, "samples": []}
     qs, meta = [], []  # the ok records' quality dicts, and (id, split, sheet index) of each
     for line in lines:
@@ -97,7 +99,15 @@ def summarise_shard(key: str, lines, bounds: quality.QualityBounds) -> dict:
             qs.append(q)
             meta.append((rec["id"], split, q.get("sheet_index")))
     s["with_quality"] = len(qs)
-    s["rotated"] = sum(1 for q in qs if q.get("rotation"))
+    # the rotation the crop applied to turn the source upright, as recorded (never probed here:
+    # the report opens no media)
+    for (item_id, _, _), q in zip(meta, qs):
+        angle = int(q.get("rotation") or 0) % 360
+        if angle:
+            s["rotated"] += 1
+            s["rotations"][str(angle)] = s["rotations"].get(str(angle), 0) + 1
+            if len(s["rotated_examples"]) < ROTATED_EXAMPLES:
+                s["rotated_examples"].append([item_id, angle])
     nan = float("nan")
     values = {f: np.array([q.get(f, nan) for q in qs], dtype=np.float64) for f in HIST_BINS}
     s["hist"] = {f: histogram(f, v) for f, v in values.items()}
@@ -134,6 +144,8 @@ class CropScan:
     frames: int = 0
     with_quality: int = 0
     rotated: int = 0
+    rotations: Counter = field(default_factory=Counter)  # degrees (str) -> items
+    rotated_examples: List[list] = field(default_factory=list)  # [id, degrees], a few per shard
     splits: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     reason_examples: Dict[str, list] = field(default_factory=dict)
@@ -209,6 +221,8 @@ def _add(scan: CropScan, s: dict) -> None:
     for k in ("items", "ok", "failed", "frames", "with_quality", "rotated"):
         setattr(scan, k, getattr(scan, k) + int(s.get(k, 0)))
     scan.splits.update(s.get("splits", {}))
+    scan.rotations.update(s.get("rotations", {}))
+    scan.rotated_examples.extend(s.get("rotated_examples", []))
     scan.reasons.update(s.get("reasons", {}))
     for g, ex in s.get("reason_examples", {}).items():
         scan.reason_examples.setdefault(g, ex)
@@ -418,18 +432,40 @@ def count_lines(path: Path) -> Optional[int]:
         return None
 
 
-def word_errors(ref: str, hyp: str) -> int:
-    """Word-level edit distance (the per-utterance errors of a hypothesis). The decoder's own
-    ``avhubert.s2s_decode.word_errors`` imports torch and fairseq with it (tens of seconds on a
-    login node): the report stays light."""
-    r, h = ref.split(), hyp.split()
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1]
+def read_listing(items_dir: Path) -> Optional[dict]:
+    """The frozen item list and what the last listing found (``stages/item_list.py``): from
+    ``index.json`` the frozen items, shards and batches (a few numbers per batch), from
+    ``listing.json`` the counts, the first removed/changed ids and the per-item problems. None
+    when the crop stage has not frozen a list here. Raises ValueError for a malformed file."""
+    index_path, listing_path = items_dir / "index.json", items_dir / "listing.json"
+    if not index_path.is_file() and not listing_path.is_file():
+        return None
+    out: dict = {"dir": items_dir}
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        batches = index.get("batches") or []
+        out.update({"corpus": index.get("corpus"), "layout": index.get("layout"), "batches": len(batches),
+                    "frozen": sum(int(b.get("items", 0)) for b in batches),
+                    "shards": sum(len(b.get("shards") or []) for b in batches)})
+    if listing_path.is_file():
+        listing = json.loads(listing_path.read_text())
+        if not isinstance(listing, dict):
+            raise ValueError(f"{listing_path}: not a JSON object")
+        out["listing"] = listing
+    return out
+
+
+def units_dirs(workdir: Path, cfg: Optional[dict]) -> List[Path]:
+    """Where units runs of this work dir are: ``units.out_dir`` of the last launch's config (it
+    may lie outside the work dir) and ``WORKDIR/units``, those holding a units run's files."""
+    configured = ((cfg or {}).get("units") or {}).get("out_dir")
+    candidates = ([Path(str(configured)).expanduser()] if configured else []) + [workdir / "units"]
+    out = []
+    for d in candidates:
+        d = d if d.is_absolute() else workdir / d
+        if d not in out and any((d / f).exists() for f in ("summary.json", "settings.json", "shards")):
+            out.append(d)
+    return out
 
 
 def quality_bounds(cfg: Optional[dict]) -> quality.QualityBounds:

@@ -49,6 +49,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _panels(n: int, height: float):
+    """A figure of ``n`` panels, at most 3 a row."""
+    cols = min(3, n)
+    rows = -(-n // cols)
+    return _plt().subplots(rows, cols, figsize=(3.6 * cols, height * rows), squeeze=False)
+
+
+def _panels_png(fig, axes, n: int) -> bytes:
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def quality_histograms(hist: Dict[str, list], bounds: quality.QualityBounds) -> bytes:
     """One histogram per quality figure over the whole corpus, the flag bounds as red lines."""
     plt = _plt()
@@ -112,10 +126,7 @@ def loss_curves(series: Dict[str, dict]) -> Optional[bytes]:
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    plt = _plt()
-    cols = min(3, len(series))
-    rows = -(-len(series) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = _panels(len(series), 2.6)
     for ax, (name, s) in zip(axes.flat, series.items()):
         for split, style in (("train", "-"), ("valid", "--")):
             pts = s.get(split) or []
@@ -127,10 +138,7 @@ def loss_curves(series: Dict[str, dict]) -> Optional[bytes]:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig)
+    return _panels_png(fig, axes, len(series))
 
 
 def step_times(names: Sequence[str], seconds: Sequence[float]) -> Optional[bytes]:
@@ -149,3 +157,31 @@ def step_times(names: Sequence[str], seconds: Sequence[float]) -> Optional[bytes
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def noise_wer(table: Dict[str, dict], snrs: Sequence[str]) -> Optional[bytes]:
+    """WER against SNR, one panel per split x input (modality), one line per noise category, the
+    clean WER as a dotted line (fine-tuning's results.json["noise"]["wer"])."""
+    panels = [(split, modality, cells) for split, per in table.items() for modality, cells in per.items()
+              if any(c != "clean" for c in cells) or cells.get("clean") is not None]
+    if not panels:
+        return None
+    fig, axes = _panels(len(panels), 2.7)
+    xs = [float(s) for s in snrs]
+    for ax, (split, modality, cells) in zip(axes.flat, panels):
+        for category, by_snr in cells.items():
+            if category == "clean" or not isinstance(by_snr, dict):
+                continue
+            pts = [(x, by_snr.get(k)) for x, k in zip(xs, snrs) if by_snr.get(k) is not None]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4, label=category)
+        if cells.get("clean") is not None:
+            ax.axhline(float(cells["clean"]), color="#444", ls=":", lw=1.2, label="clean")
+        ax.set_title(f"{split} · {modality}")
+        ax.set_xlabel("SNR (dB)")
+        ax.set_ylabel("WER (%)")
+        if xs:
+            ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _panels_png(fig, axes, len(panels))

@@ -130,15 +130,22 @@ def detect_frames(frames, detector, cache_mb: float) -> tuple:
     """Landmarks per frame (None where no face), and the frames themselves while they fit in
     ``cache_mb`` (None beyond it: the caller decodes again)."""
     detector.reset()
-    raw, cached, size = [], [], 0
-    for frame in frames:
-        raw.append(detector(_gray(frame)))
-        if cached is not None:
-            size += frame.nbytes
-            if size > cache_mb * 2**20:
-                cached = None
-            else:
-                cached.append(frame)
+    cached, size = [], 0
+
+    def grays():
+        nonlocal cached, size
+        for frame in frames:
+            if cached is not None:
+                size += frame.nbytes
+                if size > cache_mb * 2**20:
+                    cached = None
+                else:
+                    cached.append(frame)
+            yield _gray(frame)
+
+    # the detector's stream runs the landmark predictor on batches of frames (fast mode)
+    stream = getattr(detector, "stream", None)
+    raw = list(stream(grays()) if stream is not None else map(detector, grays()))
     return raw, cached
 
 
@@ -332,12 +339,17 @@ class CropStage(Stage):
         listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
-        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit)
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
+        from stages import estimates
+
+        estimates.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
-    def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True) -> list[str]:
+    def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
+               problems: Optional[dict] = None) -> list[str]:
         """Freeze ``items`` (the current listing) against the frozen list: the whole list the
-        first time, the new items as a new batch of shards later. Returns lines for the user."""
+        first time, the new items as a new batch of shards later. Returns lines for the user.
+        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json."""
         from stages import item_list as il
 
         idir = items_dir(ctx)
@@ -382,7 +394,7 @@ class CropStage(Stage):
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes)
+            il.write_listing_report(idir, len(items), changes, problems)
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
@@ -403,6 +415,11 @@ class CropStage(Stage):
         n = index.n_shards
         return [Shard(k, n, f"{k:05d}", {"batch": b.file, "offset": offset, "length": length, "count": count})
                 for k, b, offset, length, count in index.slices()]
+
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.crop(ctx)
 
     def outputs(self, ctx, shard):
         return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]

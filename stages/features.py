@@ -1,15 +1,24 @@
 """Features stage: the frames that iteration N's k-means clusters, sharded over utterances.
 
-Shards: every split of ``features.splits`` (train, valid) cut into ``features.nshard`` contiguous
-ranges of tsv rows (``manifest/{split}.tsv``). Shard ``{split}_{rank}_{nshard}`` writes
-``iter{N}/features/{split}_{rank}_{nshard}.npy`` (float32 (frames, D), utterances one after the
-other in tsv order) and ``.len`` (frames per utterance), streamed under a temporary name and
-renamed (``speechfeat.shards.ShardWriter``); ``np.load(mmap_mode="r")`` reads them.
+Shards: split x ``features.nshard`` contiguous ranges of tsv rows (``manifest/{split}.tsv``),
+keyed ``{split}_{rank}_{nshard}``. What a shard writes depends on ``features.store``:
+- ``sample`` (default): only the utterances k-means samples: ``kmeans.percent`` of the shard's
+  utterances of ``kmeans.split``, drawn with ``kmeans.seed`` exactly as the reference
+  ``learn_kmeans.py`` draws them from a full dump (``speechfeat.kmeans.choose_utterances``, one
+  random stream per shard), into ``{key}.sample.npy`` / ``.sample.len`` / ``.sample.rows`` (the
+  tsv rows drawn). The labels stage computes every utterance's features itself and assigns them
+  in the same pass, so the full feature matrix is never written (at LRS3 + VoxCeleb2 size ~486 GB
+  of float32 layer features per iteration, ~99 GB of MFCC). Other splits have no features shard.
+- ``all``: every utterance of every split of ``features.splits`` into ``{key}.npy`` / ``.len``
+  (the reference's dump); the labels stage reads it. ``features.dtype=float16`` halves the disk.
+Files are streamed under a temporary name and renamed (``speechfeat.shards.ShardWriter``).
 
 What is computed comes from the schedule (``stages.schedule.iteration_spec``):
 - ``mfcc`` (iteration 1): 39-d Kaldi MFCC + deltas + delta-deltas at 100 Hz of the wav
   (``speechfeat.mfcc``, parity with the reference ``dump_mfcc_feature.py``). An utterance has
   exactly ``1 + (n_audio_samples - 400) // 160`` frames; the wav must have the tsv's sample count.
+  MFCC is cheap (hundreds of times real time per core) next to writing and rereading ~4x as many
+  frames as the video has, so ``sample`` is the default for MFCC too.
 - ``layer`` (iteration N > 1): transformer layer L of iteration N-1's final checkpoint
   (``iter{N-1}/train/checkpoints/checkpoint_final.pt``, or ``features.checkpoint`` to featurize with
   any checkpoint, ours or reference-format), audio-visual input by default (``features.modality``),
@@ -18,13 +27,20 @@ What is computed comes from the schedule (``stages.schedule.iteration_spec``):
   pieces are batched with padding up to ``features.batch_frames`` padded frames per forward
   (``0`` = auto: batched on GPU, one piece per forward on CPU where padding only costs time).
 
+``row_features`` ("features of these tsv rows", a generator) is what both this stage and the
+labels stage run; ``extract_batched`` is the batched model call under it.
+
 An utterance whose files cannot be read or whose counts disagree with the tsv (a stale manifest)
 gets 0 frames and a failure record in the shard's stats, so one broken file does not stop the
 stage; more than ``features.max_failure_fraction`` of a shard's utterances failing does. The
 labels stage then writes an empty label line for it, which the training dataset skips.
+
+``features.keep=false`` deletes an iteration's feature files once the next iteration's labels
+are complete (never by default; see ``remove_bulky``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +49,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
 
@@ -40,12 +57,18 @@ log = logging.getLogger(__name__)
 
 VIDEO_RATE = 25  # fps of the crop stage's ROI videos (and of layer features)
 MFCC_RATE = 100
+STORES = ("sample", "all")
 
 
 @dataclass
 class Config:
     splits: List[str] = field(default_factory=lambda: ["train", "valid"])
     nshard: int = 1  # shards per split
+    # "sample": write only the utterances k-means samples; the labels stage computes features
+    # itself (no full dump). "all": write every frame of every split (the reference's dump)
+    store: str = "sample"
+    dtype: str = "float32"  # storage of the written features: float32 or float16 (half the disk)
+    keep: bool = True  # False: delete this iteration's feature files once the next iteration's labels exist
     checkpoint: Optional[str] = None  # layer features: this checkpoint instead of iteration N-1's
     modality: str = "av"  # layer features from "av" (both streams), "audio" or "video" input
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -73,6 +96,39 @@ def expected_frames(kind: str, n_video_frames: int, n_audio_samples: int) -> int
     return n_mfcc_frames(n_audio_samples) if kind == "mfcc" else int(n_video_frames)
 
 
+def split_shards(ctx: StageContext, splits: Sequence[str]) -> list[Shard]:
+    """``features.nshard`` contiguous shards of each split, keyed ``{split}_{rank}_{nshard}`` (the
+    labels stage's shards are those of every featurized split)."""
+    n = int(ctx.cfg.features.nshard)
+    keys = [(split, rank) for split in splits for rank in range(n)]
+    return [Shard(i, len(keys), f"{split}_{rank}_{n}", {"split": split, "rank": rank, "nshard": n})
+            for i, (split, rank) in enumerate(keys)]
+
+
+def store_mode(ctx: StageContext) -> str:
+    return str(ctx.cfg.features.store)
+
+
+def sample_draw(n_rows: int, rank: int, nshard: int, percent: float, seed: int) -> np.ndarray:
+    """tsv row indices that k-means samples from shard ``rank`` of a split of ``n_rows`` rows: the
+    draw ``speechfeat.kmeans.sample_set`` makes from a full dump of the same shards."""
+    from speechfeat.kmeans import choose_utterances
+    from speechfeat.shards import shard_range
+
+    a, b = shard_range(n_rows, rank, nshard)
+    return a + choose_utterances(b - a, float(percent), np.random.default_rng([int(seed), int(rank)]))
+
+
+def shard_files(ctx: StageContext, key: str, store: Optional[str] = None) -> dict:
+    """The files of features shard ``key``: ``npy`` and ``len`` (+ ``rows`` for a sample), and
+    ``removed`` (the note ``remove_bulky`` leaves in place of a deleted ``npy``)."""
+    d = ctx.stage_dir("features")
+    if (store or store_mode(ctx)) == "all":
+        return {"npy": d / f"{key}.npy", "len": d / f"{key}.len", "removed": d / f"{key}.removed.json"}
+    return {"npy": d / f"{key}.sample.npy", "len": d / f"{key}.sample.len", "rows": d / f"{key}.sample.rows",
+            "removed": d / f"{key}.sample.removed.json"}
+
+
 class FeaturesStage(Stage):
     name = "features"
     depends_on = ("manifest",)
@@ -80,6 +136,7 @@ class FeaturesStage(Stage):
     depends_on_previous = ("train",)
 
     def validate(self, ctx: StageContext) -> None:
+        from speechfeat.shards import DTYPES
         from stages.schedule import iteration_spec
 
         c = ctx.cfg.features
@@ -90,6 +147,10 @@ class FeaturesStage(Stage):
         for s in c.splits:
             if s not in ("train", "valid", "test"):
                 raise ConfigError(f"features.splits: {s!r} is not train, valid or test")
+        if c.store not in STORES:
+            raise ConfigError(f"features.store={c.store!r}: must be sample (only what k-means needs) or all")
+        if c.dtype not in DTYPES:
+            raise ConfigError(f"features.dtype={c.dtype!r}: must be one of {', '.join(DTYPES)}")
         if c.modality not in ("av", "audio", "video"):
             raise ConfigError(f"features.modality={c.modality!r}: must be av, audio or video")
         if int(c.max_frames) < 1 or int(c.batch_frames) < 0:
@@ -110,35 +171,59 @@ class FeaturesStage(Stage):
                                   "set features.checkpoint or use mfcc")
 
     def shards(self, ctx: StageContext) -> list[Shard]:
-        n = int(ctx.cfg.features.nshard)
-        out = []
-        for split in ctx.cfg.features.splits:
-            for rank in range(n):
-                out.append(Shard(len(out), 0, f"{split}_{rank}_{n}", {"split": split, "rank": rank, "nshard": n}))
-        return [Shard(s.index, len(out), s.key, s.params) for s in out]
+        if store_mode(ctx) == "all":
+            return split_shards(ctx, list(ctx.cfg.features.splits))
+        return split_shards(ctx, [str(ctx.cfg.kmeans.split)])
+
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.features(ctx)
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
-        d = ctx.stage_dir(self.name)
-        return [d / f"{shard.key}.npy", d / f"{shard.key}.len"]
+        f = shard_files(ctx, shard.key)
+        if f["removed"].exists():  # deleted on purpose (features.keep=false): still complete
+            return [f["len"], f["removed"]]
+        return [f[k] for k in ("npy", "len", "rows") if k in f]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from stages.schedule import iteration_spec
+        from speechfeat.shards import read_tsv, shard_range
 
-        spec = iteration_spec(ctx.cfg, ctx.iteration)
+        t0 = time.time()
         c = ctx.cfg.features
         split, rank, nshard = shard.params["split"], int(shard.params["rank"]), int(shard.params["nshard"])
-        npy, len_path = self.outputs(ctx, shard)
+        files = shard_files(ctx, shard.key)
+        files["removed"].unlink(missing_ok=True)  # featurized again: a real file from now on
         tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.tsv"
-        if spec.features == "mfcc":
-            return featurize_mfcc(tsv, rank, nshard, npy, len_path, float(c.max_failure_fraction))
-        return featurize_layer(tsv, rank, nshard, npy, len_path, checkpoint_path(ctx), int(spec.layer),
-                               modality=str(c.modality), device=str(c.device), max_frames=int(c.max_frames),
-                               batch_frames=int(c.batch_frames),
-                               max_failure_fraction=float(c.max_failure_fraction),
-                               torch_threads=int(c.torch_threads))
+        root, rows = read_tsv(tsv)
+        if "rows" in files:
+            picked = sample_draw(len(rows), rank, nshard, float(ctx.cfg.kmeans.percent), int(ctx.cfg.kmeans.seed))
+        else:
+            picked = np.arange(*shard_range(len(rows), rank, nshard))
+        stats = write_features(make_featurizer(ctx), tsv, root, [rows[i] for i in picked], files["npy"], files["len"],
+                               float(c.max_failure_fraction), str(c.dtype))
+        if "rows" in files:
+            atomic.write_text(files["rows"], "".join(f"{i}\n" for i in picked))
+        return {**stats, "store": store_mode(ctx), "seconds": round(time.time() - t0, 2)}
 
 
 STAGE = FeaturesStage()
+
+
+def remove_bulky(ctx: StageContext, reason: str) -> list[Path]:
+    """Delete iteration ``ctx.iteration``'s feature matrices (``features.keep=false``), leaving per
+    shard a ``.removed.json`` note (what, when asked by what) next to the small ``.len``/``.rows``
+    files, so the step stays complete and is not featurized again. Returns the deleted paths."""
+    removed = []
+    for store in STORES:
+        for shard in split_shards(ctx, list(ctx.cfg.features.splits)):
+            f = shard_files(ctx, shard.key, store)
+            if f["npy"].exists():
+                size = f["npy"].stat().st_size
+                atomic.write_json(f["removed"], {"file": f["npy"].name, "bytes": size, "reason": reason})
+                f["npy"].unlink()
+                removed.append(f["npy"])
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +249,10 @@ def _read_wav_checked(read_wav, path: Path, expected_samples: int) -> np.ndarray
     return wav
 
 
-class _Failures:
+class Failures:
+    """Per-item failure records of one shard; raises once more than ``max_fraction`` of its
+    ``n_utts`` utterances failed."""
+
     def __init__(self, tsv: Path, n_utts: int, max_fraction: float):
         self.tsv, self.n_utts, self.max_fraction = tsv, n_utts, max_fraction
         self.records: list = []
@@ -178,30 +266,145 @@ class _Failures:
                                f"{self.records[0]['id']}: {self.records[0]['reason']}")
 
 
-def featurize_mfcc(tsv, rank: int, nshard: int, npy_path, len_path, max_failure_fraction: float = 0.01) -> dict:
-    """MFCC shard ``rank`` of ``nshard`` of a manifest tsv into ``npy_path`` / ``len_path``."""
-    from speechfeat.mfcc import DIM, mfcc39, n_mfcc_frames
-    from speechfeat.shards import ShardWriter, read_tsv, shard_range
+class MfccFeaturizer:
+    """39-d MFCC of a row's wav (``speechfeat.mfcc.mfcc39``), one utterance at a time."""
 
-    t0 = time.time()
-    root, rows = read_tsv(tsv)
-    a, b = shard_range(len(rows), rank, nshard)
-    _, read_wav = media_readers()
-    failures = _Failures(Path(tsv), b - a, max_failure_fraction)
-    with ShardWriter(npy_path, len_path, DIM) as w:
-        for row in rows[a:b]:
-            try:
-                wav = _read_wav_checked(read_wav, root / row.audio, row.n_audio_samples)
-                feats = mfcc39(wav)
-                if len(feats) != n_mfcc_frames(row.n_audio_samples):
-                    raise ValueError(f"{len(feats)} MFCC frames, expected {n_mfcc_frames(row.n_audio_samples)}")
-            except Exception as e:  # one broken file must not stop the shard
-                raise_if_infrastructure(e, [Path(npy_path).parent])  # a full disk or a signal does
-                failures.add(row.id, f"{type(e).__name__}: {e}")
-                feats = np.zeros((0, DIM), dtype=np.float32)
-            w.append(feats)
-    return {"kind": "mfcc", "utterances": b - a, "frames": w.n_rows, "dim": DIM, "failures": failures.records,
-            "seconds": round(time.time() - t0, 2)}
+    kind = "mfcc"
+
+    def __init__(self):
+        from speechfeat.mfcc import DIM
+
+        self.dim = DIM
+        _, self.read_wav = media_readers()
+
+    def describe(self) -> dict:
+        return {"kind": "mfcc"}
+
+    def expected(self, row) -> int:
+        return expected_frames("mfcc", row.n_video_frames, row.n_audio_samples)
+
+    def load(self, root: Path, row):
+        return _read_wav_checked(self.read_wav, root / row.audio, row.n_audio_samples)
+
+    def compute(self, loaded: list) -> List[np.ndarray]:
+        from speechfeat.mfcc import mfcc39
+
+        return [mfcc39(wav) for wav in loaded]
+
+    def group_frames(self) -> int:
+        return 1  # nothing to batch
+
+
+class LayerFeaturizer:
+    """Layer ``layer`` features of a checkpoint for a row's ROI video and/or wav
+    (``avhubert.extract``), several utterances per ``extract_batched`` call on a GPU."""
+
+    kind = "layer"
+
+    def __init__(self, checkpoint, layer: Optional[int], modality: str = "av", device: str = "auto",
+                 max_frames: int = 2500, batch_frames: int = 0, torch_threads: int = 0, loaded=None):
+        """``loaded``: an already loaded ``(model, task_cfg)`` (on ``device``) instead of reading
+        ``checkpoint`` (which then only names it). ``layer`` None = the last one."""
+        import torch
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.checkpoint = Path(checkpoint)
+        if loaded is None:
+            self.model, self.task_cfg, self.device, self.layer = load_layer_model(checkpoint, layer, device)
+        else:
+            self.model, self.task_cfg = loaded
+            self.device = resolve_device(device)
+            self.layer = len(self.model.encoder.layers) if layer is None else int(layer)
+        self.batch_frames = batch_frames or auto_batch_frames(self.device)
+        self.modality, self.max_frames = modality, int(max_frames)
+        self.dim = _model_dim(self.model)
+        self.read_video, self.read_wav = media_readers()
+
+    def describe(self) -> dict:
+        return {"kind": "layer", "layer": self.layer, "checkpoint": str(self.checkpoint), "modality": self.modality,
+                "device": self.device}
+
+    def expected(self, row) -> int:
+        return int(row.n_video_frames)
+
+    def load(self, root: Path, row):
+        from avhubert.extract import audio_input, video_input
+
+        video = audio = None
+        if self.modality in ("av", "video"):
+            roi = np.asarray(self.read_video(str(root / row.video)))
+            if len(roi) != row.n_video_frames:
+                raise ValueError(f"{root / row.video}: {len(roi)} frames but the manifest says "
+                                 f"{row.n_video_frames} (stale manifest?)")
+            video = video_input(roi, self.task_cfg)
+        if self.modality in ("av", "audio"):
+            wav = _read_wav_checked(self.read_wav, root / row.audio, row.n_audio_samples)
+            audio = audio_input(wav, row.n_video_frames, self.task_cfg)
+        return video, audio
+
+    def compute(self, loaded: list) -> List[np.ndarray]:
+        return extract_batched(self.model, loaded, self.layer, self.max_frames, self.batch_frames)
+
+    def group_frames(self) -> int:
+        return max(self.batch_frames, self.max_frames)
+
+
+def make_featurizer(ctx: StageContext):
+    """The featurizer of iteration ``ctx.iteration`` (the schedule and the ``features`` settings)."""
+    from stages.schedule import iteration_spec
+
+    spec = iteration_spec(ctx.cfg, ctx.iteration)
+    c = ctx.cfg.features
+    if spec.features == "mfcc":
+        return MfccFeaturizer()
+    return LayerFeaturizer(checkpoint_path(ctx), int(spec.layer), modality=str(c.modality), device=str(c.device),
+                           max_frames=int(c.max_frames), batch_frames=int(c.batch_frames),
+                           torch_threads=int(c.torch_threads))
+
+
+def row_features(featurizer, root: Path, rows: Sequence, on_failure=None,
+                 output_roots: Sequence[Path] = ()) -> Iterator[Tuple[object, Optional[np.ndarray]]]:
+    """(row, float32 (T, D) features or None) for each tsv row, in order: "features of these rows".
+
+    Rows are read one by one and computed in groups of about ``featurizer.group_frames()`` frames
+    (batched forwards on a GPU), so memory stays bounded. A row that cannot be read, or whose
+    features do not have the tsv's frame count, yields None after ``on_failure(row.id, reason)``
+    (e.g. ``Failures.add``; default: a warning); an infrastructure error (disk full under
+    ``output_roots``, I/O error, signal: ``pipeline.errors``) propagates and fails the shard."""
+    if on_failure is None:
+        def on_failure(utt_id, reason):
+            log.warning("%s: %s", utt_id, reason)
+    group_frames = featurizer.group_frames()
+    pending: list = []  # (row, loaded input | None), in order
+    queued = 0
+
+    def flush():
+        ok = [(r, x) for r, x in pending if x is not None]
+        feats = featurizer.compute([x for _, x in ok]) if ok else []
+        by_row = {id(r): f for (r, _), f in zip(ok, feats)}
+        done = list(pending)
+        pending.clear()
+        for r, _ in done:
+            f = by_row.get(id(r))
+            if f is not None and len(f) != featurizer.expected(r):  # a decoder or model that drops frames
+                on_failure(r.id, f"{len(f)} feature frames, expected {featurizer.expected(r)}")
+                f = None
+            yield r, f
+
+    for row in rows:
+        try:
+            x = featurizer.load(root, row)
+        except Exception as e:  # one broken file must not stop the shard
+            raise_if_infrastructure(e, list(output_roots))  # a full disk or a signal does
+            on_failure(row.id, f"{type(e).__name__}: {e}")
+            x = None
+        pending.append((row, x))
+        queued += featurizer.expected(row) if x is not None else 0
+        if queued >= group_frames:
+            yield from flush()
+            queued = 0
+    yield from flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,82 +507,37 @@ def _model_dim(model) -> int:
 
 def layer_features_of_rows(model, task_cfg, root, rows, layer: int, modality: str = "av", max_frames: int = 2500,
                            batch_frames: int = 0, on_failure=None, output_roots=()) -> Iterator[tuple]:
-    """``(row, features)`` for every tsv row in order: float32 (n_video_frames, D) of ``layer``,
-    or None for a row whose files cannot be read or whose counts disagree with the tsv (then
-    ``on_failure(row.id, reason)`` is called; an infrastructure error is raised instead, see
-    ``pipeline.errors``). Rows are decoded and extracted in groups of about
-    ``max(batch_frames, max_frames)`` frames (``extract_batched``), so memory stays bounded."""
-    from avhubert.extract import audio_input, video_input
-
-    read_video, read_wav = media_readers()
-    if on_failure is None:
-        def on_failure(utt_id, reason):
-            log.warning("%s: %s", utt_id, reason)
-
-    def load(row):
-        video = audio = None
-        if modality in ("av", "video"):
-            roi = np.asarray(read_video(str(root / row.video)))
-            if len(roi) != row.n_video_frames:
-                raise ValueError(f"{root / row.video}: {len(roi)} frames but the manifest says "
-                                 f"{row.n_video_frames} (stale manifest?)")
-            video = video_input(roi, task_cfg)
-        if modality in ("av", "audio"):
-            wav = _read_wav_checked(read_wav, root / row.audio, row.n_audio_samples)
-            audio = audio_input(wav, row.n_video_frames, task_cfg)
-        return video, audio
-
-    def flush(pending):
-        ok = [(r, x) for r, x in pending if x is not None]
-        feats = extract_batched(model, [x for _, x in ok], layer, max_frames, batch_frames) if ok else []
-        by_id = {id(r): f for (r, _), f in zip(ok, feats)}
-        for r, _ in pending:
-            f = by_id.get(id(r))
-            if f is not None and len(f) != r.n_video_frames:  # cannot happen unless the model drops frames
-                on_failure(r.id, f"{len(f)} feature frames, expected {r.n_video_frames}")
-                f = None
-            yield r, f
-
-    group_frames = max(batch_frames, max_frames)
-    pending: list = []  # (row, inputs | None) decoded but not yet extracted, in tsv order
-    queued = 0
-    for row in rows:
-        try:
-            x = load(row)
-        except Exception as e:  # one broken file must not stop the shard
-            raise_if_infrastructure(e, output_roots)  # a full disk or a signal does
-            on_failure(row.id, f"{type(e).__name__}: {e}")
-            x = None
-        pending.append((row, x))
-        queued += row.n_video_frames if x is not None else 0
-        if queued >= group_frames:
-            yield from flush(pending)
-            pending, queued = [], 0
-    yield from flush(pending)
+    """``(row, features)`` for every tsv row in order: float32 (n_video_frames, D) of ``layer`` of
+    an already loaded model, or None for a row that failed (``row_features`` with a
+    ``LayerFeaturizer`` of that model)."""
+    featurizer = LayerFeaturizer("(loaded model)", layer, modality, str(next(model.parameters()).device),
+                                 max_frames, batch_frames, loaded=(model, task_cfg))
+    return row_features(featurizer, Path(root), rows, on_failure, output_roots)
 
 
 def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint, layer: int,
                     modality: str = "av", device: str = "auto", max_frames: int = 2500, batch_frames: int = 0,
-                    max_failure_fraction: float = 0.01, torch_threads: int = 0) -> dict:
-    """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv."""
-    import torch
+                    max_failure_fraction: float = 0.01, torch_threads: int = 0, dtype: str = "float32") -> dict:
+    """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv into a
+    feature dump shard (``npy_path`` / ``len_path``)."""
+    from speechfeat.shards import read_tsv, shard_range
 
-    from speechfeat.shards import ShardWriter, read_tsv, shard_range
-
-    t0 = time.time()
-    if torch_threads > 0:
-        torch.set_num_threads(torch_threads)
-    model, task_cfg, device, layer = load_layer_model(checkpoint, layer, device)
-    if batch_frames == 0:
-        batch_frames = auto_batch_frames(device)
-    dim = _model_dim(model)
+    featurizer = LayerFeaturizer(checkpoint, layer, modality, device, max_frames, batch_frames, torch_threads)
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
-    failures = _Failures(Path(tsv), b - a, max_failure_fraction)
-    with ShardWriter(npy_path, len_path, dim) as w:
-        for _, feats in layer_features_of_rows(model, task_cfg, root, rows[a:b], layer, modality, max_frames,
-                                               batch_frames, failures.add, [Path(npy_path).parent]):
-            w.append(feats if feats is not None else np.zeros((0, dim), dtype=np.float32))
-    return {"kind": "layer", "layer": layer, "checkpoint": str(checkpoint), "modality": modality, "device": device,
-            "utterances": b - a, "frames": w.n_rows, "dim": dim, "failures": failures.records,
-            "seconds": round(time.time() - t0, 2)}
+    return write_features(featurizer, Path(tsv), root, rows[a:b], npy_path, len_path, max_failure_fraction, dtype)
+
+
+def write_features(featurizer, tsv: Path, root: Path, rows: Sequence, npy_path, len_path,
+                   max_failure_fraction: float = 0.01, dtype: str = "float32") -> dict:
+    """The features of ``rows`` (0 frames for a failed row) streamed into a feature shard."""
+    from speechfeat.shards import ShardWriter
+
+    t0 = time.time()
+    failures = Failures(tsv, len(rows), max_failure_fraction)
+    empty = np.zeros((0, featurizer.dim), dtype=np.float32)
+    with ShardWriter(npy_path, len_path, featurizer.dim, dtype) as w:
+        for _, feats in row_features(featurizer, root, rows, failures.add, [Path(npy_path).parent]):
+            w.append(empty if feats is None else feats)
+    return {**featurizer.describe(), "dtype": dtype, "utterances": len(rows), "frames": w.n_rows,
+            "dim": featurizer.dim, "failures": failures.records, "seconds": round(time.time() - t0, 2)}

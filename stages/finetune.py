@@ -406,6 +406,11 @@ class FinetuneStage(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="finetune")]
 
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.finetune(ctx)
+
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         stage_dir = ctx.with_iteration(None).stage_dir("finetune")
         out = [stage_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, stage_dir / RESULTS]

@@ -283,14 +283,25 @@ def compare(items_dir: Path, index: Index, items: list, root: Path) -> Changes:
     return ch
 
 
-def write_listing_report(items_dir: Path, listed: int, changes: Changes) -> None:
-    """What the last listing found (read by the crop summary and the manifest's drop_removed)."""
+LISTING_EXAMPLES = 5  # ids/messages kept per kind in listing.json (counts are complete)
+
+
+def write_listing_report(items_dir: Path, listed: int, changes: Changes, problems: Optional[dict] = None) -> None:
+    """What the last listing found (read by the crop summary, the manifest's drop_removed and the
+    run report): counts, the first few removed/changed ids, and the listing's per-item problems
+    (``Listing.problems``: kind -> messages) as a count and the first few messages per kind; the
+    complete id lists are ``removed.txt`` / ``changed.txt``, the problems' items are failure
+    records of the crop stage."""
     atomic.write_text(Path(items_dir) / "removed.txt", "".join(i + "\n" for i in changes.removed))
     atomic.write_text(Path(items_dir) / "changed.txt", "".join(i + "\n" for i, _ in changes.changed))
     atomic.write_json(Path(items_dir) / "listing.json",
                       {"listed": listed, "frozen_before": changes.frozen, "new": len(changes.new),
                        "replanned": changes.replanned, "removed": len(changes.removed),
-                       "changed": len(changes.changed)})
+                       "changed": len(changes.changed),
+                       "removed_examples": changes.removed[:LISTING_EXAMPLES],
+                       "changed_examples": [list(c) for c in changes.changed[:LISTING_EXAMPLES]],
+                       "problems": {kind: {"count": len(messages), "examples": list(messages[:LISTING_EXAMPLES])}
+                                    for kind, messages in sorted((problems or {}).items())}})
 
 
 def read_listing_report(items_dir: Path) -> dict:

@@ -1,32 +1,42 @@
-"""Labels stage: iteration N's k-means applied to every feature shard, merged into the files the
+"""Labels stage: iteration N's k-means applied to every utterance, merged into the files the
 training task reads (``task.label_dir`` = ``iter{N}/labels``, ``task.labels=[km]``).
 
-Per shard (same shards as the features stage): nearest centroid of every frame (chunked BLAS
-distance products, ``speechfeat.kmeans.assign``), one line of space-separated labels per
-utterance, written to ``{split}_{rank}_{nshard}.km``. The labels are a pure function of the
-features and the saved centroids, so they are deterministic for a given k-means seed.
+Shards: those of the features stage for every split of ``features.splits``
+(``{split}_{rank}_{nshard}``). Per shard, the features of its tsv rows come from
+- ``features.store=sample`` (default): computed here (``stages.features.row_features``: MFCC,
+  or the previous iteration's model on the job's GPU when it has one, batched) and assigned in
+  the same pass: no feature matrix is ever written;
+- ``features.store=all``: the features stage's dump, read by row ranges (``FeatureShard``);
+then nearest centroid of every frame (``speechfeat.kmeans.assign``: chunked BLAS products on the
+CPU, torch on a GPU), one line of space-separated labels per utterance, in
+``{split}_{rank}_{nshard}.km``. Utterances are assigned in the same groups (consecutive ones of
+up to ``labels.chunk_frames`` frames) whatever the source, so float32 features give the same
+labels in both modes. The labels are a pure function of the features and the saved centroids.
 
 ``finalize`` (once):
 - ``{split}.km``: the shards concatenated in rank order = tsv order, one line per tsv row (an
-  utterance the features stage could not read has an empty line; the dataset drops it);
+  utterance that could not be featurized has an empty line; the dataset drops it);
 - ``dict.km.txt``: ``"{i} 1"`` for i in 0..K-1, a fairseq Dictionary. The reference README's
   recipe writes 1..K-1 (dropping label 0, which then maps to <unk>); we keep all K labels;
-- checks: every line has exactly the frames of the features' ``.len`` (one label per feature
-  frame, so labels/s = frames/s x label_rate / feature_rate with equal rates), and its duration at
-  the schedule's label rate (100 Hz MFCC, 25 Hz layer) is within ``labels.tolerance_seconds`` of
-  the video's (``n_video_frames / 25``), as the training dataset checks (its label_tolerance);
+- checks: every non-empty line has exactly the feature frames its tsv row implies (MFCC:
+  ``1 + (samples - 400) // 160``, layer: ``n_video_frames``), and its duration at the schedule's
+  label rate (100 Hz MFCC, 25 Hz layer) is within ``labels.tolerance_seconds`` of the video's
+  (``n_video_frames / 25``), as the training dataset checks (its label_tolerance);
 - ``report.json``: per split, clusters used, entropy (bits), share of frames in the 10 largest
   clusters, failed utterances and, where the manifest has ``{split}.wrd`` transcripts, the purity
   of the labels against characters aligned uniformly over each clip (a cheap reference to compare
   iterations: cluster purity = share of frames whose cluster's most frequent character is theirs,
   character purity the converse, and H(char | label) in bits);
-- ``cluster_usage.png``: frames per cluster (sorted) for each split.
+- ``cluster_usage.png``: frames per cluster (sorted) for each split;
+- with ``features.keep=false``, iteration N-1's feature files are deleted (its training is
+  complete, since iteration N's features read its final checkpoint).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -46,7 +56,8 @@ VIDEO_RATE = 25
 class Config:
     tolerance_seconds: float = 0.1  # |label duration - video duration| allowed (dataset label_tolerance)
     max_mismatch_fraction: float = 0.01  # of a split's utterances beyond the tolerance before failing
-    chunk_frames: int = 32768  # frames per distance computation
+    chunk_frames: int = 32768  # frames per distance computation (utterances are grouped up to this)
+    device: str = "auto"  # nearest-centroid search: "auto" (the job's GPU when it has one), "cpu", "cuda"
     report_splits: Optional[List[str]] = None  # None = every featurized split
 
 
@@ -65,21 +76,40 @@ class LabelsStage(Stage):
             raise ConfigError(f"labels.tolerance_seconds={c.tolerance_seconds}: must be >= 0")
         if int(c.chunk_frames) < 1:
             raise ConfigError(f"labels.chunk_frames={c.chunk_frames}: must be >= 1")
+        if not (c.device in ("auto", "cpu") or str(c.device).startswith("cuda")):
+            raise ConfigError(f"labels.device={c.device!r}: auto, cpu or cuda[:N]")
 
     def shards(self, ctx: StageContext) -> list[Shard]:
-        from stages.features import STAGE as FEATURES
+        from stages.features import split_shards
 
-        return FEATURES.shards(ctx)
+        return split_shards(ctx, split_names(ctx))
+
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.labels(ctx)
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [ctx.stage_dir(self.name) / f"{shard.key}.km"]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
+        from speechfeat.kmeans import load_centroids
+        from stages.features import shard_files, store_mode
         from stages.kmeans import model_path
 
-        feat_dir = ctx.stage_dir("features")
-        return apply_kmeans_shard(model_path(ctx), feat_dir / f"{shard.key}.npy", feat_dir / f"{shard.key}.len",
-                                  self.outputs(ctx, shard)[0], int(ctx.cfg.labels.chunk_frames))
+        centroids = load_centroids(model_path(ctx))
+        km_path = self.outputs(ctx, shard)[0]
+        chunk, device = int(ctx.cfg.labels.chunk_frames), str(ctx.cfg.labels.device)
+        if store_mode(ctx) == "all":
+            f = shard_files(ctx, shard.key, "all")
+            if not f["npy"].is_file():
+                raise FileNotFoundError(_missing_dump_message(ctx, f))
+            return label_dump(centroids, f["npy"], f["len"], km_path, chunk, device)
+        from stages.features import make_featurizer
+
+        tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{shard.params['split']}.tsv"
+        return label_rows(make_featurizer(ctx), tsv, int(shard.params["rank"]), int(shard.params["nshard"]),
+                          centroids, km_path, chunk, device, float(ctx.cfg.features.max_failure_fraction))
 
     def final_outputs(self, ctx: StageContext) -> list[Path]:
         d = ctx.stage_dir(self.name)
@@ -88,7 +118,8 @@ class LabelsStage(Stage):
 
     def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
         from speechfeat.kmeans import load_centroids
-        from speechfeat.shards import read_lengths, read_tsv
+        from speechfeat.shards import read_tsv
+        from stages.features import expected_frames, remove_bulky
         from stages.kmeans import model_path
         from stages.schedule import iteration_spec, label_rate
 
@@ -105,8 +136,8 @@ class LabelsStage(Stage):
         for split in split_names(ctx):
             _, rows = read_tsv(ctx.with_iteration(None).stage_dir("manifest") / f"{split}.tsv")
             shard_files = [out / f"{split}_{r}_{nshard}.km" for r in range(nshard)]
-            lengths = np.concatenate([read_lengths(ctx.stage_dir("features") / f"{split}_{r}_{nshard}.len")
-                                      for r in range(nshard)]) if nshard else np.zeros(0, np.int64)
+            lengths = np.array([expected_frames(spec.features, r.n_video_frames, r.n_audio_samples) for r in rows],
+                               dtype=np.int64)
             wrd = ctx.with_iteration(None).stage_dir("manifest") / f"{split}.wrd"
             texts = wrd.read_text(encoding="utf-8").split("\n")[: len(rows)] if wrd.is_file() else None
             stats = merge_split(shard_files, out / f"{split}.km", rows, lengths, k, rate, tol, texts,
@@ -117,50 +148,132 @@ class LabelsStage(Stage):
         atomic.write_text(out / "dict.km.txt", "".join(f"{i} 1\n" for i in range(k)))
         plot_usage(usage, out / "cluster_usage.png", f"iteration {ctx.iteration}: K={k}")
         atomic.write_json(out / "report.json", report)
+        if not bool(ctx.cfg.features.keep) and ctx.iteration > 1:
+            removed = remove_bulky(ctx.with_iteration(ctx.iteration - 1),
+                                   f"features.keep=false: iteration {ctx.iteration}'s labels are complete")
+            if removed:
+                log.warning("features.keep=false: removed %d feature file(s) of iteration %d", len(removed),
+                            ctx.iteration - 1)
+            report["removed_previous_features"] = len(removed)
         return report
 
 
 STAGE = LabelsStage()
 
 
-# ---------------------------------------------------------------------------------------------
-def apply_kmeans_shard(kmeans_path, npy_path, len_path, km_path, chunk_frames: int = 32768) -> dict:
-    """Label every frame of a feature shard; one line per utterance into ``km_path`` (atomic)."""
-    from speechfeat.kmeans import assign, load_centroids
-    from speechfeat.shards import open_shard
+def _missing_dump_message(ctx: StageContext, files: dict) -> str:
+    if files["removed"].exists():
+        return (f"{files['npy']} was deleted ({json.loads(files['removed'].read_text()).get('reason')}): "
+                f"run `--stage features --iteration {ctx.iteration} --force` to make it again")
+    return f"{files['npy']}: feature shard missing (run the features stage)"
 
-    centroids = load_centroids(kmeans_path)
-    feats, lengths = open_shard(npy_path, len_path)
-    if len(feats) and feats.shape[1] != centroids.shape[1]:
-        raise ValueError(f"{npy_path}: {feats.shape[1]}-d features but {kmeans_path} has "
-                         f"{centroids.shape[1]}-d centroids (features and kmeans of different iterations?)")
-    counts = np.zeros(len(centroids), dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    # utterances are labelled in groups of about chunk_frames frames, so memory stays bounded
+
+# ---------------------------------------------------------------------------------------------
+class LabelWriter:
+    """Labels utterance by utterance into an open text file, one line each. Utterances are
+    buffered into groups (consecutive ones while their frames add up to at most ``chunk_frames``;
+    at least one) and each group is assigned with one ``assign`` call, so the grouping, and with
+    it every floating-point operation, depends only on the utterance lengths."""
+
+    def __init__(self, f, centroids: np.ndarray, chunk_frames: int, device: str = "cpu"):
+        self.f, self.centroids, self.chunk, self.device = f, centroids, int(chunk_frames), device
+        self.counts = np.zeros(len(centroids), dtype=np.int64)
+        self.buffer: list = []
+        self.buffered = 0
+        self.utterances = self.frames = 0
+
+    def add(self, feats: np.ndarray) -> None:
+        if feats.ndim != 2 or (len(feats) and feats.shape[1] != self.centroids.shape[1]):
+            raise ValueError(f"{feats.shape[-1]}-d features but {self.centroids.shape[1]}-d centroids "
+                             "(features and kmeans of different iterations?)")
+        if self.buffer and self.buffered + len(feats) > self.chunk:
+            self.flush()
+        self.buffer.append(feats)
+        self.buffered += len(feats)
+
+    def flush(self) -> None:
+        from speechfeat.kmeans import assign
+
+        if not self.buffer:
+            return
+        if self.buffered:
+            x = self.buffer[0] if len(self.buffer) == 1 else np.concatenate(self.buffer)
+            labels = assign(x, self.centroids, chunk=self.chunk, device=self.device)
+            self.counts += np.bincount(labels, minlength=len(self.centroids))
+        pos = 0
+        for feats in self.buffer:
+            n = len(feats)
+            self.f.write(" ".join(map(str, labels[pos:pos + n].tolist())) + "\n" if n else "\n")
+            pos += n
+        self.utterances += len(self.buffer)
+        self.frames += self.buffered
+        self.buffer, self.buffered = [], 0
+
+    def stats(self) -> dict:
+        return {"utterances": self.utterances, "frames": self.frames, "clusters_used": int((self.counts > 0).sum())}
+
+
+def label_dump(centroids: np.ndarray, npy_path, len_path, km_path, chunk_frames: int = 32768,
+               device: str = "cpu") -> dict:
+    """Label every utterance of a feature dump shard into ``km_path`` (atomic), reading it by
+    row ranges of about ``chunk_frames`` frames."""
+    from speechfeat.shards import FeatureShard
+
+    t0 = time.time()
+    device = _assign_device(device)
+    with FeatureShard(npy_path, len_path) as shard, atomic.atomic_open(km_path, "w") as f:
+        writer = LabelWriter(f, centroids, chunk_frames, device)
+        for u, v, x in shard.iter_utterance_groups(chunk_frames):
+            offsets = shard.offsets[u:v + 1] - shard.offsets[u]
+            for j in range(v - u):
+                writer.add(x[offsets[j]:offsets[j + 1]])
+        writer.flush()
+    seconds = time.time() - t0
+    return {**writer.stats(), "source": "dump", "assign_device": device, "seconds": round(seconds, 2),
+            "frames_per_second": round(writer.frames / max(seconds, 1e-9), 1)}
+
+
+def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, km_path, chunk_frames: int = 32768,
+               device: str = "cpu", max_failure_fraction: float = 0.01) -> dict:
+    """Featurize the rows of shard ``rank`` of ``nshard`` of a manifest tsv with ``featurizer``
+    (``stages.features.row_features``) and label them in the same pass into ``km_path`` (atomic);
+    nothing else is written."""
+    from speechfeat.shards import read_tsv, shard_range
+    from stages.features import Failures, row_features
+
+    t0 = time.time()
+    device = _assign_device(device)
+    root, rows = read_tsv(tsv)
+    a, b = shard_range(len(rows), rank, nshard)
+    failures = Failures(Path(tsv), b - a, max_failure_fraction)
+    empty = np.zeros((0, featurizer.dim), dtype=np.float32)
     with atomic.atomic_open(km_path, "w") as f:
-        u = 0
-        while u < len(lengths):
-            v = u + 1
-            while v < len(lengths) and offsets[v + 1] - offsets[u] <= chunk_frames:
-                v += 1
-            a, b = int(offsets[u]), int(offsets[v])
-            labels = assign(feats[a:b], centroids, chunk=chunk_frames) if b > a else np.zeros(0, np.int64)
-            counts += np.bincount(labels, minlength=len(centroids))
-            for j in range(u, v):
-                s, e = int(offsets[j]) - a, int(offsets[j + 1]) - a
-                f.write(" ".join(map(str, labels[s:e].tolist())) + "\n")
-            u = v
-    return {"utterances": int(len(lengths)), "frames": int(len(feats)),
-            "clusters_used": int((counts > 0).sum())}
+        writer = LabelWriter(f, centroids, chunk_frames, device)
+        for _, feats in row_features(featurizer, root, rows[a:b], failures.add, [Path(km_path).parent]):
+            writer.add(empty if feats is None else feats)  # a failed utterance: an empty line
+        writer.flush()
+    seconds = time.time() - t0
+    return {**writer.stats(), **featurizer.describe(), "source": "computed", "assign_device": device,
+            "failures": failures.records, "seconds": round(seconds, 2),
+            "frames_per_second": round(writer.frames / max(seconds, 1e-9), 1)}
+
+
+def _assign_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    from stages.features import resolve_device
+
+    return resolve_device(device)
 
 
 def merge_split(shard_files, merged_path, rows, lengths, k: int, label_rate: int, tolerance_seconds: float,
                 texts: Optional[List[str]] = None, max_mismatch_fraction: float = 0.0) -> dict:
     """Concatenate a split's shard label files in order into ``merged_path`` while checking them
-    against the tsv rows and feature lengths; returns the split's statistics (with ``counts``).
+    against the tsv rows and the feature frames each row implies (``lengths``); returns the
+    split's statistics (with ``counts``).
 
-    A line whose label count differs from its feature frames, or labels outside 0..K-1, is an
-    error. A duration off the video's by more than ``tolerance_seconds`` (the manifest allows a
+    An empty line is a failed utterance. A non-empty line whose label count differs from its
+    feature frames, or labels outside 0..K-1, is an error. A duration off the video's by more than ``tolerance_seconds`` (the manifest allows a
     little A/V drift; the dataset drops such an utterance) is reported, and an error only for more
     than ``max_mismatch_fraction`` of the utterances."""
     counts = np.zeros(k, dtype=np.int64)
@@ -180,7 +293,7 @@ def merge_split(shard_files, merged_path, rows, lengths, k: int, label_rate: int
                         raise ValueError(f"{path}: more label lines than the {len(rows)} rows of the tsv")
                     labels = np.array(line.split(), dtype=np.int64)
                     row = rows[i]
-                    if len(labels) != lengths[i]:
+                    if len(labels) and len(labels) != lengths[i]:  # empty: the utterance failed
                         raise ValueError(f"{path}: utterance {row.id} has {len(labels)} labels but "
                                          f"{lengths[i]} feature frames")
                     if len(labels) and (labels.min() < 0 or labels.max() >= k):

@@ -110,6 +110,11 @@ class ManifestStage(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(0, 1, "all")]
 
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.manifest(ctx)
+
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         out = ctx.stage_dir(self.name)
         return [out / f"{s}.tsv" for s in SPLITS] + [out / "failures.jsonl", out / "summary.json",

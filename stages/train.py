@@ -554,6 +554,11 @@ class TrainStage(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="train")]
 
+    def estimate(self, ctx: StageContext):
+        from stages import estimates
+
+        return estimates.train(ctx)
+
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [ctx.stage_dir("train") / CHECKPOINT_DIR / FINAL_CHECKPOINT]
 

