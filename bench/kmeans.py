@@ -10,8 +10,7 @@ Synthetic data: a Gaussian mixture of 4 x K centres on a low-rank subspace plus 
 (clustered like real features, not uniform noise). ``sklearn`` = the reference learn_kmeans.py
 settings (MiniBatchKMeans, n_init 20); ``numpy`` is the kmeans stage's default.
 Targets (issue 14): the default backend >= 20x faster than sklearn at <= 1.01x its inertia.
-
-FIGURES
+Figures on the 2-core dev machine: bench/README.md (k-means section).
 """
 from __future__ import annotations
 

@@ -76,6 +76,8 @@ class ClusterConfig:
     fatal_pending_after_s: float = 10.0
     # check each request against the partition (and sbatch --test-only) before submitting
     check_requests: bool = True
+    # refuse a step whose estimated outputs (stages/estimates.py) exceed the work dir's free space
+    check_free_space: bool = True
     # seconds between the time-limit signal and the kill; None = min(90 s, 15% of the stage's limit)
     signal_delay_s: Optional[int] = None
     # preemptions/timeouts a checkpointable job may survive before it is given up (a job stopped

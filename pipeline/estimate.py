@@ -130,12 +130,18 @@ def check_plan_disk(steps, workdir: Path) -> None:
 def check_free_space(step, workdir: Path) -> None:
     """Refuse (ConfigError, one line) to submit ``step`` when what it writes exceeds the free
     space of the work dir's filesystem."""
+    if not step.ctx.cfg.cluster.get("check_free_space", True):
+        return
     est = step_estimate(step)
     if est is None or est.disk_bytes <= 0:
         return
+    need = est.disk_bytes
+    if step.shards and step.todo is not None and len(step.todo) < len(step.shards):
+        # a resumed step writes only its shards left (a crop 90 % done needs a tenth of its size)
+        need = est.disk_bytes * len(step.todo) / len(step.shards)
     free = free_bytes(workdir)
-    if est.disk_bytes > free:
+    if need > free:
         raise ConfigError(
-            f"not enough disk for {step.name}: it writes ~{human_bytes(est.disk_bytes)} under {workdir}, whose "
+            f"not enough disk for {step.name}: it writes ~{human_bytes(need)} under {workdir}, whose "
             f"filesystem has {human_bytes(free)} free; free space or choose a work dir on a larger filesystem"
-            + (f" ({est.hint})" if est.hint else ""))
+            + (f" ({est.hint})" if est.hint else "") + " (cluster.check_free_space=false skips this estimate)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -215,6 +215,11 @@ class Pipeline:
 
     def _compute_shards(self, step: Step, quiet: bool = False) -> None:
         if not step.prepared:
+            if not step.ctx.force and self.store.stale_reason(step.stage.name, step.iteration):
+                # a stale step's outputs are made anew from its redone inputs: its stage sees it as
+                # forced (training starts over instead of keeping a model of the old labels, a
+                # plan frozen from the old inputs is rebuilt)
+                step.ctx = replace(step.ctx, force=True)
             # errors in the inputs (PipelineError) are shown, in a dry run too
             for line in step.stage.prepare(step.ctx, commit=not self.dry_run) or []:
                 self.echo(f"[{step.name}] {line}")

@@ -34,9 +34,10 @@ MFCC_PER_FRAME = 4  # 100 Hz MFCC frames per video frame
 # crop outputs per video frame: the smoke run's crop dir on the sample corpus (96x96 gray h264 at
 # crf 18, 16-bit 16 kHz wav, compressed landmarks npz)
 CROP_BYTES_PER_FRAME = {"video": 318, "audio": 1296, "landmarks": 379}
-# fast crop per frame, one core: issue 14's 640x480 interview framing (detection 37.9 ms) plus
-# the ROI encoding and audio extraction
-CROP_CPU_SECONDS_PER_FRAME = 0.040
+# fast crop per frame, one core: bench/crop.py on 640x480 video with 60-240 px faces, decoding,
+# key-frame face search, landmarks, warp and ROI encoding 3.4-3.7 ms (bench/README.md), plus the
+# audio extraction and the per-item start-up
+CROP_CPU_SECONDS_PER_FRAME = 0.0045
 CROP_BASE_RAM = 400 * MB  # dlib models + decoder, on top of crop.frame_cache_mb
 # speechfeat.mfcc.mfcc39: seconds of audio per CPU second (bench/README.md, bench/mfcc.py: 3,482-3,854)
 MFCC_REALTIME_PER_CORE = 3700.0

@@ -125,7 +125,7 @@ class SumStage(Stage):
         values = sorted(int(p.read_text()) for p in ctx.stage_dir("toy").glob("out_*.txt"))
         atomic.write_text(self.outputs(ctx, shard)[0], f"{sum(values)}\n")
         with open(Path(ctx.workdir) / "runs.log", "a") as f:
-            f.write(f"{self.name} {ctx.iteration} {shard.key}\n")
+            f.write(f"{self.name} {ctx.iteration} {shard.key}{' forced' if ctx.force else ''}\n")
         return {"sum": sum(values)}
 
 

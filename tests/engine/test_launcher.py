@@ -200,8 +200,10 @@ def test_a_redone_step_makes_its_readers_stale_and_a_repair_does_not(tmp_path):
     assert "reruns after sum (iteration 1)" in plan, plan
     before = len(runs(tmp_path))
     run_all(pipe())
-    # sum of iteration 1 (stale), then sum of iteration 2 (its input sum (iteration 1) was redone)
+    # sum of iteration 1 (stale), then sum of iteration 2 (its input sum (iteration 1) was redone);
+    # a stale step runs as forced (training would start over instead of keeping the old model)
     assert [r.split()[:2] for r in runs(tmp_path)[before:]] == [["sum", "1"], ["sum", "2"]]
+    assert all(r.endswith(" forced") for r in runs(tmp_path)[before:]), runs(tmp_path)
     text, _ = report(tmp_path)
     assert "stale" not in text
     # a lost output of iteration 2's toy is made again: the same content, so sum is not stale
