@@ -23,7 +23,8 @@ def _chain(smoke_run, work, iteration, **features):
     from stages.labels import STAGE as LABELS
 
     if not (work / "manifest").exists():
-        shutil.copytree(smoke_run / "manifest", work / "manifest")  # its tsv root is the smoke crop dir
+        shutil.copytree(smoke_run / "manifest", work / "manifest")
+        (work / "crop").symlink_to(smoke_run / "crop")  # the tsv root is ../crop, relative to the tsv
     ckpt = smoke_run / "iter1" / "train" / "checkpoints" / "checkpoint_final.pt"
     cfg = make_cfg(SCHEDULE, features={"nshard": 2, "device": "cpu", "torch_threads": 2,
                                        "checkpoint": str(ckpt) if iteration == 2 else None, **features},
