@@ -109,17 +109,18 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
     rc = launch(*[a if a != "units.n_clusters=8" else "units.n_clusters=9" for a in args])
     err = capsys.readouterr().err
     assert rc == 2 and "kmeans.joblib was trained with other settings (n_clusters: 8 there, 9 now)" in err
-    # retrained with K=9: the units made with K=8 are refused until --force replaces them
+    # retrained with K=9 (--force): the units step read the old k-means, so it is stale and its
+    # units are made again with the new one without being asked (the engine's rule for a step
+    # whose input was redone)
     k9 = [a if a != "units.n_clusters=8" else "units.n_clusters=9" for a in args[2:]]
     assert launch("--stage", "units_kmeans", "--force", *k9) == 0
     assert load_model(out_dir / "kmeans.joblib")["centroids"].shape == (9, 64)
     capsys.readouterr()
-    assert launch("--stage", "units", *k9) == 2
-    err = capsys.readouterr().err
-    assert "holds units made with other settings (kmeans_training.n_clusters: 8 there, 9 now)" in err
-    assert "--stage units --force" in err
-    assert launch("--stage", "units", "--force", *k9) == 0
+    assert launch("--stage", "units", *k9) == 0
+    assert "[units] stale: its input units_kmeans was redone since it ran" in capsys.readouterr().out
     assert json.loads((out_dir / "summary.json").read_text())["n_clusters"] == 9
+    units = [parse_units_line(line) for line in read_lines(out_dir / "valid.units")]
+    assert np.concatenate(units).max() < 9 and [len(u) for u in units] == [r.n_video_frames for r in rows]
 
 
 
