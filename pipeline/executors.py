@@ -503,7 +503,10 @@ class Waiter:
         why = f"job {t.job_id}: {why}" + disk_hint(self.store.workdir)
         log = self.store.log_path(name, it, key)
         try:
-            self.store.mark_failed(name, it, key, why, log, {"job_id": t.job_id, "scheduler_state": info.state})
+            # a job that ended without a result failed as a job (killed, out of memory, time limit,
+            # a full disk), never because of an input item: the shard runs again
+            self.store.mark_failed(name, it, key, why, log,
+                                   {"job_id": t.job_id, "scheduler_state": info.state, "infrastructure": True})
         except OSError:  # the disk is full: the failure is still reported by this launch
             pass
         return key, str(log), why
@@ -530,7 +533,8 @@ class Waiter:
             why = f"job {t.job_id} cannot start: pending for reason {reason} ({explain_pending(reason)}); cancelled"
             log = self.store.log_path(name, it, t.shard.key)
             with contextlib.suppress(OSError):
-                self.store.mark_failed(name, it, t.shard.key, why, log, {"job_id": t.job_id, "pending_reason": reason})
+                self.store.mark_failed(name, it, t.shard.key, why, log,
+                                       {"job_id": t.job_id, "pending_reason": reason, "infrastructure": True})
             self.failures.append((t.shard.key, str(log), why))
 
 
@@ -552,10 +556,10 @@ def explain_pending(reason: str) -> str:
 
 
 def disk_hint(workdir: Path) -> str:
-    """'; the work dir's disk is full (filesystem ...: 0 B free)' when it is, else ''."""
+    """'; disk full on the work dir (filesystem ...: 0 B free)' when it is, else ''."""
     from pipeline.disk import free_line, is_full
 
-    return f"; the work dir's disk is full ({free_line(workdir)})" if is_full(workdir) else ""
+    return f"; disk full on the work dir ({free_line(workdir)})" if is_full(workdir) else ""
 
 
 class Progress:
