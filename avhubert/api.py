@@ -51,10 +51,10 @@ class CroppedVideo:
 def crop_video(video: PathLike, out_dir: PathLike, name: Optional[str] = None,
                mode: Optional[str] = None) -> CroppedVideo:
     """Run the crop stage's code on one raw video into ``out_dir/<name>.{mp4,wav,landmarks.npz}``.
-    Raises ``stages.crop.CropError`` (``NoFaceError`` when no frame has a face) or
+    Raises ``avprep.crop.CropError`` (``NoFaceError`` when no frame has a face) or
     ``avprep.media.MediaError``, whose messages name the file and the reason."""
     # the crop code and the readers the features stage uses (the pipeline's, not a copy)
-    from stages.crop import crop_one_video
+    from avprep.crop import crop_one_video
     from stages.features import media_readers
 
     result = crop_one_video(Path(video), Path(out_dir), mode=mode, name=name)

@@ -77,15 +77,15 @@ def crop_video(video: Path, out_dir: Path, mode: Optional[str] = None) -> Tuple[
     The ROI is read back from the mp4 the crop code writes, as training reads it (same codec)."""
     from avhubert import features as feat
     from avprep.media import MediaError
-    from stages import crop as crop_stage
+    from avprep import crop
 
     name = video.stem
     stale = out_dir / f"{name}.landmarks.npz"  # the crop code reuses landmarks it finds there
     if stale.exists():
         stale.unlink()
     try:
-        result = crop_stage.crop_one_video(video, out_dir, mode=mode, name=name)
-    except (crop_stage.CropError, MediaError) as e:  # CropError names the file and the reason
+        result = crop.crop_one_video(video, out_dir, mode=mode, name=name)
+    except (crop.CropError, MediaError) as e:  # CropError names the file and the reason
         raise InferError(str(e)) from None
     roi = feat.read_video_gray(str(result.video))
     wav = None

@@ -613,7 +613,7 @@ def units_command(args) -> int:
     from avprep.media import MediaError
     from speechfeat import kmeans as km
     from speechfeat.units import rle_line, units_line, vocoder_record
-    from stages.crop import CropError
+    from avprep.crop import CropError
     from stages.kmeans import Config as KmeansConfig, backend_params
 
     def error(msg: str) -> None:
