@@ -55,7 +55,7 @@ def crop_video(video: PathLike, out_dir: PathLike, name: Optional[str] = None,
     ``avprep.media.MediaError``, whose messages name the file and the reason."""
     # the crop code and the readers the features stage uses (the pipeline's, not a copy)
     from avprep.crop import crop_one_video
-    from stages.features import media_readers
+    from avhubert.features import media_readers
 
     result = crop_one_video(Path(video), Path(out_dir), mode=mode, name=name)
     read_video, read_wav = media_readers()
@@ -185,7 +185,7 @@ class AVHubert:
         """(T, D) float32 features of ``layer`` (None = last) at 25 Hz. Clips longer than
         ``max_frames`` are cut into independent pieces, as the features stage does.
         ``crop_dir`` keeps the crop of a raw video (ROI mp4, wav, landmarks) there."""
-        from stages.features import extract_batched
+        from avhubert.extract import extract_batched
 
         layer = self._layer(layer)
         v, a = self.inputs(video, audio, modalities, crop_dir, crop_mode)

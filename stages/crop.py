@@ -26,8 +26,9 @@ from avprep.crop import CropError, CropSettings, crop_item, crop_one_video, land
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
-from stages import item_list as il
+from stages import estimates, item_list as il
 from stages.corpus import scan_corpus, shown
+from stages.corpus_size import CorpusSizes
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class CropStage(Stage):
     def __init__(self):
         # items dir -> index with the batch a dry run planned but did not write
         self._planned: dict = {}
+        # the corpus size every step's estimate works from, sized from this stage's listing of
+        # the launch while there is no manifest
+        self.corpus_sizes = CorpusSizes()
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.crop
@@ -125,9 +129,7 @@ class CropStage(Stage):
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
         lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
-        from stages import estimates
-
-        estimates.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
+        self.corpus_sizes.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
     def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
@@ -198,9 +200,7 @@ class CropStage(Stage):
                 for k, b, offset, length, count in index.slices()]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.crop(ctx)
+        return estimates.crop(ctx, self.corpus_sizes.of(ctx))
 
     def outputs(self, ctx, shard):
         return [crop_dir(ctx) / "results" / f"{shard.key}.jsonl"]

@@ -58,19 +58,21 @@ from typing import List, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.config import resources_for
 from pipeline.stage import Shard, Stage, StageContext
-from stages.noise import NOISE_TASK_KEYS, FinetuneNoise
-from stages.train import RUN_OWNED_KEYS
+from stages import estimates
+from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, DistributedEnv,
+                                checkpoint_updates, close_fairseq_tensorboard_writers, distributed_env, hydra_value,
+                                override_key, resume_point, run_overrides, train_device)
+from stages.manifest import spm_model_path
+from stages.noise_use import (NOISE_TASK_KEYS, FinetuneNoise, noise_categories_made, task_overrides as noise_overrides,
+                              use_dir, uses_noise_stage, validate_use)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_CONFIG_DIR = REPO_ROOT / "avhubert" / "conf" / "finetune"
 
-CHECKPOINT_DIR = "checkpoints"
-FINAL_CHECKPOINT = "checkpoint_final.pt"
-LAST_CHECKPOINT = "checkpoint_last.pt"
-TENSORBOARD_DIR = "tensorboard"
 RESULTS = "results.json"
 NOISE_EVAL_DIR = "noise_eval"
 DECODE_SPLITS = ("valid", "test")
@@ -149,8 +151,6 @@ def max_update(cfg) -> int:
 
 def pretrained_checkpoint(ctx: StageContext) -> Path:
     """The checkpoint fine-tuning starts from."""
-    from stages import train as train_stage
-
     configured = ctx.cfg.finetune.get("pretrained_checkpoint")
     if configured:
         return Path(str(configured)).expanduser().resolve()
@@ -158,7 +158,7 @@ def pretrained_checkpoint(ctx: StageContext) -> Path:
     if n < 1:
         raise ConfigError("finetune needs finetune.pretrained_checkpoint or iterations >= 1 "
                           "(it reads the last pretraining iteration's checkpoint)")
-    return ctx.stage_dir("train", iteration=n) / train_stage.CHECKPOINT_DIR / train_stage.FINAL_CHECKPOINT
+    return ctx.stage_dir("train", iteration=n) / CHECKPOINT_DIR / FINAL_CHECKPOINT
 
 
 def manifest_dir(ctx: StageContext) -> Path:
@@ -166,7 +166,6 @@ def manifest_dir(ctx: StageContext) -> Path:
 
 
 def spm_model(ctx: StageContext) -> Path:
-    from stages.manifest import spm_model_path
 
     summary = manifest_dir(ctx) / "summary.json"
     if not summary.is_file():
@@ -182,7 +181,6 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
                       n_visible_gpus: Optional[int] = None) -> List[str]:
     """Hydra overrides turning the base fine-tuning config into this run's config."""
     from avhubert.s2s_decode import modality_list
-    from stages.train import DistributedEnv, _hydra_value, run_overrides
 
     cfg = ctx.cfg
     dist = dist or DistributedEnv()
@@ -190,16 +188,14 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
     manifest = manifest_dir(ctx)
     streams = modality_list(str(cfg.finetune.modalities))
     overrides = [
-        f"task.data={_hydra_value(manifest)}",
-        f"task.label_dir={_hydra_value(manifest)}",
+        f"task.data={hydra_value(manifest)}",
+        f"task.label_dir={hydra_value(manifest)}",
         "task.labels=[wrd]",
-        f"task.tokenizer_bpe_model={_hydra_value(spm_model(ctx))}",
+        f"task.tokenizer_bpe_model={hydra_value(spm_model(ctx))}",
         f"task.modalities=[{','.join(streams)}]",
-        f"model.w2v_path={_hydra_value(pretrained_checkpoint(ctx))}",
+        f"model.w2v_path={hydra_value(pretrained_checkpoint(ctx))}",
     ]
-    from stages.noise import task_overrides as noise_overrides
-
-    overrides += noise_overrides(ctx, cfg.finetune.noise, _hydra_value)
+    overrides += noise_overrides(ctx, cfg.finetune.noise, hydra_value)
     overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
         overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
@@ -233,8 +229,6 @@ def noise_eval_plan(ctx: StageContext) -> dict:
     """What decoding under noise covers: the noise dir, its categories per split (those with noise
     for the split; the dir's own lists are the category ``all``), modalities, SNRs; and notes on
     what had to be left out."""
-    from stages.noise import noise_categories_made, use_dir
-
     f = ctx.cfg.finetune
     use = f.noise
     directory = use_dir(ctx, use)
@@ -348,8 +342,6 @@ class FinetuneStage(Stage):
     checkpointable = True
 
     def dependencies(self, ctx: StageContext):
-        from stages.noise import uses_noise_stage
-
         # a given checkpoint (e.g. a published one) needs no pretraining from this run
         deps = ("manifest",) if ctx.cfg.finetune.get("pretrained_checkpoint") else tuple(self.depends_on)
         # noise in fine-tuning or in decoding reads the noise stage's lists
@@ -363,13 +355,12 @@ class FinetuneStage(Stage):
 
     def validate(self, ctx: StageContext) -> None:
         from avhubert.s2s_decode import modality_list
-        from stages.train import _override_key
 
         cfg = ctx.cfg
         for override in cfg.finetune.overrides or []:
             if "=" not in str(override) and not str(override).startswith("~"):
                 raise ConfigError(f"finetune.overrides: {override!r} is not a key=value override")
-            key = _override_key(str(override))
+            key = override_key(str(override))
             if key in STAGE_OWNED_KEYS:
                 raise ConfigError(f"finetune.overrides: {key} is set by the finetune stage "
                                   "(use finetune.* settings instead)")
@@ -390,8 +381,6 @@ class FinetuneStage(Stage):
             pretrained_checkpoint(ctx)  # iterations >= 1
         if int(cfg.finetune.beam) < 1:
             raise ConfigError(f"finetune.beam must be >= 1, got {cfg.finetune.beam}")
-        from stages.noise import validate_use
-
         validate_use(ctx, "finetune")
         use = cfg.finetune.noise
         for m in use.eval_modalities:
@@ -407,9 +396,8 @@ class FinetuneStage(Stage):
         return [Shard(index=0, count=1, key="finetune")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.finetune(ctx)
+        return estimates.finetune(ctx, base_config_path(ctx.cfg), max_update(ctx.cfg),
+                                  resources_for(ctx.cfg, self.name, multi_task=self.multi_task))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         stage_dir = ctx.with_iteration(None).stage_dir("finetune")
@@ -421,14 +409,12 @@ class FinetuneStage(Stage):
         return out
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from stages import train as train_stage
-
         start = time.time()
         ctx = ctx.with_iteration(None)
         cfg = ctx.cfg
         target = max_update(cfg)
-        dist = train_stage.distributed_env(cfg.finetune.get("master_port", None))
-        device, n_gpus = train_stage.train_device()
+        dist = distributed_env(cfg.finetune.get("master_port", None))
+        device, n_gpus = train_device()
         stage_dir = ctx.stage_dir("finetune")
         ckpt_dir = stage_dir / CHECKPOINT_DIR
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -439,11 +425,11 @@ class FinetuneStage(Stage):
                                     "(finetune.pretrained_checkpoint or the last train iteration)")
         spm = spm_model(ctx)
 
-        final_updates = train_stage.checkpoint_updates(final)
+        final_updates = checkpoint_updates(final)
         done_before = final_updates is not None and final_updates >= target
         start_updates = 0
         if not done_before:
-            _, start_updates = train_stage.resume_point(ckpt_dir, repair=dist.rank == 0)
+            _, start_updates = resume_point(ckpt_dir, repair=dist.rank == 0)
         log.info("finetune rank %d/%d on %s from %s: %s", dist.rank, dist.world_size, device, pretrained,
                  f"resuming at {start_updates} updates" if start_updates else "from the start")
 
@@ -454,13 +440,13 @@ class FinetuneStage(Stage):
 
             register()  # av_hubert_seq2seq known to fairseq before the config is composed
             base = base_config_path(cfg)
-            train_stage._close_fairseq_tensorboard_writers()
+            close_fairseq_tensorboard_writers()
             try:
                 run_fairseq_train(str(base.parent), base.stem, fairseq_overrides(ctx, dist, device, n_gpus),
                                   rank=dist.rank, world_size=dist.world_size, init_method=dist.init_method,
                                   device=device)
             finally:
-                train_stage._close_fairseq_tensorboard_writers()
+                close_fairseq_tensorboard_writers()
             trained = True
 
         if dist.rank != 0:
@@ -469,7 +455,7 @@ class FinetuneStage(Stage):
         if done_before:
             end_updates = final_updates
         else:
-            end_updates = train_stage.checkpoint_updates(last)
+            end_updates = checkpoint_updates(last)
             if end_updates is None or end_updates < target:
                 raise RuntimeError(
                     f"fine-tuning stopped at {end_updates or 0} updates, before max_update={target} "

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from stages import crop, estimates, features
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,8 @@ class KmeansStage(Stage):
         return [Shard(0, 1, "all")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.kmeans(ctx)
+        return estimates.kmeans(ctx, crop.STAGE.corpus_sizes.of(ctx), features.feature_cost(ctx, "features"),
+                                n_clusters(ctx), backend_params(ctx.cfg.kmeans))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [model_path(ctx)]

@@ -45,7 +45,9 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.config import resources_for
 from pipeline.stage import Shard, Stage, StageContext
+from stages import crop, estimates, features, kmeans
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,11 @@ class LabelsStage(Stage):
         return split_shards(ctx, split_names(ctx))
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.labels(ctx)
+        previous = None  # features.keep=false: the previous iteration's features are deleted after these labels
+        if not bool(ctx.cfg.features.keep) and ctx.iteration and ctx.iteration > 1:
+            previous = features.estimate(ctx.with_iteration(ctx.iteration - 1))
+        return estimates.labels(ctx, crop.STAGE.corpus_sizes.of(ctx), features.feature_cost(ctx, "labels"),
+                                kmeans.n_clusters(ctx), resources_for(ctx.cfg, self.name), previous)
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [ctx.stage_dir(self.name) / f"{shard.key}.km"]
@@ -261,7 +265,7 @@ def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, k
 def _assign_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
-    from stages.features import resolve_device
+    from avhubert.extract import resolve_device
 
     return resolve_device(device)
 

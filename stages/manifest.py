@@ -65,6 +65,7 @@ from typing import NamedTuple, Optional
 from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from stages import crop, estimates
 from stages.corpus import SPLITS, CorpusSettings
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ class ManifestStage(Stage):
         return [Shard(0, 1, "all")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.manifest(ctx)
+        return estimates.manifest(crop.STAGE.corpus_sizes.of(ctx))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         out = ctx.stage_dir(self.name)

@@ -469,16 +469,17 @@ def units_of_shard(tsv, rank: int, nshard: int, outputs, checkpoint, layer: Opti
     from speechfeat.kmeans import assign, load_centroids
     from speechfeat.shards import read_tsv, shard_range
     from speechfeat.units import rle_line, units_line, vocoder_record
-    from stages.features import _model_dim, auto_batch_frames, layer_features_of_rows, load_layer_model
+    from avhubert.extract import auto_batch_frames, load_layer_model, model_dim
+    from stages.features import layer_features_of_rows
 
     t0 = time.time()
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     model, task_cfg, device, layer = load_layer_model(checkpoint, layer, device)
     centroids = load_centroids(kmeans_path)
-    if centroids.shape[1] != _model_dim(model):
+    if centroids.shape[1] != model_dim(model):
         raise ValueError(f"{kmeans_path}: {centroids.shape[1]}-d centroids but layer {layer} of {checkpoint} "
-                         f"gives {_model_dim(model)}-d features")
+                         f"gives {model_dim(model)}-d features")
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
     failures: list = []
@@ -538,7 +539,8 @@ def train_kmeans(ctx: StageContext, r: Resolved) -> dict:
 
     from speechfeat import kmeans as km
     from speechfeat.shards import read_tsv
-    from stages.features import _model_dim, auto_batch_frames, layer_features_of_rows, load_layer_model
+    from avhubert.extract import auto_batch_frames, load_layer_model, model_dim
+    from stages.features import layer_features_of_rows
     from stages.kmeans import backend_params
 
     c = ctx.cfg.units
@@ -548,7 +550,7 @@ def train_kmeans(ctx: StageContext, r: Resolved) -> dict:
     model, task_cfg, device, layer = load_layer_model(r.checkpoint, r.layer, str(c.device))
     root, rows = read_tsv(ctx.with_iteration(None).stage_dir("manifest") / f"{c.kmeans_split}.tsv")
     chosen = [rows[i] for i in sample_rows(rows, float(c.kmeans_percent), int(c.kmeans_max_frames), int(c.kmeans_seed))]
-    x = np.empty((sum(row.n_video_frames for row in chosen), _model_dim(model)), dtype=np.float32)
+    x = np.empty((sum(row.n_video_frames for row in chosen), model_dim(model)), dtype=np.float32)
     failures: list = []
     pos = 0
     for row, feats in layer_features_of_rows(model, task_cfg, root, chosen, layer, r.modality, int(c.max_frames),
