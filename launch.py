@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
-             "report": ("report", "main"), "units": ("stages.units", "main")}
+             "report": ("report", "main"), "units": ("stages.units_command", "main")}
 # how a detached driver runs this launcher again (a module with main(argv), importable from paths)
 ENTRY = {"module": "launch", "script": str(ROOT / "launch.py"), "paths": [str(ROOT)]}
 
