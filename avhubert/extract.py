@@ -10,11 +10,12 @@ piecewise model call all three run.
     feats = extract_layer(model, video[None, None], audio.T[None], None, layer=9)  # (1, T, D)
 """
 import os
-import sys
+from argparse import Namespace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from omegaconf import open_dict
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,6 @@ _PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 def ensure_plugin_registered() -> None:
     """Register the plugin with fairseq exactly as ``--user-dir <this dir>`` would (once)."""
     from fairseq import utils as fairseq_utils
-    from argparse import Namespace
 
     fairseq_utils.import_user_module(Namespace(user_dir=_PLUGIN_DIR))
 
@@ -48,7 +48,6 @@ def load_pretrained(path: str, device: str = "cpu"):
     # the checkpoint's user_dir is where it was trained, not here: our plugin is already registered
     cfg = state.get("cfg")
     if cfg is not None and "common" in cfg and cfg.common is not None:
-        from omegaconf import open_dict
         with open_dict(cfg):
             cfg.common.user_dir = _PLUGIN_DIR
     name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None

@@ -32,6 +32,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from pipeline import atomic
+from speechfeat.shards import FeatureShard
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def sample_set(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int) -
     """The reference's sample of a feature dump: from each shard (``(npy, len)`` paths) a seeded
     draw of ``percent`` of its utterances (``choose_utterances``, one random stream per shard
     index, so the draw of a shard does not depend on the others)."""
-    from speechfeat.shards import FeatureShard
-
     opened, picks = [], []
     for i, (npy, len_path) in enumerate(shards):
         sh = FeatureShard(npy, len_path)

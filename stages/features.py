@@ -50,11 +50,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from avprep.media import read_gray_video, read_wav
-from speechfeat.mfcc import DIM as MFCC_DIM, mfcc39
+from speechfeat.kmeans import choose_utterances
+from speechfeat.mfcc import DIM as MFCC_DIM, mfcc39, n_mfcc_frames
 from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
 from pipeline.config import resources_for
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.shards import DTYPES, ShardWriter, read_tsv, shard_range
 from stages import crop, estimates, train
 from stages.schedule import iteration_spec
 
@@ -96,8 +98,6 @@ def checkpoint_path(ctx: StageContext) -> Path:
 
 
 def expected_frames(kind: str, n_video_frames: int, n_audio_samples: int) -> int:
-    from speechfeat.mfcc import n_mfcc_frames
-
     return n_mfcc_frames(n_audio_samples) if kind == "mfcc" else int(n_video_frames)
 
 
@@ -117,9 +117,6 @@ def store_mode(ctx: StageContext) -> str:
 def sample_draw(n_rows: int, rank: int, nshard: int, percent: float, seed: int) -> np.ndarray:
     """tsv row indices that k-means samples from shard ``rank`` of a split of ``n_rows`` rows: the
     draw ``speechfeat.kmeans.sample_set`` makes from a full dump of the same shards."""
-    from speechfeat.kmeans import choose_utterances
-    from speechfeat.shards import shard_range
-
     a, b = shard_range(n_rows, rank, nshard)
     return a + choose_utterances(b - a, float(percent), np.random.default_rng([int(seed), int(rank)]))
 
@@ -141,9 +138,6 @@ class FeaturesStage(Stage):
     depends_on_previous = ("train",)
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.shards import DTYPES
-        from stages.schedule import iteration_spec
-
         c = ctx.cfg.features
         if int(c.nshard) < 1:
             raise ConfigError(f"features.nshard={c.nshard}: must be at least 1")
@@ -190,8 +184,6 @@ class FeaturesStage(Stage):
         return [f[k] for k in ("npy", "len", "rows") if k in f]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat.shards import read_tsv, shard_range
-
         t0 = time.time()
         c = ctx.cfg.features
         split, rank, nshard = shard.params["split"], int(shard.params["rank"]), int(shard.params["nshard"])
@@ -361,8 +353,6 @@ class LayerFeaturizer:
 
 def make_featurizer(ctx: StageContext):
     """The featurizer of iteration ``ctx.iteration`` (the schedule and the ``features`` settings)."""
-    from stages.schedule import iteration_spec
-
     spec = iteration_spec(ctx.cfg, ctx.iteration)
     c = ctx.cfg.features
     if spec.features == "mfcc":
@@ -432,8 +422,6 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
                     max_failure_fraction: float = 0.01, torch_threads: int = 0, dtype: str = "float32") -> dict:
     """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv into a
     feature dump shard (``npy_path`` / ``len_path``)."""
-    from speechfeat.shards import read_tsv, shard_range
-
     featurizer = LayerFeaturizer(checkpoint, layer, modality, device, max_frames, batch_frames, torch_threads)
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
@@ -443,8 +431,6 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
 def write_features(featurizer, tsv: Path, root: Path, rows: Sequence, npy_path, len_path,
                    max_failure_fraction: float = 0.01, dtype: str = "float32") -> dict:
     """The features of ``rows`` (0 frames for a failed row) streamed into a feature shard."""
-    from speechfeat.shards import ShardWriter
-
     t0 = time.time()
     failures = Failures(tsv, len(rows), max_failure_fraction)
     empty = np.zeros((0, featurizer.dim), dtype=np.float32)

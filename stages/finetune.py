@@ -47,6 +47,8 @@ Noise does not reach the video stream: a video-only model is decoded clean only.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -56,7 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from omegaconf import OmegaConf
+
 from pipeline import atomic
+from pipeline.atomic import write_json
 from pipeline.errors import ConfigError
 from pipeline.config import resources_for
 from pipeline.stage import Shard, Stage, StageContext
@@ -127,8 +132,6 @@ def base_config_path(cfg) -> Path:
 
 
 def _base_value(cfg, key: str):
-    from omegaconf import OmegaConf
-
     path = base_config_path(cfg)
     if not path.is_file():
         return None
@@ -256,8 +259,6 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
     clean input (``clean``: scores already computed for finetune.modalities, by split); each
     condition is kept in its own file, reused by a requeued job when made with the same
     checkpoint and settings."""
-    from pipeline.atomic import write_json
-
     f = ctx.cfg.finetune
     plan = noise_eval_plan(ctx)
     stat = Path(checkpoint).stat()
@@ -301,11 +302,6 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
 
 def noise_eval_record(ctx: StageContext) -> Path:
     """``noise_eval/done-<digest>.json``: the noise table of an evaluation with these settings."""
-    import hashlib
-    import json
-
-    from omegaconf import OmegaConf
-
     f = ctx.cfg.finetune
     settings = {k: f.noise[k] for k in ("eval_snrs", "eval_categories", "eval_modalities", "eval_splits",
                                          "eval_seed", "dir")}
@@ -316,15 +312,11 @@ def noise_eval_record(ctx: StageContext) -> Path:
 
 
 def _noise_fingerprint(directory: Path) -> Optional[str]:
-    import json
-
     summary = directory / "summary.json"
     return json.loads(summary.read_text()).get("fingerprint") if summary.is_file() else None
 
 
 def _cached(path: Path, key: dict) -> Optional[dict]:
-    import json
-
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -500,8 +492,6 @@ class FinetuneStage(Stage):
         }
 
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
-        import json
-
         results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
         summary = {"num_updates": results["num_updates"], "modalities": results["modalities"],
                    **{f"wer_{s}": v["wer"] for s, v in results["splits"].items()}}

@@ -30,10 +30,15 @@ import argparse
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+
+from avprep import crop
+from avprep.media import MediaError
+from speechfeat.noise import AudioError, load_mono_16k, seeded_unit
 
 log = logging.getLogger("infer")
 
@@ -76,8 +81,6 @@ def crop_video(video: Path, out_dir: Path, mode: Optional[str] = None) -> Tuple[
 
     The ROI is read back from the mp4 the crop code writes, as training reads it (same codec)."""
     from avhubert import features as feat
-    from avprep.media import MediaError
-    from avprep import crop
 
     name = video.stem
     stale = out_dir / f"{name}.landmarks.npz"  # the crop code reuses landmarks it finds there
@@ -127,7 +130,6 @@ def add_noise(wav: np.ndarray, noise_file: Path, snr: float, seed: int, name: st
     """``wav`` (16 kHz int16) mixed with the recording ``noise_file`` at ``snr`` dB, read from an
     offset fixed by ``seed`` and ``name``."""
     from avhubert.features import mix_noise
-    from speechfeat.noise import AudioError, load_mono_16k, seeded_unit
 
     if not noise_file.is_file():
         raise InferError(f"{noise_file}: no such noise file")
@@ -194,7 +196,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     if not args.verbose:  # fairseq and the model log at INFO (and warn about deprecations) on load
-        import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("fairseq", "avhubert", "stages", "hydra", "infer"):

@@ -31,7 +31,12 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat import kmeans as km
+from speechfeat.kmeans import BACKENDS, SampleSet, sample_set as dump_sample
+from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
 from stages import crop, estimates, features
+from stages.features import sample_draw, shard_files, store_mode
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,6 @@ class Config:
 
 
 def n_clusters(ctx: StageContext) -> int:
-    from stages.schedule import iteration_spec
-
     k = ctx.cfg.kmeans.get("n_clusters")
     return int(k) if k else int(iteration_spec(ctx.cfg, ctx.iteration).n_clusters)
 
@@ -101,8 +104,6 @@ class KmeansStage(Stage):
     per_iteration = True
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.kmeans import BACKENDS
-
         c = ctx.cfg.kmeans
         if c.backend not in BACKENDS:
             raise ConfigError(f"kmeans.backend={c.backend!r}: must be one of {', '.join(BACKENDS)}")
@@ -127,8 +128,6 @@ class KmeansStage(Stage):
         return [model_path(ctx)]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat import kmeans as km
-
         c = ctx.cfg.kmeans
         t0 = time.time()
         samples = sample_set(ctx)
@@ -153,10 +152,6 @@ class KmeansStage(Stage):
 def sample_set(ctx: StageContext):
     """The utterances k-means samples (``speechfeat.kmeans.SampleSet``), from the features stage's
     sample files or drawn from its full dump. Opens headers and lengths only."""
-    from speechfeat.kmeans import SampleSet, sample_set as dump_sample
-    from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
-    from stages.features import sample_draw, shard_files, store_mode
-
     c = ctx.cfg.kmeans
     nshard = int(ctx.cfg.features.nshard)
     keys = [f"{c.split}_{r}_{nshard}" for r in range(nshard)]

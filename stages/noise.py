@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -57,10 +58,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+from omegaconf import OmegaConf
+
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.noise import (AUDIO_EXTENSIONS, assign_splits, babble, cut_pieces, load_mono_16k, loudness_db,
+                              normalise_loudness, plan_talker_streams, seeded_unit, split_counts, talker_stream,
+                              to_int16)
+from speechfeat.shards import read_tsv
 from stages.finetune import STAGE as FINETUNE
+from stages.manifest import check_split_fractions
 from stages.noise_use import (CATEGORY_NAME, SPLITS, corpus_categories, noise_dir, noise_sources, parse_dir_entry,
                               uses_noise_stage)
 
@@ -122,8 +131,6 @@ def speaker_of(item_id: str, layout: str) -> Optional[str]:
 def utterance_pools(manifest: Path, layout: str) -> Dict[str, List[tuple]]:
     """``{split: [(id, absolute wav path, samples), ...]}``: the utterances each split's corpus
     noise is drawn from, with the speakers of later splits left out of earlier ones."""
-    from speechfeat.shards import read_tsv
-
     rows = {}
     for split in SPLITS:
         root, split_rows = read_tsv(manifest / f"{split}.tsv")
@@ -134,8 +141,6 @@ def utterance_pools(manifest: Path, layout: str) -> Dict[str, List[tuple]]:
 
 
 def list_audio_files(folder: Path) -> List[Path]:
-    from speechfeat.noise import AUDIO_EXTENSIONS
-
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -150,7 +155,6 @@ def list_audio_files(folder: Path) -> List[Path]:
 def _settings(c) -> dict:
     keys = ("corpus_categories", "corpus_clips", "clip_seconds", "dirs", "piece_seconds", "min_piece_seconds",
             "valid_fraction", "test_fraction", "seed", "level_db", "clips_per_shard", "files_per_shard")
-    from omegaconf import OmegaConf
 
     return {k: OmegaConf.to_container(c[k]) if OmegaConf.is_config(c[k]) else c[k] for k in keys}
 
@@ -180,10 +184,6 @@ def scan_inputs(ctx: StageContext) -> dict:
 def build_plan(ctx: StageContext, inputs: dict) -> dict:
     """The whole stage as data: shards of corpus clips (the utterances of each talker) and of
     noise files (their category and split), with the inputs' fingerprint."""
-    import numpy as np
-
-    from speechfeat.noise import AUDIO_EXTENSIONS, assign_splits, plan_talker_streams, seeded_unit
-
     c = ctx.cfg.noise
     layout, manifest = inputs["layout"], inputs["manifest"]
     notes: List[str] = []
@@ -254,8 +254,6 @@ class NoiseStage(Stage):
         return bool(noise_consumers(ctx)) if setting is None else bool(setting)
 
     def validate(self, ctx: StageContext) -> None:
-        from stages.manifest import check_split_fractions
-
         c = ctx.cfg.noise
         check_split_fractions("noise", c)
         for key in ("clip_seconds", "piece_seconds"):
@@ -448,8 +446,6 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
     plan, so the same bytes) is kept."""
     import soundfile as sf
 
-    from speechfeat.noise import babble, talker_stream
-
     path = out / job["out"]
     ids = sorted({u[0] for t in job["talkers"] for u in t["utterances"]})
     if not (reuse and path.is_file()):
@@ -468,11 +464,6 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
 
 def make_file_pieces(job: dict, out: Path, c) -> List[dict]:
     """The pieces of one noise recording, 16 kHz mono, each loudness-normalised."""
-    import math
-
-    from speechfeat.noise import (cut_pieces, load_mono_16k, loudness_db, normalise_loudness, split_counts,
-                                  to_int16)
-
     samples = load_mono_16k(job["source"])
     bounds = cut_pieces(len(samples), int(round(float(c.piece_seconds) * 16000)),
                         int(round(float(c.min_piece_seconds) * 16000)))

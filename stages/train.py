@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+from omegaconf import ListConfig, OmegaConf
+
 from pipeline.atomic import atomic_path
 from pipeline.config import resources_for
 from pipeline.errors import ConfigError
@@ -80,8 +82,6 @@ class Config:
 
 
 def base_config_path(cfg, iteration: int) -> Path:
-    from omegaconf import ListConfig
-
     name = cfg.train.model_config
     if isinstance(name, (list, tuple, ListConfig)):
         if not 1 <= iteration <= len(name):
@@ -96,8 +96,6 @@ def base_config_path(cfg, iteration: int) -> Path:
 
 
 def _base_max_update(cfg, iteration: int) -> Optional[int]:
-    from omegaconf import OmegaConf
-
     path = base_config_path(cfg, iteration)
     if not path.is_file():
         return None
@@ -108,8 +106,6 @@ def _base_max_update(cfg, iteration: int) -> Optional[int]:
 
 def max_update_for(cfg, iteration: int) -> int:
     """Number of updates iteration ``iteration`` trains to (absolute count, as fairseq counts)."""
-    from omegaconf import ListConfig
-
     value = cfg.train.max_update
     if isinstance(value, (list, tuple, ListConfig)):
         if not 1 <= iteration <= len(value):
