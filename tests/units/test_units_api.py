@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-needs_golden = pytest.mark.skipif(
-    not all((GOLDEN / f).is_file() for f in ("ref_tiny_pretrain.pt", "ref_tiny_features.npz", "speech16k.wav")),
-    reason=f"golden reference data not found at {GOLDEN} (checked out beside the repo in CI)")
+from golden_data import SHARED_GOLDEN as GOLDEN, needs_golden as _needs
+
+needs_golden = _needs("ref_tiny_pretrain.pt", "ref_tiny_features.npz", "speech16k.wav")
 
 
 @pytest.fixture(scope="module")
