@@ -64,8 +64,9 @@ def test_every_data_file_of_the_packages_is_package_data():
             continue
         if not any(fnmatch.fnmatch(top, pattern) for pattern in include):
             continue
-        inside = path.relative_to(top).as_posix()
-        if not any(fnmatch.fnmatch(inside, glob) for glob in patterns.get(top, [])):
+        # setuptools expands the patterns as globs from the package's directory (`*` stays in one directory)
+        packaged = {p for glob in patterns.get(top, []) for p in (REPO / top).glob(glob)}
+        if REPO / path not in packaged:
             missing.append(str(path))
     assert missing == [], f"not in [tool.setuptools.package-data]: {missing}"
 
