@@ -2,6 +2,7 @@
 reruns, a two-stage chain, and a checkpointable 2-task job requeued by a preemption signal."""
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -170,6 +171,25 @@ def test_detached_driver_job_requeued_by_usr2_adopts_then_cancel_then_resume(tmp
     assert "toy                 6/6" in st.stdout and "sum                 1/1" in st.stdout, st.stdout
     assert _each_once(work, 6), toy_runs(work)
     print(f"\nSlurm driver: USR2 -> requeued driver adopting the tasks: {adopted_at - usr2_at:.1f} s")
+
+
+def test_cancel_stops_a_driver_job_its_record_does_not_name_before_the_jobs_it_submits(tmp_path, slurm):
+    # the work dir's driver is found by its job name (driver-<tag>) when the record names an
+    # earlier driver: stopped first and as the driver, so it cannot submit after the sweep
+    require_partitions("service")
+    work = tmp_path / "w"
+    r = run_cmd(toy_cmd(work, "slurm_local", "--detach"), toy_env({"toy": 4, "sleep_s": 30}), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    driver = driver_record(work)["job_id"]
+    wait_for(lambda: running_now(work), 120, "a running task")
+    record = work / ".pipeline" / "driver.json"
+    assert json.loads(record.read_text())["job_id"] == driver
+    record.write_text(json.dumps({**json.loads(record.read_text()), "job_id": "1", "state": "done"}))
+    c = run_cmd(launch_cmd("cancel", "--workdir", str(work)), timeout=180)
+    assert c.returncode == 0 and f"cancelled the driver job {driver}, " in c.stdout, c.stdout + c.stderr
+    stage_jobs = re.search(r"(\d+) job\(s\) \(([^)]*)\)", c.stdout).group(2).split(", ")
+    assert driver not in stage_jobs and all("_" in j for j in stage_jobs), c.stdout  # the array's tasks
+    assert squeue_tagged(work) == []
 
 
 @pytest.mark.parametrize("override,expected", [
