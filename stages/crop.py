@@ -24,7 +24,7 @@ from typing import Optional
 from avprep import media, quality
 from avprep.crop import CropError, CropSettings, crop_item, crop_one_video, landmark_detector
 from pipeline import atomic
-from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
 from stages import estimates, item_list as il
 from stages.corpus import scan_corpus, shown
@@ -190,7 +190,7 @@ class CropStage(Stage):
         idir = items_dir(ctx)
         index = self._planned.get(str(idir)) or il.read_index(idir)
         if index is None:
-            raise FileNotFoundError(f"{idir}: no frozen item list yet (a launch of the crop stage lists the corpus)")
+            raise InputsMissing(f"{idir}: no frozen item list yet (a launch of the crop stage lists the corpus)")
         return index
 
     def shards(self, ctx: StageContext) -> list:

@@ -19,9 +19,8 @@ from typing import Dict, Optional
 
 from omegaconf import OmegaConf
 
-from pipeline.config import Resources
 from pipeline.estimate import Estimate
-from pipeline.stage import StageContext
+from pipeline.stage import Resources, StageContext
 from speechfeat.kmeans import fast_params, pool_frames, sample_sizes
 
 GB = 1e9
@@ -103,6 +102,7 @@ def crop(ctx: StageContext, size: CorpusSize) -> Estimate:
     return Estimate(disk_bytes=frames * sum(CROP_BYTES_PER_FRAME.values()),
                     peak_ram_bytes=CROP_BASE_RAM + int(c.frame_cache_mb) * 2**20, jobs=max(1, min(shards, items)),
                     cpu_hours=frames * CROP_CPU_SECONDS_PER_FRAME / 3600,
+                    cpus=2,  # one Python process (decoding on one thread) and its one-thread ffmpeg encoder
                     detail=f"{items:,} items, {size.hours():,.{0 if size.hours() >= 10 else 2}f} h",
                     basis=[size.source, BASIS_CPU])
 

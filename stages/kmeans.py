@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat import kmeans as km
-from speechfeat.kmeans import BACKENDS, SampleSet, sample_set as dump_sample
+from speechfeat.kmeans import SampleSet, backend_problem, sample_set as dump_sample
 from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
 from stages import crop, estimates, features
 from stages.features import sample_draw, shard_files, store_mode
@@ -105,8 +105,9 @@ class KmeansStage(Stage):
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.kmeans
-        if c.backend not in BACKENDS:
-            raise ConfigError(f"kmeans.backend={c.backend!r}: must be one of {', '.join(BACKENDS)}")
+        problem = backend_problem(str(c.backend))
+        if problem:  # an unknown backend, or faiss (an optional extra) not installed
+            raise ConfigError(problem)
         p = float(c.percent)
         if not (p == -1 or 0 < p <= 1):
             raise ConfigError(f"kmeans.percent={c.percent}: must be in (0, 1] or -1 (all frames)")

@@ -62,7 +62,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.noise import (AUDIO_EXTENSIONS, assign_splits, babble, cut_pieces, load_mono_16k, loudness_db,
                               normalise_loudness, plan_talker_streams, seeded_unit, split_counts, talker_stream,
@@ -317,7 +317,7 @@ class NoiseStage(Stage):
         out = noise_dir(ctx)
         index = _read_index(out) or self._uncommitted.get(str(out))
         if index is None:
-            raise FileNotFoundError(f"{out / 'plan' / 'index.json'}: the noise stage has not been planned")
+            raise InputsMissing(f"{out / 'plan' / 'index.json'}: the noise stage has not been planned")
         return index
 
     def shards(self, ctx: StageContext) -> list[Shard]:
