@@ -50,12 +50,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from avprep.media import read_gray_video, read_wav
+from pipeline import atomic
+from pipeline.config import resources_for
+from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.kmeans import choose_utterances
 from speechfeat.mfcc import DIM as MFCC_DIM, mfcc39, n_mfcc_frames
-from pipeline import atomic
-from pipeline.errors import ConfigError, raise_if_infrastructure
-from pipeline.config import resources_for
-from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.shards import DTYPES, ShardWriter, read_tsv, shard_range
 from stages import crop, estimates, train
 from stages.schedule import iteration_spec

@@ -61,9 +61,8 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.atomic import write_json
-from pipeline.errors import ConfigError
 from pipeline.config import resources_for
+from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
 from stages import estimates
 from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, DistributedEnv,
@@ -287,7 +286,7 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
                                                       "category": None if category == "all" else category}
                     scores = decoder.score(split, modality, noise)
                     log.info("%s %s %s %s dB: WER %s", split, modality, category, snr, scores["wer"])
-                write_json(path, {"key": key, "scores": scores})
+                atomic.write_json(path, {"key": key, "scores": scores})
                 summary = {k: scores[k] for k in ("wer", "errors", "ref_words", "utterances")}
                 conditions.append({"split": split, "modalities": modality, "category": category,
                                    "snr": snr, **summary})

@@ -44,8 +44,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from pipeline import atomic
-from pipeline.errors import ConfigError
 from pipeline.config import resources_for
+from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.kmeans import assign, load_centroids
 from speechfeat.shards import FeatureShard, read_tsv, shard_range
