@@ -175,6 +175,36 @@ def test_no_domain_library_imports_the_stages_or_the_report(index):
     assert not offenders, offenders
 
 
+def private_uses(path: Path) -> List[str]:
+    """``from stages.x import _name`` and ``x._name`` on a module imported from ``stages``, in one file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "stages":
+            for a in node.names:
+                if a.name.startswith("_"):
+                    found.append(f"{path.name}:{node.lineno}: from {node.module} import {a.name}")
+                elif node.module == "stages":
+                    modules.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_")):
+            found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_the_private_names_of_a_stage_module():
+    # what two stages share lives in a module of its own (fairseq_run, noise_use, corpus_size, ...)
+    found = [use for p in project_files() for use in private_uses(p)]
+    assert not found, found
+
+
+def test_the_private_name_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from stages import train\nfrom stages.finetune import _snr_key\ntrain._helper()\n")
+    assert private_uses(bad) == ["bad.py:2: from stages.finetune import _snr_key", "bad.py:3: train._helper"]
+
+
 if __name__ == "__main__":  # the audit, grouped by reason: python tests/test_architecture.py
     idx = ImportIndex()
     groups: Dict[str, int] = {}
