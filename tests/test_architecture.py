@@ -13,7 +13,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -110,21 +110,20 @@ class ImportIndex:
                     self.top[name].update(modules)
             self._walk(child, name, path, is_package, function, opt)
 
-    def heavy(self, module: str, seen: Optional[Set[str]] = None) -> bool:
+    def heavy(self, module: str) -> bool:
         """Whether importing ``module`` imports a ``HEAVY`` library (its packages' __init__ included)."""
-        if module.split(".")[0] in HEAVY:
-            return True
-        if module in self._heavy:
-            return self._heavy[module]
-        seen = seen or set()
-        if module in seen:
-            return False
-        seen.add(module)
-        parts = module.split(".")
-        chain = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        result = any(m in self.top and any(self.heavy(t, seen) for t in self.top[m]) for m in chain)
-        self._heavy[module] = result
-        return result
+        if module not in self._heavy:
+            reached, todo = set(), [module]
+            while todo:  # every module importing ``module`` loads, at any depth
+                m = todo.pop()
+                if m in reached:
+                    continue
+                reached.add(m)
+                parts = m.split(".")
+                for parent in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                    todo += [parent, *self.top.get(parent, ())]
+            self._heavy[module] = any(m.split(".")[0] in HEAVY for m in reached)
+        return self._heavy[module]
 
     def unjustified(self) -> Dict[Tuple[str, str], List[int]]:
         """(file, module) -> lines of the function-level imports neither heavy nor optional."""
