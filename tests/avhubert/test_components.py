@@ -294,3 +294,29 @@ def test_the_task_draws_each_forward_s_masks_from_the_seed(av_corpus_25hz):
         run.task.begin_valid_epoch(1, run.model)
         valid.append(run.masks())
     assert np.array_equal(valid[0], valid[1]) and not np.array_equal(valid[0], at4)
+
+
+def test_same_seq_within_item_only_with_same_seq_input_masking(av_corpus_25hz):
+    task = _task(av_corpus_25hz)
+    with pytest.raises(ValueError, match="same_seq_within_item only applies"):
+        _tiny_model(task, masking_type="feature", same_seq_within_item=True)
+    with pytest.raises(ValueError, match="same_seq_within_item only applies"):
+        _tiny_model(task, masking_type="input", selection_type="same_other_seq", same_seq_within_item=True)
+    # a padded batch: the reference fills some of the short item's masked frames from its padding,
+    # the setting only from its own frames
+    B, T, n = 2, 120, 80
+    ident = (torch.arange(B)[:, None] * 1000 + torch.arange(T)[None, :]).float()
+    padding = torch.zeros(B, T, dtype=torch.bool)
+    padding[1, n:] = True
+    from_padding = {}
+    for within in (False, True):
+        model = _tiny_model(task, masking_type="input", selection_type="same_seq", mask_prob_image=0.3,
+                            mask_length_image=5, same_seq_within_item=within)
+        model.mask_rng = np.random.RandomState(0)
+        copied = []
+        for _ in range(20):
+            video = ident[:, None, :, None, None].expand(B, 1, T, 2, 2).clone()
+            masked, mask = model.apply_input_mask(video, padding, "video")
+            copied.append(masked[1, 0, :, 0, 0][mask[1]] % 1000)
+        from_padding[within] = int((torch.cat(copied) >= n).sum())
+    assert from_padding[False] > 0 and from_padding[True] == 0, from_padding
