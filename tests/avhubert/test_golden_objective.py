@@ -22,8 +22,12 @@ COUNT_KEYS = ["sample_size", "ntokens", "nsentences", "count_m_0", "count_u_0", 
 # float32 tolerances (README "Using it"); float64 is compared with the f64_* values
 # grad_vector: whole gradient tensors (final_proj, label_embs_concat, mask_emb), held to twice the
 # reference's own float32-vs-float64 distance (1.37e-4 for final_proj under input masking)
-F32 = dict(loss=1e-5, logits=3e-3, grad=1e-4, grad_video_conv1=5e-3, grad_vector=3e-4, intermediate=3e-3)
-F64 = dict(loss=1e-9, logits=1e-8, grad=1e-6, grad_video_conv1=1e-6, grad_vector=1e-6, intermediate=1e-8)
+# pen: features_pen and its loss term, which the reference computes in float32 also in its float64
+# step (README: ~1e-7 relative); the total loss carries that error (~2e-9 relative)
+F32 = dict(loss=1e-5, pen=1e-5, logits=3e-3, grad=1e-4, grad_video_conv1=5e-3, grad_vector=3e-4,
+           intermediate=3e-3)
+F64 = dict(loss=1e-9, pen=1e-7, total=1e-8, logits=1e-8, grad=1e-6, grad_video_conv1=1e-6, grad_vector=1e-6,
+           intermediate=1e-8)
 # zero in exact arithmetic (softmax ignores a per-query constant): the stored norms are noise
 NOISE_GRADS = ("self_attn.k_proj.bias",)
 # early ResNet BatchNorm/PReLU gradients are ill-conditioned in float32 (README: 1-2 % between
@@ -131,17 +135,18 @@ def test_replay_draws_the_recorded_video_sources(golden):
 
 
 def _check_objective(out, g, prefix, tol):
+    limits = {"loss": tol.get("total", tol["loss"]), "loss_features_pen": tol["pen"]}
     for key in LOSS_KEYS:
-        assert _rel(out["log"][key], g[f"{prefix}log_{key}"]) < tol["loss"], \
+        assert _rel(out["log"][key], g[f"{prefix}log_{key}"]) < limits.get(key, tol["loss"]), \
             f"{key}: {out['log'][key]} vs the reference's {float(g[prefix + 'log_' + key])}"
-    assert _rel(out["loss"], g[f"{prefix}loss"]) < tol["loss"]
+    assert _rel(out["loss"], g[f"{prefix}loss"]) < limits["loss"]
     for key in COUNT_KEYS:
         assert out["log"][key] == int(g[f"{prefix}log_{key}"]), key
     assert out["sample_size"] == int(g[f"{prefix}log_sample_size"])
     assert set(out["log"]) == {k[len("log_"):] for k in g if k.startswith("log_")}
     # features_pen is a mean over ALL frames of the batch, padding included
     pen = out["log"]["loss_features_pen"] / (gs.LOSS_WEIGHTS[0] * out["sample_size"])
-    assert _rel(pen, g[f"{prefix}features_pen"]) < tol["loss"]
+    assert _rel(pen, g[f"{prefix}features_pen"]) < tol["pen"]
 
     logits = out["logits"].detach().reshape(-1, out["logits"].shape[-1]).numpy()
     valid = ~g["padding_mask"].reshape(-1)
