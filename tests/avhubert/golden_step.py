@@ -7,13 +7,13 @@ labels, then one criterion call and backward, in float32 or float64.
 injects the recorded masks (and video sources) instead, so that the objective is checked
 independently of the draws. Either way the masks and front-end inputs the model used are recorded.
 """
-from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+from golden_data import SHARED_GOLDEN as GOLDEN, missing_reason as golden_missing
+
 CKPT = GOLDEN / "ref_tiny_pretrain.pt"
 NPZ = {"feature": GOLDEN / "ref_tiny_loss.npz", "input": GOLDEN / "ref_tiny_loss_input_mask.npz"}
 
@@ -25,10 +25,8 @@ LOSS_WEIGHTS = [10.0]
 
 
 def missing_reason(masking: str) -> Optional[str]:
-    for path in (CKPT, NPZ[masking]):
-        if not path.exists():
-            return f"golden reference data not found: {path} (checked out beside the repo in CI)"
-    return None
+    """Why the golden step of ``masking`` cannot run here (None: its files are present)."""
+    return golden_missing(CKPT.name, NPZ[masking].name)
 
 
 def load_golden(masking: str) -> Dict[str, np.ndarray]:
