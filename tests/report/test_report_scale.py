@@ -38,8 +38,8 @@ def test_counts_capped_flagged_list_and_flagged_tsv(large):
     print(f"report of {counts['items']:,} items in {counts['shards']} shards: {time.perf_counter() - t:.1f} s")
     page = rep.path.read_text()
     assert len(page) < 2_500_000  # the items are not in the page
-    assert page.count('class="flag-item"') == build.FLAGGED_SHOWN
-    assert f"{build.FLAGGED_SHOWN} of {counts['flagged']:,} flagged items shown" in page
+    assert page.count('class="flag-item"') == collect.FLAGGED_SHOWN
+    assert f"{collect.FLAGGED_SHOWN} of {counts['flagged']:,} flagged items shown" in page
     assert f'<div class="v">{counts["ok"]:,}</div>' in page and f"of {counts['items']:,}" in page
     rows = (work / "report" / "flagged.tsv").read_text().splitlines()
     assert len(rows) == counts["flagged"] + 1 and rows[0].startswith("id\tshard\tsplit\tflags")
