@@ -22,7 +22,7 @@ import jinja2
 from markupsafe import Markup
 
 from pipeline import atomic
-from report import collect, plots
+from report import collect, crop_scan, plots
 from report.files import FLAGGED_TSV, INDEX, REPORT_DIR, SAMPLE_SHEET
 from report.format import FILTERS
 
@@ -63,10 +63,10 @@ def write_crop_files(data: dict, out_dir: Path) -> None:
     q = data.get("quality")
     if q is None:
         return
-    lines = ["id\tshard\tsplit\tflags\t" + "\t".join(collect.FLAGGED_FIGURES)]
+    lines = ["id\tshard\tsplit\tflags\t" + "\t".join(crop_scan.FLAGGED_FIGURES)]
     for f in q["flagged"]:
         lines.append("\t".join([f["id"], f["shard"], f.get("split", ""), ",".join(f["flags"])]
-                               + [str(f["q"].get(k, "")) for k in collect.FLAGGED_FIGURES]))
+                               + [str(f["q"].get(k, "")) for k in crop_scan.FLAGGED_FIGURES]))
     atomic.write_text(out_dir / FLAGGED_TSV, "\n".join(lines) + "\n")
     if q["sample"] is not None:
         with atomic.atomic_open(out_dir / SAMPLE_SHEET, "wb") as f:
