@@ -92,7 +92,8 @@ SECTIONS = (
 
 class _Environment(jinja2.Environment):
     def getattr(self, obj, attribute):
-        """``data.items`` is the key "items" of a section's data, not the dict's method."""
+        """A key of a section's data before a dict method of the same name: ``data.items`` is the
+        key "items", never ``dict.items`` (Jinja2 tries the attribute first)."""
         if isinstance(obj, dict) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
@@ -102,8 +103,8 @@ def environment() -> jinja2.Environment:
     """The templates' environment: every value escaped, None shown as nothing, an unknown name an
     error (which costs its section one line, never the page)."""
     env = _Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             finalize=lambda v: "" if v is None else v)
+                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                       finalize=lambda v: "" if v is None else v)
     env.filters.update(FILTERS)
     env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
     env.tests["broken"] = lambda v: isinstance(v, collect.Broken)

@@ -45,3 +45,9 @@ def test_a_template_that_cannot_render_its_data_costs_one_line(tmp_path):
     # the same section with its data renders
     whole = build.Section("disk", "Disk", lambda run: {"entries": [], "approximate": False, "total": 0}, "x")
     assert "could not be built" not in build.render_section(env, run, whole)
+
+
+def test_a_key_of_the_data_comes_before_a_dict_method():
+    env = build.environment()
+    assert env.from_string("{{ data.items }} {{ data.values|length }}").render(data={"items": 3, "values": [1, 2]}) == "3 2"
+    assert env.from_string("{{ x }}|{{ '<b>' }}").render(x=None) == "|&lt;b&gt;"  # None is nothing; text escaped
