@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from omegaconf import OmegaConf
+
 from pipeline.atomic import atomic_path
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ TENSORBOARD_DIR = "tensorboard"
 # refused.
 RUN_OWNED_KEYS = (
     "optimization.max_update",
+    "optimization.update_freq",  # the recipe's batch on this job's ranks: train.update_freq / finetune.update_freq
     "checkpoint.save_dir",
     "checkpoint.restore_file",
     "common.tensorboard_logdir",
@@ -113,11 +117,13 @@ def train_device() -> Tuple[str, Optional[int]]:
 
 
 def run_overrides(stage_dir: Path, max_update: int, dist: "DistributedEnv", device: str,
-                  n_visible_gpus: Optional[int] = None) -> List[str]:
+                  n_visible_gpus: Optional[int] = None, update_freq: int = 1) -> List[str]:
     """The fairseq keys of one run that the pipeline owns (``RUN_OWNED_KEYS`` and the DDP backend):
-    update budget, checkpoint and TensorBoard dirs, and this rank's distributed settings."""
+    update budget and batches accumulated per update, checkpoint and TensorBoard dirs, and this
+    rank's distributed settings."""
     overrides = [
         f"optimization.max_update={max_update}",
+        f"optimization.update_freq=[{int(update_freq)}]",
         f"checkpoint.save_dir={hydra_value(stage_dir / CHECKPOINT_DIR)}",
         # fairseq resumes from <save_dir>/checkpoint_last.pt: this is the requeue/relaunch path
         "checkpoint.restore_file=checkpoint_last.pt",
@@ -140,6 +146,19 @@ def run_overrides(stage_dir: Path, max_update: int, dist: "DistributedEnv", devi
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints
+
+
+def update_freq_for(base: Path, ranks: int, override: Any = None):
+    """``avhubert.effective_batch.UpdateFreq`` of a run of base fairseq config ``base`` on ``ranks``
+    ranks (``override``: the user's train.update_freq / finetune.update_freq, or None). A bad
+    value is a ConfigError."""
+    from avhubert.effective_batch import derive_update_freq, recipe_of
+
+    try:
+        world, freq = recipe_of(OmegaConf.load(base))
+        return derive_update_freq(world, freq, ranks, override)
+    except ValueError as e:
+        raise ConfigError(f"update_freq ({base.name}): {e}") from None
 
 
 def checkpoint_updates(path: Path) -> Optional[int]:

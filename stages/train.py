@@ -35,7 +35,7 @@ from stages import estimates
 from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, TENSORBOARD_DIR,
                                 DistributedEnv, checkpoint_updates, close_fairseq_tensorboard_writers,
                                 discard_previous_training, distributed_env, hydra_value, override_key, resume_point,
-                                run_overrides, train_device)
+                                run_overrides, train_device, update_freq_for)
 from stages.noise_use import NOISE_TASK_KEYS, TrainNoise, task_overrides as noise_overrides, uses_noise_stage, validate_use
 from stages.schedule import label_rate
 from stages.tensorboard import plot_loss_curve
@@ -71,6 +71,9 @@ class Config:
     overrides: List[str] = field(default_factory=list)
     # Per-iteration extra overrides: entry i applies to iteration i+1 (after ``overrides``).
     iteration_overrides: List[List[str]] = field(default_factory=list)
+    # Batches each rank accumulates per update. None = the recipe's batch per update on this job's
+    # ranks: ceil(base config's distributed_world_size x update_freq / ranks) (avhubert/effective_batch.py).
+    update_freq: Optional[int] = None
     # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
     master_port: Optional[int] = None
     # Noise mixed into the audio (stages/noise.py: prob, snr, categories, iterations, dir).
@@ -93,6 +96,11 @@ def base_config_path(cfg, iteration: int) -> Path:
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         return Path(name).expanduser().resolve()
     return PRETRAIN_CONFIG_DIR / f"{name}.yaml"
+
+
+def train_update_freq(ctx: StageContext, ranks: int):
+    """The update_freq iteration ``ctx.iteration`` trains with on ``ranks`` ranks."""
+    return update_freq_for(base_config_path(ctx.cfg, ctx.iteration), ranks, ctx.cfg.train.get("update_freq"))
 
 
 def _base_max_update(cfg, iteration: int) -> Optional[int]:
@@ -156,7 +164,8 @@ def fairseq_overrides(
         f"model.label_rate={rate}",
     ]
     overrides += noise_overrides(ctx, cfg.train.noise, hydra_value, iteration)
-    overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus)
+    overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus,
+                               train_update_freq(ctx, dist.world_size).update_freq)
     return overrides + user_overrides(cfg, iteration)
 
 
@@ -187,7 +196,7 @@ class TrainStage(Stage):
             if key in STAGE_OWNED_KEYS:
                 raise ConfigError(
                     f"train.overrides: {key} is set by the train stage from the schedule and the "
-                    "work dir; use train.max_update / schedule.* instead of overriding it"
+                    "work dir; use train.max_update / train.update_freq / schedule.* instead of overriding it"
                 )
         n_iterations = int(cfg.get("iterations", 0) or 0)
         iterations = [ctx.iteration] if ctx.iteration else range(1, max(n_iterations, 1) + 1)
@@ -204,13 +213,15 @@ class TrainStage(Stage):
                     f"{sorted(p.stem for p in PRETRAIN_CONFIG_DIR.glob('*.yaml'))})"
                 )
             max_update_for(cfg, it)
+            train_update_freq(ctx.with_iteration(it), 1)  # a bad train.update_freq fails here
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="train")]
 
     def estimate(self, ctx: StageContext):
+        res = resources_for(ctx.cfg, self.name, multi_task=self.multi_task)
         return estimates.train(ctx, base_config_path(ctx.cfg, ctx.iteration), max_update_for(ctx.cfg, ctx.iteration),
-                               resources_for(ctx.cfg, self.name, multi_task=self.multi_task))
+                               res, train_update_freq(ctx, res.nodes * res.tasks_per_node))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [ctx.stage_dir("train") / CHECKPOINT_DIR / FINAL_CHECKPOINT]
@@ -243,6 +254,9 @@ class TrainStage(Stage):
             device, f"resuming at {start_updates} updates from {resumed_from}" if resumed_from
             else "from scratch",
         )
+        batch = train_update_freq(ctx, dist.world_size)
+        log.log(logging.WARNING if batch.excess else logging.INFO, "train iteration %s: %s", iteration,
+                batch.describe())
 
         trained = False
         if not done_before and start_updates < max_update:
@@ -286,6 +300,7 @@ class TrainStage(Stage):
             "resumed_from_updates": int(start_updates),
             "trained": trained,
             "world_size": dist.world_size,
+            "update_freq": batch.as_dict(),
             "backend": "nccl" if device == "cuda" else "gloo",
             "host": socket.gethostname(),
             "wall_s": round(time.time() - start, 1),
