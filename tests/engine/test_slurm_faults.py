@@ -1,0 +1,169 @@
+"""The scheduler's bad days on a real Slurm: a controller killed and restarted from older state (it
+forgets jobs that sacct still shows pending), a job held after its launch failed on a node, two
+detached launches at once, a killed driver, a preemption signal before the first checkpoint.
+
+Controller kills happen on a PRIVATE Slurm instance (``SLURM_LOCAL_INSTANCE``, its own slurmctld,
+slurmd daemons and state; munge and slurmdbd shared), never on the machine's cluster that other
+tests use. The launcher and its jobs find it through ``SLURM_CONF``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_toy_stages import overlaps
+from launcher_helpers import (
+    ROOT,
+    TOY_LAUNCH,
+    all_job_ids,
+    run as run_cmd,
+    runs as toy_runs,
+    start,
+    toy_cmd,
+    toy_env,
+    wait_for,
+    wait_for_text,
+)
+
+pytestmark = pytest.mark.slurm
+
+INSTANCE = "faults"
+PORT = "7857"  # the machine's cluster has 6817-6822; other private instances default to 7817
+
+
+class PrivateSlurm:
+    """A private Slurm instance of scripts/slurm_local.sh that a test may break."""
+
+    def __init__(self):
+        self.dir = Path(f"/tmp/slurm_local_{INSTANCE}")
+        self.conf = self.dir / "etc" / "slurm.conf"
+        self.state = self.dir / "state"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def script(self, action: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, SLURM_LOCAL_INSTANCE=INSTANCE, SLURM_LOCAL_PORT=PORT)
+        return subprocess.run([str(ROOT / "scripts" / "slurm_local.sh"), action], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    def cmd(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60, check=check)
+
+    def sacct_state(self, job: str) -> str:
+        out = self.cmd("sacct", "-n", "-P", "-X", "-j", job, "-o", "State").stdout.split()
+        return out[0] if out else ""
+
+    def ctld_pid(self) -> int:
+        return int((self.dir / "run" / "slurmctld.pid").read_text())
+
+    def snapshot_state(self, to: Path) -> None:
+        """The controller's saved state as it is now (what a restart after a crash may come back with)."""
+        self.cmd("scontrol", "setdebug", "info")  # any RPC: the state is written on changes
+        shutil.copytree(self.state, to)
+
+    def crash_and_restart_from(self, snapshot: Path) -> None:
+        """kill -9 the controller, then start it again from ``snapshot``: the jobs submitted since
+        are gone from it, their accounting records stay."""
+        os.kill(self.ctld_pid(), 9)
+        wait_for(lambda: not _alive(self.ctld_pid()), 10, "slurmctld to die")
+        shutil.rmtree(self.state)
+        shutil.copytree(snapshot, self.state)
+        subprocess.run(["/usr/sbin/slurmctld"], env=self.env, check=True, timeout=60)
+        wait_for(lambda: self.cmd("squeue").returncode == 0, 30, "slurmctld to answer")
+
+    def wait_nodes_up(self) -> None:
+        wait_for(lambda: self.cmd("sinfo", "-h", "-p", "debug", "-o", "%t").stdout.strip() in ("idle", "mix", "alloc"),
+                 60, "the restarted controller's node to register", every=0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def private_slurm(slurm):
+    if os.geteuid() != 0:
+        pytest.skip("a private Slurm instance needs root (scripts/slurm_local.sh)")
+    inst = PrivateSlurm()
+    r = inst.script("start")
+    if r.returncode != 0:
+        pytest.fail(f"the private Slurm instance did not start:\n{r.stdout}\n{r.stderr}")
+    yield inst
+    inst.script("stop")
+
+
+def _env(inst: PrivateSlurm, spec: dict) -> dict:
+    return dict(toy_env(spec), SLURM_CONF=str(inst.conf))
+
+
+def _each_once_done(workdir: Path, n: int) -> bool:
+    done = sorted(r.split()[-1] for r in toy_runs(workdir) if r.startswith("toy"))
+    return done == [f"part{i:03d}" for i in range(n)]
+
+
+def test_jobs_lost_by_a_restarted_controller_are_submitted_again_and_the_run_completes(tmp_path, private_slurm):
+    inst = private_slurm
+    work = tmp_path / "w"
+    snapshot = tmp_path / "ctld_state"
+    inst.snapshot_state(snapshot)  # the controller's state before the array
+    log = tmp_path / "launch.log"
+    p = start(toy_cmd(work, "slurm_local"), _env(inst, {"toy": 3, "sleep_s": 3}), log)
+    try:
+        wait_for(lambda: len(all_job_ids(work)) == 3, 90, "the array to be submitted")
+        lost = sorted(j for _, j in all_job_ids(work))
+        # as in the issue: the accounting has the array (pending or running) when the controller dies
+        wait_for(lambda: inst.sacct_state(lost[0].split("_")[0]), 30, "the array's accounting record")
+        inst.crash_and_restart_from(snapshot)
+        t0 = time.time()
+        assert inst.cmd("squeue", "-h", "-j", lost[0].split("_")[0]).returncode != 0  # the controller forgot it
+        rc = p.wait(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    took = time.time() - t0
+    out = log.read_text()
+    assert rc == 0, out
+    lines = [ln for ln in out.splitlines() if "was lost by the scheduler" in ln]
+    assert lines and all("sacct still says" in ln and "submitting it again" in ln for ln in lines), out
+    assert {ln.split("job ")[1].split()[0] for ln in lines} <= set(lost)
+    assert _each_once_done(work, 3) and overlaps(work) == [], toy_runs(work)
+    assert (work / "sum" / "sum.txt").read_text() == "3\n"
+    print(f"\ncontroller kill -9 + restart from older state: lost jobs resubmitted, run done {took:.1f} s later")
+
+
+def test_a_relaunch_after_the_controller_lost_the_jobs_submits_them_again_and_cancel_does_not_wait(tmp_path,
+                                                                                                  private_slurm):
+    inst = private_slurm
+    work = tmp_path / "w"
+    snapshot = tmp_path / "ctld_state"
+    inst.snapshot_state(snapshot)
+    env = _env(inst, {"toy": 2, "sleep_s": 2})
+    p = start(toy_cmd(work, "slurm_local"), env, tmp_path / "launch.log")
+    wait_for(lambda: len(all_job_ids(work)) == 2, 90, "the array to be submitted")
+    p.kill()  # the launcher is gone; its jobs were recorded
+    p.wait()
+    lost = sorted(j for _, j in all_job_ids(work))
+    wait_for(lambda: inst.sacct_state(lost[0].split("_")[0]), 30, "the array's accounting record")
+    inst.crash_and_restart_from(snapshot)
+    # the accounting still shows the array pending; the controller does not know it
+    t0 = time.time()
+    c = run_cmd([sys.executable, str(TOY_LAUNCH), "cancel", "--workdir", str(work)], env, timeout=120)
+    took = time.time() - t0
+    assert c.returncode == 0 and took < 20, (took, c.stdout + c.stderr)
+    inst.wait_nodes_up()
+    r = run_cmd(toy_cmd(work, "slurm_local"), env, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "was lost by the scheduler" in ln]
+    assert len(lines) == 2 and "adopting" not in r.stdout, r.stdout
+    assert _each_once_done(work, 2) and overlaps(work) == [], toy_runs(work)
+    print(f"\ncancel with jobs the controller lost: {took:.1f} s")
