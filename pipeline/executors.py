@@ -211,6 +211,7 @@ class Tracked:
     resubmits: int = 0  # times the shard was submitted again after its job was lost
     releases: int = 0  # times its job was released after being held on a failed launch
     held_said: str = ""  # the hold last reported (one line per job and reason)
+    blocked_since: Optional[float] = None  # pending until someone acts (held, nodes drained) since
 
 
 class SubmissionRejected(StageFailed):
@@ -435,7 +436,7 @@ class Waiter:
                 if lost:
                     self._resubmit_lost(lost)
                 self._fail_unschedulable(now)
-                self._handle_held()
+                self._handle_held(now)
                 progress.show(done, self._counts(), len(self.failures), len(self.queue))
                 if self.tracked or self.queue:
                     time.sleep(poll)
@@ -568,14 +569,21 @@ class Waiter:
         self.tracked += again
         self.last_query = 0.0
 
-    def _handle_held(self) -> None:
-        """A held job is said once (reason and the command that releases it). Ours held after a
-        failed launch is released ``HELD_RELEASES`` times; held again, its shard fails (cancelled)."""
-        failed = []
+    def _handle_held(self, now: float) -> None:
+        """A blocked job (held, its nodes drained or down) is said once, with its reason and the
+        command that lets it go on. Ours held after a failed launch is released ``HELD_RELEASES``
+        times; held again, its shard fails (cancelled). Any other blocked job fails its shard after
+        ``cluster.blocked_pending_after_s``."""
+        failed, expired = [], []
+        bound = float(self.cluster.blocked_pending_after_s)
         for t in self.tracked:
             info = self.infos.get(t.job_id)
-            if info is None or not info.held:
-                t.held_said = ""
+            if info is None or not info.blocked:
+                t.held_said, t.blocked_since = "", None
+                continue
+            t.blocked_since = t.blocked_since or now
+            if not info.launch_failed and now - t.blocked_since >= bound:
+                expired.append((t, info))
                 continue
             if info.launch_failed and t.releases < HELD_RELEASES:
                 try:
@@ -595,11 +603,15 @@ class Waiter:
             elif t.held_said != info.reason:
                 t.held_said = info.reason
                 self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} is {info.describe()}; "
-                          f"the step waits for it")
+                          f"the step waits for it (at most {bound:.0f} s, cluster.blocked_pending_after_s)")
         if failed:
             self._give_up(failed, lambda t, info: (
                 f"job {t.job_id} was held again after its launch failed ({info.reason}) and it had been released "
                 f"{t.releases} time(s); cancelled: `sinfo -R` says why its node refused it"), "held_reason")
+        if expired:
+            self._give_up(expired, lambda t, info: (
+                f"job {t.job_id} was {info.describe()} for {bound:.0f} s (cluster.blocked_pending_after_s); "
+                f"cancelled: rerun the same command once it can start"), "pending_reason")
 
     def _fail_unschedulable(self, now: float) -> None:
         """Jobs pending for a reason that cannot clear fail their shards (and are cancelled)."""

@@ -99,6 +99,11 @@ class JobInfo:
         return self.held and "launch failed" in self.reason.lower()
 
     @property
+    def blocked(self) -> bool:
+        """Pending until someone acts: held, or the nodes it needs are drained or down."""
+        return self.held or (self.pending and bool(clear_command(self)))
+
+    @property
     def lost(self) -> bool:
         return self.state == "LOST"
 
@@ -108,7 +113,8 @@ class JobInfo:
         if self.held:
             return f"held ({self.reason or 'priority 0'}); release it with {clear_command(self)}"
         if state == "PENDING":
-            return f"pending ({self.reason or 'no reason given'})"
+            cmd = clear_command(self)
+            return f"pending ({self.reason or 'no reason given'})" + (f": {cmd}" if cmd else "")
         if state == "LOST":
             return f"lost by the scheduler ({self.reason})"
         if self.alive:
@@ -146,7 +152,8 @@ def clear_command(info: JobInfo) -> str:
     if info.held:
         who = " (an administrator's hold: only an operator can release it)" if reason == "JobHeldAdmin" else ""
         return f"`scontrol release {info.job_id}`{who}"
-    if "ReqNodeNotAvail" in reason or "NodeDown" in reason or "DRAINED" in reason.upper():
+    if any(k in reason for k in ("ReqNodeNotAvail", "NodeDown", "PartitionDown", "PartitionInactive")) \
+            or "DRAINED" in reason.upper():
         return ("`sinfo -R` (why the nodes are down or drained); an administrator resumes a node with "
                 "`scontrol update nodename=NODE state=resume`")
     return ""

@@ -77,6 +77,14 @@ class PrivateSlurm:
         subprocess.run(["/usr/sbin/slurmctld"], env=self.env, check=True, timeout=60)
         wait_for(lambda: self.cmd("squeue").returncode == 0, 30, "slurmctld to answer")
 
+    def resume_nodes(self) -> bool:
+        """Resume drained or down nodes (what an operator does); True once none is left so."""
+        bad = self.cmd("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
+        names = [ln.split()[0] for ln in bad if ln.strip() and ln.split()[1].rstrip("*~#$@").startswith(("drain", "drng", "down"))]
+        for n in names:
+            self.cmd("scontrol", "update", f"nodename={n}", "state=resume")
+        return not names
+
     def wait_nodes_up(self) -> None:
         wait_for(lambda: self.cmd("sinfo", "-h", "-p", "debug", "-o", "%t").stdout.strip() in ("idle", "mix", "alloc"),
                  60, "the restarted controller's node to register", every=0.5)
@@ -104,6 +112,17 @@ def private_slurm(slurm):
 
 def _env(inst: PrivateSlurm, spec: dict) -> dict:
     return dict(toy_env(spec), SLURM_CONF=str(inst.conf))
+
+
+def _overlaps_of_finished_runs(workdir: Path) -> list:
+    """``overlaps`` less the runs killed without an end line (the orphans of a lost job, killed by
+    their node when the restarted controller did not know them), which must all be gone now."""
+    out = []
+    for key, a, b in overlaps(workdir):
+        killed = [r for r in (a, b) if r[1] == float("inf")]
+        if any(_alive(int(r[3])) for r in killed) or not killed:
+            out.append((key, a, b))
+    return out
 
 
 def _each_once_done(workdir: Path, n: int) -> bool:
@@ -136,7 +155,7 @@ def test_jobs_lost_by_a_restarted_controller_are_submitted_again_and_the_run_com
     lines = [ln for ln in out.splitlines() if "was lost by the scheduler" in ln]
     assert lines and all("sacct still says" in ln and "submitting it again" in ln for ln in lines), out
     assert {ln.split("job ")[1].split()[0] for ln in lines} <= set(lost)
-    assert _each_once_done(work, 3) and overlaps(work) == [], toy_runs(work)
+    assert _each_once_done(work, 3) and _overlaps_of_finished_runs(work) == [], toy_runs(work)
     assert (work / "sum" / "sum.txt").read_text() == "3\n"
     print(f"\ncontroller kill -9 + restart from older state: lost jobs resubmitted, run done {took:.1f} s later")
 
@@ -147,7 +166,7 @@ def test_a_relaunch_after_the_controller_lost_the_jobs_submits_them_again_and_ca
     work = tmp_path / "w"
     snapshot = tmp_path / "ctld_state"
     inst.snapshot_state(snapshot)
-    env = _env(inst, {"toy": 2, "sleep_s": 2})
+    env = _env(inst, {"toy": 2, "sleep_s": 8})
     p = start(toy_cmd(work, "slurm_local"), env, tmp_path / "launch.log")
     wait_for(lambda: len(all_job_ids(work)) == 2, 90, "the array to be submitted")
     p.kill()  # the launcher is gone; its jobs were recorded
@@ -161,9 +180,83 @@ def test_a_relaunch_after_the_controller_lost_the_jobs_submits_them_again_and_ca
     took = time.time() - t0
     assert c.returncode == 0 and took < 20, (took, c.stdout + c.stderr)
     inst.wait_nodes_up()
-    r = run_cmd(toy_cmd(work, "slurm_local"), env, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if "was lost by the scheduler" in ln]
-    assert len(lines) == 2 and "adopting" not in r.stdout, r.stdout
-    assert _each_once_done(work, 2) and overlaps(work) == [], toy_runs(work)
+    log = tmp_path / "relaunch.log"
+    # (the request check is off: sbatch --test-only refuses while the node is drained meanwhile)
+    p = start(toy_cmd(work, "slurm_local", "cluster.check_requests=false"), env, log)
+    try:
+        # the restarted controller hands out job ids its node still remembers: "Duplicate jobid"
+        # drains the node and holds the job; the launch releases it, an operator resumes the node
+        wait_for(lambda: inst.resume_nodes() and p.poll() is not None, 180, "the relaunch to end", every=1)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = log.read_text()
+    assert p.returncode == 0, out
+    lines = [ln for ln in out.splitlines() if "was lost by the scheduler" in ln]
+    assert len(lines) == 2 and "adopting" not in out, out
+    assert _each_once_done(work, 2) and _overlaps_of_finished_runs(work) == [], toy_runs(work)
     print(f"\ncancel with jobs the controller lost: {took:.1f} s")
+
+
+@pytest.fixture
+def failing_prolog(private_slurm, tmp_path):
+    """A Prolog on the private instance that fails while ``fails`` (a file holding a count) says
+    so: each failure drains the node and requeues the job held ("launch failed requeued held")."""
+    inst = private_slurm
+    counter = tmp_path / "prolog_fails"
+    prolog = tmp_path / "prolog.sh"
+    prolog.write_text(f"#!/bin/sh\nn=$(cat {counter} 2>/dev/null || echo 0)\n"
+                      f"[ \"$n\" -gt 0 ] && {{ echo $((n - 1)) > {counter}; exit 1; }}\nexit 0\n")
+    prolog.chmod(0o755)
+    original = inst.conf.read_text()
+    inst.conf.write_text(original + f"Prolog={prolog}\n")
+    inst.cmd("scontrol", "reconfigure", check=True)
+    yield counter
+    inst.conf.write_text(original)
+    inst.cmd("scontrol", "reconfigure")
+    inst.resume_nodes()
+
+
+def test_a_job_held_after_a_failed_launch_is_released_once_then_its_step_fails_with_one_line(
+        tmp_path, private_slurm, failing_prolog):
+    inst = private_slurm
+    failing_prolog.write_text("2")  # the launch fails twice
+    work = tmp_path / "w"
+    env = _env(inst, {"toy": 1, "sum": False})
+    p = start(toy_cmd(work, "slurm_local"), env, tmp_path / "launch.log")
+    try:
+        wait_for_text(tmp_path / "launch.log", "released it", 60)
+        # the node drained by the prolog error: an operator resumes it, the launch fails again
+        wait_for(lambda: inst.resume_nodes(), 30, "the drained node to be resumed")
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = (tmp_path / "launch.log").read_text()
+    [job] = {j for _, j in all_job_ids(work)}
+    assert rc == 2, out
+    assert (f"shard part000: job {job} was held by the scheduler (launch failed requeued held); released it "
+            f"(`scontrol release {job}`)") in out, out
+    assert (f"part000: job {job} was held again after its launch failed (launch failed requeued held) and it had "
+            f"been released 1 time(s); cancelled: `sinfo -R` says why its node refused it") in out, out
+
+
+def test_a_job_blocked_on_drained_nodes_is_shown_with_the_way_on_and_fails_after_the_bound(tmp_path, private_slurm):
+    inst = private_slurm
+    inst.cmd("scontrol", "update", "nodename=faults0", "state=drain", "reason=maintenance", check=True)
+    try:
+        work = tmp_path / "w"
+        t0 = time.time()
+        r = run_cmd(toy_cmd(work, "slurm_local", "cluster.blocked_pending_after_s=8", "cluster.check_requests=false"),
+                    _env(inst, {"toy": 1, "sum": False}), timeout=120)
+        took = time.time() - t0
+        st = run_cmd([sys.executable, str(TOY_LAUNCH), "status", "--workdir", str(work)], _env(inst, {}))
+    finally:
+        inst.resume_nodes()
+    [job] = {j for _, j in all_job_ids(work)}
+    assert r.returncode == 2 and took < 60, (took, r.stdout + r.stderr)
+    assert f"shard part000: job {job} is pending (Nodes required for job are DOWN, DRAINED" in r.stdout, r.stdout
+    assert "`sinfo -R` (why the nodes are down or drained)" in r.stdout, r.stdout
+    assert (f"part000: job {job} was pending (Nodes required for job are DOWN, DRAINED or reserved for jobs in "
+            f"higher priority partitions)") in r.stderr and "(cluster.blocked_pending_after_s); cancelled" in r.stderr, r.stderr
+    assert st.returncode == 1 and "FAILED" in st.stdout, st.stdout
