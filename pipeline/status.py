@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import procs
-from pipeline.lease import MALFORMED
+from pipeline.lease import MALFORMED, holder_alive
 from pipeline.lock import describe_owner, lock_holder
 from pipeline.scheduler import LocalScheduler, SchedulerError, SlurmScheduler
 from pipeline.state import StageStatus, StateStore, _read
@@ -112,7 +112,7 @@ def lock_line(workdir: Path) -> Optional[str]:
         return None
     if owner.get("role") == "driver":
         return None  # the driver line says it
-    alive = procs.alive(owner)
+    alive = holder_alive(owner)  # the one liveness rule of lock and lease holders
     if alive is False:
         return f"lock: left by a launch that is gone (pid {owner.get('pid')}); the next launch clears it"
     return f"launch: {describe_owner(owner)}"
