@@ -43,13 +43,11 @@ from pipeline.driver import (
     DriverEntry,
     Interrupted,
     cancel,
-    check_can_detach,
-    detach_local,
-    detach_slurm,
     detached_message,
     interrupted_message,
     interrupts_raise,
     run_locked,
+    start_driver,
     update_record,
     workdir_lock,
 )
@@ -287,15 +285,11 @@ def cmd_detach(app: Application, args: argparse.Namespace, argv: List[str], buil
     cfg, _pipe, _steps = plan(app, args, dry_run=False, compute_shards=False)
     built["cfg"] = cfg
     store = StateStore(Path(cfg.workdir))
-    check_can_detach(cfg, store)
     # the driver runs the same command; paths made absolute (later flags win in argparse)
     driver_argv = [a for a in argv if a != "--detach"] + ["--workdir", cfg.workdir]
     if cfg.get("corpus"):
         driver_argv += ["--corpus", cfg.corpus]
-    if cfg.cluster.executor == "slurm":
-        rec = detach_slurm(cfg, driver_argv, store, app.entry)
-    else:
-        rec = detach_local(app.entry.command([*driver_argv, "--driver"]), store)
+    rec = start_driver(cfg, store, driver_argv, app.entry)
     print(detached_message(rec, cfg, Path(cfg.workdir)))
     return 0
 

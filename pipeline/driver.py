@@ -41,7 +41,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.estimate import check_plan_disk
 from pipeline.executors import export_project_path, signals_deferred, slurm_params, workdir_tag
 from pipeline.lease import holder_alive, holders_alive
-from pipeline.lock import WorkdirLock, describe_owner, lock_holder
+from pipeline.lock import HANDOVER_ENV, WorkdirLock, describe_owner, lock_holder
 from pipeline.scheduler import LocalScheduler, RequestChecker, SchedulerError, SlurmScheduler, sbatch_error_line
 from pipeline.state import StateStore, _read
 
@@ -154,10 +154,11 @@ def _slurm_job_id() -> str:
 
 
 # --- detaching -------------------------------------------------------------------------------------
-def check_can_detach(cfg, store: StateStore) -> None:
+def check_can_detach(cfg, store: StateStore, lock_checked: bool = False) -> None:
     if cfg.cluster.executor == "debug":
         raise ConfigError("--detach needs the local or slurm executor (debug runs in this process)")
-    workdir_lock(cfg, "launch").check_free()
+    if not lock_checked:
+        workdir_lock(cfg, "launch").check_free()
     rec = read_record(store)
     if rec and rec.get("state") in ("submitted", "running"):
         alive, _ = record_alive(rec)
@@ -166,19 +167,34 @@ def check_can_detach(cfg, store: StateStore) -> None:
                               f"`python launch.py cancel --workdir {store.workdir}` stops it")
 
 
-def detach_local(cmd: list, store: StateStore, echo=print) -> dict:
+def start_driver(cfg, store: StateStore, driver_argv: list, entry: "DriverEntry") -> dict:
+    """Start the detached driver holding the work dir lock, and hand the lock to it: of two
+    launches at the same instant, one starts a driver, the other is refused by the lock, and
+    ``driver.json`` only ever describes the driver that holds it."""
+    check_can_detach(cfg, store)
+    with workdir_lock(cfg, "launch") as lock:
+        check_can_detach(cfg, store, lock_checked=True)  # again under the lock
+        if cfg.cluster.executor == "slurm":
+            return detach_slurm(cfg, driver_argv, store, entry, lock)
+        return detach_local(entry.command([*driver_argv, "--driver"]), store, lock)
+
+
+def detach_local(cmd: list, store: StateStore, lock: WorkdirLock) -> dict:
     """Start ``cmd`` (a launch with --driver) as a background process that survives logout."""
     log = driver_log(store)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HANDOVER_ENV: lock.me["token"]})
     with open(log, "ab") as out:
         out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} detached driver: {' '.join(cmd)}\n".encode())
         out.flush()
+        # (not under signals_deferred: the driver would inherit the blocked signals)
         p = subprocess.Popen(cmd, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, env=env)
-    rec = {"executor": "local", "state": "submitted", "submitted": time.time(), "log": str(log), "cmd": cmd,
-           "job_id": f"pid {p.pid}", **procs.identity(p.pid)}
-    atomic.write_json(store.driver_file, rec)
+        with signals_deferred():
+            rec = {"executor": "local", "state": "submitted", "submitted": time.time(), "log": str(log), "cmd": cmd,
+                   "job_id": f"pid {p.pid}", **procs.identity(p.pid)}
+            atomic.write_json(store.driver_file, rec)
+            lock.hand_over({"executor": "local", **procs.identity(p.pid)})
     return rec
 
 
@@ -244,7 +260,7 @@ class DriverTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self)
 
 
-def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry) -> dict:
+def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry, lock: WorkdirLock) -> dict:
     cluster, d = cfg.cluster, cfg.cluster.driver
     if cluster.check_requests:
         try:
@@ -262,14 +278,18 @@ def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry) -> dict
                          slurm_signal_delay_s=signal_delay_s(cluster, d.timeout_min),
                          **slurm_params(cluster, partition, float(d.mem_gb or 0), 0))
     with signals_deferred():
+        os.environ[HANDOVER_ENV] = lock.me["token"]  # exported to the job by sbatch
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 job = ex.submit(DriverTask(list(argv), os.getcwd(), str(log), entry))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
             raise ConfigError(f"sbatch rejected the driver job: {sbatch_error_line(str(e))}") from None
+        finally:
+            os.environ.pop(HANDOVER_ENV, None)
         rec = {"executor": "slurm", "state": "submitted", "submitted": time.time(), "log": str(log),
                "job_id": str(job.job_id), "partition": partition, "argv": list(argv)}
         atomic.write_json(store.driver_file, rec)
+        lock.hand_over({"executor": "slurm", "job_id": str(job.job_id)})
     return rec
 
 

@@ -260,3 +260,33 @@ def test_a_job_blocked_on_drained_nodes_is_shown_with_the_way_on_and_fails_after
     assert (f"part000: job {job} was pending (Nodes required for job are DOWN, DRAINED or reserved for jobs in "
             f"higher priority partitions)") in r.stderr and "(cluster.blocked_pending_after_s); cancelled" in r.stderr, r.stderr
     assert st.returncode == 1 and "FAILED" in st.stdout, st.stdout
+
+
+def test_two_detached_launches_at_the_same_instant_give_one_driver(tmp_path, slurm):
+    """On the machine's cluster (nothing is broken here): one driver, one refusal, one record."""
+    from launcher_helpers import require_partitions
+
+    require_partitions("service")
+    work = tmp_path / "w"
+    env = toy_env({"toy": 2, "sleep_s": 0.5})
+    procs_ = [subprocess.Popen(toy_cmd(work, "slurm_local", "--detach"), env=env, cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs_]
+    rcs = sorted(p.returncode for p in procs_)
+    assert rcs == [0, 2], outs
+    winner = next(o for p, o in zip(procs_, outs) if p.returncode == 0)
+    loser = next(o for p, o in zip(procs_, outs) if p.returncode != 0)
+    [err] = loser[1].strip().splitlines()
+    assert err.startswith(f"error: work dir {work} is in use by ") or "a driver already runs" in err, err
+    rec = json.loads((work / ".pipeline" / "driver.json").read_text())
+    assert f"Slurm job {rec['job_id']} drives the pipeline" in winner[0], (winner, rec)
+    wait_for(lambda: json.loads((work / ".pipeline" / "driver.json").read_text()).get("state") in ("done", "failed"),
+             180, "the driver to finish", every=1)
+    rec2 = json.loads((work / ".pipeline" / "driver.json").read_text())
+    assert rec2["state"] == "done" and rec2["job_id"] == rec["job_id"], rec2
+    drivers = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-10minutes", "-o", "JobID,JobName"],
+                             capture_output=True, text=True).stdout
+    from pipeline.driver import driver_job_name
+
+    assert [ln for ln in drivers.splitlines() if ln.endswith(driver_job_name(work))] == [f"{rec['job_id']}|{driver_job_name(work)}"]
+    assert _each_once_done(work, 2)
