@@ -25,6 +25,7 @@ import importlib.machinery
 import importlib.util
 import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -175,8 +176,83 @@ def start_driver(cfg, store: StateStore, driver_argv: list, entry: "DriverEntry"
     with workdir_lock(cfg, "launch") as lock:
         check_can_detach(cfg, store, lock_checked=True)  # again under the lock
         if cfg.cluster.executor == "slurm":
-            return detach_slurm(cfg, driver_argv, store, entry, lock)
-        return detach_local(entry.command([*driver_argv, "--driver"]), store, lock)
+            rec = detach_slurm(cfg, driver_argv, store, entry, lock)
+        else:
+            rec = detach_local(entry.command([*driver_argv, "--driver"]), store, lock)
+        if cfg.cluster.executor == "slurm":
+            rec["guardian"] = submit_guardian(cfg, store, rec["job_id"], driver_argv, entry)
+            update_record(store, guardian=rec["guardian"])
+    # the one command that resumes the run if it stops (`status` shows it)
+    rec["resume"] = shlex.join(entry.command([*driver_argv, "--detach"]))
+    update_record(store, resume=rec["resume"])
+    return rec
+
+
+MAX_DRIVER_REPLACEMENTS = 3  # driver jobs that died (killed, node failure, out of memory) replaced per run
+
+
+def guardian_job_name(workdir: Path) -> str:
+    return f"driverguard-{workdir_tag(workdir)}"
+
+
+def submit_guardian(cfg, store: StateStore, driver_job: str, driver_argv: list, entry: "DriverEntry") -> Optional[str]:
+    """A small job that starts only if the driver job ends in a failed state (``afternotok``:
+    killed, node failure, out of memory, time limit past its requeues) and then starts a new
+    driver (``--replace-driver``). When the driver ends well the dependency can never be met and
+    Slurm removes the guardian (``--kill-on-invalid-dep``). Returns its job id (None, with a
+    warning line, when sbatch refuses it: the run goes on, unguarded)."""
+    from pipeline.scheduler import Request
+
+    cluster, d = cfg.cluster, cfg.cluster.driver
+    partition = d.partition or cluster.partition
+    req = Request(partition, 1, 1, 1, float(d.mem_gb or 0), 0, 10, cluster.account, cluster.qos,
+                  dict(cluster.slurm_additional_parameters or {}))
+    args = [a for a in req.sbatch_args(partition or "") if partition or not a.startswith("--partition")]
+    cmd = shlex.join(entry.command([*driver_argv, "--replace-driver", str(driver_job)]))
+    try:
+        return SlurmScheduler().submit([
+            f"--dependency=afternotok:{driver_job}", "--kill-on-invalid-dep=yes",
+            f"--job-name={guardian_job_name(store.workdir)}", f"--chdir={os.getcwd()}",
+            f"--output={store.driver_dir / 'guardian-%j.log'}", *args,
+            "--wrap", " && ".join([*(cluster.setup or []), cmd])])
+    except SchedulerError as e:
+        print(f"warning: the driver's guardian job was refused ({e}): a killed driver will not be replaced; "
+              f"`status` says when the run stops", file=sys.stderr)
+        return None
+
+
+def replace_driver(cfg, store: StateStore, dead_job: str, driver_argv: list, entry: "DriverEntry",
+                   echo: Callable[[str], None] = print) -> int:
+    """Run by the guardian job: start a new driver in place of ``dead_job`` (bounded by
+    ``MAX_DRIVER_REPLACEMENTS``); one line in the driver log either way."""
+    rec = read_record(store) or {}
+    log = driver_log(store)
+
+    def say(line: str) -> None:
+        echo(line)
+        with contextlib.suppress(OSError), open(log, "a") as f:
+            f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    if str(rec.get("job_id")) != dead_job or rec.get("state") not in ("submitted", "running"):
+        say(f"guardian: driver job {dead_job} is not the run's live driver any more (record: job "
+            f"{rec.get('job_id')}, {rec.get('state')}): nothing to replace")
+        return 0
+    alive, why = record_alive(rec)
+    if alive is not False:
+        say(f"guardian: driver job {dead_job} is {why}: nothing to replace")
+        return 0
+    done = int(rec.get("replacements", 0))
+    if done >= MAX_DRIVER_REPLACEMENTS:
+        update_record(store, state="failed", since=time.time(),
+                      error=f"driver job {dead_job} ended ({why}) after {done} replacement(s)")
+        say(f"guardian: driver job {dead_job} ended ({why}); it was replaced {done} time(s) already "
+            f"(at most {MAX_DRIVER_REPLACEMENTS}): the run stops; `{rec.get('resume', 'the launch command')}` resumes it")
+        return 1
+    new = start_driver(cfg, store, driver_argv, entry)
+    update_record(store, replacements=done + 1)
+    say(f"guardian: driver job {dead_job} ended ({why}): replaced by driver job {new['job_id']} "
+        f"(replacement {done + 1} of at most {MAX_DRIVER_REPLACEMENTS})")
+    return 0
 
 
 def detach_local(cmd: list, store: StateStore, lock: WorkdirLock) -> dict:
@@ -356,6 +432,12 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
     records = all_job_records(store)
     rec = read_record(store)
     uses_slurm = (rec or {}).get("executor") == "slurm" or any(r.get("executor") == "slurm" for r in records.values())
+    # 0. the driver's guardian, before the driver: a cancelled driver must not be replaced
+    if uses_slurm:
+        guards = [j for j, name in _jobs_named(slurm, workdir_tag(store.workdir)).items()
+                  if name == guardian_job_name(store.workdir)]
+        if guards:
+            _cancel_slurm(guards, slurm, wait_s)
     # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
     if rec and rec.get("state") in ("submitted", "running"):
         alive, state = record_alive(rec)

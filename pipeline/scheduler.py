@@ -305,6 +305,13 @@ class SlurmScheduler:
             if p.returncode != 0 and "Invalid job id" not in p.stderr:
                 raise SchedulerError(f"scancel failed: {p.stderr.strip()[:300]}")
 
+    def submit(self, args: list) -> str:
+        """``sbatch --parsable ARGS``: the job id; SchedulerError with sbatch's error line."""
+        p = _run(["sbatch", "--parsable", *args])
+        if p.returncode != 0:
+            raise SchedulerError(sbatch_error_line(p.stderr or p.stdout))
+        return p.stdout.strip().split(";")[0]
+
     def release(self, job_ids: Iterable[str]) -> None:
         """Release held jobs (``scontrol release``)."""
         ids = sorted({str(j) for j in job_ids if j})

@@ -290,3 +290,56 @@ def test_two_detached_launches_at_the_same_instant_give_one_driver(tmp_path, slu
 
     assert [ln for ln in drivers.splitlines() if ln.endswith(driver_job_name(work))] == [f"{rec['job_id']}|{driver_job_name(work)}"]
     assert _each_once_done(work, 2)
+
+
+def test_a_killed_driver_job_is_replaced_by_its_guardian_and_the_run_completes(tmp_path, slurm):
+    from launcher_helpers import driver_record, require_partitions, running_now, status
+
+    require_partitions("service")
+    work = tmp_path / "w"
+    env = toy_env({"toy": 3, "sleep_s": 6})
+    r = run_cmd(toy_cmd(work, "slurm_local", "--detach"), env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = driver_record(work)
+    assert first.get("guardian"), first
+    wait_for(lambda: driver_record(work).get("state") == "running" and running_now(work), 120, "a running shard")
+    os.kill(int(driver_record(work)["pid"]), 9)  # the driver's process (this machine runs the job)
+    killed_at = time.time()
+    log = Path(first["log"])
+    wait_for_text(log, f"guardian: driver job {first['job_id']} ended", 120)
+    replaced_at = time.time()
+    text = log.read_text()
+    assert "killed by signal 9" in text or "failed with exit code" in text, text
+    assert "replaced by driver job" in text and "(replacement 1 of at most 3)" in text, text
+    wait_for(lambda: driver_record(work).get("state") in ("done", "failed"), 240, "the replacement driver", every=1)
+    rec = driver_record(work)
+    assert rec["state"] == "done" and rec["job_id"] != first["job_id"] and rec["replacements"] == 1, rec
+    st = status(work)
+    assert st.returncode == 0 and "run stopped" not in st.stdout, st.stdout
+    assert _each_once_done(work, 3) and _overlaps_of_finished_runs(work) == [], toy_runs(work)
+    print(f"\ndriver kill -9 -> replaced by its guardian in {replaced_at - killed_at:.1f} s")
+
+
+def test_a_killed_local_driver_is_a_stopped_run_in_status_with_the_command_that_resumes_it(tmp_path):
+    from launcher_helpers import driver_record, running_now, status
+
+    work = tmp_path / "w"
+    r = run_cmd(toy_cmd(work, "local", "--detach"), toy_env({"toy": 2, "sleep_s": 30}), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: running_now(work), 60, "a running shard")
+    rec = driver_record(work)
+    os.kill(int(rec["pid"]), 9)
+    wait_for(lambda: not _alive(int(rec["pid"])) or _zombie(int(rec["pid"])), 10, "the driver to die")
+    st = status(work)
+    assert st.returncode == 4, st.stdout
+    [line] = [ln for ln in st.stdout.splitlines() if ln.startswith("run stopped:")]
+    assert "nothing drives it" in line and f"resume with: {rec['resume']}" in line, line
+    assert rec["resume"].endswith("--detach") and str(work) in rec["resume"], rec
+    run_cmd([sys.executable, str(TOY_LAUNCH), "cancel", "--workdir", str(work)], timeout=60)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return False
