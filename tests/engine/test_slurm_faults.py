@@ -343,3 +343,28 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_a_preemption_signal_before_the_first_checkpoint_saves_now_and_requeues(tmp_path, slurm):
+    work = tmp_path / "w"
+    spec = {"toy": 0, "counter": {"target": 16, "step_s": 0.5, "save_every": 100000}}  # no scheduled save
+    log = tmp_path / "launch.log"
+    p = start(toy_cmd(work, "slurm_local", "cluster.stages.counter.mem_gb=1"), toy_env(spec), log)
+    try:
+        starts = work / "counter" / "starts.log"
+        wait_for(starts.exists, 90, "the counter to start")
+        time.sleep(3)  # a few counts, none saved
+        assert not (work / "counter" / "progress.json").exists()
+        [(_, job)] = all_job_ids(work, "counter")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        rc = p.wait(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 0, log.read_text()
+    runs_ = [ln.split() for ln in starts.read_text().splitlines()]
+    # the second run (SLURM_RESTART_COUNT=1) resumed from the count saved at the signal
+    assert len(runs_) == 2 and runs_[0] == ["0", "0"] and int(runs_[1][0]) >= 4 and runs_[1][1] == "1", runs_
+    assert json.loads((work / "counter" / "final.json").read_text()) == {"count": 16}
+    shard_log = (work / ".pipeline" / "logs" / "once" / "counter" / "count.log").read_text()
+    assert "a preemption; saving now and requeueing" in shard_log, shard_log
