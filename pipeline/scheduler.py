@@ -111,7 +111,7 @@ class JobInfo:
         """One line: why this job ended (or where it is, when it has not)."""
         state = self.state
         if self.held:
-            return f"held ({self.reason or 'priority 0'}); release it with {clear_command(self)}"
+            return f"pending, held ({self.reason or 'priority 0'}); release it with {clear_command(self)}"
         if state == "PENDING":
             cmd = clear_command(self)
             return f"pending ({self.reason or 'no reason given'})" + (f": {cmd}" if cmd else "")
