@@ -437,7 +437,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
         guards = [j for j, name in _jobs_named(slurm, workdir_tag(store.workdir)).items()
                   if name == guardian_job_name(store.workdir)]
         if guards:
-            _cancel_slurm(guards, slurm, wait_s)
+            _cancel_slurm(guards, slurm, wait_s, echo)
     # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
     if rec and rec.get("state") in ("submitted", "running"):
         alive, state = record_alive(rec)
@@ -446,7 +446,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
             if alive is None:
                 raise PipelineError(f"cannot ask the scheduler about the driver job {jid}: {state}")
             if alive:
-                _cancel_slurm([jid], slurm, wait_s)
+                _cancel_slurm([jid], slurm, wait_s, echo)
                 stopped.append(f"the driver job {jid}")
         elif _stop_process(rec):
             stopped.append(f"the driver (pid {rec.get('pid')})")
@@ -457,7 +457,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
         tagged = _jobs_named(slurm, workdir_tag(store.workdir))
         drivers = sorted(j for j, name in tagged.items() if name == driver_job_name(store.workdir))
         if drivers:
-            _cancel_slurm(drivers, slurm, wait_s)
+            _cancel_slurm(drivers, slurm, wait_s, echo)
             stopped += [f"the driver job {j}" for j in drivers]
             tagged = _jobs_named(slurm, workdir_tag(store.workdir))  # what it submitted meanwhile
     owner, problem = lock_holder(store.workdir)
@@ -483,7 +483,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
         stage_jobs = [j for j, name in tagged.items() if name != driver_job_name(store.workdir)]
         todo = sorted(set(live) | set(stage_jobs))
         if todo:
-            _cancel_slurm(todo, slurm, wait_s)
+            _cancel_slurm(todo, slurm, wait_s, echo)
             cancelled += todo
     if cancelled:
         ids = sorted(cancelled)
@@ -503,17 +503,25 @@ def _jobs_named(slurm: SlurmScheduler, tag: str) -> dict:
         raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
 
 
-def _cancel_slurm(job_ids: list, slurm: SlurmScheduler, wait_s: float) -> None:
+def _cancel_slurm(job_ids: list, slurm: SlurmScheduler, wait_s: float,
+                  echo: Callable[[str], None] = print) -> None:
+    """scancel, then wait (at most ``wait_s``) until none is alive; past the bound, one line."""
     slurm.cancel(job_ids)
-    _wait_gone(lambda: any(i.alive for i in slurm.query(job_ids).values()), wait_s)
+    if not _wait_gone(lambda: any(i.alive for i in slurm.query(job_ids).values()), wait_s):
+        ids = ", ".join(job_ids[:8])
+        echo(f"note: job(s) {ids} still listed {wait_s:.0f} s after scancel (a node that does not answer?): "
+             f"`squeue -j {job_ids[0]}` follows them; an administrator clears a stuck one with "
+             f"`scontrol update nodename=NODE state=down reason=...`")
 
 
-def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> None:
+def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> bool:
+    """Wait until ``still_alive()`` is false (True) or ``wait_s`` passed (False)."""
     deadline = time.time() + wait_s
     while time.time() < deadline:
         try:
             if not still_alive():
-                return
+                return True
         except SchedulerError:
             pass
         time.sleep(0.5)
+    return False

@@ -57,6 +57,11 @@ LOST_AFTER_POLLS = 3
 LOST_RESUBMITS = 3
 # a held job of ours whose launch failed on a node is released this many times, then fails
 HELD_RELEASES = 1
+# seconds between two lines saying the scheduler still does not answer
+SILENCE_LINE_S = 600.0
+# how long a launch retries asking the scheduler about an earlier launch's jobs (a controller
+# restarting) before it fails with one line
+ADOPT_RETRY_S = 300.0
 _INTERRUPTS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 
 
@@ -270,10 +275,16 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
             candidates[s.key] = Tracked(s, str(rec["job_id"]), rec, adopted=True)
     if not candidates and not leases:
         return [], list(todo)
-    try:
-        infos = query(scheduler, list(candidates.values()))
-    except SchedulerError as e:
-        raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch: {e}") from None
+    deadline = time.time() + ADOPT_RETRY_S
+    while True:
+        try:
+            infos = query(scheduler, list(candidates.values()))
+            break
+        except SchedulerError as e:
+            if time.time() >= deadline:
+                raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch for "
+                                  f"{ADOPT_RETRY_S:.0f} s ({e}): rerun the same command once `squeue` answers") from None
+            time.sleep(min(15.0, float(cluster.scheduler_poll_s)))
     adopted, to_submit, holders = [], [], {}
     for s in todo:
         t = candidates.get(s.key)
@@ -387,6 +398,8 @@ class Waiter:
         self.last_query = 0.0
         self.scheduler_errors = 0
         self.executor = None  # a Slurm executor for shards submitted again (made on first use)
+        self.silent_since: Optional[float] = None  # the scheduler has not answered since
+        self.silence_said = 0.0
 
     # --- local submissions -----------------------------------------------------------------------
     def _submit_local(self) -> None:
@@ -449,14 +462,24 @@ class Waiter:
             return
         try:
             self.infos = query(self.scheduler, self.tracked)
-            self.scheduler_errors = 0
+            self.scheduler_errors, self.silent_since = 0, None
             for t in self.tracked:
                 info = self.infos.get(t.job_id)
                 t.lost_polls = t.lost_polls + 1 if info is not None and info.lost else 0
         except SchedulerError as e:  # slurmctld restarting, a slow sacct: try again next time
             self.scheduler_errors += 1
-            if self.scheduler_errors in (3, 30):
-                self.echo(f"[{self.step.name}] warning: the scheduler does not answer ({e}); still waiting")
+            now = time.time()
+            self.silent_since = self.silent_since or now
+            silent, bound = now - self.silent_since, float(self.cluster.blocked_pending_after_s)
+            if silent >= bound:
+                raise StageFailed(
+                    f"{self.step.name}: the scheduler has not answered for {silent / 60:.0f} min ({e}); the "
+                    f"submitted jobs keep running: rerun the same command once `squeue` answers (it adopts them)"
+                ) from None
+            if self.scheduler_errors == 3 or now - self.silence_said >= SILENCE_LINE_S:
+                self.silence_said = now
+                self.echo(f"[{self.step.name}] warning: the scheduler has not answered for {silent:.0f} s ({e}); "
+                          f"still waiting (at most {bound:.0f} s, cluster.blocked_pending_after_s)")
 
     def _counts(self) -> dict:
         running, reasons = 0, Counter()

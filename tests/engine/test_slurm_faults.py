@@ -67,6 +67,14 @@ class PrivateSlurm:
         self.cmd("scontrol", "setdebug", "info")  # any RPC: the state is written on changes
         shutil.copytree(self.state, to)
 
+    def crash(self) -> None:
+        os.kill(self.ctld_pid(), 9)
+        wait_for(lambda: not _alive(self.ctld_pid()), 10, "slurmctld to die")
+
+    def restart(self) -> None:
+        subprocess.run(["/usr/sbin/slurmctld"], env=self.env, check=True, timeout=60)
+        wait_for(lambda: self.cmd("squeue").returncode == 0, 30, "slurmctld to answer")
+
     def crash_and_restart_from(self, snapshot: Path) -> None:
         """kill -9 the controller, then start it again from ``snapshot``: the jobs submitted since
         are gone from it, their accounting records stay."""
@@ -368,3 +376,27 @@ def test_a_preemption_signal_before_the_first_checkpoint_saves_now_and_requeues(
     assert json.loads((work / "counter" / "final.json").read_text()) == {"count": 16}
     shard_log = (work / ".pipeline" / "logs" / "once" / "counter" / "count.log").read_text()
     assert "a preemption; saving now and requeueing" in shard_log, shard_log
+
+
+def test_a_controller_that_stays_down_ends_the_wait_within_the_bound_with_one_line(tmp_path, private_slurm):
+    inst = private_slurm
+    work = tmp_path / "w"
+    log = tmp_path / "launch.log"
+    p = start(toy_cmd(work, "slurm_local", "cluster.blocked_pending_after_s=10"),
+              _env(inst, {"toy": 1, "sleep_s": 30, "sum": False}), log)
+    try:
+        wait_for(lambda: all_job_ids(work), 90, "the job to be submitted")
+        inst.crash()
+        t0 = time.time()
+        rc = p.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        inst.restart()
+    out = log.read_text()
+    assert rc == 2 and took < 60, (took, out)
+    assert "warning: the scheduler has not answered for" in out, out
+    [err] = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert "the scheduler has not answered for" in err and "rerun the same command once `squeue` answers" in err, err
+    run_cmd([sys.executable, str(TOY_LAUNCH), "cancel", "--workdir", str(work)], _env(inst, {}), timeout=120)
