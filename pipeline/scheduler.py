@@ -348,11 +348,11 @@ class SlurmScheduler:
                 return None
             raise SchedulerError(f"scontrol show partition failed: {p.stderr.strip()[:300]}")
         info = dict(re.findall(r"(\w+)=(\S*)", p.stdout))
-        q = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"])
+        q = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"])
         nodes = {}
         for line in q.stdout.splitlines():
-            node, cpus, mem, gres = (line.split("|") + ["", "", "", ""])[:4]
-            nodes[node] = {"cpus": _int(cpus), "mem_mb": _int(mem), "gpus": gpu_count(gres)}
+            node, cpus, mem, gres, state = (line.split("|") + ["", "", "", "", ""])[:5]
+            nodes[node] = {"cpus": _int(cpus), "mem_mb": _int(mem), "gpus": gpu_count(gres), "state": state.strip()}
         info["nodes"] = nodes
         return info
 
@@ -377,6 +377,11 @@ def sbatch_error_line(text: str) -> str:
             if marker in ln:
                 return ln.split(marker, 1)[1].strip()
     return lines[0].removeprefix("sbatch: ") if lines else "sbatch failed without a message"
+
+
+def node_usable(state: str) -> bool:
+    """A node state of sinfo's %t that can run a job now (not drained, down or not responding)."""
+    return state.rstrip("~#%$@^-!+") in ("idle", "mix", "alloc", "comp", "resv", "plnd")
 
 
 def gpu_count(gres: str) -> int:
@@ -512,6 +517,10 @@ class RequestChecker:
         if args not in self._tested:
             self._tested[args] = self.scheduler.test_submit(list(args))
         err = self._tested[args]
+        if err and nodes and not any(node_usable(n.get("state", "")) for n in nodes.values()):
+            # every node of the partition is drained or down (a maintenance window): sbatch cannot
+            # test the request now; the job waits, blocked, and the waiter says so within its bound
+            return
         if err:
             named = [f"{req.setting(k)}={v}" for k, v in (("partition", part_name), ("account", req.account),
                                                            ("qos", req.qos)) if v]

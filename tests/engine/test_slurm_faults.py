@@ -409,3 +409,24 @@ def test_a_controller_that_stays_down_ends_the_wait_within_the_bound_with_one_li
     [err] = [ln for ln in out.splitlines() if ln.startswith("error:")]
     assert "the scheduler has not answered for" in err and "rerun the same command once `squeue` answers" in err, err
     run_cmd([sys.executable, str(TOY_LAUNCH), "cancel", "--workdir", str(work)], _env(inst, {}), timeout=120)
+
+
+def test_a_launch_during_a_maintenance_drain_waits_blocked_instead_of_refusing_the_request(tmp_path, private_slurm):
+    # every node of the partition drained: sbatch --test-only says "Requested node configuration is
+    # not available"; a launch (or a requeued driver) must wait, not fail on a wrong "rejects" line
+    inst = private_slurm
+    inst.cmd("scontrol", "update", "nodename=faults0", "state=drain", "reason=maintenance", check=True)
+    work = tmp_path / "w"
+    log = tmp_path / "launch.log"
+    p = start(toy_cmd(work, "slurm_local"), _env(inst, {"toy": 1, "sum": False}), log)
+    try:
+        wait_for_text(log, "the step waits for it", 60)
+        inst.resume_nodes()  # the maintenance ends
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        inst.resume_nodes()
+    out = log.read_text()
+    assert rc == 0 and "rejects" not in out, out
+    assert _each_once_done(work, 1)
