@@ -477,7 +477,10 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
     cancelled = LocalScheduler().cancel_records(local) if local else []
     if uses_slurm:
         try:
-            live = [j for j, i in slurm.query(slurm_ids).items() if i.alive]
+            # a live job of a recorded id whose name is not this work dir's: the id was handed out
+            # again (a controller restarted from older state); someone else's job, left alone
+            tag = f"-{workdir_tag(store.workdir)}"
+            live = [j for j, i in slurm.query(slurm_ids).items() if i.alive and (not i.name or i.name.endswith(tag))]
         except SchedulerError as e:
             raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
         stage_jobs = [j for j, name in tagged.items() if name != driver_job_name(store.workdir)]

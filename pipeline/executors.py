@@ -246,9 +246,16 @@ def make_scheduler(cluster):
     return SlurmScheduler() if cluster.executor == "slurm" else LocalScheduler()
 
 
-def query(scheduler, tracked: list) -> dict[str, JobInfo]:
+def query(scheduler, tracked: list, name: Optional[str] = None) -> dict[str, JobInfo]:
+    """What the scheduler says about the tracked jobs. A live Slurm job whose name is not the
+    step's ``name`` is not ours: its id was handed out again (a controller restarted from older
+    state forgot our job), so ours is ``LOST``."""
     if isinstance(scheduler, SlurmScheduler):
-        return scheduler.query([t.job_id for t in tracked])
+        infos = scheduler.query([t.job_id for t in tracked])
+        for job, info in infos.items():
+            if name and info.alive and info.name and info.name != name:
+                infos[job] = JobInfo(job, "LOST", f"its job id now belongs to another job, {info.name!r}")
+        return infos
     return scheduler.query_records({t.job_id: t.record for t in tracked})
 
 
@@ -297,7 +304,7 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
     deadline = time.time() + ADOPT_RETRY_S
     while True:
         try:
-            infos = query(scheduler, list(candidates.values()))
+            infos = query(scheduler, list(candidates.values()), job_name(step, store.workdir))
             break
         except SchedulerError as e:
             if time.time() >= deadline:
@@ -480,7 +487,7 @@ class Waiter:
         if not self.tracked:
             return
         try:
-            self.infos = query(self.scheduler, self.tracked)
+            self.infos = query(self.scheduler, self.tracked, job_name(self.step, self.store.workdir))
             self.scheduler_errors, self.silent_since = 0, None
             for t in self.tracked:
                 info = self.infos.get(t.job_id)

@@ -78,6 +78,7 @@ class JobInfo:
     node: str = ""
     restarts: int = 0
     priority: Optional[int] = None  # squeue's; 0 for a held job
+    name: str = ""  # the job name squeue gives
 
     @property
     def alive(self) -> bool:
@@ -251,7 +252,7 @@ class SlurmScheduler:
         return result
 
     def _squeue(self, bases: list) -> dict[str, JobInfo]:
-        p = _run(["squeue", "-h", "-r", "-t", "all", f"--jobs={','.join(bases)}", "-o", "%i|%T|%r|%l|%S|%N|%Q"])
+        p = _run(["squeue", "-h", "-r", "-t", "all", f"--jobs={','.join(bases)}", "-o", "%i|%T|%r|%l|%S|%N|%Q|%j"])
         if p.returncode != 0:
             if "Invalid job id" in p.stderr:  # every id asked about has left the queue
                 return {}
@@ -263,8 +264,9 @@ class SlurmScheduler:
                 continue
             jid, state, reason, limit, start, node = (x.strip() for x in parts[:6])
             priority = int(parts[6]) if len(parts) > 6 and parts[6].strip().isdigit() else None
+            name = "|".join(parts[7:]).strip()  # last: a name may hold '|' 
             out[jid] = JobInfo(jid, state, reason if reason != "None" else "", "", limit, start, "", node,
-                               priority=priority)
+                               priority=priority, name=name)
         return out
 
     def _sacct(self, bases: list) -> dict[str, JobInfo]:

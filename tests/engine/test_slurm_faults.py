@@ -430,3 +430,28 @@ def test_a_launch_during_a_maintenance_drain_waits_blocked_instead_of_refusing_t
     out = log.read_text()
     assert rc == 0 and "rejects" not in out, out
     assert _each_once_done(work, 1)
+
+
+def test_a_recorded_job_id_now_held_by_another_job_is_not_adopted(tmp_path, slurm):
+    # a controller restarted from older state hands job ids out again: the id recorded for a shard
+    # may name a stranger's job; the launch must not wait on it (nor cancel it)
+    from pipeline.state import StateStore
+
+    work = tmp_path / "w"
+    stranger = subprocess.run(["sbatch", "--parsable", "-J", "someone-else", "-t", "5", "-o", "/dev/null",
+                               "--wrap", "sleep 120"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        wait_for(lambda: subprocess.run(["squeue", "-h", "-j", stranger, "-o", "%T"], capture_output=True,
+                                        text=True).stdout.strip() in ("RUNNING", "PENDING"), 30, "the stranger job")
+        StateStore(work).record_jobs("toy", None, "slurm", tmp_path, {"part000": {"job_id": stranger}})
+        c = run_cmd([sys.executable, str(TOY_LAUNCH), "cancel", "--workdir", str(work)], timeout=60)
+        assert c.returncode == 0 and stranger not in c.stdout, c.stdout + c.stderr
+        r = run_cmd(toy_cmd(work, "slurm_local"), toy_env({"toy": 1, "sum": False}), timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (f"shard part000: job {stranger} of an earlier launch was lost by the scheduler (its job id now "
+                f"belongs to another job, 'someone-else')") in r.stdout, r.stdout
+        assert "adopting" not in r.stdout and _each_once_done(work, 1)
+        assert subprocess.run(["squeue", "-h", "-j", stranger, "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip() in ("RUNNING", "PENDING")  # left alone
+    finally:
+        subprocess.run(["scancel", stranger])
