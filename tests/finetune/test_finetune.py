@@ -93,7 +93,8 @@ def test_reference_layout_roundtrip(tmp_path):
     from avhubert.hubert_asr import AVHubertSeq2SeqConfig
     from fairseq.dataclass.utils import merge_with_parent
 
-    root = OmegaConf.create({"task": task_cfg, "model": model_cfg})
+    # a fairseq config always has common (the task's mask seed is ${common.seed})
+    root = OmegaConf.create({"common": {"seed": 1}, "task": task_cfg, "model": model_cfg})
     model = task.build_model(merge_with_parent(AVHubertSeq2SeqConfig(), root.model))
     names = list(model.state_dict().keys())
     assert all(k.startswith(("encoder.w2v_model.", "decoder.")) for k in names)
