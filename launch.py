@@ -261,8 +261,10 @@ def cmd_status(argv) -> int:
     workdir = Path(a.workdir).resolve()
 
     def run() -> int:
+        from stages.crop import status_lines
+
         text, rc = report(workdir, STAGE_ORDER)
-        print(text)
+        print("\n".join([text, *status_lines(workdir)]))
         return rc
 
     return _guarded(run, lambda: (None, workdir))

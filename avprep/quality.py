@@ -345,17 +345,3 @@ def compose_cells(cells: Sequence[np.ndarray], columns: int = 4) -> np.ndarray:
         y, x = (i // columns) * h, (i % columns) * w
         img[y : y + c.shape[0], x : x + c.shape[1]] = c[:h, :w]
     return img
-
-
-# ------------------------------------------------------------------------- from files (a resumed shard)
-def quality_from_outputs(roi_frames: Iterable[np.ndarray], landmarks_npz: Path, bounds: QualityBounds,
-                         source_fps: Optional[float] = None, fps: float = 25.0, rotation: float = 0,
-                         window: int = 12, n_frames: Optional[int] = None) -> tuple:
-    """(quality dict, tiles) of an item cropped by an earlier run, from its ROI video's frames and
-    its saved landmarks (the ROI passed through the codec: figures within a gray level or so)."""
-    saved = np.load(landmarks_npz)
-    track = saved["interpolated"]
-    meter = RoiMeter(n_frames or len(track), bounds.sheet_frames)
-    for _ in meter.observe(roi_frames):
-        pass
-    return item_quality(saved["raw"], track, meter, bounds, source_fps, fps, rotation, window), meter.tile_stack()
