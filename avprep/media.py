@@ -38,13 +38,15 @@ _FS_ERRORS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": er
               "input/output error": errno.EIO, "read-only file system": errno.EROFS}
 
 
-def _ffmpeg_failed(path: PathLike, what: str, stderr: str) -> Exception:
-    """The exception for a failed ffmpeg run: OSError(errno) for a disk/filesystem failure (so the
-    shard fails and is retried), else MediaError (the item's failure record)."""
+def _ffmpeg_failed(path: PathLike, what: str, stderr: str, output: Optional[PathLike] = None) -> Exception:
+    """The exception for a failed ffmpeg run on ``path``: OSError(errno) for a disk/filesystem
+    failure (so the shard fails and is retried), whose file name is ``output`` (what ffmpeg was
+    writing, under the work dir: the disk that is full, never the input's), else MediaError (the
+    item's failure record)."""
     for line in stderr.splitlines():
         for phrase, code in _FS_ERRORS.items():
             if phrase in line.lower():
-                return OSError(code, f"{path}: {what}: {line.strip()}", str(path))
+                return OSError(code, f"{path}: {what}: {line.strip()}", str(output or path))
     return MediaError(f"{path}: {what}: {stderr.strip()[-300:]}")
 
 
@@ -327,7 +329,7 @@ def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[floa
         cmd += ["-vn", "-map", "0:a:0", "-ac", "1", "-ar", str(sr), "-acodec", "pcm_s16le", "-f", "wav", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         if proc.returncode != 0:
-            raise _ffmpeg_failed(video_path, "audio extraction failed", proc.stderr)
+            raise _ffmpeg_failed(video_path, "audio extraction failed", proc.stderr, wav_path)
     return count_wav_samples(wav_path)
 
 
