@@ -66,7 +66,7 @@ def _open(path: PathLike):
     try:
         return av.open(str(path))
     except Exception as e:  # PyAV raises many error types for broken containers
-        raise MediaError(f"{path}: not a readable media file ({describe_error(e)})") from None
+        raise MediaError(f"{path}: cannot be decoded ({describe_error(e)})") from None
 
 
 def describe_error(e: BaseException) -> str:

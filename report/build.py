@@ -524,6 +524,13 @@ def _listing_html(workdir: Path, out_dir: Path, problems: List[str]) -> str:
         total = sum(int(p.get("count") or 0) for p in kinds.values())
         problems.append(f"{total:,} item(s) of the corpus cannot be used as listed ("
                         + ", ".join(h(k) for k in sorted(kinds)) + '): <a href="#crop">listing problems</a>')
+    ignored = listing.get("ignored") or {}
+    if ignored:  # every corpus path that is not an item (stages/corpus.py IGNORED_KINDS)
+        rows = [[h(kind), fmt_num(int(p.get("count") or 0)), "<br>".join(h(x) for x in p.get("examples") or [])]
+                for kind, p in ignored.items()]
+        parts.append(f"<h3>Not items ({fmt_num(listing.get('ignored_total'))} paths under the corpus dir)</h3>"
+                     + table(["why", "paths", "first ones"], rows, numeric=(1,))
+                     + f'<p class="note">All of them: {rel_link(idir / "ignored.tsv", out_dir, "ignored.tsv")}</p>')
     return "".join(parts)
 
 

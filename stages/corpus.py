@@ -266,8 +266,8 @@ def _id_list_paths(settings: CorpusSettings, root: Path) -> list[str]:
         if setting:
             path = Path(str(setting)).expanduser()
             path = path if path.is_absolute() else root / path
-            if path.is_file():
-                out.append(str(path.resolve()))
+            if path.is_file():  # as the walk names it, and through links
+                out += [os.path.normpath(path), str(path.resolve())]
     return out
 
 

@@ -60,6 +60,11 @@ def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path):
     status = "\n".join(status_lines(tmp_path / "work"))
     assert "corpus listing: 3 items listed, 7 paths under the corpus dir are not items" in status, status
     assert "    1 symlinked directory: linked" in status and "1 duplicate ids (failure records" in status
+    from report.build import _listing_html
+
+    html = _listing_html(tmp_path / "work", tmp_path / "work" / "report", [])
+    assert "Not items (7 paths under the corpus dir)" in html and "<td>text without a video</td>" in html
+    assert "sub/orphan.txt" in html and 'href="../crop/items/ignored.tsv"' in html, html
 
 
 def test_lrs3_layout_reports_files_outside_it(tmp_path):
