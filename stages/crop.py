@@ -497,7 +497,8 @@ class CropStage(Stage):
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
                                   item.start, item.end, detector)
-                    n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                    n_frames, n_samples, tiles = r.n_frames, r.n_samples, r.tiles
+                    q = quality.with_speech_rate(r.quality, item.text, n_samples / cfg.sample_rate, bounds)
                     write_item_quality(paths["quality"], q, tiles)
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))

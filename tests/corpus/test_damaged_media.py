@@ -1,7 +1,8 @@
 """Damaged sources made from the sample clips with the bundled ffmpeg: cut short (mp4, mkv, avi),
 zeroed in the middle, empty. Each is a failure record whose reason names the damage, in words,
 and leaves no output behind; the intact clip is cropped. And a crop shard killed half way and
-resumed gives the same records and contact sheet, byte for byte, as one that ran straight."""
+resumed gives the same records and contact sheet, byte for byte, as one that ran straight.
+A transcript with far more words than its audio can hold is flagged (words per second)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,8 @@ def test_truncated_and_damaged_videos_fail_with_the_damage_named(tmp_path, clips
     corpus = tmp_path / "corpus"
     good = clips["a"]
     touch(corpus / "intact.mp4", good.read_bytes())
+    # a transcript far too long for 2.4 s of audio: not a failure, a quality flag
+    touch(corpus / "intact.txt", " ".join(["word"] * 30).encode())
     for share in (45, 60, 80):
         _cut(good, corpus / f"cut{share}.mp4", share / 100)
     for ext, codecs in ((".mkv", ["-c", "copy"]), (".avi", ["-c:v", "mpeg4", "-q:v", "3", "-c:a", "mp3"])):
@@ -50,6 +53,8 @@ def test_truncated_and_damaged_videos_fail_with_the_damage_named(tmp_path, clips
     stats = stage.run(ctx, shard)
     recs = _records(ctx, stage, shard)
     assert recs["intact"]["status"] == "ok" and stats["ok"] == 1, recs["intact"]
+    q = recs["intact"]["quality"]
+    assert q["flags"] == ["fast_speech"] and abs(q["words_per_s"] - 30 / 2.38) < 0.1, q
     stated = media.video_info(good)["duration"]
     for share in (45, 60, 80):
         reason = recs[f"cut{share}"]["reason"]
@@ -80,6 +85,7 @@ def test_a_shard_killed_and_resumed_gives_the_bytes_of_a_straight_run(tmp_path, 
     corpus = tmp_path / "corpus"
     for name, key in (("m1", "a"), ("m2", "b"), ("m3", "c")):
         touch(corpus / f"{name}.mp4", clips[key].read_bytes())
+        touch(corpus / f"{name}.txt", clips[key].with_suffix(".txt").read_bytes())
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for work in (straight, resumed):
         crop_stage.CropStage().prepare(stage_ctx(corpus, work, items_per_shard=10), commit=True)
