@@ -137,3 +137,14 @@ def test_output_clashes_on_case_insensitive_filesystems():
         "Talk": ["talk"], "talk": ["Talk"], "café": ["cafe\u0301"], "cafe\u0301": ["café"],
         "a.npz/b": ["a"], "a": ["a.npz/b"]}
     assert output_clashes(["a", "b/c", "a.b/c"], [".mp4"]) == {}
+
+
+def test_videos_left_out_by_include_ids_are_reported(tmp_path):
+    corpus = tmp_path / "c"
+    for name in ("a", "b", "c"):
+        touch(corpus / f"{name}.mp4")
+    touch(corpus / "english.lst", b"a\nc\n")
+    listing = scan_corpus(stage_ctx(corpus, tmp_path / "w", manifest={"include_ids": "english.lst"}).cfg)
+    assert [i.id for i in listing.items] == ["a", "c"]
+    assert listing.ignored == {"id list": ["english.lst"], "not in manifest.include_ids": ["b.mp4"]}
+    _accounted(corpus, listing)
