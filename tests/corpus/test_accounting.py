@@ -10,7 +10,7 @@ from pathlib import Path
 from corpus_helpers import stage_ctx, touch
 from stages import item_list as il
 from stages.corpus import output_clashes, scan_corpus
-from stages.crop import CropStage, items_dir, status_lines
+from stages.crop import CropStage, items_dir
 
 
 def _accounted(corpus: Path, listing) -> None:
@@ -25,7 +25,7 @@ def _accounted(corpus: Path, listing) -> None:
         assert rel in used or any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in ignored), rel
 
 
-def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path):
+def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path, capsys):
     corpus = tmp_path / "c"
     touch(corpus / "a.mp4")
     touch(corpus / "a.txt", b"hello\n")
@@ -57,7 +57,11 @@ def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path):
     assert report["ignored"]["text without a video"] == {"count": 1, "examples": ["sub/orphan.txt"]}
     tsv = (idir / "ignored.tsv").read_text().splitlines()
     assert len(tsv) == 7 and "duplicate id\tdup.mov" in tsv
-    status = "\n".join(status_lines(tmp_path / "work"))
+    import launch
+
+    capsys.readouterr()
+    launch.main(["status", "--workdir", str(tmp_path / "work")])
+    status = capsys.readouterr().out
     assert "corpus listing: 3 items listed, 7 paths under the corpus dir are not items" in status, status
     assert "    1 symlinked directory: linked" in status and "1 duplicate ids (failure records" in status
     from report.build import _listing_html
