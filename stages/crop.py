@@ -241,22 +241,23 @@ def save_npz(path: Path, **arrays) -> None:
             zf.writestr(member, buf.getvalue())
 
 
-def write_item_quality(path: Path, q: dict, tiles: np.ndarray) -> None:
-    """An item's quality figures (``q`` without its flags) and contact-sheet tiles, atomically."""
-    figures = json.dumps({k: v for k, v in q.items() if k != "flags"})  # in its order: the records keep it
-    with atomic.atomic_path(path) as tmp:
-        save_npz(tmp, figures=figures, tiles=tiles)
+def measure_item(video: Path, landmarks: Path, cfg: Config, start: Optional[float] = None,
+                 end: Optional[float] = None) -> tuple:
+    """(quality dict, sheet tiles) of an item an earlier, killed run of its shard cropped, measured
+    as ``crop_item`` measures them: the ROIs cut again from the decoded source along the saved
+    landmark track (no detection, no encoding), so a resumed shard's records and sheet are a
+    straight run's, byte for byte (the encoded ROI video would move the figures: motion by ~10 %)."""
+    from avprep import media, quality
 
-
-def read_item_quality(path: Path, bounds) -> tuple:
-    """(quality dict, tiles) that ``write_item_quality`` stored; the flags from today's bounds."""
-    from avprep import quality
-
-    with np.load(path) as saved:
-        q = json.loads(str(saved["figures"]))
-        tiles = saved["tiles"]
-    q["flags"] = quality.flags(q, bounds)
-    return q, tiles
+    info = media.video_info(video)
+    with np.load(landmarks) as saved:
+        raw, track = saved["raw"], saved["interpolated"]
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(len(track), bounds.sheet_frames)
+    for _ in meter.observe(mouth_rois(_frames(video, cfg, start, end), track, cfg)):
+        pass
+    q = quality.item_quality(raw, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
+    return q, meter.tile_stack()
 
 
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
@@ -331,11 +332,8 @@ def source_root(ctx: StageContext) -> Path:
 
 
 # an item's output files: crop/<kind>/<id><suffix> (ids that would share one are refused when
-# the corpus is listed: stages.corpus.output_clashes). ``quality`` is written last: the item's
-# quality figures and contact-sheet tiles as measured on the ROIs before encoding, so a resumed
-# shard reuses them instead of measuring the encoded video (its records and sheet stay
-# byte-identical to a straight run's)
-OUTPUTS = (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"), ("quality", ".npz"))
+# the corpus is listed: stages.corpus.output_clashes)
+OUTPUTS = (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))
 
 
 def output_paths(out: Path, item_id: str) -> dict:
@@ -491,15 +489,14 @@ class CropStage(Stage):
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
-                    q, tiles = read_item_quality(paths["quality"], bounds)
+                    q, tiles = measure_item(Path(item.video), paths["landmarks"], cfg, item.start, item.end)
                 else:
                     if detector is None:
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
                                   item.start, item.end, detector)
-                    n_frames, n_samples, tiles = r.n_frames, r.n_samples, r.tiles
-                    q = quality.with_speech_rate(r.quality, item.text, n_samples / cfg.sample_rate, bounds)
-                    write_item_quality(paths["quality"], q, tiles)
+                    n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = quality.with_speech_rate(q, item.text, n_samples / cfg.sample_rate, bounds)
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
                 records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
