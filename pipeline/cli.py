@@ -79,8 +79,8 @@ class Application:
     not build anything). ``commands``: the application's own subcommands, ``{name:
     "module:function"}``, each called with the remaining arguments (imported when used).
     ``at_end``: called after every launch that ran (failed ones too), its lines are printed.
-    ``status_notes``: called with the work dir by ``status``; its lines are printed after the
-    stages' (what the application's own files say, e.g. the last listing of the corpus)."""
+    ``status_lines``: the application's own lines after the engine's ``status`` (called with the
+    work dir; e.g. what its inputs' listing left out)."""
 
     prog: str
     description: str
@@ -98,7 +98,7 @@ class Application:
     commands: Mapping[str, str] = field(default_factory=dict)
     epilog: str = ""
     at_end: Optional[AtEnd] = None
-    status_notes: Optional[Callable[[Path], List[str]]] = None
+    status_lines: Optional[Callable[[Path], List[str]]] = None
 
 
 # --- arguments and planning ----------------------------------------------------------------------
@@ -314,7 +314,7 @@ def cmd_status(app: Application, argv: List[str]) -> int:
 
     def run() -> int:
         text, rc = report(workdir, list(app.stage_names))
-        print("\n".join([text, *(app.status_notes(workdir) if app.status_notes else [])]))
+        print("\n".join([text, *(app.status_lines(workdir) if app.status_lines is not None else [])]))
         return rc
 
     return guarded(run, lambda: (None, workdir))

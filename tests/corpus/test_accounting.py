@@ -64,9 +64,9 @@ def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path, capsys):
     status = capsys.readouterr().out
     assert "corpus listing: 3 items listed, 7 paths under the corpus dir are not items" in status, status
     assert "    1 symlinked directory: linked" in status and "1 duplicate ids (failure records" in status
-    from report.build import _listing_html
+    from report.build import build_report
 
-    html = _listing_html(tmp_path / "work", tmp_path / "work" / "report", [])
+    html = build_report(tmp_path / "work").path.read_text()
     assert "Not items (7 paths under the corpus dir)" in html and "<td>text without a video</td>" in html
     assert "sub/orphan.txt" in html and 'href="../crop/items/ignored.tsv"' in html, html
 
