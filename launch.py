@@ -47,6 +47,13 @@ def _run_report(workdir: Path, argv: List[str], start: float, rc: int, error: Op
     return at_end_of_launch(workdir, argv, start, rc, error)
 
 
+def _status_lines(workdir: Path) -> List[str]:
+    """``status``'s lines on the last corpus listing (items, paths that are not items)."""
+    from stages.crop import status_lines
+
+    return status_lines(workdir)
+
+
 APP = Application(
     prog="launch.py",
     description="Run the AV-HuBERT pretraining pipeline (stages: {stages}).",
@@ -68,6 +75,7 @@ APP = Application(
               "report": "report:main", "units": "stages.units:main"},
     entry=DriverEntry(module="launch", paths=(str(ROOT),)),
     at_end=_run_report,
+    status_lines=_status_lines,
 )
 
 

@@ -422,7 +422,12 @@ def listing_part(run: Run) -> Optional[dict]:
         "removed": removed, "removed_examples": list(listing.get("removed_examples") or []),
         "removed_list": run.link(idir / "removed.txt", "removed.txt"),
         "changed": changed, "changed_examples": [tuple(x) for x in listing.get("changed_examples") or []],
-        "changed_list": run.link(idir / "changed.txt", "changed.txt"), "problems": problems}
+        "changed_list": run.link(idir / "changed.txt", "changed.txt"), "problems": problems,
+        # every corpus path that is not an item (stages/corpus.py IGNORED_KINDS)
+        "ignored": [{"kind": kind, "count": int(p.get("count") or 0), "examples": list(p.get("examples") or [])}
+                    for kind, p in (listing.get("ignored") or {}).items()],
+        "ignored_total": int(listing.get("ignored_total") or 0),
+        "ignored_list": run.link(idir / "ignored.tsv", "ignored.tsv")}
     if removed or changed:
         run.problem(f"the last corpus listing found {removed:,} gone and {changed:,} changed source(s): ",
                     Anchor("crop", "see the listing"))

@@ -192,6 +192,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         n = len(raw)
         if n == 0:
             raise CropError(f"{video}: no frame could be decoded" + (f" in [{start}, {end}] s" if start or end else ""))
+        media.check_complete(video, "video", n / cfg.fps, info["duration"], start, end)
         if n < cfg.min_frames:
             raise CropError(f"{video}: {n} frames at {cfg.fps} fps, shorter than crop.min_frames={cfg.min_frames}")
         track = align.interpolate_missing(raw)
@@ -218,6 +219,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
+        media.check_complete(video, "audio", n_samples / cfg.sample_rate, info["audio_duration"], start, end)
     q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
     return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
                       q, meter.tile_stack(), info["rotation"])
@@ -237,6 +239,25 @@ def save_npz(path: Path, **arrays) -> None:
             member.compress_type = zipfile.ZIP_DEFLATED
             member.external_attr = 0o644 << 16
             zf.writestr(member, buf.getvalue())
+
+
+def measure_item(video: Path, landmarks: Path, cfg: Config, start: Optional[float] = None,
+                 end: Optional[float] = None) -> tuple:
+    """(quality dict, sheet tiles) of an item an earlier, killed run of its shard cropped, measured
+    as ``crop_item`` measures them: the ROIs cut again from the decoded source along the saved
+    landmark track (no detection, no encoding), so a resumed shard's records and sheet are a
+    straight run's, byte for byte (the encoded ROI video would move the figures: motion by ~10 %)."""
+    from avprep import media, quality
+
+    info = media.video_info(video)
+    with np.load(landmarks) as saved:
+        raw, track = saved["raw"], saved["interpolated"]
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(len(track), bounds.sheet_frames)
+    for _ in meter.observe(mouth_rois(_frames(video, cfg, start, end), track, cfg)):
+        pass
+    q = quality.item_quality(raw, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
+    return q, meter.tile_stack()
 
 
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
@@ -297,14 +318,26 @@ def items_dir(ctx: StageContext) -> Path:
     return crop_dir(ctx) / "items"
 
 
+def status_lines(workdir: Path) -> list[str]:
+    """``launch.py status``'s lines on the crop stage's last corpus listing (stages/item_list.py)."""
+    from stages import item_list as il
+
+    return il.listing_status_lines(Path(workdir) / "crop" / "items")
+
+
 def source_root(ctx: StageContext) -> Path:
     """Where the frozen items' relative source paths are looked up: the configured corpus dir
     (the corpus may have moved since it was listed)."""
     return Path(str(ctx.cfg.corpus)).expanduser().resolve()
 
 
+# an item's output files: crop/<kind>/<id><suffix> (ids that would share one are refused when
+# the corpus is listed: stages.corpus.output_clashes)
+OUTPUTS = (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))
+
+
 def output_paths(out: Path, item_id: str) -> dict:
-    return {k: out / k / f"{item_id}{ext}" for k, ext in (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+    return {k: out / k / f"{item_id}{ext}" for k, ext in OUTPUTS}
 
 
 class CropStage(Stage):
@@ -336,20 +369,25 @@ class CropStage(Stage):
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
         from stages.corpus import scan_corpus
 
-        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
+        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True),
+                              output_suffixes=[suffix for _, suffix in OUTPUTS])
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
-        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
+        lines += listing.ignored_lines(where=str(items_dir(ctx) / "ignored.tsv") if commit else None)
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems,
+                             listing.ignored)
         from stages import estimates
 
         estimates.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
     def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
-               problems: Optional[dict] = None) -> list[str]:
+               problems: Optional[dict] = None, ignored: Optional[dict] = None) -> list[str]:
         """Freeze ``items`` (the current listing) against the frozen list: the whole list the
         first time, the new items as a new batch of shards later. Returns lines for the user.
-        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json."""
+        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json;
+        ``ignored``: the paths that are not items (kind -> paths), counted there and listed in
+        ignored.tsv."""
         from stages import item_list as il
 
         idir = items_dir(ctx)
@@ -394,7 +432,7 @@ class CropStage(Stage):
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes, problems)
+            il.write_listing_report(idir, len(items), changes, problems, ignored)
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
@@ -451,16 +489,14 @@ class CropStage(Stage):
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
-                    info = media.video_info(item.video)
-                    q, tiles = quality.quality_from_outputs(
-                        media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
-                        info["rotation"], cfg.window, n_frames)
+                    q, tiles = measure_item(Path(item.video), paths["landmarks"], cfg, item.start, item.end)
                 else:
                     if detector is None:
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
                                   item.start, item.end, detector)
                     n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = quality.with_speech_rate(q, item.text, n_samples / cfg.sample_rate, bounds)
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
                 records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
@@ -473,6 +509,10 @@ class CropStage(Stage):
                 # ... but a full disk, an I/O error or a signal is not the video's fault: the shard
                 # fails and a rerun retries the item
                 raise_if_infrastructure(e, [out])
+                if not item.error:  # a failed item leaves no outputs behind (a half-written item's)
+                    for p in paths.values():
+                        if p.is_file():
+                            p.unlink()
                 reason = str(e) if (item.error or item.video in str(e)) else f"{item.video}: {type(e).__name__}: {e}"
                 reason = shown(reason)
                 log.warning("crop failed: %s", reason)
