@@ -13,6 +13,7 @@
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
     python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
+    python launch.py export WORKDIR --out DIR [--finetuned | --no-finetuned]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FORWARDED = {"crop-video": ("stages.crop", "crop_video_main"), "infer": ("stages.infer", "main"),
-             "report": ("report", "main"), "units": ("stages.units", "main")}
+             "report": ("report", "main"), "units": ("stages.units", "main"), "export": ("report.export", "main")}
 # how a detached driver runs this launcher again (a module with main(argv), importable from paths)
 ENTRY = {"module": "launch", "script": str(ROOT / "launch.py"), "paths": [str(ROOT)]}
 
@@ -42,7 +43,8 @@ def parse_args(argv):
         description="Run the AV-HuBERT pretraining pipeline (stages: " + ", ".join(STAGE_ORDER) + ").",
         epilog="Subcommands: `status [--workdir DIR]`, `cancel [--workdir DIR]`, `report [--workdir DIR]`, "
         "`crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`, "
-        "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
+        "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`, "
+        "`export WORKDIR --out DIR`. "
         "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     )
     p.add_argument("--stage", default="all", help="all (default) or one of: " + ", ".join(STAGE_ORDER))
