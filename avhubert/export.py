@@ -61,7 +61,9 @@ def _save_weights(path: Path, state: dict, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    # one metadata entry: safetensors writes the metadata map in hash order, and several
+    # entries would make two exports of one model differ in bytes
+    save_file(tensors, str(path), metadata={"format": "/".join(str(v) for _, v in sorted(metadata.items()))})
 
 
 def pretraining_config(state: dict, path: str):

@@ -69,7 +69,7 @@ def test_export_of_a_run(smoke_run, tmp_path, sample_corpus):
 
     # the encoder: the same features as the checkpoint it came from; the same units as the run's k-means
     ckpt = smoke_run / "iter2" / "train" / "checkpoints" / "checkpoint_final.pt"
-    video = sorted(smoke_run.glob("crop/video/*.mp4"))[0]
+    video = sorted(smoke_run.glob("crop/video/**/*.mp4"))[0]
     from avprep import media
 
     roi = media.read_gray_video(video)
