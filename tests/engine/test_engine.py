@@ -87,6 +87,22 @@ def test_missing_prerequisite_is_one_clear_error(tmp_path):
     assert runs(tmp_path) == []
 
 
+def test_only_missing_inputs_make_a_step_incomplete_a_bug_in_its_shards_is_a_bug(tmp_path):
+    run_all(make(tmp_path, "debug"))
+    pipe = make(tmp_path, "debug")
+    sum_stage = pipe.stages["sum"]
+    assert pipe.step_complete(sum_stage, None)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "bug_in_shards").touch()  # shards() raises KeyError: not "incomplete"
+    with pytest.raises(KeyError):
+        pipe.step_complete(sum_stage, None)
+    with pytest.raises(KeyError):
+        pipe.plan(pipe.targets(["sum"]))
+    (tmp_path / "control" / "bug_in_shards").unlink()
+    (tmp_path / "toy" / "summary.json").unlink()  # its input gone: InputsMissing, the step is incomplete
+    assert not pipe.step_complete(sum_stage, None)
+
+
 def test_lost_output_makes_a_shard_incomplete_again(tmp_path):
     run_all(make(tmp_path, "debug"))
     (tmp_path / "toy" / "out_4.txt").unlink()
@@ -198,3 +214,18 @@ def test_a_stage_can_drop_a_dependency_for_its_configuration(tmp_path):
         pipe.plan(pipe.targets(["sum"]))
     stage.given_input = True
     assert [s.name for s in pipe.plan(pipe.targets(["sum"]))] == ["sum"]
+
+
+def test_a_submitit_whose_local_controller_changed_is_refused_before_a_job_starts(tmp_path, monkeypatch):
+    # the local executor starts submitit's controller itself (in a session of its own) with the
+    # settings of submitit's start_controller: another submitit's controller is one error line
+    from submitit.local import local
+
+    def start_controller(folder, command, tasks_per_node=1, cuda_devices="", timeout_min=5.0, signal_delay_s=30,
+                         stderr_to_stdout=False, setup=(), new_setting=None):  # a newer submitit's, say
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(local, "start_controller", start_controller)
+    with pytest.raises(StageFailed, match=r"its local job controller takes .*new_setting.*pin submitit"):
+        run_all(make(tmp_path, "local", {"toy": ToyStage(2)}))
+    assert runs(tmp_path) == []

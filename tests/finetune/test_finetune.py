@@ -25,7 +25,8 @@ from pipeline.stage import StageContext
 from stages import finetune
 from stages.manifest import Config as ManifestConfig
 
-from finetune_data import GOLDEN, REPO_ROOT, TRAIN_IDS
+from finetune_data import REPO_ROOT, TRAIN_IDS
+from golden_data import golden_file
 
 MAX_UPDATE = 100
 
@@ -71,9 +72,7 @@ def _finetune_task(tmp_path: Path, pieces):
 def test_reference_layout_roundtrip(tmp_path):
     """A fine-tuned checkpoint in the reference layout, built from the reference code's own
     pretraining checkpoint, loads back through fairseq with every tensor under the same name."""
-    golden = GOLDEN / "ref_tiny_pretrain.pt"
-    if not golden.is_file():
-        pytest.skip(f"{golden} absent: the golden reference data is not in this checkout's ../shared")
+    golden = golden_file("ref_tiny_pretrain.pt")
     from fairseq import checkpoint_utils
 
     from avhubert.checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu
@@ -332,6 +331,14 @@ def test_configs_compose_with_fairseq_schema(model_config, ft_workdir, fresh_pre
     assert cfg.checkpoint.save_dir == str(ft_workdir / "finetune" / "checkpoints")
     expected = {"tiny": 100, "base": 45000, "large": 30000}[model_config]
     assert cfg.optimization.max_update == expected == finetune.max_update(ctx.cfg)
+    # the recipe's batch per update (base / large: written for 8 ranks) on 1 and 3 ranks
+    recipe = {"tiny": 1, "base": 8, "large": 8}[model_config]
+    assert list(cfg.optimization.update_freq) == [recipe]
+    from stages.train import DistributedEnv
+
+    three = dict(o.split("=", 1) for o in finetune.fairseq_overrides(ctx, DistributedEnv(world_size=3, rank=0)))
+    assert three["optimization.update_freq"] == f"[{-(-recipe // 3)}]"
+    assert finetune.finetune_update_freq(ctx, 3).excess == 3 * -(-recipe // 3) - recipe
 
 
 def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
