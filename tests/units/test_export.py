@@ -91,6 +91,14 @@ def test_export_of_a_run(smoke_run, tmp_path, sample_corpus):
         said.append(p.stdout.strip().splitlines()[-1])
     assert said[0] == said[1]
 
+    # the smoke preset tunes decoding on valid and averages: results.json, the report and the card show it
+    results = json.loads((smoke_run / "finetune" / "results.json").read_text())
+    assert len(results["decode_grid"]) == 2 and results["averaging"]["kept"] in ("final", "averaged")
+    page = (smoke_run / "report" / "index.html").read_text()
+    assert "Decoding tuned on valid" in page and "chosen: test decoded with it" in page
+    assert "checkpoint averaging: the last 2 asked" in page and "the lowest valid WER of 2 settings" in card
+    assert (exp / "decoding.json").is_file()
+
     # the same run exports to the same bytes; a non-empty target is refused
     again = _export(smoke_run, tmp_path / "again")
     assert again.returncode == 0, again.stderr
