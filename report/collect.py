@@ -613,10 +613,15 @@ def finetune_section(run: Run) -> dict:
     noise = None
     if res.get("noise"):
         noise = guarded(run, f'{path} ("noise")', "finetune", noise_wer_part, run, res["noise"])
+    generation = res.get("generation") or {}
+    chosen = (generation.get("beam"), generation.get("lenpen"))
+    grid = [{**row, "chosen": (row.get("beam"), row.get("lenpen")) == chosen} for row in res.get("decode_grid") or []]
     return {"written": True, "splits": splits, "hypotheses": hypotheses, "shown": HYPOTHESES_SHOWN,
             "checkpoint": res.get("checkpoint"), "pretrained": res.get("pretrained"),
             "modalities": res.get("modalities"), "num_updates": res.get("num_updates"),
-            "generation": list((res.get("generation") or {}).items()), "noise": noise}
+            "generation": list(generation.items()), "noise": noise,
+            # decoding tuned on valid (finetune.decode_grid) and checkpoint averaging (finetune.average_last)
+            "decode_grid": grid if len(grid) > 1 else [], "averaging": res.get("averaging")}
 
 
 def noise_wer_part(run: Run, noise: dict) -> dict:
