@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from avprep import align, media, quality
+from avprep import align, landmark_files, media, quality
 from avprep.landmarks import DetectorSettings, LandmarkDetector
 from avprep.quality import QualityBounds
 from pipeline import atomic
@@ -146,7 +146,7 @@ def detect_frames(frames, detector, cache_mb: float) -> tuple:
 
 
 def mouth_rois(frames, track: np.ndarray, cfg: CropSettings) -> Iterator[np.ndarray]:
-    """The 96x96 gray mouth ROIs of decoded frames (``decoded_frames``) along a landmark track."""
+    """The 96x96 gray mouth ROIs of decoded frames (``_frames``) along a landmark track."""
     # both modes warp with the reference's float interpolation + truncation: it costs little
     # next to detection, and cv2's fixed-point uint8 path drifts by about half a gray level
     rois = align.crop_mouths(frames, track, window=cfg.window, exact=True)
@@ -154,10 +154,24 @@ def mouth_rois(frames, track: np.ndarray, cfg: CropSettings) -> Iterator[np.ndar
     return (_gray(r) for r in rois) if cfg.mode == "reference" else rois
 
 
+def read_frames(frames, cache_mb: float) -> tuple:
+    """The number of decoded frames, and the frames while they fit in ``cache_mb`` (None beyond
+    it: the caller decodes again)."""
+    cached, size, n = [], 0, 0
+    for frame in frames:
+        n += 1
+        if cached is not None:
+            size += frame.nbytes
+            cached = None if size > cache_mb * 2**20 else cached + [frame]
+    return n, cached
+
+
 def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landmarks: Path, cfg: CropSettings,
-              start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
+              start: Optional[float] = None, end: Optional[float] = None, detector=None,
+              imported: Optional[landmark_files.Imported] = None) -> CropResult:
     """Crop one video (or segment) into the three output files, each written atomically.
-    Landmarks already saved in ``out_landmarks`` are reused."""
+    Landmarks already saved in ``out_landmarks`` are reused; ``imported``: landmarks read from a
+    file instead of detected (avprep/landmark_files.py)."""
     t0 = time.time()
     video = Path(video)
     info = media.video_info(video)
@@ -169,6 +183,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
               "fps": cfg.fps}
     if info["rotation"]:  # detected on the upright frames (older files saw them sideways)
         source["rotation"] = info["rotation"]
+    if imported is not None:  # another landmarks file (or none: detected) is another source
+        source["landmarks"] = {"file": str(imported.path.resolve()), "size": imported.path.stat().st_size,
+                               "first_frame": imported.first_frame}
     source = json.dumps(source)
     saved = np.load(out_landmarks) if out_landmarks.exists() else None
     if saved is not None and ("source" not in saved or str(saved["source"]) != source):
@@ -179,23 +196,31 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         track, found, raw_arr = saved["interpolated"], int(saved["found"].sum()), saved["raw"]
         n = len(track)
     else:
-        detector = detector or landmark_detector(cfg)
-        raw, cached = detect_frames(decoded_frames(video, cfg, start, end), detector, cfg.frame_cache_mb)
+        if imported is not None:
+            n, cached = read_frames(decoded_frames(video, cfg, start, end), cfg.frame_cache_mb)
+            raw = landmark_files.fit(imported.path, landmark_files.read(imported.path), str(video), n, cfg.fps,
+                                     imported.first_frame) if n else []
+        else:
+            detector = detector or landmark_detector(cfg)
+            raw, cached = detect_frames(decoded_frames(video, cfg, start, end), detector, cfg.frame_cache_mb)
         n = len(raw)
         if n == 0:
             raise CropError(f"{video}: no frame could be decoded" + (f" in [{start}, {end}] s" if start or end else ""))
+        media.check_complete(video, "video", n / cfg.fps, info["duration"], start, end)
         if n < cfg.min_frames:
             raise CropError(f"{video}: {n} frames at {cfg.fps} fps, shorter than crop.min_frames={cfg.min_frames}")
         track = align.interpolate_missing(raw)
         found = sum(r is not None for r in raw)
         if track is None:
-            raise NoFaceError(f"{video}: no face found in any of its {n} frames")
-        raw_arr = np.full((n, 68, 2), -1, dtype=np.int32)
+            where = f" of {imported.path}" if imported is not None else ""
+            raise NoFaceError(f"{video}: no face found in any of its {n} frames{where}")
+        # detections are whole pixels; imported landmarks (auto_avsr's FAN) may be sub-pixel
+        raw_arr = np.full((n, 68, 2), -1, dtype=np.int32 if imported is None else np.float64)
         for i, r in enumerate(raw):
             if r is not None:
                 raw_arr[i] = r
         with atomic.atomic_path(out_landmarks) as tmp:
-            save_npz(tmp, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
+            save_npz(tmp, raw=raw_arr, interpolated=track, found=np.array([r is not None for r in raw]), source=source,
                      fps=cfg.fps, mode=cfg.mode)
     frames = iter(cached) if cached is not None else decoded_frames(video, cfg, start, end)
     bounds = quality.bounds_of(cfg.quality)
@@ -210,6 +235,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
+        media.check_complete(video, "audio", n_samples / cfg.sample_rate, info["audio_duration"], start, end)
     q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
     return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
                       q, meter.tile_stack(), info["rotation"])
@@ -228,13 +254,32 @@ def save_npz(path: Path, **arrays) -> None:
             zf.writestr(member, buf.getvalue())
 
 
+def measure_item(video: Path, landmarks: Path, cfg: CropSettings, start: Optional[float] = None,
+                 end: Optional[float] = None) -> tuple:
+    """(quality dict, sheet tiles) of an item an earlier, killed run of its shard cropped, measured
+    as ``crop_item`` measures them: the ROIs cut again from the decoded source along the saved
+    landmark track (no detection, no encoding), so a resumed shard's records and sheet are a
+    straight run's, byte for byte (the encoded ROI video would move the figures: motion by ~10 %)."""
+    info = media.video_info(video)
+    with np.load(landmarks) as saved:
+        raw, track = saved["raw"], saved["interpolated"]
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(len(track), bounds.sheet_frames)
+    for _ in meter.observe(mouth_rois(decoded_frames(video, cfg, start, end), track, cfg)):
+        pass
+    q = quality.item_quality(raw, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
+    return q, meter.tile_stack()
+
+
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[CropSettings] = None,
-                   name: Optional[str] = None) -> CropResult:
+                   name: Optional[str] = None, landmarks: Optional[Path] = None) -> CropResult:
     """The crop stage's processing of one whole video into ``out_dir/<name>.{mp4,wav,landmarks.npz}``
     (used by ``launch.py crop-video``, ``launch.py infer`` and ``avhubert.api``). No audio track: no
-    wav, no error."""
+    wav, no error. ``landmarks``: a landmarks file of the video to use instead of detecting faces
+    (``avprep/landmark_files.py``)."""
     cfg = dataclasses.replace(cfg or CropSettings(), **({"mode": mode} if mode else {}), require_audio=False)
     out_dir = Path(out_dir)
     name = name or Path(video).stem
     return crop_item(Path(video), out_dir / f"{name}.mp4", out_dir / f"{name}.wav",
-                     out_dir / f"{name}.landmarks.npz", cfg)
+                     out_dir / f"{name}.landmarks.npz", cfg,
+                     imported=landmark_files.Imported(Path(landmarks)) if landmarks else None)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from avprep import media, quality
-from avprep.crop import CropError, CropSettings, crop_item, crop_one_video, landmark_detector
+from avprep import landmark_files, media, quality
+from avprep.crop import CropError, CropSettings, crop_item, crop_one_video, landmark_detector, measure_item
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.stage import Shard, Stage, StageContext
@@ -38,6 +38,12 @@ class Config(CropSettings):
     """``cfg.crop``: how each video is cropped (``avprep.crop.CropSettings``) and how the items are
     sharded."""
 
+    # landmarks that already exist (avprep/landmark_files.py: the reference's or auto_avsr's per-video
+    # pickles, or another work dir's crop/landmarks): read instead of detecting faces
+    landmarks_dir: Optional[str] = None
+    # an item without a file in landmarks_dir: "fail" (a failure record naming the files looked
+    # for) or "detect" (its faces are detected as without landmarks_dir)
+    landmarks_missing: str = "fail"
     items_per_shard: int = 50
     n_shards: int = 0  # 0 = from items_per_shard
     max_failure_rate: float = 0.2  # finalize fails the stage above this share of failed items
@@ -50,6 +56,8 @@ def crop_video_main(argv: list) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=["reference", "fast"], default="fast")
     p.add_argument("--face-rule", choices=["largest", "last"], default="largest")
+    p.add_argument("--landmarks", help="landmarks of this video to use instead of detecting faces (the reference's "
+                                        "or auto_avsr's .pkl, or a crop's .npz)")
     a = p.parse_args(argv)
     cfg = Config(mode=a.mode, face_rule=a.face_rule)
     out = Path(a.out)
@@ -58,8 +66,8 @@ def crop_video_main(argv: list) -> int:
     if stale.exists():
         print(f"found {stale}: reused if it was detected on this video, else replaced")
     try:
-        r = crop_one_video(a.video, out, cfg=cfg)
-    except (CropError, OSError, RuntimeError) as e:
+        r = crop_one_video(a.video, out, cfg=cfg, landmarks=a.landmarks)
+    except (CropError, OSError, RuntimeError, landmark_files.LandmarkFileError) as e:
         print(f"error: {e}")
         return 1
     print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
@@ -85,14 +93,48 @@ def items_dir(ctx: StageContext) -> Path:
     return crop_dir(ctx) / "items"
 
 
+def status_lines(workdir: Path) -> list[str]:
+    """``launch.py status``'s lines on the crop stage's last corpus listing (stages/item_list.py)."""
+    return il.listing_status_lines(Path(workdir) / "crop" / "items")
+
+
 def source_root(ctx: StageContext) -> Path:
     """Where the frozen items' relative source paths are looked up: the configured corpus dir
     (the corpus may have moved since it was listed)."""
     return Path(str(ctx.cfg.corpus)).expanduser().resolve()
 
 
+# an item's output files: crop/<kind>/<id><suffix> (ids that would share one are refused when
+# the corpus is listed: stages.corpus.output_clashes)
+OUTPUTS = (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))
+
+
 def output_paths(out: Path, item_id: str) -> dict:
-    return {k: out / k / f"{item_id}{ext}" for k, ext in (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+    return {k: out / k / f"{item_id}{ext}" for k, ext in OUTPUTS}
+
+
+def imported_landmarks(ctx: StageContext, cfg: Config, item) -> Optional[landmark_files.Imported]:
+    """The item's file in ``crop.landmarks_dir`` (None: detect its faces), or a CropError when it
+    has none and ``crop.landmarks_missing=fail``."""
+    if not cfg.landmarks_dir:
+        return None
+    root = source_root(ctx)
+    try:
+        relative = Path(item.video).relative_to(root).as_posix()
+    except ValueError:
+        relative = None
+    where = Path(cfg.landmarks_dir).expanduser()
+    path = landmark_files.find(where, item.id, relative)
+    if path is None:
+        if cfg.landmarks_missing == "detect":
+            return None
+        looked = ", ".join(str(p.relative_to(where)) for p in landmark_files.candidates(where, item.id, relative))
+        raise CropError(f"{item.video}: no landmarks file for it in crop.landmarks_dir={where} (looked for "
+                        f"{looked}); add it, or crop.landmarks_missing=detect to detect its faces")
+    # a file of the whole video (not of this item) starts at the video's first frame
+    whole_video = path.with_suffix("") != where / item.id
+    first = int(round(float(item.start or 0) * cfg.fps)) if whole_video else 0
+    return landmark_files.Imported(path, first)
 
 
 class CropStage(Stage):
@@ -117,6 +159,12 @@ class CropStage(Stage):
             raise ConfigError(f"crop.face_rule={c.face_rule!r}: largest or last")
         if not 0 <= c.max_failure_rate <= 1:
             raise ConfigError(f"crop.max_failure_rate={c.max_failure_rate}: a share between 0 and 1")
+        if c.landmarks_missing not in ("fail", "detect"):
+            raise ConfigError(f"crop.landmarks_missing={c.landmarks_missing!r}: fail or detect")
+        if c.landmarks_dir and not Path(str(c.landmarks_dir)).expanduser().is_dir():
+            raise ConfigError(f"crop.landmarks_dir={c.landmarks_dir}: no such directory")
+        if c.landmarks_missing != "fail" and not c.landmarks_dir:
+            raise ConfigError(f"crop.landmarks_missing={c.landmarks_missing} does nothing without crop.landmarks_dir")
         if c.window < 1 or c.min_frames < 1 or c.items_per_shard < 1:
             raise ConfigError("crop.window, crop.min_frames and crop.items_per_shard must be >= 1")
         corpus = ctx.cfg.get("corpus")
@@ -125,18 +173,23 @@ class CropStage(Stage):
 
     # --- planning ---------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
-        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
+        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True),
+                              output_suffixes=[suffix for _, suffix in OUTPUTS])
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
-        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
+        lines += listing.ignored_lines(where=str(items_dir(ctx) / "ignored.tsv") if commit else None)
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems,
+                             listing.ignored)
         self.corpus_sizes.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
     def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
-               problems: Optional[dict] = None) -> list[str]:
+               problems: Optional[dict] = None, ignored: Optional[dict] = None) -> list[str]:
         """Freeze ``items`` (the current listing) against the frozen list: the whole list the
         first time, the new items as a new batch of shards later. Returns lines for the user.
-        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json."""
+        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json;
+        ``ignored``: the paths that are not items (kind -> paths), counted there and listed in
+        ignored.tsv."""
         idir = items_dir(ctx)
         self._planned.pop(str(idir), None)
         try:
@@ -179,7 +232,7 @@ class CropStage(Stage):
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes, problems)
+            il.write_listing_report(idir, len(items), changes, problems, ignored)
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
@@ -227,16 +280,15 @@ class CropStage(Stage):
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
-                    info = media.video_info(item.video)
-                    q, tiles = quality.quality_from_outputs(
-                        media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
-                        info["rotation"], cfg.window, n_frames)
+                    q, tiles = measure_item(Path(item.video), paths["landmarks"], cfg, item.start, item.end)
                 else:
-                    if detector is None:
+                    imported = imported_landmarks(ctx, cfg, item)
+                    if detector is None and imported is None:
                         detector = landmark_detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
-                                  item.start, item.end, detector)
+                                  item.start, item.end, detector, imported)
                     n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = quality.with_speech_rate(q, item.text, n_samples / cfg.sample_rate, bounds)
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
                 records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
@@ -249,6 +301,10 @@ class CropStage(Stage):
                 # ... but a full disk, an I/O error or a signal is not the video's fault: the shard
                 # fails and a rerun retries the item
                 raise_if_infrastructure(e, [out])
+                if not item.error:  # a failed item leaves no outputs behind (a half-written item's)
+                    for p in paths.values():
+                        if p.is_file():
+                            p.unlink()
                 reason = str(e) if (item.error or item.video in str(e)) else f"{item.video}: {type(e).__name__}: {e}"
                 reason = shown(reason)
                 log.warning("crop failed: %s", reason)

@@ -22,7 +22,7 @@ from pipeline.errors import InfrastructureError, raise_if_infrastructure
 from speechfeat import kmeans as km
 from speechfeat.units import rle_line, units_line, vocoder_record
 from stages.kmeans import Config as KmeansConfig, backend_params
-from stages.units import KMEANS_MODEL, SAMPLE_RATE
+from stages.units import KMEANS_MODEL, SAMPLE_RATE, is_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def units_command(args) -> int:
     def error(msg: str) -> None:
         print(f"error: {msg}", file=sys.stderr, flush=True)
 
-    if not Path(args.checkpoint).is_file():
-        error(f"{args.checkpoint}: no such checkpoint")
+    if not is_checkpoint(args.checkpoint):
+        error(f"{args.checkpoint}: no such checkpoint (a file, or a directory of launch.py export)")
         return 1
     if args.kmeans is not None and not Path(args.kmeans).is_file():
         error(f"{args.kmeans}: no such k-means model")
