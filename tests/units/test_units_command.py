@@ -69,4 +69,4 @@ def test_units_command_bad_requests_one_line(tmp_path, capsys):
     rc = units_command.main([str(tmp_path / "x.mp4"), "--checkpoint", str(tmp_path / "missing.pt"), "--layer", "1",
                            "--n-clusters", "4"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.strip() == f"error: {tmp_path / 'missing.pt'}: no such checkpoint"
+    assert rc == 1 and err.strip() == f"error: {tmp_path / 'missing.pt'}: no such checkpoint (a file, or a directory of launch.py export)"
