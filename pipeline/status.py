@@ -1,7 +1,8 @@
 """``launch.py status``: per iteration and stage, shards done / total, running, pending (with the
 scheduler's reasons), failed (with log paths and last error lines), shards whose job ended without
 a result (killed by a signal, time limit, out of memory: from sacct), a failed finalize, stale
-steps; and who drives the run (the detached driver or a foreground launch).
+steps; who drives the run (the detached driver or a foreground launch); and the ETA of each step
+left and of the last launch (``pipeline.progress``: measured shard times, else the plan's estimate).
 
 Read from the marker files (one directory listing per step, failure markers) and the job records
 of incomplete shards; the scheduler is asked once for all of those jobs (one squeue + one sacct
@@ -17,6 +18,7 @@ from typing import Optional
 from pipeline import procs
 from pipeline.lease import MALFORMED, holder_alive
 from pipeline.lock import describe_owner, lock_holder
+from pipeline.progress import eta_lines, run_progress
 from pipeline.scheduler import LocalScheduler, SchedulerError, SlurmScheduler
 from pipeline.state import StageStatus, StateStore, _read
 
@@ -179,7 +181,8 @@ def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:
     statuses = collect(workdir, order, notes)
     header = [line for line in (driver_line(workdir), lock_line(workdir)) if line] + notes
     failed = any(s.failed or (s.stage_error and not s.finalized) for s in statuses)
-    return render(statuses, workdir, header), (1 if failed else 0)
+    eta = eta_lines(run_progress(workdir, statuses)) if statuses else []
+    return "\n".join([render(statuses, workdir, header), *eta]), (1 if failed else 0)
 
 
 __all__ = ["collect", "render", "report"]
