@@ -177,8 +177,9 @@ def _running_elapsed(store: StateStore, stage: str, iteration: Optional[int], ke
 def run_progress(workdir: Path, statuses: Optional[List[StageStatus]] = None,
                  now: Optional[float] = None) -> RunProgress:
     """The progress of the last launch's steps (from ``run_plan.json``; without one, of every
-    recorded step). ``statuses``: ``pipeline.status.collect``'s answer, whose running counts come
-    from the scheduler; without it a shard counts as running while its running marker exists."""
+    recorded step). ``statuses``: ``pipeline.status.collect``'s answer (or records with the same
+    ``stage``, ``iteration`` and ``running``), whose running counts come from the scheduler;
+    without it a shard counts as running while its running marker exists."""
     store = StateStore(Path(workdir))
     now = time.time() if now is None else now
     plan = _read(store.root / RUN_PLAN) or {}

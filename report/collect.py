@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Union
 from omegaconf import OmegaConf
 
 from avprep import quality
+from pipeline.progress import run_progress
 from pipeline.state import StateStore
 from report.crop_scan import CropScan, SheetCache, scan_crop
 from report.disk import disk_usage
@@ -353,6 +354,22 @@ def overview_section(run: Run) -> dict:
             "wer": wer, "failed": {"shards": sum(len(s.failed) for s in failed_steps),
                                    "steps": ", ".join(sorted({s.name for s in failed_steps}))[:120]} if failed_steps else None,
             "disk": disk, "outputs": [(what, p, Path(p).exists()) for what, p in run.outputs]}
+
+
+def progress_section(run: Run) -> Optional[dict]:
+    """The last launch's steps as the engine times them (pipeline/progress.py, what ``status``
+    prints): per step shards done, failed, running, pending, one shard's time and the time left,
+    and the launch's ETA, each saying whether it is measured or the plan's estimate."""
+    prog = run_progress(run.workdir, run.steps)
+    if not prog.steps:
+        return None
+    steps = [{"stage": s.stage, "iteration": s.iteration, "state": s.state, "done": s.done, "total": s.total,
+              "failed": s.failed, "running": s.running, "pending": s.pending, "shard_s": s.shard_s,
+              "eta_s": s.eta_s, "basis": s.basis} for s in prog.steps]
+    left = [s for s in prog.steps if not s.complete]
+    return {"steps": steps, "left": len(left), "started": prog.started, "as_of": prog.as_of,
+            "eta_s": prog.eta_s, "basis": prog.basis, "unknown": prog.unknown,
+            "ends": None if prog.eta_s is None else prog.as_of + prog.eta_s}
 
 
 def stages_section(run: Run) -> dict:
