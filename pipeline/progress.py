@@ -50,16 +50,16 @@ def parallelism(step, cluster) -> int:
     return max(1, int(cluster.get("array_parallelism", 1) or 1))
 
 
-def estimated_shard_seconds(step) -> Optional[float]:
-    """One shard's wall time from the stage's estimate of the whole step: its CPU (GPU) hours per
-    job over the cores (GPUs) one job holds (at most the cores the estimate says it uses). None
-    when the stage gives no estimate or no compute figure."""
+def plan_figures(step) -> tuple:
+    """(one shard's wall time, jobs) from the stage's estimate of the whole step: its CPU (GPU)
+    hours per job over the cores (GPUs) one job holds (at most the cores the estimate says it
+    uses). (None, None) when the stage gives no estimate; no time without a compute figure."""
     try:
         est = step.stage.estimate(step.ctx)
     except Exception:  # an estimate must never stop a run (the dry run prints the error)
-        return None
+        return None, None
     if est is None:
-        return None
+        return None, None
     res = step.resources
     jobs = max(1, int(est.jobs or len(step.shards or ()) or 1))
     per_job = []
@@ -71,13 +71,16 @@ def estimated_shard_seconds(step) -> Optional[float]:
         if est.cpus:
             cores = min(cores, int(est.cpus))
         per_job.append(est.cpu_hours / jobs / cores)
-    return 3600.0 * max(per_job) if per_job else None
+    return (3600.0 * max(per_job) if per_job else None), jobs
 
 
-def _plan_entry(step, cluster, shard_s: Optional[float]) -> dict:
+def _plan_entry(step, cluster, with_estimate: bool) -> dict:
+    shard_s, jobs = plan_figures(step) if with_estimate else (None, None)
     return {"stage": step.stage.name, "iteration": step.iteration,
             "n_shards": None if step.shards is None else len(step.shards),
-            "parallelism": parallelism(step, cluster), "estimated_shard_s": shard_s}
+            "parallelism": parallelism(step, cluster), "estimated_shard_s": shard_s,
+            # the shard count while the step's inputs do not exist yet (its estimate's jobs)
+            "estimated_shards": jobs if step.shards is None else None}
 
 
 def write_run_plan(store: StateStore, steps: list, cluster) -> None:
@@ -86,14 +89,14 @@ def write_run_plan(store: StateStore, steps: list, cluster) -> None:
     entries = []
     for step in steps:
         complete = step.shards is not None and step.todo is not None and not step.todo
-        entries.append(_plan_entry(step, cluster, None if complete else estimated_shard_seconds(step)))
+        entries.append(_plan_entry(step, cluster, with_estimate=not complete))
     atomic.write_json(store.root / RUN_PLAN, {"started": time.time(), "steps": entries})
 
 
 def write_step_plan(store: StateStore, step, cluster) -> None:
     """A step's ``_plan.json`` when it starts: its shard count (what ``status`` shows as the
     total), how many run at once, the plan's estimate of one shard."""
-    entry = _plan_entry(step, cluster, estimated_shard_seconds(step) if step.todo else None)
+    entry = _plan_entry(step, cluster, with_estimate=bool(step.todo))
     atomic.write_json(store.stage_state_dir(step.stage.name, step.iteration) / STEP_PLAN,
                       {k: entry[k] for k in ("n_shards", "parallelism", "estimated_shard_s")})
 
@@ -230,13 +233,15 @@ def run_progress(workdir: Path, statuses: Optional[List[StageStatus]] = None,
                 est = step_plan.get("estimated_shard_s", entry.get("estimated_shard_s"))
                 if isinstance(est, (int, float)):
                     sp.shard_s, sp.basis = float(est), ESTIMATED
-        if sp.shard_s is None or sp.total is None:
-            sp.basis = None if sp.total is None else sp.basis
+        # a step whose inputs did not exist when the launch started: its estimate's job count
+        n_shards = sp.total if sp.total is not None else entry.get("estimated_shards")
+        if sp.shard_s is None or not isinstance(n_shards, int):
+            sp.basis = None
             out.unknown.append(f"{sp.stage}@{sp.scope}")
             continue
         lanes = int(step_plan.get("parallelism", entry.get("parallelism")) or 1)
         elapsed = _running_elapsed(store, sp.stage, sp.iteration, running_keys, now) if sp.running else []
-        sp.eta_s = step_eta(sp.total - sp.done - sp.failed, elapsed, sp.shard_s, lanes)
+        sp.eta_s = step_eta(n_shards - sp.done - sp.failed, elapsed, sp.shard_s, lanes)
     left = [s for s in out.steps if not s.complete]
     figures = [s for s in left if s.eta_s is not None]
     if figures:
@@ -250,7 +255,9 @@ def run_progress(workdir: Path, statuses: Optional[List[StageStatus]] = None,
 
 # --- saying it -------------------------------------------------------------------------------------
 def human_duration(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
+    if seconds < 1:
+        return "< 1 s"
+    s = int(round(seconds))
     if s < 60:
         return f"{s} s"
     if s < 3600:

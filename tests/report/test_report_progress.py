@@ -58,6 +58,9 @@ def test_the_report_is_refreshed_during_a_launch_with_the_steps_progress_and_eta
     # the time left says what it comes from; the crop's shard time is measured
     assert re.search(r"time left [\d.]+ (s|min|h)", progress) and "ends about" in progress, progress
     assert re.search(r"(measured|estimated|partly estimated) · ends about", progress), progress
+    # every AV-HuBERT stage has an estimate: a step whose shards are not known yet (iteration 2)
+    # is timed by its estimate's jobs, never left out
+    assert "unknown" not in progress and "Not counted" not in progress, progress
     # status prints the same kind of figures
     assert "ETA run: " in status and "left (" in status, status
     log_text = (tmp_path / "launch.log").read_text()
