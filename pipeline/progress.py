@@ -276,21 +276,22 @@ def eta_text(eta_s: Optional[float], basis: Optional[str], now: float) -> str:
 
 
 def eta_lines(progress: RunProgress) -> List[str]:
-    """What ``status`` prints: the ETA of each step left and of the whole launch."""
+    """What ``status`` prints: the ETA of the steps under way (else the next one) and of the whole
+    launch (the report lists every step)."""
     left = [s for s in progress.steps if not s.complete]
     if not progress.steps:
         return []
     if not left:
         return ["ETA: every step of the last launch is complete"]
     lines = []
-    for s in left:
+    for s in [s for s in left if s.done or s.running or s.failed] or left[:1]:
         name = s.stage if s.iteration is None else f"{s.stage} (iteration {s.iteration})"
         if s.failed:
             lines.append(f"ETA {name}: {s.failed} shard(s) failed; the step ends when the others do, "
                          f"and the failed ones run again at the next launch")
         lines.append(f"ETA {name}: {eta_text(s.eta_s, s.basis, progress.as_of)}"
                      + (f"; one shard takes {human_duration(s.shard_s)}" if s.shard_s is not None else ""))
-    run = eta_text(progress.eta_s, progress.basis, progress.as_of)
+    run = f"{len(left)} step(s) left, " + eta_text(progress.eta_s, progress.basis, progress.as_of)
     if progress.unknown and progress.eta_s is not None:
         run += f"; not counting {', '.join(progress.unknown)} (no figure yet)"
     lines.append(f"ETA run: {run}")
