@@ -107,16 +107,21 @@ def test_the_view_is_refreshed_after_a_step_in_the_background_and_stopped_at_the
     assert (work / ".pipeline" / "logs" / "refresh.log").exists()
 
 
-def test_a_refresh_shows_the_steps_done_so_far_and_its_failure_is_one_warning_line(tmp_path):
+def test_a_detached_runs_view_shows_the_steps_done_so_far_and_a_failed_refresh_is_one_warning_line(tmp_path):
     work = tmp_path / "w"
     env = toy_env({"toy": 2, "sleep_s": 3, "per_iteration": True, "refresh": {}})
-    r = run(toy_cmd(work, "local", "--iterations", "2"), env=env, timeout=300)
+    r = run(toy_cmd(work, "local", "--iterations", "2", "--detach"), env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    driver_log = work / ".pipeline" / "driver" / "driver.log"
+    wait_for(lambda: "done: 4 step(s)" in driver_log.read_text(), 120, "the detached driver's end")
     recs = [json.loads(line) for line in (work / "refreshes.jsonl").read_text().splitlines()]
     first = {(s["stage"], s["iteration"]): s for s in recs[0]["steps"]}
     assert first[("toy", 1)]["state"] == "complete" and first[("toy", 1)]["done"] == 2
-    assert first[("toy", 2)]["state"] == "pending" and first[("toy", 2)]["done"] == 0
-    assert first[("toy", 2)]["basis"] == f"{MEASURED} in iteration 1" and first[("toy", 2)]["eta_s"] > 0
+    toy2 = first[("toy", 2)]
+    assert toy2["state"] in ("pending", "running") and toy2["done"] == 0  # (a slow refresh reads later)
+    assert toy2["basis"] == f"{MEASURED} in iteration 1" and toy2["eta_s"] is not None
+    if toy2["state"] == "pending":
+        assert toy2["eta_s"] > 0
     # a failing refresh: the run goes on and ends well, the failure is one line naming its log
     work2 = tmp_path / "w2"
     env = toy_env({"toy": 2, "sleep_s": 3, "per_iteration": True, "refresh": {"fail": True}})
