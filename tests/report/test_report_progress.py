@@ -55,6 +55,9 @@ def test_the_report_is_refreshed_during_a_launch_with_the_steps_progress_and_eta
     assert ("2", "train") in steps and steps[("2", "train")][0] == 0, progress
     assert ("–", "finetune") in steps, progress
     assert "every step of the last launch is complete" not in progress
+    # the page knows it was written during a launch: the run is running, the launch is named
+    assert 'class="badge running">running</span></h1>' in page
+    assert "Under way: another launch (pid" in progress, progress
     # the time left says what it comes from; the crop's shard time is measured
     assert re.search(r"time left [\d.]+ (s|min|h)", progress) and "ends about" in progress, progress
     assert re.search(r"(measured|estimated|partly estimated) · ends about", progress), progress
