@@ -267,17 +267,21 @@ def human_duration(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def eta_text(eta_s: Optional[float], basis: Optional[str], now: float) -> str:
-    """``2 h 05 min left (measured), ends about 2026-12-07 15:20 UTC``, or why there is none."""
+def eta_text(eta_s: Optional[float], basis: Optional[str], now: float, running: bool = True) -> str:
+    """``2 h 05 min left (measured), ends about 2026-12-07 15:20 UTC``, or why there is none
+    (``running`` False: nothing runs now, so nothing ends; the time is the work left)."""
     if eta_s is None:
         return "unknown (no shard finished and no estimate)"
+    if not running:
+        return f"{human_duration(eta_s)} of work left ({basis})"
     end = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + eta_s))
     return f"{human_duration(eta_s)} left ({basis}), ends about {end}"
 
 
-def eta_lines(progress: RunProgress) -> List[str]:
+def eta_lines(progress: RunProgress, running: bool = True) -> List[str]:
     """What ``status`` prints: the ETA of the steps under way (else the next one) and of the whole
-    launch (the report lists every step)."""
+    launch (the report lists every step). ``running``: whether a launch (or the driver) runs now;
+    when none does, the times are the work left and the last line says how to resume."""
     left = [s for s in progress.steps if not s.complete]
     if not progress.steps:
         return []
@@ -289,11 +293,13 @@ def eta_lines(progress: RunProgress) -> List[str]:
         if s.failed:
             lines.append(f"ETA {name}: {s.failed} shard(s) failed; the step ends when the others do, "
                          f"and the failed ones run again at the next launch")
-        lines.append(f"ETA {name}: {eta_text(s.eta_s, s.basis, progress.as_of)}"
+        lines.append(f"ETA {name}: {eta_text(s.eta_s, s.basis, progress.as_of, running)}"
                      + (f"; one shard takes {human_duration(s.shard_s)}" if s.shard_s is not None else ""))
-    run = f"{len(left)} step(s) left, " + eta_text(progress.eta_s, progress.basis, progress.as_of)
+    run = f"{len(left)} step(s) left, " + eta_text(progress.eta_s, progress.basis, progress.as_of, running)
     if progress.unknown and progress.eta_s is not None:
         run += f"; not counting {', '.join(progress.unknown)} (no figure yet)"
+    if not running:
+        run += "; nothing runs now: the same launch command resumes it"
     lines.append(f"ETA run: {run}")
     return lines
 

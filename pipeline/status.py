@@ -120,6 +120,13 @@ def lock_line(workdir: Path) -> Optional[str]:
     return f"launch: {describe_owner(owner)}"
 
 
+def launch_running(workdir: Path) -> bool:
+    """Whether a launch or the driver holds the work dir now (the lock's holder lives, or cannot
+    be told dead)."""
+    owner, problem = lock_holder(Path(workdir))
+    return bool(problem) or (bool(owner) and owner is not MALFORMED and holder_alive(owner) is not False)
+
+
 def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = None) -> str:
     if not statuses and not header:
         return f"{workdir}: nothing recorded yet"
@@ -181,7 +188,7 @@ def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:
     statuses = collect(workdir, order, notes)
     header = [line for line in (driver_line(workdir), lock_line(workdir)) if line] + notes
     failed = any(s.failed or (s.stage_error and not s.finalized) for s in statuses)
-    eta = eta_lines(run_progress(workdir, statuses)) if statuses else []
+    eta = eta_lines(run_progress(workdir, statuses), running=launch_running(workdir)) if statuses else []
     return "\n".join([render(statuses, workdir, header), *eta]), (1 if failed else 0)
 
 

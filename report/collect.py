@@ -25,10 +25,10 @@ from typing import Callable, List, Optional, Union
 from omegaconf import OmegaConf
 
 from avprep import quality
-from pipeline.lease import MALFORMED, holder_alive
 from pipeline.lock import describe_owner, lock_holder
 from pipeline.progress import run_progress
 from pipeline.state import StateStore
+from pipeline.status import launch_running
 from report.crop_scan import CropScan, SheetCache, scan_crop
 from report.disk import disk_usage
 from report.files import CROP_CACHE, FLAGGED_TSV, LAUNCHES, REPORT_DIR
@@ -176,10 +176,10 @@ def read_run(workdir: Path, launch: Optional[dict] = None) -> Run:
 def launch_under_way(workdir: Path) -> Optional[str]:
     """Who holds the work dir's lock while it lives (the page is a refresh during a launch: the
     last recorded launch is an earlier one), else None."""
-    owner, problem = lock_holder(workdir)
-    if problem or not owner or owner is MALFORMED or holder_alive(owner) is False:
+    if not launch_running(workdir):
         return None
-    return describe_owner(owner)
+    owner, _ = lock_holder(workdir)
+    return describe_owner(owner) if isinstance(owner, dict) else "a launch"
 
 
 def guarded(run: Run, source: str, anchor: str, read: Callable, *args) -> Union[object, Broken]:
