@@ -258,14 +258,16 @@ class Pipeline:
     # --- running ---------------------------------------------------------------------------------
     def run(self, steps: list[Step]) -> list[StepResult]:
         """Run ``steps`` in order; ``after_step(step)`` (when set) is called after each one that
-        completed (it must return at once: the launcher starts the application's refresh of its
+        ran and completed (it must return at once: the launcher starts the application's refresh of its
         view of the run in the background, ``pipeline.refresh``; a failed step ends the launch,
         whose end-of-launch hook says it)."""
         progress.write_run_plan(self.store, steps, self.cfg.cluster)
         results = []
         for step in steps:
-            results.append(self.run_step(step))
-            if self.after_step is not None:
+            result = self.run_step(step)
+            results.append(result)
+            # a step found complete changed nothing (StepResult(step, 0, 0.0)): no refresh for it
+            if self.after_step is not None and (result.submitted or result.seconds):
                 self.after_step(step)
         return results
 

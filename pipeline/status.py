@@ -1,8 +1,9 @@
 """``launch.py status``: per iteration and stage, shards done / total, running, pending (with the
 scheduler's reasons), failed (with log paths and last error lines), shards whose job ended without
 a result (killed by a signal, time limit, out of memory: from sacct), a failed finalize, stale
-steps; who drives the run (the detached driver or a foreground launch); and the ETA of each step
-left and of the last launch (``pipeline.progress``: measured shard times, else the plan's estimate).
+steps; who drives the run (the detached driver or a foreground launch); and the ETA of the steps
+under way and of the last launch (``pipeline.progress``: measured shard times, else the plan's
+estimate).
 
 Read from the marker files (one directory listing per step, failure markers) and the job records
 of incomplete shards; the scheduler is asked once for all of those jobs (one squeue + one sacct

@@ -109,6 +109,10 @@ def test_the_view_is_refreshed_after_a_step_in_the_background_and_stopped_at_the
     wait_for(lambda: not _alive(pid), 20, f"the refresh (pid {pid}) stopped")
     assert not (work / "refreshes.jsonl").exists()
     assert (work / ".pipeline" / "logs" / "refresh.log").exists()
+    # a launch that finds every step complete changed nothing: no refresh
+    r = run(toy_cmd(work, "local"), env=env, timeout=300)
+    assert r.returncode == 0 and "everything was already complete" in r.stdout, r.stdout + r.stderr
+    assert len((work / "refresh-starts.txt").read_text().split()) == 1
 
 
 def test_a_detached_runs_view_shows_the_steps_done_so_far_and_a_failed_refresh_is_one_warning_line(tmp_path):
