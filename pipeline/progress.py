@@ -128,7 +128,7 @@ class StepProgress:
             return "failed"
         if self.running:
             return "running"
-        return "pending"
+        return "incomplete" if self.done else "pending"  # (status's word for a step begun)
 
 
 @dataclass
