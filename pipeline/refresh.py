@@ -6,7 +6,10 @@ nothing new all that time. ``Application.refresh_command`` names the application
 subcommand that rewrites its view from the work dir (``launch.py report``); the launcher runs it
 in a child process of its own session after each step that completed:
 
-- starting it is all the scheduling loop waits for (a fork and exec), never its work;
+- starting it is all the scheduling loop waits for (a fork and exec), never its work; it runs
+  at the lowest CPU priority (nice 19: the local executor's jobs share this machine's cores) and
+  first in line for the OOM killer (``oom_score_adj`` 1000: a Slurm driver job's memory limit
+  holds the driver and its refresh, and the driver must be the one that survives);
 - at most one runs at a time: a step that ends while the last refresh still runs starts none
   (the next step's end, or the end-of-launch hook, writes a newer view anyway);
 - its output goes to ``.pipeline/logs/refresh.log``; a refresh that fails is one warning line
@@ -33,6 +36,17 @@ def refresh_log(workdir: Path) -> Path:
     return Path(workdir) / ".pipeline" / "logs" / "refresh.log"
 
 
+def _expendable() -> None:
+    """In the refresh process before it runs: yield the CPU to everything else and be the first
+    process the OOM killer takes (raising one's own score needs no privilege)."""
+    os.nice(19)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:  # not Linux, or /proc not mounted: only the OOM preference is lost
+        pass
+
+
 class BackgroundRefresh:
     def __init__(self, command: List[str], workdir: Path, echo: Callable[[str], None]):
         self.command = list(command)
@@ -53,7 +67,8 @@ class BackgroundRefresh:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log, "wb") as out:
                 self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_expendable)
         except OSError as e:
             self.echo(f"warning: the run's view was not refreshed: cannot start {' '.join(self.command)}: {e}")
             return False

@@ -103,16 +103,17 @@ def test_the_view_is_refreshed_after_a_step_in_the_background_and_stopped_at_the
     env = toy_env({"toy": 2, "sleep_s": 0.5, "refresh": {"sleep_s": 600}})
     r = run(toy_cmd(work, "local"), env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    starts = (work / "refresh-starts.txt").read_text().split()
+    starts = (work / "refresh-starts.txt").read_text().splitlines()
     assert len(starts) == 1  # after toy; after sum the first one still ran: skipped
-    pid = int(starts[0])
+    pid, nice, oom = map(int, starts[0].split())
+    assert (nice, oom) == (19, 1000)  # it yields the CPU to the run, and the OOM killer takes it first
     wait_for(lambda: not _alive(pid), 20, f"the refresh (pid {pid}) stopped")
     assert not (work / "refreshes.jsonl").exists()
     assert (work / ".pipeline" / "logs" / "refresh.log").exists()
     # a launch that finds every step complete changed nothing: no refresh
     r = run(toy_cmd(work, "local"), env=env, timeout=300)
     assert r.returncode == 0 and "everything was already complete" in r.stdout, r.stdout + r.stderr
-    assert len((work / "refresh-starts.txt").read_text().split()) == 1
+    assert len((work / "refresh-starts.txt").read_text().splitlines()) == 1
 
 
 def test_a_detached_runs_view_shows_the_steps_done_so_far_and_a_failed_refresh_is_one_warning_line(tmp_path):

@@ -59,8 +59,9 @@ def refresh_main(argv) -> int:
     p.add_argument("--workdir", required=True)
     workdir = Path(p.parse_args(argv).workdir)
     started = time.time()
-    with open(workdir / "refresh-starts.txt", "a") as f:
-        f.write(f"{os.getpid()}\n")
+    oom = Path("/proc/self/oom_score_adj").read_text().strip()
+    with open(workdir / "refresh-starts.txt", "a") as f:  # pid, niceness, OOM score adjustment
+        f.write(f"{os.getpid()} {os.nice(0)} {oom}\n")
     time.sleep(float(spec.get("sleep_s", 0)))
     if spec.get("fail"):
         print("toy refresh: asked to fail", file=sys.stderr)
