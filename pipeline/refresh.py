@@ -36,15 +36,16 @@ def refresh_log(workdir: Path) -> Path:
     return Path(workdir) / ".pipeline" / "logs" / "refresh.log"
 
 
-def _expendable() -> None:
-    """In the refresh process before it runs: yield the CPU to everything else and be the first
-    process the OOM killer takes (raising one's own score needs no privilege)."""
-    os.nice(19)
+def _expendable(pid: int) -> None:
+    """Make the refresh process yield the CPU to everything else and be the first one the OOM
+    killer takes (both only lower its standing: no privilege needed). Set from here right after
+    it started (no code between fork and exec); a failure only loses the preference."""
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write("1000")
-    except OSError:  # not Linux, or /proc not mounted: only the OOM preference is lost
-        pass
+    except OSError as e:  # not Linux, /proc not mounted, or it has ended already
+        log.info("refresh %s: priority not lowered: %s", pid, e)
 
 
 class BackgroundRefresh:
@@ -67,8 +68,8 @@ class BackgroundRefresh:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log, "wb") as out:
                 self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, start_new_session=True,
-                                             preexec_fn=_expendable)
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            _expendable(self.proc.pid)
         except OSError as e:
             self.echo(f"warning: the run's view was not refreshed: cannot start {' '.join(self.command)}: {e}")
             return False
