@@ -74,6 +74,10 @@ class ClusterConfig:
     # a job pending for a reason that cannot clear (PartitionConfig, InvalidAccount, ...) for this
     # long fails its step
     fatal_pending_after_s: float = 10.0
+    # a job that cannot start until someone acts (held by a user or an administrator, the nodes it
+    # needs drained or down) is waited for this long, then cancelled and its step failed; longer
+    # than a maintenance window, so a run left alone goes on once the nodes are back
+    blocked_pending_after_s: float = 43200.0
     # check each request against the partition (and sbatch --test-only) before submitting
     check_requests: bool = True
     # refuse a step whose estimated outputs (stages/estimates.py) exceed the work dir's free space

@@ -280,8 +280,9 @@ def eta_text(eta_s: Optional[float], basis: Optional[str], now: float, running: 
 
 def eta_lines(progress: RunProgress, running: bool = True) -> List[str]:
     """What ``status`` prints: the ETA of the steps under way (else the next one) and of the whole
-    launch (the report lists every step). ``running``: whether a launch (or the driver) runs now;
-    when none does, the times are the work left and the last line says how to resume."""
+    launch (the report lists every step). ``running``: whether a launch (or the driver) drives the
+    run now; when none does, the times are the work left (status's "run stopped" line says how
+    to resume)."""
     left = [s for s in progress.steps if not s.complete]
     if not progress.steps:
         return []
@@ -298,8 +299,6 @@ def eta_lines(progress: RunProgress, running: bool = True) -> List[str]:
     run = f"{len(left)} step(s) left, " + eta_text(progress.eta_s, progress.basis, progress.as_of, running)
     if progress.unknown and progress.eta_s is not None:
         run += f"; not counting {', '.join(progress.unknown)} (no figure yet)"
-    if not running:
-        run += "; nothing runs now: the same launch command resumes it"
     lines.append(f"ETA run: {run}")
     return lines
 
