@@ -194,7 +194,7 @@ def run_progress(workdir: Path, statuses: Optional[List[StageStatus]] = None,
             entries = [{"stage": st, "iteration": it} for it, names in store.scopes() for st in names]
     out = RunProgress(started=plan.get("started"), as_of=now)
     measured_by_stage: dict = {}  # stage -> [(iteration, mean shard seconds)]
-    pending_basis = []
+    rows = []  # (step, its _plan.json, its run plan entry, running keys): timed once all are read
     for entry in entries:
         stage, it = entry.get("stage"), entry.get("iteration")
         if not isinstance(stage, str):
@@ -219,8 +219,8 @@ def run_progress(workdir: Path, statuses: Optional[List[StageStatus]] = None,
             sp.basis = MEASURED
             measured_by_stage.setdefault(stage, []).append((it, sp.shard_s))
         out.steps.append(sp)
-        pending_basis.append((sp, step_plan, entry, running_keys))
-    for sp, step_plan, entry, running_keys in pending_basis:
+        rows.append((sp, step_plan, entry, running_keys))
+    for sp, step_plan, entry, running_keys in rows:
         if sp.complete:
             sp.eta_s = 0.0
             continue
