@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline import estimate, executors
+from pipeline import estimate, executors, progress
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, InputsMissing, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
@@ -80,6 +80,7 @@ class Pipeline:
         self.store = StateStore(self.workdir)
         self.n_iterations = int(cfg.get("iterations", 1) or 1)
         self._checker = None
+        self.after_step: Optional[Callable[[Step], None]] = None
 
     # --- what to run -----------------------------------------------------------------------------
     def context(self, iteration: Optional[int]) -> StageContext:
@@ -256,9 +257,18 @@ class Pipeline:
 
     # --- running ---------------------------------------------------------------------------------
     def run(self, steps: list[Step]) -> list[StepResult]:
+        """Run ``steps`` in order; ``after_step(step)`` (when set) is called after each one that
+        ran and completed (it must return at once: the launcher starts the application's refresh of its
+        view of the run in the background, ``pipeline.refresh``; a failed step ends the launch,
+        whose end-of-launch hook says it)."""
+        progress.write_run_plan(self.store, steps, self.cfg.cluster)
         results = []
         for step in steps:
-            results.append(self.run_step(step))
+            result = self.run_step(step)
+            results.append(result)
+            # a step found complete changed nothing (StepResult(step, 0, 0.0)): no refresh for it
+            if self.after_step is not None and (result.submitted or result.seconds):
+                self.after_step(step)
         return results
 
     def input_generations(self, stage: Stage, iteration: Optional[int]) -> dict:
@@ -305,7 +315,7 @@ class Pipeline:
         self.store.clear_stage_failed(stage.name, it)
         self.store.write_inputs(stage.name, it, inputs, carry, digest)
         self.store.clear_stage_done(stage.name, it)
-        _write_plan(self.store, stage.name, it, n_total)
+        progress.write_step_plan(self.store, step, self.cfg.cluster)
         if todo:
             if step.stale:
                 self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
@@ -395,12 +405,6 @@ def _digest(keys) -> str:
     for k in sorted(keys):
         h.update(k.encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def _write_plan(store: StateStore, stage: str, iteration: Optional[int], n_shards: int) -> None:
-    from pipeline import atomic
-
-    atomic.write_json(store.stage_state_dir(stage, iteration) / "_plan.json", {"n_shards": n_shards})
 
 
 def default_echo(msg: str) -> None:
