@@ -73,7 +73,7 @@ APP = Application(
     default_corpus=_sample_corpus,
     corpus_help="corpus directory (default: the bundled sample corpus, built on first use)",
     commands={"crop-video": "stages.crop:crop_video_main", "infer": "stages.infer:main",
-              "report": "report:main", "units": "stages.units:main", "export": "report.export:main"},
+              "report": "report:main", "units": "stages.units_command:main", "export": "report.export:main"},
     entry=DriverEntry(module="launch", paths=(str(ROOT),)),
     at_end=_run_report,
     status_lines=_status_lines,

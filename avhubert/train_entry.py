@@ -8,6 +8,7 @@ gloo + ``ddp_backend=no_c10d`` on CPU, nccl on GPU. Checkpoint reading (resume f
 ``checkpoint_last.pt``) runs with the fairseq checkpoint allow-list of
 :mod:`avhubert.checkpoint` in force, for this call only.
 """
+import argparse
 import logging
 import os
 import sys
@@ -99,8 +100,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         python -m avhubert.train_entry --config-dir avhubert/conf/pretrain --config-name base \\
             task.data=... task.label_dir=... model.label_rate=25 checkpoint.save_dir=...
     """
-    import argparse
-
     parser = argparse.ArgumentParser(description="AV-HuBERT pretraining, one rank (fairseq hydra)")
     parser.add_argument("--config-dir", required=True)
     parser.add_argument("--config-name", required=True)

@@ -32,6 +32,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from pipeline import atomic
+
 # mouth region of the 96x96 ROI (centred on the mouth by the alignment): rows and columns used for
 # the motion figure, so a moving background or collar at the patch edges counts less
 MOUTH_ROWS = slice(24, 72)
@@ -324,8 +326,6 @@ def _put_text(img, text: str, x: int, y: int, max_w: int, colour) -> None:
 
 def write_sheet(path: Path, entries: Sequence[SheetEntry], n_tiles: int) -> None:
     """Render ``entries`` and write the PNG atomically."""
-    from pipeline import atomic
-
     png = encode_png(render_sheet(entries, n_tiles))
     with atomic.atomic_open(path, "wb") as f:
         f.write(png)

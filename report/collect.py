@@ -214,7 +214,7 @@ def iterations_present(workdir: Path, configured: int) -> List[int]:
 def loss_series(tensorboard_dir: Path) -> dict:
     """``{"train": [(update, loss)], "valid": [...]}`` from fairseq's TensorBoard logs (the train
     stage's reader: a record cut by a kill ends its file, a step logged again keeps its latest)."""
-    from stages.train import read_scalars
+    from stages.tensorboard import read_scalars
 
     if not tensorboard_dir.is_dir():
         return {}

@@ -31,6 +31,12 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat import kmeans as km
+from speechfeat.kmeans import SampleSet, backend_problem, sample_set as dump_sample
+from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
+from stages import crop, estimates, features
+from stages.features import sample_draw, shard_files, store_mode
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,6 @@ class Config:
 
 
 def n_clusters(ctx: StageContext) -> int:
-    from stages.schedule import iteration_spec
-
     k = ctx.cfg.kmeans.get("n_clusters")
     return int(k) if k else int(iteration_spec(ctx.cfg, ctx.iteration).n_clusters)
 
@@ -100,8 +104,6 @@ class KmeansStage(Stage):
     per_iteration = True
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.kmeans import backend_problem
-
         c = ctx.cfg.kmeans
         problem = backend_problem(str(c.backend))
         if problem:  # an unknown backend, or faiss (an optional extra) not installed
@@ -120,16 +122,13 @@ class KmeansStage(Stage):
         return [Shard(0, 1, "all")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.kmeans(ctx)
+        return estimates.kmeans(ctx, crop.STAGE.corpus_sizes.of(ctx), features.feature_cost(ctx, "features"),
+                                n_clusters(ctx), backend_params(ctx.cfg.kmeans))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [model_path(ctx)]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat import kmeans as km
-
         c = ctx.cfg.kmeans
         t0 = time.time()
         samples = sample_set(ctx)
@@ -154,10 +153,6 @@ class KmeansStage(Stage):
 def sample_set(ctx: StageContext):
     """The utterances k-means samples (``speechfeat.kmeans.SampleSet``), from the features stage's
     sample files or drawn from its full dump. Opens headers and lengths only."""
-    from speechfeat.kmeans import SampleSet, sample_set as dump_sample
-    from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
-    from stages.features import sample_draw, shard_files, store_mode
-
     c = ctx.cfg.kmeans
     nshard = int(ctx.cfg.features.nshard)
     keys = [f"{c.split}_{r}_{nshard}" for r in range(nshard)]

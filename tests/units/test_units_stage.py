@@ -96,7 +96,7 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
     assert model["centroids"].shape == (8, 64) and model["layer"] == 2
     assert model["units_settings"]["checkpoint"] == "iter2/train/checkpoints/checkpoint_final.pt"
     _, rows = read_tsv(work_copy / "manifest" / "train.tsv")
-    from stages.units import sample_rows
+    from stages.units_kmeans import sample_rows
 
     sampled = sample_rows(rows, 0.25, 500_000, 0)
     assert len(sampled) == 4 and model["n_frames"] == sum(rows[i].n_video_frames for i in sampled)
