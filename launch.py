@@ -55,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--cluster", default="local", help="cluster_configs/NAME.yaml (default: local)")
     p.add_argument("--preset", default="smoke", help="presets/NAME.yaml (default: smoke)")
     p.add_argument("--force", action="store_true", help="redo complete shards of the selected stages")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="redo the steps made with other settings than this launch's (--dry-run lists them) and "
+                   "everything after them; without it such a launch refuses")
     p.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     p.add_argument("--detach", action="store_true",
                    help="hand the run to a driver that does not depend on this terminal (a Slurm job, "
@@ -62,7 +65,9 @@ def parse_args(argv):
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)  # set in the detached driver
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(argv)  # recorded in each step's provenance.json
+    return args
 
 
 def build(args, dry_run: bool, compute_shards: bool = True):
@@ -91,7 +96,8 @@ def build(args, dry_run: bool, compute_shards: bool = True):
         raise ConfigError(f"corpus {cfg.corpus}: no such directory (--corpus)")
     cfg.workdir = str(Path(os.path.expanduser(cfg.workdir)).resolve())
     stages = {name: get_stage(name) for name in STAGE_ORDER}
-    pipe = Pipeline(cfg, stages, STAGE_ORDER, Path(cfg.workdir), force=args.force, echo=_echo, dry_run=dry_run)
+    pipe = Pipeline(cfg, stages, STAGE_ORDER, Path(cfg.workdir), force=args.force, echo=_echo, dry_run=dry_run,
+                    redo_changed=args.redo_changed, command=["launch.py", *args.argv], overrides=args.overrides)
     names = "all" if args.stage == "all" else [args.stage]
     iterations = [args.iteration] if args.iteration is not None else None
     steps = pipe.plan(pipe.targets(names, iterations), compute_shards=compute_shards)

@@ -30,11 +30,22 @@ import numpy as np
 from avprep.quality import QualityBounds
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 
+_GROUPING = "how items are grouped into jobs, frozen with the item list: each item's outputs are the same"
+
+
+@classify(
+    output=("mode", "face_rule", "cnn_fallback", "upsample", "detect_every", "detect_width", "fast_upsample",
+            "fast_strategy", "level_margin", "level_presteps", "window", "fps", "sample_rate", "min_frames",
+            "require_audio", "crf", "quality"),
+    ignored={"frame_cache_mb": "memory only: an item whose frames do not fit is decoded twice, to the same frames",
+             "items_per_shard": _GROUPING, "n_shards": _GROUPING,
+             "max_failure_rate": "a check: the step fails above it, what is written is the same"})
 @dataclass
 class Config:
     mode: str = "fast"  # fast | reference
@@ -313,6 +324,9 @@ class CropStage(Stage):
     ``run`` reads only its own slice."""
 
     name = "crop"
+    # the listing: which items there are (the LRS3 segmentation cuts items out of videos)
+    reads = ("layout", "manifest.include_ids", "manifest.max_segment_seconds", "manifest.min_pause_seconds")
+    libraries = ("numpy", "dlib|dlib-bin", "av", "imageio-ffmpeg", "opencv-python|opencv-python-headless")
 
     def __init__(self):
         # items dir -> index with the batch a dry run planned but did not write
@@ -331,6 +345,11 @@ class CropStage(Stage):
         corpus = ctx.cfg.get("corpus")
         if not corpus or not Path(corpus).is_dir():
             raise ConfigError(f"corpus {corpus!r}: no such directory (--corpus)")
+
+    def settings(self, ctx: StageContext) -> dict:
+        from stages.corpus import id_list_settings
+
+        return {**super().settings(ctx), **id_list_settings(ctx.cfg, ("include_ids",))}
 
     # --- planning ---------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:

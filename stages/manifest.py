@@ -64,6 +64,7 @@ from typing import NamedTuple, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from stages.corpus import SPLITS, CorpusSettings
 
@@ -79,6 +80,8 @@ SPM_THREADS = 8
 VERIFY = ("size", "decode")
 
 
+@classify(output=("av_tolerance_frames", "lowercase", "spm_vocab_size", "drop_removed", "verify"),
+          ignored={"workers": "how many processes check the files"})
 @dataclass
 class Config(CorpusSettings):
     # the corpus settings (splits, LRS3 segmentation) are CorpusSettings' (stages/corpus.py)
@@ -94,6 +97,12 @@ class Config(CorpusSettings):
 class ManifestStage(Stage):
     name = "manifest"
     depends_on = ("crop",)
+    libraries = ("sentencepiece",)
+
+    def settings(self, ctx: StageContext) -> dict:
+        from stages.corpus import id_list_settings
+
+        return {**super().settings(ctx), **id_list_settings(ctx.cfg)}
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.manifest

@@ -60,6 +60,7 @@ from typing import Any, Dict, List, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ NOISE_TASK_KEYS = ("task.noise_wav", "task.noise_prob", "task.noise_snr", "task.
                    "task.noise_categories", "task.noise_seed")
 
 
+# clips_per_shard / files_per_shard are part of the frozen plan (its result files are per shard)
+@classify(output=("corpus_categories", "corpus_clips", "clip_seconds", "dirs", "piece_seconds", "min_piece_seconds",
+                  "valid_fraction", "test_fraction", "seed", "level_db", "clips_per_shard", "files_per_shard"),
+          ignored={"enabled": "whether the stage takes part in --stage all",
+                   "max_failure_rate": "a check: the step fails above it, what is written is the same"})
 @dataclass
 class Config:
     # Run in --stage all: null = when train.noise / finetune.noise use it; true / false = always / never.
@@ -101,6 +107,7 @@ class Config:
 # ---------------------------------------------------------------------------------- consumers
 
 
+@classify(output=("prob", "snr", "categories", "num", "dir"))
 @dataclass
 class NoiseUse:
     """How a training stage mixes noise into the audio of its utterances (``train.noise``,
@@ -116,11 +123,14 @@ class NoiseUse:
     dir: Optional[str] = None
 
 
+# which iterations: resolved per iteration by the train stage (stages.train.TrainStage.settings)
+@classify(output=("iterations",))
 @dataclass
 class TrainNoise(NoiseUse):
     iterations: List[int] = field(default_factory=list)  # iterations trained with noise; [] = all
 
 
+@classify(output=("eval_snrs", "eval_categories", "eval_modalities", "eval_splits", "eval_seed"))
 @dataclass
 class FinetuneNoise(NoiseUse):
     # Decoding under noise after fine-tuning: every split x modality x category x SNR (+ clean).
@@ -421,6 +431,8 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
 class NoiseStage(Stage):
     name = "noise"
     depends_on = ("manifest",)
+    reads = ("layout",)  # which talkers a clip may not mix (lrs3/vox2 ids name the speaker)
+    libraries = ("numpy", "scipy", "soundfile", "av")
 
     def __init__(self):
         self._uncommitted: Dict[str, dict] = {}  # dry-run plans, by work dir

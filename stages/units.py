@@ -52,6 +52,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ SETTINGS = "settings.json"
 KMEANS_MODEL = "kmeans.joblib"
 
 
+# checkpoint, kmeans and the iterations they come from: resolved (stages.units.fingerprint_settings)
+@classify(output=("checkpoint", "iteration", "layer", "modality", "kmeans", "kmeans_iteration", "n_clusters",
+                  "kmeans_percent", "kmeans_max_frames", "kmeans_seed", "kmeans_split", "jsonl_key", "max_frames"),
+          ignored={"enabled": "whether the stages take part in --stage all",
+                   "splits": "which splits get units: each split's files depend only on the other settings "
+                             "(a split added runs its own shards)",
+                   "nshard": "how rows are grouped into jobs: the per-split files are the same",
+                   "out_dir": "where the files go: a new place holds none, so they are made there",
+                   "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
+                   "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
+                   "torch_threads": "how many threads compute"})
 @dataclass
 class Config:
     # None: on in --stage all exactly when a k-means source below is set; true/false forces it
@@ -198,6 +210,36 @@ def settings(ctx: StageContext, r: Resolved) -> dict:
     return out
 
 
+def fingerprint_settings(ctx: StageContext, r: Resolved, kmeans_only: bool = False) -> dict:
+    """The units settings of a step's fingerprint (``Stage.settings``), resolved: what the
+    checkpoint and k-means model are (a file from elsewhere with its content; one of this run's
+    by its place: the step it comes from is among the inputs)."""
+    from pipeline.fingerprint import file_content, resolve as resolve_settings
+
+    def shown(path: Path) -> str:
+        text = _shown(path, ctx.workdir)
+        return text if not Path(text).is_absolute() else f"{text} ({file_content(path)})"
+
+    c = ctx.cfg.units
+    out = {"units.checkpoint": shown(r.checkpoint), "units.layer": r.layer, "units.modality": r.modality}
+    if kmeans_only:
+        out.update({"units.n_clusters": r.n_clusters, "units.kmeans_percent": float(c.kmeans_percent),
+                    "units.kmeans_max_frames": int(c.kmeans_max_frames), "units.kmeans_seed": int(c.kmeans_seed),
+                    "units.kmeans_split": str(c.kmeans_split)})
+        # the kmeans.* backend settings it trains with (K, sample and seed are the units' own)
+        backend = resolve_settings(ctx.cfg, ["kmeans"])
+        from stages.kmeans import FAST_KEYS, SKLEARN_KEYS
+
+        unused = {"n_clusters", "percent", "seed", "split",
+                  *(FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS)}
+        out.update({k: v for k, v in backend.items() if k.split(".", 1)[1] not in unused})
+        return out
+    # a model trained here is the units_kmeans step's output, among the inputs
+    out["units.kmeans"] = "units_kmeans" if r.kmeans_source == "trained" else shown(r.kmeans_path)
+    out.update({"units.jsonl_key": str(c.jsonl_key), "units.max_frames": int(c.max_frames)})
+    return out
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -317,6 +359,14 @@ class UnitsKmeansStage(Stage):
     name = "units_kmeans"
     depends_on = ("manifest", "train")
     after_iterations = True
+    config_section = "units"
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "scikit-learn", "faiss-cpu|faiss-gpu|faiss")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return fingerprint_settings(ctx, resolve(ctx), kmeans_only=True)
+
+    def provenance_dirs(self, ctx: StageContext) -> list:
+        return [units_dir(ctx)]
 
     def dependencies(self, ctx: StageContext):
         return ["manifest"] + _pretraining_dependencies(ctx, resolve(ctx))
@@ -350,6 +400,13 @@ class UnitsStage(Stage):
     name = "units"
     depends_on = ("manifest", "train")
     after_iterations = True
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "av")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return fingerprint_settings(ctx, resolve(ctx))
+
+    def provenance_dirs(self, ctx: StageContext) -> list:
+        return [units_dir(ctx)]
 
     def dependencies(self, ctx: StageContext):
         r = resolve(ctx)
