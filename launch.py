@@ -7,7 +7,7 @@
     python launch.py --stage kmeans --iteration 2 kmeans.percent=0.2
     python launch.py --dry-run                       # the plan; submits nothing
     python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
-    python launch.py status [--workdir DIR]
+    python launch.py status [--workdir DIR] [key=value ...]   # + changed settings, against the last launch's
     python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
     python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
@@ -257,18 +257,52 @@ def cmd_detach(args, argv, built: dict, build_fn, entry: dict) -> int:
     return 0
 
 
+def settings_lines(workdir: Path, preset: Optional[str], cluster: Optional[str], overrides: list) -> list[str]:
+    """What ``status`` says of settings and versions: each step's recorded settings compared with
+    the last launch's (``.pipeline/config.yaml``; ``--preset``/``--cluster`` start from those files
+    instead), with ``key=value`` on top: changed steps (old -> new, what a redo makes again), notes."""
+    from pipeline.changes import compare
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+    from pipeline.runner import Pipeline
+    from stages import STAGE_ORDER, config_sections, get_stage
+
+    saved = workdir / ".pipeline" / "config.yaml"
+    if not saved.is_file() and not preset:
+        return []
+    against = ("the last launch's settings" if saved.is_file() and not (preset or cluster)
+               else f"preset {preset or 'smoke'}, cluster {cluster or 'local'}")
+    against += "".join(f", {o}" for o in overrides)
+    try:
+        cfg = load_config(config_sections(), preset, cluster, overrides, {"workdir": str(workdir)},
+                          saved=None if (preset or cluster) else saved)
+        pipe = Pipeline(cfg, {n: get_stage(n) for n in STAGE_ORDER}, STAGE_ORDER, workdir, echo=lambda _m: None,
+                        dry_run=True)
+        lines = compare(pipe, list(pipe.targets("all"))).lines()
+    except (PipelineError, OSError) as e:
+        return [f"settings: not compared ({e})"]
+    if not lines:
+        return [f"settings: every step as recorded (compared with {against})"]
+    return [f"settings compared with {against}:"] + [f"  {line}" for line in lines]
+
+
 def cmd_status(argv) -> int:
     from pipeline.status import report
     from stages import STAGE_ORDER
 
     p = argparse.ArgumentParser(prog="launch.py status")
     p.add_argument("--workdir", default="./work")
+    p.add_argument("--preset", help="compare the steps' settings with this preset's (default: the last launch's)")
+    p.add_argument("--cluster", help="... with this cluster config (default: the last launch's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="compare with these settings")
     a = p.parse_args(argv)
     workdir = Path(a.workdir).resolve()
 
     def run() -> int:
         text, rc = report(workdir, STAGE_ORDER)
         print(text)
+        for line in settings_lines(workdir, a.preset, a.cluster, a.overrides):
+            print(line)
         return rc
 
     return _guarded(run, lambda: (None, workdir))

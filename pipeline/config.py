@@ -144,10 +144,12 @@ def load_config(
     cluster: Optional[str] = "local",
     overrides: Optional[List[str]] = None,
     engine_values: Optional[Dict[str, Any]] = None,
+    saved: Optional[Path] = None,
 ) -> DictConfig:
     """Build and validate the whole config tree. ``sections`` maps section names to dataclasses
     (the stages' typed configs); ``engine_values`` are settings from command-line flags
-    (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides."""
+    (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides;
+    ``saved``: a whole config a launch saved (``.pipeline/config.yaml``), applied first."""
     # one dataclass for the whole tree, so every level is typed and closed to unknown keys
     hints = typing.get_type_hints(EngineConfig)
     root_fields = [(f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(EngineConfig)]
@@ -159,7 +161,7 @@ def load_config(
     classify(output=[*engine.output, *sections], per_iteration=engine.per_iteration,
              ignored={**engine.ignored, "cluster": _RESOURCE})(root)
     base = OmegaConf.structured(root)
-    layers = []
+    layers = [(f"saved config {saved}", _read_yaml(Path(saved), "saved config"))] if saved else []
     if preset:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():

@@ -142,6 +142,14 @@ def test_changed_k_shown_refused_and_redone_like_a_clean_run(work, capsys):
     assert "a launch without --redo-changed refuses" in out
     assert "crop:" not in out.split("settings and versions")[1].split("\n\n")[0]  # nothing else changed
 
+    # status: compared with the last launch's settings (as recorded), or with settings given to it
+    assert launch(work, "status") == 0
+    assert "settings: every step as recorded (compared with the last launch's settings)" in capsys.readouterr().out
+    assert launch(work, "status", "kmeans.n_clusters=7") == 0
+    out = capsys.readouterr().out
+    assert "settings compared with the last launch's settings, kmeans.n_clusters=7:" in out
+    assert "  kmeans (iteration 1): changed kmeans.n_clusters 20 -> 7: redoes kmeans, labels" in out
+
     before = snapshot(work)
     assert launch(work, "--stage", "kmeans", "--iteration", "1", "kmeans.n_clusters=7") == 2
     cap = capsys.readouterr()
