@@ -132,6 +132,50 @@ def test_resolved_settings_leave_out_what_cannot_change_outputs():
     assert get_stage("train").settings(ctx)["train.max_update[2]"] == 6
 
 
+UNITS_ON = ["units.enabled=true", "units.n_clusters=10", "units.layer=1", "units.iteration=1"]
+
+
+STAGE_CASES = [  # stage, a setting that changes its outputs, its key there, a setting that cannot
+    ("crop", "crop.mode=reference", "crop.mode", "crop.frame_cache_mb=64"),
+    ("crop", "manifest.max_segment_seconds=5", "manifest.max_segment_seconds", "cluster.stages.crop.mem_gb=9"),
+    ("manifest", "manifest.spm_vocab_size=100", "manifest.spm_vocab_size", "manifest.workers=3"),
+    ("noise", "noise.seed=5", "noise.seed", "noise.max_failure_rate=0.5"),
+    ("features", "features.dtype=float16", "features.dtype", "features.batch_frames=1000"),
+    ("kmeans", "kmeans.n_clusters=7", "kmeans.n_clusters", "kmeans.device=cuda"),
+    ("labels", "features.splits=[train]", "features.splits", "labels.chunk_frames=100"),
+    ("train", "train.max_update=4", "train.max_update[1]", "train.master_port=1234"),
+    ("finetune", "finetune.beam=2", "finetune.beam", "finetune.decode_max_tokens=100"),
+    ("units_kmeans", "units.kmeans_seed=3", "units.kmeans_seed", "units.torch_threads=1"),
+    ("units", "units.layer=2", "units.layer", "units.nshard=3"),
+]
+
+
+def test_every_stage_has_a_settings_case():
+    from stages import STAGE_ORDER
+
+    assert {case[0] for case in STAGE_CASES} == set(STAGE_ORDER)
+
+
+@pytest.mark.parametrize("stage, change, key, ignored", STAGE_CASES)
+def test_each_stage_sees_its_output_settings_and_not_the_others(stage, change, key, ignored, tmp_path):
+    """For every stage: one key that changes its outputs is in its settings (a changed step), one
+    that cannot is not."""
+    from pipeline import fingerprint as fp
+    from pipeline.config import load_config
+    from pipeline.stage import StageContext
+    from stages import config_sections, get_stage
+
+    def settings(*extra):
+        cfg = load_config(config_sections(), "smoke", "debug", [*UNITS_ON, *extra],
+                          {"workdir": str(tmp_path), "corpus": str(tmp_path)})
+        st = get_stage(stage)
+        return st.settings(StageContext(cfg=cfg, workdir=tmp_path, iteration=1 if st.per_iteration else None))
+
+    base = settings()
+    assert [d[0] for d in fp.differences(base, settings(change))] == [key]
+    assert fp.differences(base, settings(ignored)) == []
+
+
 # --- a changed setting ---------------------------------------------------------------------------
 def test_changed_k_shown_refused_and_redone_like_a_clean_run(work, capsys):
     kmeans_dir, labels_dir = work / "iter1" / "kmeans", work / "iter1" / "labels"
