@@ -376,6 +376,32 @@ def _all_prerequisites(pipe, stage, iteration) -> list:
 
 
 # --- recording -----------------------------------------------------------------------------------
+CHANGES_FILE = "changes.json"  # in .pipeline/: what the report marks
+
+
+def save(pipe, targets: list) -> None:
+    """After a launch ran (or failed): the steps whose recorded settings still differ from this
+    launch's (steps it did not redo), for the run report (``.pipeline/changes.json``)."""
+    from pipeline import atomic
+
+    try:
+        comparison = compare(pipe, targets)
+    except Exception as e:  # noqa: BLE001 - the report then says settings were not compared
+        doc = {"error": f"{type(e).__name__}: {e}"}
+    else:
+        doc = {"changed": {c.name: c.keys_text() for c in comparison.changed()}, "lines": comparison.lines()}
+    atomic.write_json(pipe.store.root / CHANGES_FILE, doc)
+
+
+def read_saved(workdir) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(workdir) / ".pipeline" / CHANGES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
 def make_record(pipe, stage, iteration, how: str = "run") -> dict:
     settings = stage.settings(pipe.context(iteration))
     record = fp.make_record(settings, current_inputs(pipe, stage, iteration), fp.versions(stage.libraries), how)
@@ -383,6 +409,8 @@ def make_record(pipe, stage, iteration, how: str = "run") -> dict:
     same = old.get("fingerprint") == record["fingerprint"] and old.get("recorded") == how
     record["started"] = old.get("started") if same and old.get("started") else time.time()
     record["command"] = list(pipe.command)
+    if old.get("provenance"):  # where its provenance.json files are (pipeline.provenance.write)
+        record["provenance"] = old["provenance"]
     return record
 
 

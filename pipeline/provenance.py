@@ -90,4 +90,7 @@ def write(pipe, stage, iteration, record: dict, finished: Optional[float], shard
         if Path(d).is_dir():
             atomic.write_json(Path(d) / PROVENANCE, doc)
             written.append(Path(d) / PROVENANCE)
+    # where they are, with the record (the report links them without asking the stage)
+    pipe.store.write_fingerprint(stage.name, iteration,
+                                 {**record, "provenance": [_relative(p, pipe.workdir) for p in written]})
     return written

@@ -85,6 +85,7 @@ class Pipeline:
         self.command = list(sys.argv if command is None else command)  # recorded in provenance.json
         self.overrides = list(overrides)  # key=value settings of the command line (checked: do they do anything)
         self.comparison = changes.Comparison()  # recorded settings vs this launch's (plan)
+        self._targets: list = []  # (stage, iteration) of the planned steps
 
     # --- what to run -----------------------------------------------------------------------------
     def context(self, iteration: Optional[int]) -> StageContext:
@@ -154,7 +155,8 @@ class Pipeline:
             steps.append(Step(stage, it, ctx, res))
         changes.check_unused(self, pairs)
         self._check_prerequisites(steps)
-        self.comparison = changes.compare(self, [(s.stage.name, s.iteration) for s in steps])
+        self._targets = [(s.stage.name, s.iteration) for s in steps]
+        self.comparison = changes.compare(self, self._targets)
         changes.check(self, steps, self.comparison)
         if not compute_shards:
             return steps
@@ -266,8 +268,11 @@ class Pipeline:
         for line in self.comparison.launch_lines():
             self.echo(line)
         results = []
-        for step in steps:
-            results.append(self.run_step(step))
+        try:
+            for step in steps:
+                results.append(self.run_step(step))
+        finally:
+            changes.save(self, self._targets)
         return results
 
     def input_generations(self, stage: Stage, iteration: Optional[int]) -> dict:

@@ -177,7 +177,12 @@ def build_report(workdir: Path, launch: Optional[dict] = None) -> Report:
     parts.append(("overview", "Overview", _overview(workdir, steps, crop_scan, iterations, cfg, outputs, problems)))
     # each section from its own files: one missing or malformed costs a line in its section, never
     # the page (nor a traceback on the launcher's terminal)
-    sections = [("stages", "Stages", _stages_section, (steps,), ".pipeline/state/"),
+    for s in steps:
+        if s.changed:
+            problems.append(f"{h(_step_name(s))} was made with other settings than the last launch's "
+                            f"(<code>{h(s.changed)}</code>): <code>--redo-changed</code> redoes it and what reads it "
+                            '(<a href="#stages">stages</a>)')
+    sections = [("stages", "Stages", _stages_section, (steps, workdir, out_dir), ".pipeline/state/"),
                 ("crop", "Crop", _crop_section, (workdir, out_dir, crop_scan, bounds, problems), "crop/"),
                 ("manifest", "Manifest", _manifest_section, (workdir,), "manifest/"),
                 ("noise", "Noise", _noise_section, (workdir, out_dir, steps, problems), "noise/summary.json"),
@@ -365,7 +370,19 @@ def _step_name(s) -> str:
     return s.stage if s.iteration is None else f"{s.stage} (iteration {s.iteration})"
 
 
-def _stages_section(steps) -> str:
+def _settings_cell(s, workdir: Path, report_dir: Path) -> str:
+    """The step's settings digest, linked to its provenance.json; marked when the last launch's
+    settings differ from those its outputs were made with."""
+    cell = "–"
+    if s.settings_digest:
+        cell = (rel_link(workdir / s.provenance, report_dir, s.settings_digest) if s.provenance
+                else f'<span class="path">{h(s.settings_digest)}</span>')
+    if s.changed:
+        cell += f' <span class="badge failed" title="{h(s.changed)}">changed</span> {h(s.changed)}'
+    return cell
+
+
+def _stages_section(steps, workdir: Path, report_dir: Path) -> str:
     if not steps:
         return '<p class="note">Nothing recorded yet: no launch has run a stage in this work dir.</p>'
     rows = []
@@ -374,14 +391,21 @@ def _stages_section(steps) -> str:
         span = fmt_duration(s.last_end - s.first_start) if s.first_start and s.last_end else "–"
         rows.append([h(scope_label(s.iteration)), h(s.stage), f"{s.done:,}/{fmt_num(s.total)}", fmt_num(s.running),
                      fmt_num(len(s.failed)), f'<span class="badge {s.state}">{s.state}</span>', job, span,
-                     fmt_duration(s.step_seconds), h(fmt_time(s.finished_at))])
+                     fmt_duration(s.step_seconds), h(fmt_time(s.finished_at)), _settings_cell(s, workdir, report_dir)])
     note = ('<p class="note">Job time: the shards\' own run times added up (compute used). Span: first shard '
             'start to last shard end (wall clock, across launches). Last step: the wall time of the launch step '
-            'that finalized the stage.</p>')
+            'that finalized the stage. Settings: a digest of the settings the step\'s outputs were made with, '
+            'linked to its provenance.json (settings, inputs, command, versions, host, times); <em>changed</em>: '
+            'the last launch\'s settings differ (<code>launch.py --dry-run</code> shows what a redo takes, '
+            '<code>--redo-changed</code> redoes it).</p>')
+    from pipeline.changes import read_saved
+
+    notes = [line for line in read_saved(workdir).get("lines") or [] if line.startswith("note:")]
+    note += "".join(f'<p class="note">{h(line)}</p>' for line in notes)
     named = [(_step_name(s), s.job_seconds) for s in steps if s.job_seconds]
     chart = plots.step_times([n for n, _ in named], [v for _, v in named]) if len(named) >= 3 else None
     return (table(["iteration", "stage", "shards done", "running", "failed", "state", "job time", "span",
-                   "last step", "finished"], rows, numeric=(2, 3, 4, 6, 7, 8),
+                   "last step", "finished", "settings"], rows, numeric=(2, 3, 4, 6, 7, 8),
                   row_class=lambda k: "failed" if steps[k].failed else "")
             + note + img(chart, "job time per step"))
 

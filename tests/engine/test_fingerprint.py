@@ -355,3 +355,23 @@ def test_provenance_beside_every_output(work):
     assert labels["inputs"]["kmeans (iteration 1)"]["fingerprint"] == kmeans["fingerprint"]
     assert kmeans["settings"]["kmeans.n_clusters"] == 20 and "kmeans.threads" not in kmeans["settings"]
     assert "numpy" in kmeans["versions"] and "dlib" in json.loads((dirs["crop"] / "provenance.json").read_text())["versions"]
+
+
+def test_report_links_provenance_and_marks_changed_steps(work, capsys):
+    """The run report: per step its settings digest linked to its provenance.json; a step whose
+    settings differ from the last launch's marked changed (and listed under 'Needs attention')."""
+    from report.build import build_report
+
+    # features does not read kmeans.n_clusters: it runs (nothing to do), k-means stays as it is
+    assert launch(work, "--stage", "features", "--iteration", "1", "kmeans.n_clusters=9") == 0
+    capsys.readouterr()
+    build_report(work)
+    page = (work / "report" / "index.html").read_text()
+    kmeans = json.loads((work / "iter1" / "kmeans" / "provenance.json").read_text())
+    assert f'<a href="../iter1/kmeans/provenance.json" class="path">{kmeans["settings_digest"]}</a>' in page
+    assert page.count('class="badge failed" title="kmeans.n_clusters 20 -&gt; 9">changed</span>') == 1
+    assert "kmeans (iteration 1) was made with other settings than the last launch" in page
+    # once launched with the recorded settings again, nothing is marked
+    assert launch(work, "--stage", "features", "--iteration", "1") == 0
+    build_report(work)
+    assert ">changed</span>" not in (work / "report" / "index.html").read_text()
