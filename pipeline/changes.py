@@ -169,6 +169,8 @@ def compare(pipe, targets: list) -> Comparison:
             result.notes.append(f"note: {describe(*key)}: settings not compared ({type(e).__name__}: {e})")
             continue
         result.settings[key] = now
+        if record.get("place") != stage.output_place(ctx):  # outputs go elsewhere: made there anew
+            continue
         change = StepChange(name, it, stale=store.stale_reason(name, it))
         for k, old, new in fp.differences(record.get("settings") or {}, now):
             note = stage.accepts_change(ctx, k, old, new)
@@ -403,8 +405,12 @@ def read_saved(workdir) -> dict:
         return {}
 
 def make_record(pipe, stage, iteration, how: str = "run") -> dict:
-    settings = stage.settings(pipe.context(iteration))
-    record = fp.make_record(settings, current_inputs(pipe, stage, iteration), fp.versions(stage.libraries), how)
+    ctx = pipe.context(iteration)
+    record = fp.make_record(stage.settings(ctx), current_inputs(pipe, stage, iteration), fp.versions(stage.libraries),
+                            how)
+    place = stage.output_place(ctx)
+    if place is not None:
+        record["place"] = place
     old = pipe.store.read_fingerprint(stage.name, iteration) or {}
     same = old.get("fingerprint") == record["fingerprint"] and old.get("recorded") == how
     record["started"] = old.get("started") if same and old.get("started") else time.time()

@@ -94,3 +94,13 @@ def write(pipe, stage, iteration, record: dict, finished: Optional[float], shard
     pipe.store.write_fingerprint(stage.name, iteration,
                                  {**record, "provenance": [_relative(p, pipe.workdir) for p in written]})
     return written
+
+
+def clear(pipe, stage, iteration) -> None:
+    """Outputs made anew: the provenance of the old ones goes (written again when the step completes)."""
+    try:
+        dirs = stage.provenance_dirs(pipe.context(iteration))
+    except Exception:  # noqa: BLE001 - nothing to clear where the stage cannot say
+        return
+    for d in dirs:
+        (Path(d) / PROVENANCE).unlink(missing_ok=True)

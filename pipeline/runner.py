@@ -314,6 +314,8 @@ class Pipeline:
         renew = (self.force or bool(step.stale) or bool(step.out_of_date) or step.redo is not None or not prev_gen
                  or prev_digest != digest)
         carry = None if renew else prev_gen
+        if renew:
+            provenance.clear(self, stage, it)
         self.store.clear_stage_failed(stage.name, it)
         self.store.write_inputs(stage.name, it, inputs, carry, digest)
         self.store.clear_stage_done(stage.name, it)

@@ -190,6 +190,12 @@ class Stage:
         (a change: refused until restored or ``--redo-changed``)."""
         return None
 
+    def output_place(self, ctx: StageContext) -> Optional[str]:
+        """Where the step's outputs go when that is a setting (``units.out_dir``), else None. Its
+        recorded settings describe the outputs of the place they were recorded for: in another
+        place the step is not a change but a new set of outputs (made there; the old are kept)."""
+        return None
+
     def provenance_dirs(self, ctx: StageContext) -> list[Path]:
         """Directories that get the step's ``provenance.json`` (its output directory; training adds
         the final checkpoint's)."""

@@ -70,7 +70,8 @@ KMEANS_MODEL = "kmeans.joblib"
                    "splits": "which splits get units: each split's files depend only on the other settings "
                              "(a split added runs its own shards)",
                    "nshard": "how rows are grouped into jobs: the per-split files are the same",
-                   "out_dir": "where the files go: a new place holds none, so they are made there",
+                   "out_dir": "where the files go: a new place holds none, so they are made there "
+                              "(the recorded settings are those of one place: Stage.output_place)",
                    "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
                    "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
                    "torch_threads": "how many threads compute"})
@@ -368,6 +369,9 @@ class UnitsKmeansStage(Stage):
     def provenance_dirs(self, ctx: StageContext) -> list:
         return [units_dir(ctx)]
 
+    def output_place(self, ctx: StageContext) -> str:
+        return _shown(units_dir(ctx), ctx.workdir)
+
     def dependencies(self, ctx: StageContext):
         return ["manifest"] + _pretraining_dependencies(ctx, resolve(ctx))
 
@@ -407,6 +411,9 @@ class UnitsStage(Stage):
 
     def provenance_dirs(self, ctx: StageContext) -> list:
         return [units_dir(ctx)]
+
+    def output_place(self, ctx: StageContext) -> str:
+        return _shown(units_dir(ctx), ctx.workdir)
 
     def dependencies(self, ctx: StageContext):
         r = resolve(ctx)

@@ -18,9 +18,9 @@ from stages.noise import SPLITS, speaker_of, utterance_pools
 
 def tree_digest(root: Path) -> dict:
     """sha256 of every output file of the noise stage (not the plan: it names the manifest's
-    absolute paths)."""
+    absolute paths; not provenance.json: the command, host and times of the launch)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "plan" not in p.parts}
+            for p in sorted(root.rglob("*")) if p.is_file() and "plan" not in p.parts and p.name != "provenance.json"}
 
 
 def read_list(path: Path):
