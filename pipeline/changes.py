@@ -392,7 +392,10 @@ def save(pipe, targets: list) -> None:
         doc = {"error": f"{type(e).__name__}: {e}"}
     else:
         doc = {"changed": {c.name: c.keys_text() for c in comparison.changed()}, "lines": comparison.lines()}
-    atomic.write_json(pipe.store.root / CHANGES_FILE, doc)
+    try:
+        atomic.write_json(pipe.store.root / CHANGES_FILE, doc)
+    except OSError:  # a full disk: the launch's own error says it (this runs as it ends)
+        pass
 
 
 def read_saved(workdir) -> dict:

@@ -44,7 +44,8 @@ def location(pipe, stage, iteration) -> Optional[Path]:
     return Path(dirs[0]) / PROVENANCE if dirs else None
 
 
-def document(pipe, stage, iteration, record: dict, finished: Optional[float], shards: Optional[dict]) -> dict:
+def document(pipe, stage, iteration, record: dict, finished: Optional[float], shards: Optional[dict],
+             generation: Optional[str] = None) -> dict:
     from pipeline.changes import describe
 
     inputs = {}
@@ -73,7 +74,7 @@ def document(pipe, stage, iteration, record: dict, finished: Optional[float], sh
         "finished": _iso(finished),
         "seconds": round(finished - started, 1) if finished and started else None,
         "shards": shards,
-        "generation": pipe.store.generation(stage.name, iteration) or None,
+        "generation": generation or pipe.store.generation(stage.name, iteration) or None,
         "state": _relative(pipe.store.stage_state_dir(stage.name, iteration), pipe.workdir),
     }
     if record.get("recorded") == "adopted":
@@ -82,9 +83,11 @@ def document(pipe, stage, iteration, record: dict, finished: Optional[float], sh
     return doc
 
 
-def write(pipe, stage, iteration, record: dict, finished: Optional[float], shards: Optional[dict]) -> list[Path]:
-    """Write the step's provenance into each of its provenance dirs that exists."""
-    doc = document(pipe, stage, iteration, record, finished, shards)
+def write(pipe, stage, iteration, record: dict, finished: Optional[float], shards: Optional[dict],
+          generation: Optional[str] = None) -> list[Path]:
+    """Write the step's provenance into each of its provenance dirs that exists (``generation``:
+    the one its outputs get, when they are not yet marked complete)."""
+    doc = document(pipe, stage, iteration, record, finished, shards, generation)
     written = []
     for d in stage.provenance_dirs(pipe.context(iteration)):
         if Path(d).is_dir():

@@ -353,9 +353,13 @@ class Pipeline:
         if missing:
             raise StageFailed(f"{step.name}: finalize did not write {', '.join(missing)}")
         seconds = time.time() - start
+        generation = carry or new_generation()
+        # before the step counts as complete: a launch that cannot write it (disk full) leaves the
+        # step to finish again, never complete without its provenance
+        provenance.write(self, stage, it, record, finished=time.time(), shards={"total": n_total, "run": len(todo)},
+                         generation=generation)
         self.store.mark_stage_done(stage.name, it, {**summary, "seconds": round(seconds, 2)}, n_total,
-                                   generation=carry or new_generation(), inputs=inputs, shards=digest)
-        provenance.write(self, stage, it, record, finished=time.time(), shards={"total": n_total, "run": len(todo)})
+                                   generation=generation, inputs=inputs, shards=digest)
         self.echo(f"[{step.name}] complete: {n_total} shard(s), {len(todo)} run now, {seconds:.1f}s")
         return StepResult(step, len(todo), seconds, summary)
 

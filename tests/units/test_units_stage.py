@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.errors import ConfigError
 from speechfeat.units import parse_rle_line, parse_units_line
 
 
@@ -140,7 +141,9 @@ def test_units_stage_off_unless_asked(work_copy, tmp_path):
     assert planned("units.kmeans_iteration=2")[-1] == "units"
     assert "units_kmeans" not in planned("units.kmeans_iteration=2")
     assert planned("units.n_clusters=50")[-2:] == ["units_kmeans", "units"]
-    assert "units" not in planned("units.n_clusters=50", "units.enabled=false")
+    # switched off and given a units setting on the same command line: the setting does nothing
+    with pytest.raises(ConfigError, match="units.n_clusters=50 does nothing: units_kmeans and units are not part"):
+        planned("units.n_clusters=50", "units.enabled=false")
 
 
 @pytest.mark.parametrize("overrides, message", [
