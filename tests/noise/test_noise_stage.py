@@ -152,12 +152,12 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
     assert "submitting 1/" in again.stdout
     assert tree_digest(work / "noise") == before
 
-    # other settings: refused (one error line) until --force rebuilds
+    # other settings: refused (one error line) until --redo-changed rebuilds
     changed = [a.replace("train: 4", "train: 2") for a in args]
     refused = launch_here(work, sample_corpus, *changed)
-    assert refused.returncode == 2 and "noise.corpus_clips" in refused.stderr and "--force" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    rebuilt = launch_here(work, sample_corpus, *changed, "--force")
+    assert refused.returncode == 2 and "noise.corpus_clips" in refused.stderr and "--redo-changed" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.count("\n") == 1
+    rebuilt = launch_here(work, sample_corpus, *changed, "--redo-changed")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     summary = json.loads((work / "noise" / "summary.json").read_text())
     assert summary["categories"]["babble"]["train"]["clips"] == 2
