@@ -95,6 +95,12 @@ def main() -> None:
         worker(args.worker[0], int(args.worker[1]), args.worker[2], args.seed)
         return
     backends = args.backends.split(",")
+    sys.path.insert(0, str(REPO))
+    from speechfeat.kmeans import backend_problem
+
+    for backend in [b for b in backends if backend_problem(b)]:  # faiss is an optional extra
+        print(f"skipping {backend}: {backend_problem(backend)}", flush=True)
+        backends.remove(backend)
     print(f"cpus: {os.cpu_count()}  threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}  "
           f"load average: {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-kmeans-") as tmp:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 TORCHAUDIO_VERSION = "2.11.0"
-GOLDEN = ROOT.parent / "shared" / "golden" / "ref_mfcc.npz"
+GOLDEN = ROOT / "tests" / "data" / "golden" / "ref_mfcc.npz"  # the repository's copy of the golden file
 
 
 def cache_dir() -> Path:

@@ -144,12 +144,18 @@ def load_config(
     cluster: Optional[str] = "local",
     overrides: Optional[List[str]] = None,
     engine_values: Optional[Dict[str, Any]] = None,
+    preset_dir: Optional[Path] = None,
+    cluster_dir: Optional[Path] = None,
     saved: Optional[Path] = None,
 ) -> DictConfig:
     """Build and validate the whole config tree. ``sections`` maps section names to dataclasses
     (the stages' typed configs); ``engine_values`` are settings from command-line flags
-    (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides;
+    (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides.
+    ``preset``/``cluster`` name files of ``preset_dir``/``cluster_dir`` (default: the
+    repository's ``presets/`` and ``cluster_configs/``); a cluster may also be a .yaml path.
     ``saved``: a whole config a launch saved (``.pipeline/config.yaml``), applied first."""
+    preset_dir = Path(preset_dir) if preset_dir is not None else PRESET_DIR
+    cluster_dir = Path(cluster_dir) if cluster_dir is not None else CLUSTER_DIR
     # one dataclass for the whole tree, so every level is typed and closed to unknown keys
     hints = typing.get_type_hints(EngineConfig)
     root_fields = [(f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(EngineConfig)]
@@ -163,15 +169,15 @@ def load_config(
     base = OmegaConf.structured(root)
     layers = [(f"saved config {saved}", _read_yaml(Path(saved), "saved config"))] if saved else []
     if preset:
-        path = PRESET_DIR / f"{preset}.yaml"
+        path = preset_dir / f"{preset}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown preset {preset!r}: no {path} (available: {', '.join(available(PRESET_DIR))})")
+            raise ConfigError(f"unknown preset {preset!r}: no {path} (available: {', '.join(available(preset_dir))})")
         layers.append((f"preset {path}", _read_yaml(path, "preset")))
     if cluster:
-        path = Path(cluster) if cluster.endswith((".yaml", ".yml")) else CLUSTER_DIR / f"{cluster}.yaml"
+        path = Path(cluster) if cluster.endswith((".yaml", ".yml")) else cluster_dir / f"{cluster}.yaml"
         if not path.is_file():
             raise ConfigError(
-                f"unknown cluster {cluster!r}: no {path} (available: {', '.join(available(CLUSTER_DIR))})"
+                f"unknown cluster {cluster!r}: no {path} (available: {', '.join(available(cluster_dir))})"
             )
         cluster_cfg = _read_yaml(path, "cluster config")
         cluster_cfg.setdefault("name", path.stem)

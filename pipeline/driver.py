@@ -20,6 +20,10 @@ state and since when; ``status`` shows it.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.machinery
+import importlib.util
+import io
 import os
 import signal
 import subprocess
@@ -32,10 +36,13 @@ from typing import Callable, Optional
 import submitit
 
 from pipeline import atomic, procs
-from pipeline.config import PROJECT_ROOT, driver_request, signal_delay_s, to_yaml
+from pipeline.config import driver_request, signal_delay_s, to_yaml
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.estimate import check_plan_disk
+from pipeline.executors import export_project_path, signals_deferred, slurm_params, workdir_tag
+from pipeline.lease import holder_alive, holders_alive
 from pipeline.lock import WorkdirLock, describe_owner, lock_holder
-from pipeline.scheduler import LocalScheduler, RequestChecker, SchedulerError, SlurmScheduler
+from pipeline.scheduler import LocalScheduler, RequestChecker, SchedulerError, SlurmScheduler, sbatch_error_line
 from pipeline.state import StateStore, _read
 
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGHUP", "SIGTERM", "SIGINT")) if s)
@@ -102,38 +109,41 @@ def driver_log(store: StateStore) -> Path:
 
 
 def record_alive(rec: dict) -> tuple[Optional[bool], str]:
-    """(alive?, scheduler state line) of a recorded driver."""
-    if rec.get("executor") == "slurm":
-        try:
-            info = SlurmScheduler().query([str(rec.get("job_id"))])[str(rec.get("job_id"))]
-        except SchedulerError as e:
-            return None, f"unknown ({e})"
-        return info.alive, info.describe()
-    alive = procs.alive(rec)
-    if alive is None:
-        return None, f"on host {rec.get('host')}"
-    return alive, "running" if alive else "ended"
+    """(alive?, state line) of a recorded driver (the holders' liveness rule of ``pipeline.lease``)."""
+    live = holders_alive({0: rec})[0]
+    return live.alive, live.state
 
 
 # --- the foreground / driver run -----------------------------------------------------------------
-def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], None] = print,
-               on_locked: Optional[Callable[[], None]] = None):
-    """Run the planned steps holding the work dir lock (``role`` 'driver' in a detached driver,
-    which also keeps its record up to date); ``on_locked`` is called once the lock is held."""
-    workdir = Path(cfg.workdir)
-    store = StateStore(workdir)
+def workdir_lock(cfg, role: str) -> WorkdirLock:
+    """The work dir lock as this launch takes it (``role`` 'driver' in a detached driver, whose
+    Slurm job id lets its requeued run take its own lock over)."""
     extra = {"executor": cfg.cluster.executor}
     if role == "driver" and cfg.cluster.executor == "slurm" and os.environ.get("SLURM_JOB_ID"):
-        extra.update(executor="slurm", job_id=_slurm_job_id())
-    with WorkdirLock(workdir, role=role, extra=extra) as lock:
-        if on_locked is not None:
-            on_locked()
+        extra.update(job_id=_slurm_job_id())
+    return WorkdirLock(Path(cfg.workdir), role=role, extra=extra)
+
+
+def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], None] = print,
+               on_started: Optional[Callable[[], None]] = None):
+    """Run the planned steps (checked, shards not computed yet) holding the work dir lock. Nothing
+    of the work dir is written before the lock is held: the shards are computed under it
+    (``Stage.prepare`` freezes what it plans), then the first step's disk estimate is checked,
+    then ``on_started`` is called and the steps run. In a detached driver the record is kept up
+    to date."""
+    workdir = Path(cfg.workdir)
+    store = StateStore(workdir)
+    with workdir_lock(cfg, role) as lock:
         if lock.cleared_stale:
             echo(f"cleared a stale lock left by {describe_owner(lock.cleared_stale)}")
         if role == "driver":
             update_record(store, state="running", since=time.time(), host=procs.hostname(), pid=os.getpid(),
                           start=procs.start_time(os.getpid()), boot=procs.boot_id(),
                           attempt=os.environ.get("SLURM_RESTART_COUNT", "0"))
+        pipe.plan_shards(steps)
+        check_plan_disk(steps, workdir)  # the first step's own check, before anything of it is written
+        if on_started is not None:
+            on_started()
         atomic.write_text(workdir / ".pipeline" / "config.yaml", to_yaml(cfg))
         return pipe.run(steps)
 
@@ -147,7 +157,7 @@ def _slurm_job_id() -> str:
 def check_can_detach(cfg, store: StateStore) -> None:
     if cfg.cluster.executor == "debug":
         raise ConfigError("--detach needs the local or slurm executor (debug runs in this process)")
-    WorkdirLock(store.workdir).check_free()
+    workdir_lock(cfg, "launch").check_free()
     rec = read_record(store)
     if rec and rec.get("state") in ("submitted", "running"):
         alive, _ = record_alive(rec)
@@ -172,6 +182,35 @@ def detach_local(cmd: list, store: StateStore, echo=print) -> dict:
     return rec
 
 
+@dataclass(frozen=True)
+class DriverEntry:
+    """How a detached driver runs the application's launcher again: the module ``module`` (found
+    with ``paths`` first on ``sys.path``: a checkout's root, or nothing for an installed package)
+    whose ``main(argv)`` is the launcher and which runs it when executed as a script."""
+
+    module: str
+    paths: tuple = ()
+
+    def import_module(self):
+        for path in reversed(self.paths):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        return importlib.import_module(self.module)
+
+    def script(self) -> str:
+        """The module's file, for the local detached driver (a process of its own)."""
+        spec = None
+        if self.paths and "." not in self.module:
+            spec = importlib.machinery.PathFinder.find_spec(self.module, list(self.paths))
+        spec = spec or importlib.util.find_spec(self.module)
+        if spec is None or not spec.origin or not spec.has_location:
+            raise ConfigError(f"--detach: cannot find the launcher module {self.module!r} (paths {list(self.paths)})")
+        return spec.origin
+
+    def command(self, argv: list) -> list:
+        return [sys.executable, self.script(), *argv]
+
+
 @dataclass
 class DriverTask(submitit.helpers.Checkpointable):
     """The Slurm driver job: the same launch in-process, output appended to the driver log. On
@@ -180,17 +219,11 @@ class DriverTask(submitit.helpers.Checkpointable):
     argv: list
     cwd: str
     log: str
-    entry: Optional[dict] = None  # {"module": ..., "paths": [...]}: whose main(argv) to run
+    entry: DriverEntry
 
     def __call__(self) -> int:
-        import importlib
-
         os.chdir(self.cwd)
-        entry = self.entry or {"module": "launch", "paths": [str(PROJECT_ROOT)]}
-        for path in entry.get("paths", []):
-            if path not in sys.path:
-                sys.path.insert(0, path)
-        launcher = importlib.import_module(entry["module"])
+        launcher = self.entry.import_module()
 
         Path(self.log).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -211,9 +244,7 @@ class DriverTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self)
 
 
-def detach_slurm(cfg, argv: list, store: StateStore, entry: Optional[dict] = None) -> dict:
-    from pipeline.executors import _export_project_path, slurm_params, workdir_tag
-
+def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry) -> dict:
     cluster, d = cfg.cluster, cfg.cluster.driver
     if cluster.check_requests:
         try:
@@ -223,23 +254,18 @@ def detach_slurm(cfg, argv: list, store: StateStore, entry: Optional[dict] = Non
     log = driver_log(store)
     folder = store.driver_dir / "submitit"
     folder.mkdir(parents=True, exist_ok=True)
-    _export_project_path()
+    export_project_path()
     ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=int(d.max_requeues))
     partition = d.partition or cluster.partition
-    ex.update_parameters(name=f"driver-{workdir_tag(store.workdir)}", timeout_min=int(d.timeout_min),
+    ex.update_parameters(name=driver_job_name(store.workdir), timeout_min=int(d.timeout_min),
                          cpus_per_task=int(d.cpus_per_task), nodes=1, tasks_per_node=1,
                          slurm_signal_delay_s=signal_delay_s(cluster, d.timeout_min),
                          **slurm_params(cluster, partition, float(d.mem_gb or 0), 0))
-    from pipeline.executors import signals_deferred
-    import io
-
     with signals_deferred():
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 job = ex.submit(DriverTask(list(argv), os.getcwd(), str(log), entry))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
-            from pipeline.scheduler import sbatch_error_line
-
             raise ConfigError(f"sbatch rejected the driver job: {sbatch_error_line(str(e))}") from None
         rec = {"executor": "slurm", "state": "submitted", "submitted": time.time(), "log": str(log),
                "job_id": str(job.job_id), "partition": partition, "argv": list(argv)}
@@ -296,51 +322,66 @@ def all_job_records(store: StateStore) -> dict[str, dict]:
     return out
 
 
-def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 60.0) -> int:
-    from pipeline.executors import workdir_tag
+def driver_job_name(workdir: Path) -> str:
+    """The Slurm job name of the work dir's driver (stage jobs are ``<stage>-<scope>-<tag>``)."""
+    return f"driver-{workdir_tag(workdir)}"
 
+
+def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 60.0) -> int:
     store = StateStore(Path(workdir))
     if not store.root.is_dir():
         raise PipelineError(f"{workdir}: no pipeline state here (nothing to cancel)")
     stopped = []
     slurm = SlurmScheduler()
-    # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
+    records = all_job_records(store)
     rec = read_record(store)
+    uses_slurm = (rec or {}).get("executor") == "slurm" or any(r.get("executor") == "slurm" for r in records.values())
+    # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
     if rec and rec.get("state") in ("submitted", "running"):
+        alive, state = record_alive(rec)
         if rec.get("executor") == "slurm":
             jid = str(rec.get("job_id"))
-            info = slurm.query([jid])[jid]
-            if info.alive:
-                slurm.cancel([jid])
-                _wait_gone(lambda: slurm.query([jid])[jid].alive, wait_s)
+            if alive is None:
+                raise PipelineError(f"cannot ask the scheduler about the driver job {jid}: {state}")
+            if alive:
+                _cancel_slurm([jid], slurm, wait_s)
                 stopped.append(f"the driver job {jid}")
         elif _stop_process(rec):
             stopped.append(f"the driver (pid {rec.get('pid')})")
         update_record(store, state="cancelled", since=time.time())
+    tagged: dict = {}
+    if uses_slurm:
+        # a driver job of this work dir that its record does not name (the record of an earlier one)
+        tagged = _jobs_named(slurm, workdir_tag(store.workdir))
+        drivers = sorted(j for j, name in tagged.items() if name == driver_job_name(store.workdir))
+        if drivers:
+            _cancel_slurm(drivers, slurm, wait_s)
+            stopped += [f"the driver job {j}" for j in drivers]
+            tagged = _jobs_named(slurm, workdir_tag(store.workdir))  # what it submitted meanwhile
     owner, problem = lock_holder(store.workdir)
     if problem:
         echo(f"note: {problem}")
     elif owner and owner.get("role") == "launch":
-        if procs.alive(owner) is True:
+        alive = holder_alive(owner)
+        if alive is True:
             _stop_process(owner)
             stopped.append(f"the launch (pid {owner.get('pid')})")
-        elif procs.alive(owner) is None:
+        elif alive is None:
             echo(f"note: a launch on host {owner.get('host')} (pid {owner.get('pid')}) holds the lock: stop it there")
     # 2. the jobs: every recorded one, plus any live Slurm job named with this work dir's tag
-    records = all_job_records(store)
+    records = all_job_records(store)  # read again: a launch stopped above may have recorded more
     local = {j: r for j, r in records.items() if r.get("executor") == "local"}
     slurm_ids = [j for j, r in records.items() if r.get("executor") == "slurm"]
     cancelled = LocalScheduler().cancel_records(local) if local else []
-    if slurm_ids or (rec and rec.get("executor") == "slurm"):
+    if uses_slurm:
         try:
             live = [j for j, i in slurm.query(slurm_ids).items() if i.alive]
-            tagged = [j for j in slurm.jobs_named(f"-{workdir_tag(store.workdir)}") if not j.startswith("driver")]
         except SchedulerError as e:
             raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
-        todo = sorted(set(live) | set(tagged))
+        stage_jobs = [j for j, name in tagged.items() if name != driver_job_name(store.workdir)]
+        todo = sorted(set(live) | set(stage_jobs))
         if todo:
-            slurm.cancel(todo)
-            _wait_gone(lambda: any(i.alive for i in slurm.query(todo).values()), wait_s)
+            _cancel_slurm(todo, slurm, wait_s)
             cancelled += todo
     if cancelled:
         ids = sorted(cancelled)
@@ -351,6 +392,18 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
         echo(f"cancelled {', '.join(stopped)} of {store.workdir}; rerun the launch command to resume "
              f"(complete shards are kept)")
     return 0
+
+
+def _jobs_named(slurm: SlurmScheduler, tag: str) -> dict:
+    try:
+        return slurm.jobs_named(f"-{tag}")
+    except SchedulerError as e:
+        raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
+
+
+def _cancel_slurm(job_ids: list, slurm: SlurmScheduler, wait_s: float) -> None:
+    slurm.cancel(job_ids)
+    _wait_gone(lambda: any(i.alive for i in slurm.query(job_ids).values()), wait_s)
 
 
 def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> None:

@@ -28,6 +28,14 @@ class LockHeld(PipelineError):
     """Another launch holds the work dir lock."""
 
 
+class InputsMissing(PipelineError):
+    """``Stage.shards`` cannot list the step's shards because the inputs they are planned from do
+    not exist yet (the crop stage's frozen item list before the corpus was listed). The one
+    exception by which a stage may say "not computable yet": the engine then counts the step as
+    incomplete, or plans it once earlier steps of the launch ran. Any other exception of
+    ``shards`` is a bug and is reported as one (one line, the traceback in a file)."""
+
+
 class InfrastructureError(RuntimeError):
     """The job or its output side failed (disk full, I/O error, memory, a signal...), not the
     input item: the shard fails as a whole and a rerun retries every item it had not finished.

@@ -4,7 +4,9 @@ check before a step is submitted.
 The engine knows nothing of what a stage computes: a stage answers ``Stage.estimate(ctx)`` with
 an :class:`Estimate` for the whole step (all its shards) or None. This module prints the figures
 in ``--dry-run`` (``plan_lines``) and refuses to submit a step whose outputs would not fit on
-the work dir's filesystem (``check_free_space``, one ``ConfigError`` line).
+the work dir's filesystem (``check_free_space``, one ``ConfigError`` line). It also notes a
+scheduler request far above what a step needs (``oversized_requests``): on a busy cluster a job
+that asks for 200 GB waits for a node with 200 GB free, though it peaks at 3.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ class Estimate:
     detail: str = ""
     basis: List[str] = field(default_factory=list)
     hint: str = ""
+    cpus: int = 0
 
     def scaled(self, fraction: float) -> "Estimate":
         """The part of the step still to run (``fraction`` of its shards)."""
         f = max(0.0, min(1.0, fraction))
         return Estimate(self.disk_bytes * f, self.peak_ram_bytes, max(1, round(self.jobs * f)) if f else 0,
-                        self.cpu_hours * f, self.gpu_hours * f, self.detail, list(self.basis), self.hint)
+                        self.cpu_hours * f, self.gpu_hours * f, self.detail, list(self.basis), self.hint,
+                        self.cpus)
 
 
 def human_bytes(n: float) -> str:
@@ -85,11 +89,12 @@ def free_bytes(path: Path) -> int:
 def plan_lines(steps, workdir: Path) -> List[str]:
     """The resource part of ``--dry-run``: one line per step (disk written, peak RAM per job,
     jobs, CPU and GPU hours), totals, the basis of the figures and the free space."""
-    lines, bases = [], []
+    lines, bases, estimated = [], [], []
     total = Estimate()
     first_writer = None
     for step in steps:
         est = step_estimate(step)
+        estimated.append((step, est))
         if est is None:
             lines.append(f"  {step.name:<26} (no estimate)")
             continue
@@ -115,7 +120,45 @@ def plan_lines(steps, workdir: Path) -> List[str]:
                f" (largest)   CPU {human_hours(total.cpu_hours)}   GPU {human_hours(total.gpu_hours)}")
     out.append(f"  free on the work dir's filesystem: {human_bytes(free)}")
     out += [f"  basis: {b}" for b in bases]
-    return out
+    return out + oversized_requests(estimated)
+
+
+# a request more than this many times a step's estimated peak is noted as oversized
+OVERSIZED_FACTOR = 4.0
+
+
+def oversized_requests(estimated) -> List[str]:
+    """Notes for the scheduler requests (memory, CPUs per job) that exceed ``OVERSIZED_FACTOR``
+    times the estimated peak of every step that uses them, one per config key, judged against
+    the largest peak among the steps the key serves (a key such as ``cluster.defaults.mem_gb``
+    serves several stages; one whose peak is unknown, e.g. training's, leaves the key unjudged).
+    ``estimated``: (step, Estimate or None) pairs; steps already complete are not submitted and
+    not judged. Only Slurm requests: the local executors reserve nothing."""
+    from pipeline.config import setting_name
+
+    by_key: dict = {}  # key -> [requested, its bytes or CPUs, largest peak (None: unknown), stage names]
+    for step, est in estimated:
+        cfg = step.ctx.cfg
+        if cfg.cluster.get("executor") != "slurm" or (step.todo is not None and not step.todo and step.shards):
+            continue
+        res = step.resources
+        # Slurm's --mem=NG is N GiB
+        for field_name, requested, amount, peak in (
+                ("mem_gb", res.mem_gb, res.mem_gb * 2**30, est.peak_ram_bytes if est else 0),
+                ("cpus_per_task", res.cpus_per_task, res.cpus_per_task, est.cpus if est else 0)):
+            if not requested:
+                continue
+            entry = by_key.setdefault(setting_name(cfg, step.stage.name, field_name), [requested, amount, 0.0, []])
+            entry[2] = None if entry[2] is None or not peak else max(entry[2], peak)
+            if step.stage.name not in entry[3]:
+                entry[3].append(step.stage.name)
+    notes = []
+    for key, (requested, amount, peak, names) in by_key.items():
+        if peak and amount > OVERSIZED_FACTOR * peak:
+            shown = human_bytes(peak) if key.endswith("mem_gb") else f"{peak:g} CPUs"
+            notes.append(f"  oversized request: {key}={requested:g} is {amount / peak:.0f}x the estimated peak of "
+                         f"{', '.join(names)} ({shown} per job); a request near 2x the peak starts sooner in a busy queue")
+    return notes
 
 
 def check_plan_disk(steps, workdir: Path) -> None:

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ import submitit
 from pipeline import procs
 from pipeline.config import PROJECT_ROOT, signal_delay_s
 from pipeline.errors import StageFailed
-from pipeline.lease import MALFORMED, holder_alive
+from pipeline.lease import MALFORMED, holder_alive, holders_alive
 from pipeline.scheduler import JobInfo, LocalScheduler, SchedulerError, SlurmScheduler, fatal_pending, sbatch_error_line
 from pipeline.state import StateStore, scope_name
 from pipeline.worker import CheckpointableShardTask, ShardTask
@@ -63,36 +64,50 @@ def job_name(step, workdir: Path) -> str:
     return f"{step.stage.name}-{scope}-{workdir_tag(workdir)}"
 
 
-class _NewSessionSubprocess:
-    """``subprocess`` whose Popen starts a new session: submitit's local controller then outlives
-    the launcher, its terminal (SIGHUP) and a Ctrl-C, like a Slurm job would."""
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(*args, **kwargs):  # noqa: N802 - subprocess's name
-        kwargs.setdefault("start_new_session", True)
-        return subprocess.Popen(*args, **kwargs)
-
-
 class SessionLocalExecutor(submitit.LocalExecutor):
-    def _submit_command(self, command: str):
-        from submitit.local import local as local_module
+    """submitit's local executor whose job controller leads a session of its own, so it outlives
+    the launcher, its terminal (SIGHUP to the foreground process group) and a Ctrl-C, as a Slurm
+    job would; ``cancel`` stops a job by signalling its process group.
 
-        saved = local_module.subprocess
-        local_module.subprocess = _NewSessionSubprocess()
-        try:
-            return super()._submit_command(command)
-        finally:
-            local_module.subprocess = saved
+    ``_submit_command`` is the method by which every submitit executor starts a job. submitit's
+    local one starts the controller (``python -m submitit.local._local FOLDER``, configured by
+    ``SUBMITIT_LOCAL_*`` variables) with a plain Popen and no parameter for its session; this one
+    starts the same controller with the same environment in a new session. The job it returns
+    is submitit's ``LocalJob`` (results, polling, cancel) as before. A submitit that changes what
+    its controller reads fails every local job loudly (tests/engine), never silently."""
+
+    def _submit_command(self, command: str):
+        from submitit.local.local import LocalJob
+
+        ntasks = int(self.parameters.get("tasks_per_node", 1))
+        n_gpus = int(self.parameters.get("gpus_per_node", 0))
+        visible = self.parameters.get("visible_gpus", ())
+        gpus = visible[:n_gpus] if visible else range(n_gpus)
+        setup = list(self.parameters.get("setup", ()))
+        env = dict(os.environ)
+        env.update(
+            SUBMITIT_EXECUTOR="local",
+            SUBMITIT_LOCAL_COMMAND=command,
+            SUBMITIT_LOCAL_NTASKS=str(ntasks),
+            SUBMITIT_LOCAL_NODEID="0",
+            SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * float(self.parameters.get("timeout_min", 2.0)))),
+            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+            SUBMITIT_STDERR_TO_STDOUT="1" if self.parameters.get("stderr_to_stdout", False) else "",
+            SUBMITIT_LOCAL_WITH_SHELL="1" if setup else "",
+            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),
+        )
+        controller = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
+        cmd = " && ".join(setup + [shlex.join(controller)]) if setup else controller
+        process = subprocess.Popen(cmd, shell=bool(setup), env=env, start_new_session=True)
+        return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
 
 def make_executor(cluster, folder: Path, step, workdir: Optional[Path] = None) -> submitit.Executor:
     res = step.resources
     kind = cluster.executor
     delay = signal_delay_s(cluster, res.timeout_min)
-    _export_project_path()
+    export_project_path()
     if kind == "debug":
         return submitit.DebugExecutor(folder)
     if kind == "local":
@@ -141,7 +156,7 @@ def slurm_params(cluster, partition: Optional[str], mem_gb: float, gpus_per_node
     return params
 
 
-def _export_project_path() -> None:
+def export_project_path() -> None:
     # workers (local processes, Slurm jobs) unpickle stage objects by module name: the project
     # root must be importable there whatever their working directory
     root = str(PROJECT_ROOT)
@@ -286,23 +301,10 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
 
 
 def _holders_alive(holders: dict) -> dict:
-    """{shard key: alive?} for lease holders: by their process on this host, else one squeue call."""
-    out, ask = {}, {}
-    for key, holder in holders.items():
-        here = procs.alive(holder)
-        if here is not None:
-            out[key] = here
-        elif holder.get("executor") == "slurm" and holder.get("job_id"):
-            ask[key] = str(holder["job_id"])
-        else:
-            out[key] = None  # a local job of another host: nothing here can tell
-    if ask:
-        try:
-            infos = SlurmScheduler().query(list(ask.values()))
-            out.update({key: infos[job].alive for key, job in ask.items()})
-        except SchedulerError:
-            out.update({key: True for key in ask})  # cannot tell: do not start a second writer
-    return out
+    """{shard key: alive?} of lease holders (``lease.holders_alive``, one scheduler call); a Slurm
+    job whose scheduler does not answer counts as alive: no second writer is started for it."""
+    return {key: (True if live.alive is None and holders[key].get("executor") == "slurm" else live.alive)
+            for key, live in holders_alive(holders).items()}
 
 
 def _record_of_holder(holder: dict) -> dict:

@@ -18,12 +18,15 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, TypeVar
 
 from pipeline import procs
+from pipeline.scheduler import SchedulerError, SlurmScheduler
 
 MALFORMED = {"malformed": True}
+K = TypeVar("K")
 _GUARD_STALE_S = 30.0  # a take-over holds its guard for milliseconds
 
 
@@ -136,24 +139,57 @@ class OwnedFile:
             return True
 
 
-def holder_alive(holder: dict) -> Optional[bool]:
-    """Whether the job that holds a lease/lock still runs: by its process on this machine (pid +
-    start time), else by its Slurm job id; None when nothing can tell."""
-    alive = procs.alive(holder)
-    if alive is not None:
-        return alive
-    job_id = str(holder.get("job_id") or "")
-    if holder.get("executor") == "slurm" and job_id and not job_id.startswith(("local-", "inprocess")):
-        from pipeline.scheduler import SchedulerError, SlurmScheduler
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a holder still runs: ``alive`` True/False, None when nothing here can tell (a
+    process of another host, a scheduler that does not answer); ``state`` says it in words
+    ('running', 'ended', 'pending (Priority)', 'on host h2', 'unknown (squeue failed ...)')."""
 
+    alive: Optional[bool]
+    state: str
+
+
+def _slurm_job(holder: dict) -> str:
+    job_id = str(holder.get("job_id") or "")
+    return job_id if holder.get("executor") == "slurm" else ""
+
+
+def holders_alive(holders: Mapping[K, dict]) -> dict[K, Liveness]:
+    """The one rule by which the engine decides whether a holder still runs: the job that holds a
+    shard lease, the launch or driver that holds the work dir lock, the detached driver of the
+    driver record (``holder``: an identity of ``pipeline.procs`` plus ``executor`` and ``job_id``).
+
+    Its process on this machine (pid + start time + boot id), when that process still runs, is
+    alive. A Slurm job (executor slurm with a job id) is otherwise what the scheduler says: alive
+    while queued or running, so a job requeued after a time limit or a preemption, between two
+    runs, still holds what it held (its next run takes it over: same job id). Any other holder is
+    alive exactly while its process runs; on another host nothing here can tell. One squeue (and
+    sacct) call for all Slurm holders; callers decide what "cannot tell" means for them."""
+    out: dict = {}
+    ask: dict = {}
+    for key, holder in holders.items():
+        here = procs.alive(holder)
+        if here:
+            out[key] = Liveness(True, "running")
+        elif _slurm_job(holder):
+            ask[key] = _slurm_job(holder)
+        elif here is False:
+            out[key] = Liveness(False, "ended")
+        else:
+            out[key] = Liveness(None, f"on host {holder.get('host')}")
+    if ask:
         try:
-            info = SlurmScheduler().query([job_id])[job_id]
-        except SchedulerError:
-            return None
-        # a job requeued since it took the lease is still the shard's job: its next run takes the
-        # lease over (same job id), so it counts as alive while it is queued or running
-        return info.alive
-    return None
+            infos = SlurmScheduler().query(sorted(set(ask.values())))
+        except SchedulerError as e:
+            out.update({key: Liveness(None, f"unknown ({e})") for key in ask})
+        else:
+            out.update({key: Liveness(infos[job].alive, infos[job].describe()) for key, job in ask.items()})
+    return out
+
+
+def holder_alive(holder: dict) -> Optional[bool]:
+    """``holders_alive`` of one holder: True, False, or None when nothing can tell."""
+    return holders_alive({0: holder})[0].alive
 
 
 class ShardLease:

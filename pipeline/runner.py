@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from pipeline import changes, estimate, executors, provenance
 from pipeline.config import check_resources, resources_for
-from pipeline.errors import ConfigError, PipelineError, PrerequisiteError, StageFailed
+from pipeline.errors import ConfigError, InputsMissing, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
 from pipeline.state import StateStore, describe, new_generation, scope_name
 
@@ -137,9 +137,10 @@ class Pipeline:
             self.cfg.cluster.check_requests = False
 
     def plan(self, pairs: list[tuple], compute_shards: bool = True) -> list[Step]:
-        """Steps for ``pairs`` with their requests and configuration checked and, with
-        ``compute_shards``, the shards to run of every step whose inputs exist (Stage.prepare
-        runs for them); a launch that only validates (``--detach``) passes False."""
+        """Steps for ``pairs`` with their requests, configuration and prerequisites checked (all
+        read-only) and, with ``compute_shards``, their shards (``plan_shards``). A launch checks
+        first and computes the shards once it holds the work dir lock (Stage.prepare may write);
+        a launch that only validates (``--detach``) never computes them."""
         steps = []
         for name, it in pairs:
             stage = self.stages[name]
@@ -158,8 +159,13 @@ class Pipeline:
         self._targets = [(s.stage.name, s.iteration) for s in steps]
         self.comparison = changes.compare(self, self._targets)
         changes.check(self, steps, self.comparison)
-        if not compute_shards:
-            return steps
+        if compute_shards:
+            self.plan_shards(steps)
+        return steps
+
+    def plan_shards(self, steps: list[Step]) -> None:
+        """The shards to run of every step whose inputs exist (Stage.prepare runs for them and,
+        outside a dry run, commits what it plans); the others are planned when they run."""
         pending: set = set()  # steps of this launch that will (or may) produce new outputs
         for step in steps:
             # a step whose inputs come from earlier steps of this launch is planned when it runs
@@ -168,7 +174,6 @@ class Pipeline:
                 self._compute_shards(step, quiet=True)
             if step.todo is None or step.todo or not self.step_complete(step.stage, step.iteration):
                 pending.add((step.stage.name, step.iteration))
-        return steps
 
     def prerequisites(self, stage: Stage, iteration: Optional[int]) -> list[tuple]:
         deps = []
@@ -218,7 +223,7 @@ class Pipeline:
         step = Step(stage, iteration, ctx, Resources())
         try:
             shards = stage.shards(ctx)
-        except Exception:
+        except InputsMissing:  # the one way a stage says "not computable yet"; anything else is a bug
             return False
         done = self.store.markers(stage.name, iteration)["done"]
         return all(self.shard_complete(step, s, done) for s in shards)
@@ -236,13 +241,11 @@ class Pipeline:
             step.prepared = True
         try:
             step.shards = step.stage.shards(step.ctx)
-        except PipelineError:
-            raise
-        except Exception as e:
+        except InputsMissing as e:
             if quiet:  # inputs not there yet: known once earlier steps ran
                 step.shards = step.todo = None
                 return
-            raise StageFailed(f"{step.name}: cannot list its shards: {type(e).__name__}: {e}") from e
+            raise StageFailed(f"{step.name}: cannot list its shards: {e}") from e
         keys = [s.key for s in step.shards]
         if len(set(keys)) != len(keys):
             raise StageFailed(f"{step.name}: shard keys are not unique")
@@ -285,9 +288,10 @@ class Pipeline:
         try:
             return self._run_step(step)
         except PipelineError as e:
-            # status shows a failed step with its reason (a failed finalize, an unschedulable job)
+            # status shows a failed step with its reason, whole (a failed finalize and the first
+            # items it names, an unschedulable job)
             try:
-                self.store.mark_stage_failed(stage.name, it, str(e).splitlines()[0])
+                self.store.mark_stage_failed(stage.name, it, str(e))
             except OSError:  # a full disk: the launcher still prints the error
                 pass
             raise
@@ -303,6 +307,9 @@ class Pipeline:
             changes.accept(self, step, self.comparison)
             self.echo(f"[{step.name}] complete ({n_total} shards), nothing to do")
             return StepResult(step, 0, 0.0)
+        if todo:
+            # refused before anything of the step is written (one error line)
+            estimate.check_free_space(step, self.workdir)
         inputs = self.input_generations(stage, it)
         digest = _digest(s.key for s in step.shards)
         # outputs made anew (forced, stale, out of date, new shards) get a new generation, which
@@ -331,7 +338,6 @@ class Pipeline:
                 self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
             for key, why in sorted(step.out_of_date.items()):
                 self.echo(f"[{step.name}] shard {key} is out of date: {why}")
-            estimate.check_free_space(step, self.workdir)  # one error line, before anything is submitted
             failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo)
             if failures:
                 lines = [f"  {key}: {err}\n    log: {logp}" for key, logp, err in failures]

@@ -239,14 +239,16 @@ class SlurmScheduler:
             if p.returncode != 0 and "Invalid job id" not in p.stderr:
                 raise SchedulerError(f"scancel failed: {p.stderr.strip()[:300]}")
 
-    def jobs_named(self, suffix: str) -> list[str]:
-        """Live jobs of this user whose name ends with ``suffix`` (the work dir's tag)."""
+    def jobs_named(self, suffix: str) -> dict[str, str]:
+        """{job id: name} of the live jobs of this user whose name ends with ``suffix`` (the work
+        dir's tag)."""
         import getpass
 
         p = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%j"])
         if p.returncode != 0:
             raise SchedulerError(f"squeue failed: {p.stderr.strip()[:300]}")
-        return [line.split("|")[0] for line in p.stdout.splitlines() if line.split("|")[-1].endswith(suffix)]
+        rows = (line.split("|", 1) for line in p.stdout.splitlines() if "|" in line)
+        return {job: name for job, name in rows if name.endswith(suffix)}
 
     # --- what the cluster offers -----------------------------------------------------------------
     def default_partition(self) -> Optional[str]:

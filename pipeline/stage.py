@@ -134,6 +134,10 @@ class Stage:
         return []
 
     def shards(self, ctx: StageContext) -> list[Shard]:
+        """The step's shards. A stage whose shards are planned from inputs that may not exist yet
+        (an earlier step's outputs, its own frozen plan) raises ``pipeline.errors.InputsMissing``
+        naming what is missing: the step is then incomplete, or planned once earlier steps of the
+        launch ran. Any other exception is a bug and is reported as one."""
         raise NotImplementedError
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:

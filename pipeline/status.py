@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import procs
-from pipeline.lease import MALFORMED
+from pipeline.lease import MALFORMED, holder_alive
 from pipeline.lock import describe_owner, lock_holder
 from pipeline.scheduler import LocalScheduler, SchedulerError, SlurmScheduler
 from pipeline.state import StageStatus, StateStore, _read
@@ -112,7 +112,7 @@ def lock_line(workdir: Path) -> Optional[str]:
         return None
     if owner.get("role") == "driver":
         return None  # the driver line says it
-    alive = procs.alive(owner)
+    alive = holder_alive(owner)  # the one liveness rule of lock and lease holders
     if alive is False:
         return f"lock: left by a launch that is gone (pid {owner.get('pid')}); the next launch clears it"
     return f"launch: {describe_owner(owner)}"
@@ -145,7 +145,7 @@ def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = 
         if s.stale:
             lines.append(f"    stale: {s.stale}; its shards run again at the next launch")
         if s.stage_error and not s.finalized and not s.failed:
-            lines.append(f"    step failed: {s.stage_error}")
+            lines += _failure_lines(s.stage_error)
         for reason, n in Counter(s.pending_reasons).most_common():
             lines.append(f"    pending: {n} job(s), reason {reason}")
         for key, job, why in s.stopped[:20]:
@@ -158,6 +158,18 @@ def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = 
         if n_failed > 20:
             lines.append(f"    ... and {n_failed - 20} more failed shard(s)")
     return "\n".join(lines)
+
+
+STEP_FAILURE_LINES = 12  # of a step's failure message (a failed finalize names its first items)
+
+
+def _failure_lines(error: str) -> list[str]:
+    """A step's failure message whole, its reasons one per line (the first ones when it is long)."""
+    first, *rest = [line.strip() for line in error.strip().splitlines() if line.strip()] or ["?"]
+    out = [f"    step failed: {first}"] + [f"      {line}" for line in rest[:STEP_FAILURE_LINES]]
+    if len(rest) > STEP_FAILURE_LINES:
+        out.append(f"      ... and {len(rest) - STEP_FAILURE_LINES} more line(s)")
+    return out
 
 
 def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:

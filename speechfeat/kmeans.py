@@ -6,7 +6,8 @@ Backends (``fit``):
   iterations on a larger one (``FAST_DEFAULTS``), every distance a BLAS product (numpy's
   OpenBLAS); at least 20x faster than the reference settings at a lower inertia (bench/kmeans.py).
 - ``torch``: the same seeding and samples, Lloyd iterations in torch, for a GPU (``device``).
-- ``faiss``: the same seeding and samples, faiss's Lloyd iterations (faiss-cpu). It was to be
+- ``faiss``: the same seeding and samples, faiss's Lloyd iterations (faiss-cpu, an optional
+  extra: ``pip install 'avhubert-pipeline[faiss]'``; ``backend_problem`` says so). It was to be
   the default, but faiss-cpu's wheel spends about 5x numpy's time per Lloyd iteration on 39-d
   MFCCs and 1.15x on 768-d features (its search at 1M x 768, K=500 is BLAS-bound like numpy's;
   at 39-d its own scan dominates), measured on the dev machine.
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "speechfeat-kmeans-1"
 BACKENDS = ("numpy", "faiss", "torch", "sklearn")
+FAISS_MISSING = ("kmeans.backend=faiss needs faiss, which is not installed: pip install "
+                 "'avhubert-pipeline[faiss]' (or faiss-cpu), or use the default kmeans.backend=numpy")
 
 SKLEARN_DEFAULTS = dict(init="k-means++", n_init=20, max_iter=100, batch_size=10000, tol=0.0,
                         max_no_improvement=100, reassignment_ratio=0.0, init_size=None)
@@ -187,8 +190,9 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "numpy", seed: int = 0,
     """Train k-means on (N, D) frames; returns the model dict (see module doc). The inertia is
     over all of ``x`` (chunked); ``train_seconds`` / ``train_cpu_seconds`` (wall, and CPU time of
     all the process's threads) exclude it: timings for stats, not for the saved file."""
-    if backend not in BACKENDS:
-        raise ValueError(f"kmeans backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    problem = backend_problem(backend)
+    if problem:
+        raise ValueError(problem)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < n_clusters:
         raise ValueError(f"{len(x)} sampled frames are fewer than {n_clusters} clusters: raise kmeans.percent")
@@ -207,6 +211,19 @@ def fit(x: np.ndarray, n_clusters: int, backend: str = "numpy", seed: int = 0,
     return {"format": FORMAT, "backend": backend, "centroids": centroids, "inertia": float(inertia),
             "n_frames": int(len(x)), "dim": int(x.shape[1]), "seed": int(seed), "params": used,
             "train_seconds": seconds, "train_cpu_seconds": cpu_seconds, **extra}
+
+
+def backend_problem(backend: str) -> Optional[str]:
+    """Why ``backend`` cannot train here (one line), or None: an unknown name, or faiss (an
+    optional extra) not installed. Asked before anything runs (the kmeans stage's validation)."""
+    if backend not in BACKENDS:
+        return f"kmeans.backend={backend!r}: must be one of {', '.join(BACKENDS)}"
+    if backend == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            return FAISS_MISSING
+    return None
 
 
 def fast_params(backend: str, params: Optional[dict] = None) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from avprep.quality import QualityBounds
 from pipeline import atomic
-from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 
@@ -426,7 +426,7 @@ class CropStage(Stage):
         idir = items_dir(ctx)
         index = self._planned.get(str(idir)) or il.read_index(idir)
         if index is None:
-            raise FileNotFoundError(f"{idir}: no frozen item list yet (a launch of the crop stage lists the corpus)")
+            raise InputsMissing(f"{idir}: no frozen item list yet (a launch of the crop stage lists the corpus)")
         return index
 
     def shards(self, ctx: StageContext) -> list:

@@ -230,6 +230,7 @@ def crop(ctx: StageContext) -> Estimate:
     return Estimate(disk_bytes=frames * sum(CROP_BYTES_PER_FRAME.values()),
                     peak_ram_bytes=CROP_BASE_RAM + int(c.frame_cache_mb) * 2**20, jobs=max(1, min(shards, items)),
                     cpu_hours=frames * CROP_CPU_SECONDS_PER_FRAME / 3600,
+                    cpus=2,  # one Python process (decoding on one thread) and its one-thread ffmpeg encoder
                     detail=f"{items:,} items, {size.hours():,.{0 if size.hours() >= 10 else 2}f} h",
                     basis=[size.source, BASIS_CPU])
 

@@ -116,11 +116,12 @@ class KmeansStage(Stage):
         return {k: v for k, v in s.items() if k.split(".", 1)[1] not in unused}
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.kmeans import BACKENDS
+        from speechfeat.kmeans import backend_problem
 
         c = ctx.cfg.kmeans
-        if c.backend not in BACKENDS:
-            raise ConfigError(f"kmeans.backend={c.backend!r}: must be one of {', '.join(BACKENDS)}")
+        problem = backend_problem(str(c.backend))
+        if problem:  # an unknown backend, or faiss (an optional extra) not installed
+            raise ConfigError(problem)
         p = float(c.percent)
         if not (p == -1 or 0 < p <= 1):
             raise ConfigError(f"kmeans.percent={c.percent}: must be in (0, 1] or -1 (all frames)")

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pipeline import atomic
-from pipeline.errors import ConfigError, StageFailed, raise_if_infrastructure
+from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 
@@ -507,7 +507,7 @@ class NoiseStage(Stage):
         out = noise_dir(ctx)
         index = _read_index(out) or self._uncommitted.get(str(out))
         if index is None:
-            raise FileNotFoundError(f"{out / 'plan' / 'index.json'}: the noise stage has not been planned")
+            raise InputsMissing(f"{out / 'plan' / 'index.json'}: the noise stage has not been planned")
         return index
 
     def shards(self, ctx: StageContext) -> list[Shard]:

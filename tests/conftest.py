@@ -71,3 +71,23 @@ def smoke_run(sample_corpus, tmp_path_factory) -> Path:
     if proc.returncode != 0:
         pytest.fail(f"the smoke run failed (rc {proc.returncode}):\n" + "\n".join(log.read_text().splitlines()[-40:]))
     return work
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Once at the end of a run: the fidelity tests that did not run because their golden data is
+    absent (tests/golden_data.py: a plain clone has the small fixtures, not the reference checkpoint),
+    grouped by what is missing, so a green run does not hide them."""
+    by_reason: dict = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if "golden" in reason.lower():
+            by_reason.setdefault(reason, []).append(rep.nodeid)
+    if not by_reason:
+        return
+    n = sum(len(ids) for ids in by_reason.values())
+    terminalreporter.section(f"{n} fidelity test(s) not run: golden reference data absent", sep="-")
+    for reason, ids in by_reason.items():
+        terminalreporter.write_line(f"{len(ids)} skipped: {reason}")
+        for nodeid in ids:
+            terminalreporter.write_line(f"    {nodeid}")

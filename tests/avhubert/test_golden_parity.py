@@ -1,20 +1,17 @@
 """Parity with the reference AV-HuBERT code: checkpoint contract and layer features
 (../shared/golden, written by facebookresearch/av_hubert)."""
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+from golden_data import SHARED_GOLDEN as GOLDEN, needs_golden
+
 CKPT = GOLDEN / "ref_tiny_pretrain.pt"
 FEATS = GOLDEN / "ref_tiny_features.npz"
 
-pytestmark = pytest.mark.skipif(
-    not (CKPT.exists() and FEATS.exists()),
-    reason=f"golden reference data not found at {GOLDEN} (checked out beside the repo in CI)",
-)
+pytestmark = needs_golden("ref_tiny_pretrain.pt", "ref_tiny_features.npz")
 
 
 @pytest.fixture(scope="module")

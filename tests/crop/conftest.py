@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+from golden_data import golden_file
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +33,8 @@ def source_videos():
 
 @pytest.fixture(scope="session")
 def golden_crop():
-    path = GOLDEN / "carphone_crop_ref.npz"
-    if not path.is_file():
-        pytest.skip(f"golden data not found at {path} (../shared/golden beside the repo)")
     import numpy as np
+
+    path = golden_file("carphone_crop_ref.npz")  # in the repository (tests/data/golden)
 
     return dict(np.load(path))

@@ -17,7 +17,7 @@ from stages import train as train_stage
 from stages.schedule import ScheduleConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = REPO_ROOT.parent / "shared" / "golden"
+from golden_data import golden_file  # noqa: E402
 
 
 def make_cfg(tmp_path: Path, **train) -> "OmegaConf":
@@ -132,9 +132,7 @@ def save_checkpoint(path: Path, num_updates: int) -> Path:
 
 
 def test_checkpoint_updates_reads_the_reference_checkpoint():
-    ref = GOLDEN / "ref_tiny_pretrain.pt"
-    if not ref.is_file():
-        pytest.skip(f"golden data absent ({ref}); present in CI")
+    ref = golden_file("ref_tiny_pretrain.pt")
     assert train_stage.checkpoint_updates(ref) == 26  # golden/README.md: 26 updates
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline import atomic
+from pipeline.errors import InputsMissing, StageFailed
 from pipeline.stage import Shard, Stage, StageContext
 
 
@@ -100,6 +101,10 @@ class ToyStage(Stage):
     def finalize(self, ctx, shard_stats):
         if control(ctx, "fail_finalize").exists():
             raise RuntimeError("asked to fail finalize")
+        if control(ctx, "fail_finalize_items").exists():  # as the crop stage's failure-rate check
+            raise StageFailed(f"{self.name}: 3 of {self.n_shards} items failed; first reasons:\n"
+                              "  a: truncated video\n  b: no face found in 70% of frames\n  c: no audio stream\n"
+                              f"all failures are in {ctx.stage_dir(self.name)}")
         total = sum(s.get("value", 0) for s in shard_stats.values())
         atomic.write_json(ctx.stage_dir(self.name) / "summary.json", {"total": total})
         return {"total": total}
@@ -115,7 +120,12 @@ class SumStage(Stage):
 
     def shards(self, ctx):
         # listing shards needs the toy stage's output: only possible once it ran
-        summary = json.loads((ctx.stage_dir("toy") / "summary.json").read_text())
+        path = ctx.stage_dir("toy") / "summary.json"
+        if not path.exists():
+            raise InputsMissing(f"{path}: the toy stage has not run")
+        if control(ctx, "bug_in_shards").exists():
+            raise KeyError("total")  # what a bug in a stage's shards() raises
+        summary = json.loads(path.read_text())
         return [Shard(0, 1, f"sum{summary['total']}")]
 
     def outputs(self, ctx, shard):

@@ -168,7 +168,7 @@ def squeue_tagged(workdir: Path) -> list:
     from pipeline.executors import workdir_tag
     from pipeline.scheduler import SlurmScheduler
 
-    return SlurmScheduler().jobs_named(f"-{workdir_tag(workdir)}")
+    return sorted(SlurmScheduler().jobs_named(f"-{workdir_tag(workdir)}"))
 
 
 def mount_tmpfs(path: Path, size: str) -> None:

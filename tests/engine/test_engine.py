@@ -87,6 +87,22 @@ def test_missing_prerequisite_is_one_clear_error(tmp_path):
     assert runs(tmp_path) == []
 
 
+def test_only_missing_inputs_make_a_step_incomplete_a_bug_in_its_shards_is_a_bug(tmp_path):
+    run_all(make(tmp_path, "debug"))
+    pipe = make(tmp_path, "debug")
+    sum_stage = pipe.stages["sum"]
+    assert pipe.step_complete(sum_stage, None)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "bug_in_shards").touch()  # shards() raises KeyError: not "incomplete"
+    with pytest.raises(KeyError):
+        pipe.step_complete(sum_stage, None)
+    with pytest.raises(KeyError):
+        pipe.plan(pipe.targets(["sum"]))
+    (tmp_path / "control" / "bug_in_shards").unlink()
+    (tmp_path / "toy" / "summary.json").unlink()  # its input gone: InputsMissing, the step is incomplete
+    assert not pipe.step_complete(sum_stage, None)
+
+
 def test_lost_output_makes_a_shard_incomplete_again(tmp_path):
     run_all(make(tmp_path, "debug"))
     (tmp_path / "toy" / "out_4.txt").unlink()

@@ -277,18 +277,19 @@ def test_other_versions_are_a_note(work, capsys):
 def test_max_update_raised_continues_lowered_is_a_change(work):
     """Raising train.max_update keeps its meaning (training continues): a note, no refusal;
     lowering it is a change."""
-    from launch import build, parse_args
+    from launch import APP
     from pipeline import changes
+    from pipeline.cli import parse_args, plan
 
     common = ["--workdir", str(work), "--cluster", "debug", "--corpus", str(work.parent / "corpus"), "--stage",
               "train", "--iteration", "1", "--dry-run", "iterations=1"]
-    args = parse_args(common)
-    _cfg, pipe, _steps = build(args, dry_run=True, compute_shards=False)
+    args = parse_args(APP, common)
+    _cfg, pipe, _steps = plan(APP, args, dry_run=True, compute_shards=False)
     train = pipe.stages["train"]
     pipe.store.write_fingerprint("train", 1, changes.make_record(pipe, train, 1))  # as if it trained to 6
     for value, accepted in (("8", True), ("4", False)):
-        args = parse_args([*common, f"train.max_update={value}"])
-        _cfg, pipe, _steps = build(args, dry_run=True, compute_shards=False)
+        args = parse_args(APP, [*common, f"train.max_update={value}"])
+        _cfg, pipe, _steps = plan(APP, args, dry_run=True, compute_shards=False)
         change = pipe.comparison.changes[("train", 1)]
         if accepted:
             assert not change.changed and change.accepted[0][:3] == ("train.max_update[1]", 6, 8)

@@ -3,6 +3,7 @@ nothing mocked): launches killed and run again at once adopt the jobs they left 
 run twice), SIGHUP, the detached driver, cancel, the shard lease, one-line errors (a full disk,
 a malformed lock), what `status` says (a failed finalize, stale steps)."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -78,7 +79,9 @@ def test_sighup_ends_a_foreground_launch_with_one_line_and_its_jobs_keep_running
     wait_for(lambda: running_now(work), 60, "a running shard")
     jobs = [r for r in job_records(work) if procs.alive(r)]
     assert jobs
-    p.send_signal(signal.SIGHUP)
+    # each local job's controller leads a session of its own (pipeline.executors.SessionLocalExecutor)
+    assert all(os.getsid(int(r["pid"])) == int(r["pid"]) != os.getsid(p.pid) for r in jobs), jobs
+    os.killpg(p.pid, signal.SIGHUP)  # a terminal's hangup: the whole foreground process group
     assert p.wait(timeout=30) == 128 + signal.SIGHUP
     out = log.read_text()
     assert out.count("interrupted by SIGHUP") == 1 and "keep running" in out and "launch.py cancel" in out, out
@@ -182,6 +185,54 @@ def test_status_shows_a_failed_finalize_as_failed_with_its_reason(tmp_path):
     run_all(make(tmp_path, "debug"))
     text, rc = report(tmp_path)
     assert rc == 0 and "FAILED" not in text and "step failed" not in text
+
+
+def test_status_prints_a_failed_steps_reasons_whole_one_per_line(tmp_path):
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "fail_finalize_items").touch()
+    with pytest.raises(StageFailed, match="first reasons"):
+        run_all(make(tmp_path, "debug"))
+    text, rc = report(tmp_path)
+    assert rc == 1
+    assert ("    step failed: toy: 3 of 6 items failed; first reasons:\n"
+            "      a: truncated video\n"
+            "      b: no face found in 70% of frames\n"
+            "      c: no audio stream\n"
+            f"      all failures are in {tmp_path / 'toy'}\n") in text + "\n", text
+
+
+def test_a_bug_in_a_stages_shards_is_an_internal_error_not_a_missing_input(tmp_path):
+    work = tmp_path / "w"
+    env = toy_env({"toy": 2})
+    assert run(toy_cmd(work, "debug"), env).returncode == 0
+    (work / "control").mkdir()
+    (work / "control" / "bug_in_shards").touch()
+    r = run(toy_cmd(work, "debug", "--stage", "sum"), env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].startswith("error: internal error: KeyError: 'total' (traceback in "), lines
+    traceback_file = Path(lines[0].split("(traceback in ")[1].rstrip(")"))
+    assert traceback_file.parent == work / ".pipeline" and ", in shards\n" in traceback_file.read_text()
+
+
+def test_the_launcher_runs_as_an_imported_module_from_anywhere(tmp_path):
+    # an installed console script (`avhubert-pipeline` = launch:main) imports launch from its
+    # package and runs main(): from any directory, and its detached driver finds the module again
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    plan = subprocess.run([sys.executable, "-c", "import sys, launch; sys.exit(launch.main())", "--dry-run",
+                           "--workdir", str(tmp_path / "real")], capture_output=True, text=True, cwd=elsewhere,
+                          env=toy_env({}), timeout=300)
+    assert plan.returncode == 0 and "(dry run: nothing submitted)" in plan.stdout, plan.stdout + plan.stderr
+    assert not (tmp_path / "real").exists()
+    work = tmp_path / "w"
+    r = subprocess.run([sys.executable, "-c", "import sys, toy_launch; sys.exit(toy_launch.main())", "--detach",
+                        "--workdir", str(work), "--cluster", "local"], capture_output=True, text=True,
+                       cwd=elsewhere, env=toy_env({"toy": 2}), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: driver_record(work).get("state") in ("done", "failed"), 120, "the detached driver", every=0.5)
+    assert driver_record(work)["state"] == "done", Path(driver_record(work)["log"]).read_text()
+    assert driver_record(work)["cmd"][1] == str(Path(__file__).parent / "toy_launch.py")
 
 
 def test_a_redone_step_makes_its_readers_stale_and_a_repair_does_not(tmp_path):

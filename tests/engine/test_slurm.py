@@ -2,6 +2,7 @@
 reruns, a two-stage chain, and a checkpointable 2-task job requeued by a preemption signal."""
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -170,6 +171,52 @@ def test_detached_driver_job_requeued_by_usr2_adopts_then_cancel_then_resume(tmp
     assert "toy                 6/6" in st.stdout and "sum                 1/1" in st.stdout, st.stdout
     assert _each_once(work, 6), toy_runs(work)
     print(f"\nSlurm driver: USR2 -> requeued driver adopting the tasks: {adopted_at - usr2_at:.1f} s")
+
+
+def test_one_liveness_rule_a_requeued_slurm_job_whose_process_ended_here_still_holds(tmp_path, slurm):
+    # a Slurm job requeued between two runs: the process of its last run (on this host: the local
+    # cluster's nodes) is gone, the job is queued again; lease, lock and driver record alike
+    # count it as alive (its next run takes over what it held); once it is gone, as dead
+    from pipeline import procs
+    from pipeline.driver import record_alive
+    from pipeline.lease import holder_alive, holders_alive
+
+    ended = subprocess.Popen(["sleep", "0.2"])
+    identity = procs.identity(ended.pid)
+    ended.wait()
+    assert procs.alive(identity) is False
+    sub = subprocess.run(["sbatch", "--hold", "--parsable", "-p", "debug", "-t", "1", "-J", "liveness-test",
+                          "-o", str(tmp_path / "out.log"), "--wrap", "true"], capture_output=True, text=True, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    try:
+        holder = {**identity, "executor": "slurm", "job_id": job}
+        live = holders_alive({"a": holder, "local": {**identity, "executor": "local", "job_id": "local-1"}})
+        assert live["a"].alive is True and live["a"].state.startswith("pending"), live
+        assert live["local"].alive is False and live["local"].state == "ended", live
+        assert holder_alive(holder) is True and record_alive(holder)[0] is True
+    finally:
+        subprocess.run(["scancel", job], check=True)
+    wait_for(lambda: holder_alive(holder) is False, 60, "the cancelled job to count as dead")
+    assert record_alive(holder)[0] is False
+
+
+def test_cancel_stops_a_driver_job_its_record_does_not_name_before_the_jobs_it_submits(tmp_path, slurm):
+    # the work dir's driver is found by its job name (driver-<tag>) when the record names an
+    # earlier driver: stopped first and as the driver, so it cannot submit after the sweep
+    require_partitions("service")
+    work = tmp_path / "w"
+    r = run_cmd(toy_cmd(work, "slurm_local", "--detach"), toy_env({"toy": 4, "sleep_s": 30}), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    driver = driver_record(work)["job_id"]
+    wait_for(lambda: running_now(work), 120, "a running task")
+    record = work / ".pipeline" / "driver.json"
+    assert json.loads(record.read_text())["job_id"] == driver
+    record.write_text(json.dumps({**json.loads(record.read_text()), "job_id": "1", "state": "done"}))
+    c = run_cmd(launch_cmd("cancel", "--workdir", str(work)), timeout=180)
+    assert c.returncode == 0 and f"cancelled the driver job {driver}, " in c.stdout, c.stdout + c.stderr
+    stage_jobs = re.search(r"(\d+) job\(s\) \(([^)]*)\)", c.stdout).group(2).split(", ")
+    assert driver not in stage_jobs and all("_" in j for j in stage_jobs), c.stdout  # the array's tasks
+    assert squeue_tagged(work) == []
 
 
 @pytest.mark.parametrize("override,expected", [

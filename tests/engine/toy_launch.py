@@ -1,9 +1,12 @@
-"""The real launcher (launch.py: lock, signals, --detach, cancel, one-line errors) on the toy
+"""The real launcher (pipeline/cli.py: lock, signals, --detach, cancel, one-line errors) on the toy
 stages of engine_toy_stages, for engine tests. The stages come from env TOY_PIPELINE (JSON,
 inherited by a detached driver), e.g. {"toy": 6, "sleep_s": 2, "sum": true}:
 
     TOY_PIPELINE='{"toy": 6}' python tests/engine/toy_launch.py --workdir W --cluster local [--detach]
     python tests/engine/toy_launch.py status|cancel --workdir W
+
+It reaches the launcher the way an application does: an ``Application`` passed to
+``pipeline.cli.main``.
 """
 import json
 import os
@@ -19,11 +22,10 @@ for p in (str(HERE), str(ROOT)):
 import cloudpickle  # noqa: E402
 
 import engine_toy_stages as T  # noqa: E402
-import launch  # noqa: E402
+from pipeline import cli  # noqa: E402
 
 # workers cannot import tests/engine: the toy stages travel by value
 cloudpickle.register_pickle_by_value(T)
-ENTRY = {"module": "toy_launch", "script": str(Path(__file__).resolve()), "paths": [str(ROOT), str(HERE)]}
 
 
 def stages_from_env() -> dict:
@@ -38,23 +40,18 @@ def stages_from_env() -> dict:
     return stages
 
 
-def build(args, dry_run: bool, compute_shards: bool = True):
-    from pipeline.config import load_config
-    from pipeline.runner import Pipeline
-
-    workdir = Path(args.workdir or "./work").resolve()
-    cfg = load_config({}, preset=None, cluster=args.cluster, overrides=[f"workdir={workdir}", *args.overrides])
-    stages = stages_from_env()
-    pipe = Pipeline(cfg, stages, list(stages), workdir, force=args.force, echo=launch._echo, dry_run=dry_run)
-    names = "all" if args.stage == "all" else [args.stage]
-    return cfg, pipe, pipe.plan(pipe.targets(names), compute_shards=compute_shards)
+# the engine's launcher on the toy stages: no config sections, no preset, no run report
+APP = cli.Application(
+    prog="toy_launch.py",
+    description="The engine's test stages (stages: {stages}).",
+    stage_names=tuple(stages_from_env()),
+    get_stage=lambda name: stages_from_env()[name],
+    entry=cli.DriverEntry(module="toy_launch", paths=(str(ROOT), str(HERE))),
+)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("status", "cancel"):
-        return launch.main(argv)
-    return launch.cmd_run(argv, build_fn=build, entry=ENTRY, at_end=None)  # no run report for toy stages
+    return cli.main(APP, argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-def golden(name: str) -> Path:
-    path = GOLDEN / name
-    if not path.is_file():
-        pytest.skip(f"golden reference {path} is absent (../shared/golden next to the repo)")
-    return path
+from golden_data import golden_file as golden  # noqa: F401  (the repo copy, else ../shared/golden)
 
 
 def make_cfg(iterations=None, **sections):

@@ -31,16 +31,17 @@ def corpus_1000h(tmp_path_factory) -> Path:
     return root
 
 
-def dry_run(corpus: Path, workdir: Path) -> subprocess.CompletedProcess:
+def dry_run(corpus: Path, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
     # a GPU cluster's plan made on this machine: its requests cannot be checked against a cluster
     # that is not this one (the local Slurm has no gpu partition)
     cmd = [sys.executable, str(REPO / "launch.py"), "--dry-run", "--preset", "base", "--cluster", "example_gpu",
-           "--corpus", str(corpus), "--workdir", str(workdir), "cluster.check_requests=false"]
+           "--corpus", str(corpus), "--workdir", str(workdir), "cluster.check_requests=false", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def test_dry_run_prints_disk_ram_and_gpu_hours(corpus_1000h, tmp_path):
-    out = dry_run(corpus_1000h, tmp_path / "work")
+    # two requests far above what their steps need (the rest of example_gpu.yaml is sized for a corpus this size)
+    out = dry_run(corpus_1000h, tmp_path / "work", "cluster.stages.kmeans.mem_gb=200", "cluster.stages.crop.cpus_per_task=16")
     text = out.stdout + out.stderr
     assert "Traceback" not in text, text[-3000:]
     plan = {m.group(1).strip(): m.group(0) for m in re.finditer(r"^  ((?:\w+)(?: \(iteration \d\))?) +disk .*$",
@@ -65,6 +66,15 @@ def test_dry_run_prints_disk_ram_and_gpu_hours(corpus_1000h, tmp_path):
     assert figure(plan["train (iteration 1)"], "GPU") > 100  # 800k updates x 32 GPUs
     assert figure(plan["kmeans (iteration 5)"], "RAM/job") < 8e9  # a bounded pool, not the 10 % sample
     assert "free on the work dir's filesystem" in text
+    # oversized requests are noted once per key, against the largest peak of the steps using it
+    notes = {m.group(1): m.group(0) for m in re.finditer(r"^  oversized request: ([\w.]+)=.*$", text, re.M)}
+    kmeans_peak = max(figure(plan[f"kmeans (iteration {i})"], "RAM/job") for i in range(1, 6))
+    times = re.search(r"=200 is (\d+)x the estimated peak of kmeans \(", notes.pop("cluster.stages.kmeans.mem_gb"))
+    assert times and abs(int(times.group(1)) - 200 * 2**30 / kmeans_peak) < 2, times
+    assert "8x the estimated peak of crop (2 CPUs per job)" in notes.pop("cluster.stages.crop.cpus_per_task")
+    # the manifest's peak grows with the item count: 6,000 long items here, ~1.2M for LRS3 + VoxCeleb2
+    notes.pop("cluster.stages.manifest.mem_gb", None)
+    assert notes == {}, notes
 
 
 def test_dry_run_refuses_a_work_dir_without_room(corpus_1000h, tmp_path):

