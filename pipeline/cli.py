@@ -78,7 +78,9 @@ class Application:
     the corpus directory when ``--corpus`` is not given (called with ``dry_run``: a dry run must
     not build anything). ``commands``: the application's own subcommands, ``{name:
     "module:function"}``, each called with the remaining arguments (imported when used).
-    ``at_end``: called after every launch that ran (failed ones too), its lines are printed."""
+    ``at_end``: called after every launch that ran (failed ones too), its lines are printed.
+    ``status_lines``: the application's own lines after the engine's ``status`` (called with the
+    work dir; e.g. what its inputs' listing left out)."""
 
     prog: str
     description: str
@@ -96,6 +98,7 @@ class Application:
     commands: Mapping[str, str] = field(default_factory=dict)
     epilog: str = ""
     at_end: Optional[AtEnd] = None
+    status_lines: Optional[Callable[[Path], List[str]]] = None
 
 
 # --- arguments and planning ----------------------------------------------------------------------
@@ -350,9 +353,8 @@ def cmd_status(app: Application, argv: List[str]) -> int:
 
     def run() -> int:
         text, rc = report(workdir, list(app.stage_names))
-        print(text)
-        for line in settings_lines(app, workdir, a.preset, a.cluster, a.overrides):
-            print(line)
+        extra = app.status_lines(workdir) if app.status_lines is not None else []
+        print("\n".join([text, *extra, *settings_lines(app, workdir, a.preset, a.cluster, a.overrides)]))
         return rc
 
     return guarded(run, lambda: (None, workdir))

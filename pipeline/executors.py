@@ -74,10 +74,17 @@ class SessionLocalExecutor(submitit.LocalExecutor):
     ``SUBMITIT_LOCAL_*`` variables) with a plain Popen and no parameter for its session; this one
     starts the same controller with the same environment in a new session. The job it returns
     is submitit's ``LocalJob`` (results, polling, cancel) as before. A submitit that changes what
-    its controller reads fails every local job loudly (tests/engine), never silently."""
+    its controller reads fails every local job loudly (tests/engine), never silently; one whose
+    ``start_controller`` takes other settings than those set here is refused before any job
+    starts (``_check_controller``)."""
+
+    CONTROLLER_SETTINGS = ("folder", "command", "tasks_per_node", "cuda_devices", "timeout_min", "signal_delay_s",
+                           "stderr_to_stdout", "setup")
 
     def _submit_command(self, command: str):
         from submitit.local.local import LocalJob
+
+        self._check_controller()
 
         ntasks = int(self.parameters.get("tasks_per_node", 1))
         n_gpus = int(self.parameters.get("gpus_per_node", 0))
@@ -101,6 +108,18 @@ class SessionLocalExecutor(submitit.LocalExecutor):
         cmd = " && ".join(setup + [shlex.join(controller)]) if setup else controller
         process = subprocess.Popen(cmd, shell=bool(setup), env=env, start_new_session=True)
         return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+    @classmethod
+    def _check_controller(cls) -> None:
+        import inspect
+
+        from submitit.local import local
+
+        got = tuple(inspect.signature(local.start_controller).parameters)
+        if got != cls.CONTROLLER_SETTINGS:
+            raise StageFailed(f"submitit {submitit.__version__}: its local job controller takes {', '.join(got)}, "
+                              f"this pipeline starts it with {', '.join(cls.CONTROLLER_SETTINGS)}: pin submitit "
+                              "to a version whose controller takes these (1.5.4 does)")
 
 
 def make_executor(cluster, folder: Path, step, workdir: Optional[Path] = None) -> submitit.Executor:

@@ -214,3 +214,18 @@ def test_a_stage_can_drop_a_dependency_for_its_configuration(tmp_path):
         pipe.plan(pipe.targets(["sum"]))
     stage.given_input = True
     assert [s.name for s in pipe.plan(pipe.targets(["sum"]))] == ["sum"]
+
+
+def test_a_submitit_whose_local_controller_changed_is_refused_before_a_job_starts(tmp_path, monkeypatch):
+    # the local executor starts submitit's controller itself (in a session of its own) with the
+    # settings of submitit's start_controller: another submitit's controller is one error line
+    from submitit.local import local
+
+    def start_controller(folder, command, tasks_per_node=1, cuda_devices="", timeout_min=5.0, signal_delay_s=30,
+                         stderr_to_stdout=False, setup=(), new_setting=None):  # a newer submitit's, say
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(local, "start_controller", start_controller)
+    with pytest.raises(StageFailed, match=r"its local job controller takes .*new_setting.*pin submitit"):
+        run_all(make(tmp_path, "local", {"toy": ToyStage(2)}))
+    assert runs(tmp_path) == []

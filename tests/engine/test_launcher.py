@@ -201,6 +201,20 @@ def test_status_prints_a_failed_steps_reasons_whole_one_per_line(tmp_path):
             f"      all failures are in {tmp_path / 'toy'}\n") in text + "\n", text
 
 
+def test_status_ends_with_the_applications_own_lines(tmp_path, capsys):
+    import dataclasses
+
+    import toy_launch
+    from pipeline import cli
+
+    app = dataclasses.replace(toy_launch.APP, status_lines=lambda w: [f"corpus: 2 files left out of {w.name}"])
+    run_all(make(tmp_path, "debug"))
+    capsys.readouterr()
+    assert cli.main(app, ["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and out.rstrip().endswith(f"corpus: 2 files left out of {tmp_path.name}"), out
+
+
 def test_a_bug_in_a_stages_shards_is_an_internal_error_not_a_missing_input(tmp_path):
     work = tmp_path / "w"
     env = toy_env({"toy": 2})
