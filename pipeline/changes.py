@@ -16,12 +16,17 @@ settings of this launch.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+from omegaconf import ListConfig, OmegaConf
+
+from pipeline import atomic, provenance
 from pipeline import fingerprint as fp
 from pipeline.errors import ConfigError
 from pipeline.state import describe, scope_name
@@ -276,8 +281,6 @@ def check_unused(pipe, targets: list) -> None:
     ``nodes``/``tasks_per_node`` of a stage that runs one task per shard; on the command line, a
     per-iteration list longer than the run's iterations, an output setting of a stage that is not
     part of this run, resources of a stage that does not exist."""
-    from omegaconf import ListConfig, OmegaConf
-
     cfg = pipe.cfg
     given = {o.split("=", 1)[0].strip(): o.split("=", 1)[1] for o in pipe.overrides if "=" in o}
     multi = [n for n, st in pipe.stages.items() if st.multi_task]
@@ -384,8 +387,6 @@ CHANGES_FILE = "changes.json"  # in .pipeline/: what the report marks
 def save(pipe, targets: list) -> None:
     """After a launch ran (or failed): the steps whose recorded settings still differ from this
     launch's (steps it did not redo), for the run report (``.pipeline/changes.json``)."""
-    from pipeline import atomic
-
     try:
         comparison = compare(pipe, targets)
     except Exception as e:  # noqa: BLE001 - the report then says settings were not compared
@@ -399,9 +400,6 @@ def save(pipe, targets: list) -> None:
 
 
 def read_saved(workdir) -> dict:
-    import json
-    from pathlib import Path
-
     try:
         return json.loads((Path(workdir) / ".pipeline" / CHANGES_FILE).read_text())
     except (OSError, ValueError):
@@ -433,8 +431,6 @@ def record_start(pipe, step) -> dict:
 def adopt(pipe, comparison: Comparison) -> list[str]:
     """Record the current settings of the complete steps made before fingerprints (DAG order,
     so each step's inputs are recorded before it); one line for the user."""
-    from pipeline import provenance
-
     if not comparison.adopt:
         return []
     for name, it in comparison.adopt:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence
 
+from pipeline.changes import compare
 from pipeline.config import load_config
 from pipeline.disk import free_line
 from pipeline.driver import (
@@ -319,8 +320,6 @@ def settings_lines(app: Application, workdir: Path, preset: Optional[str], clust
     """What ``status`` says of settings and versions: each step's recorded settings compared with
     the last launch's (``.pipeline/config.yaml``; ``--preset``/``--cluster`` start from those files
     instead), with ``key=value`` on top: changed steps (old -> new, what a redo makes again), notes."""
-    from pipeline.changes import compare
-
     saved = workdir / ".pipeline" / "config.yaml"
     fresh = bool(preset or cluster) or not saved.is_file()
     if fresh and not (preset or app.default_preset):

@@ -27,10 +27,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import socket
 import subprocess
+import typing
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 ATTRIBUTE = "__settings_classes__"
 # files up to this size are identified by their content; bigger ones (checkpoints) by size + mtime
@@ -103,8 +108,6 @@ def unclassified(cls, prefix: str = "") -> list[str]:
     if classes is None:
         return [prefix.rstrip(".") or cls.__name__]
     out = []
-    import typing
-
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         for nested in _dataclasses_in(hints.get(f.name)):
@@ -113,8 +116,6 @@ def unclassified(cls, prefix: str = "") -> list[str]:
 
 
 def _dataclasses_in(annotation) -> list:
-    import typing
-
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return [annotation]
     return [t for arg in typing.get_args(annotation) for t in _dataclasses_in(arg)]
@@ -122,8 +123,6 @@ def _dataclasses_in(annotation) -> list:
 
 # --- resolving a step's settings -----------------------------------------------------------------
 def _type_of(node) -> Optional[type]:
-    from omegaconf import DictConfig, OmegaConf
-
     if not isinstance(node, DictConfig):
         return None
     t = OmegaConf.get_type(node)
@@ -131,15 +130,11 @@ def _type_of(node) -> Optional[type]:
 
 
 def _plain(value):
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _pick(value, iteration: Optional[int]):
     """Iteration ``iteration``'s entry of a per-iteration setting (a list, or one value for all)."""
-    from omegaconf import ListConfig
-
     if iteration is None or not isinstance(value, (list, tuple, ListConfig)):
         return value
     return value[iteration - 1] if 1 <= iteration <= len(value) else None
@@ -260,8 +255,6 @@ def project_version() -> str:
 def library_versions(libraries: Iterable[str]) -> dict:
     """``{name: version}`` of installed distributions; an entry ``"a|b"`` takes the first of
     those distributions that is installed and is recorded as ``a`` (``"dlib|dlib-bin"``)."""
-    from importlib import metadata
-
     out = {}
     for entry in libraries:
         names = entry.split("|")
@@ -318,6 +311,4 @@ def version_differences(recorded: dict, current: dict) -> list[tuple]:
 
 
 def hostname() -> str:
-    import socket
-
     return socket.gethostname()

@@ -20,6 +20,7 @@ from typing import Optional
 
 from pipeline import atomic
 from pipeline.fingerprint import hostname
+from pipeline.state import describe
 
 PROVENANCE = "provenance.json"
 
@@ -46,8 +47,6 @@ def location(pipe, stage, iteration) -> Optional[Path]:
 
 def document(pipe, stage, iteration, record: dict, finished: Optional[float], shards: Optional[dict],
              generation: Optional[str] = None) -> dict:
-    from pipeline.changes import describe
-
     inputs = {}
     for key, fingerprint in sorted((record.get("inputs") or {}).items()):
         dep, _, scope = key.rpartition("@")

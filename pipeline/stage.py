@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from pipeline.fingerprint import resolve
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -184,8 +186,6 @@ class Stage:
         mean something resolved (a null that stands for a default, a file's content) and drops
         settings its configuration does not use. Compared at every launch with the settings the
         step was made with: a difference is a change (refused until restored or redone)."""
-        from pipeline.fingerprint import resolve
-
         return resolve(ctx.cfg, [self.config_section or self.name, *self.reads], ctx.iteration)
 
     def accepts_change(self, ctx: StageContext, key: str, old: Any, new: Any) -> Optional[str]:

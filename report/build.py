@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from avprep import quality
+from pipeline.changes import read_saved
 from report import collect, plots
 from speechfeat.wer import word_errors
 
@@ -398,8 +399,6 @@ def _stages_section(steps, workdir: Path, report_dir: Path) -> str:
             'linked to its provenance.json (settings, inputs, command, versions, host, times); <em>changed</em>: '
             'the last launch\'s settings differ (<code>launch.py --dry-run</code> shows what a redo takes, '
             '<code>--redo-changed</code> redoes it).</p>')
-    from pipeline.changes import read_saved
-
     notes = [line for line in read_saved(workdir).get("lines") or [] if line.startswith("note:")]
     note += "".join(f'<p class="note">{h(line)}</p>' for line in notes)
     named = [(_step_name(s), s.job_seconds) for s in steps if s.job_seconds]

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 from pipeline.errors import ConfigError
-from pipeline.fingerprint import classify
+from pipeline.fingerprint import classify, file_content
 
 log = logging.getLogger(__name__)
 
@@ -610,8 +610,6 @@ def _id_list_candidates(setting: str, root: Path) -> list[Path]:
 def id_list_settings(cfg, keys=("valid_ids", "test_ids", "include_ids")) -> dict:
     """``{manifest.<key>: the id list file and its content}`` of the id-list settings in ``keys``
     that are set (for a step's fingerprint: an edited list is a changed setting)."""
-    from pipeline.fingerprint import file_content
-
     section = _get(cfg, "manifest")
     root = Path(str(_get(cfg, "corpus") or ".")).expanduser()
     out = {}

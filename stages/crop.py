@@ -32,6 +32,7 @@ from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
 from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
+from stages.corpus import id_list_settings
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +348,6 @@ class CropStage(Stage):
             raise ConfigError(f"corpus {corpus!r}: no such directory (--corpus)")
 
     def settings(self, ctx: StageContext) -> dict:
-        from stages.corpus import id_list_settings
-
         return {**super().settings(ctx), **id_list_settings(ctx.cfg, ("include_ids",))}
 
     # --- planning ---------------------------------------------------------------------------

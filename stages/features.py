@@ -51,8 +51,9 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
-from pipeline.fingerprint import classify
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,6 @@ class FeaturesStage(Stage):
     libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "python-speech-features", "av")
 
     def settings(self, ctx: StageContext) -> dict:
-        from pipeline.fingerprint import file_identity
-        from stages.schedule import iteration_spec
-
         s = super().settings(ctx)
         it = ctx.iteration
         if store_mode(ctx) == "all":  # every utterance of every split: nothing is drawn here

@@ -58,7 +58,7 @@ from typing import List, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
-from pipeline.fingerprint import classify
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
 from stages.noise import NOISE_TASK_KEYS, FinetuneNoise
 from stages.train import RUN_OWNED_KEYS
@@ -410,8 +410,6 @@ class FinetuneStage(Stage):
             raise ConfigError(f"finetune.noise.eval_splits={list(use.eval_splits)}: train, valid and/or test")
 
     def settings(self, ctx: StageContext) -> dict:
-        from pipeline.fingerprint import file_identity
-
         s = super().settings(ctx)
         name = str(ctx.cfg.finetune.model_config)
         if name.endswith((".yaml", ".yml")) or os.sep in name:  # a config of the user's: its content counts

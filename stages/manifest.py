@@ -66,7 +66,7 @@ from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
-from stages.corpus import SPLITS, CorpusSettings
+from stages.corpus import SPLITS, CorpusSettings, id_list_settings
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ class ManifestStage(Stage):
     libraries = ("sentencepiece",)
 
     def settings(self, ctx: StageContext) -> dict:
-        from stages.corpus import id_list_settings
-
         return {**super().settings(ctx), **id_list_settings(ctx.cfg)}
 
     def validate(self, ctx: StageContext) -> None:

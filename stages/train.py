@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import ConfigError
-from pipeline.fingerprint import classify
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
 from stages.noise import NOISE_TASK_KEYS, TrainNoise
 
@@ -511,8 +511,6 @@ def _close_fairseq_tensorboard_writers() -> None:
 def pretraining_settings(ctx: StageContext, s: dict) -> dict:
     """Iteration N's settings resolved: the base config (its content when it is a file of the
     user's), the update count it trains to, its overrides, and its noise only when it has noise."""
-    from pipeline.fingerprint import file_identity
-
     it = ctx.iteration
     name = s.get(f"train.model_config[{it}]")
     if name is not None and (str(name).endswith((".yaml", ".yml")) or os.sep in str(name)):

@@ -52,8 +52,10 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
-from pipeline.fingerprint import classify
+from pipeline.fingerprint import classify, file_content
+from pipeline.fingerprint import resolve as resolve_settings
 from pipeline.stage import Shard, Stage, StageContext
+from stages.kmeans import FAST_KEYS, SKLEARN_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +217,6 @@ def fingerprint_settings(ctx: StageContext, r: Resolved, kmeans_only: bool = Fal
     """The units settings of a step's fingerprint (``Stage.settings``), resolved: what the
     checkpoint and k-means model are (a file from elsewhere with its content; one of this run's
     by its place: the step it comes from is among the inputs)."""
-    from pipeline.fingerprint import file_content, resolve as resolve_settings
-
     def shown(path: Path) -> str:
         text = _shown(path, ctx.workdir)
         return text if not Path(text).is_absolute() else f"{text} ({file_content(path)})"
@@ -229,8 +229,6 @@ def fingerprint_settings(ctx: StageContext, r: Resolved, kmeans_only: bool = Fal
                     "units.kmeans_split": str(c.kmeans_split)})
         # the kmeans.* backend settings it trains with (K, sample and seed are the units' own)
         backend = resolve_settings(ctx.cfg, ["kmeans"])
-        from stages.kmeans import FAST_KEYS, SKLEARN_KEYS
-
         unused = {"n_clusters", "percent", "seed", "split",
                   *(FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS)}
         out.update({k: v for k, v in backend.items() if k.split(".", 1)[1] not in unused})
