@@ -376,3 +376,27 @@ def test_report_links_provenance_and_marks_changed_steps(work, capsys):
     assert launch(work, "--stage", "features", "--iteration", "1") == 0
     build_report(work)
     assert ">changed</span>" not in (work / "report" / "index.html").read_text()
+
+
+def test_a_complete_run_explains_its_checkpoints(smoke_run):
+    """The session's complete smoke run (two iterations, fine-tuning): every step's output dir and
+    the final checkpoint's and the fine-tuned model's directories hold provenance.json, each step
+    reading the one before; the report links them."""
+    steps = {"crop": "crop", "manifest": "manifest", "finetune": "finetune", "finetune (checkpoints)": "finetune/checkpoints"}
+    for it in (1, 2):
+        for stage in ("features", "kmeans", "labels", "train"):
+            steps[f"{stage} (iteration {it})"] = f"iter{it}/{stage}"
+        steps[f"train (iteration {it}) (checkpoints)"] = f"iter{it}/train/checkpoints"
+    docs = {name: json.loads((smoke_run / d / "provenance.json").read_text()) for name, d in steps.items()}
+    assert docs["train (iteration 2) (checkpoints)"] == docs["train (iteration 2)"]
+    assert (smoke_run / "finetune" / "checkpoints" / "checkpoint_best.pt").is_file() or \
+        any((smoke_run / "finetune" / "checkpoints").glob("*.pt"))
+    train2 = docs["train (iteration 2)"]
+    assert set(train2["inputs"]) == {"labels (iteration 2)"}
+    assert train2["inputs"]["labels (iteration 2)"]["fingerprint"] == docs["labels (iteration 2)"]["fingerprint"]
+    assert train2["settings"]["train.max_update[2]"] == 6 and {"torch", "fairseq"} <= set(train2["versions"])
+    assert "features (iteration 2)" not in docs["kmeans (iteration 1)"]["inputs"]
+    assert "train (iteration 1)" in docs["features (iteration 2)"]["inputs"]
+    assert docs["finetune"]["inputs"].keys() >= {"train (iteration 2)", "manifest"}
+    page = (smoke_run / "report" / "index.html").read_text()
+    assert '<a href="../iter2/train/provenance.json" class="path">' in page
