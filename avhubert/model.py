@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from omegaconf import II, MISSING, OmegaConf, open_dict
 from torch import nn
 
-from fairseq.data.data_utils import compute_mask_indices
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
 from fairseq.modules import GradMultiply, LayerNorm
 
+from .masking import draw_source_starts, draw_span_mask, source_frames
 from .resnet import ResEncoder
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,11 @@ class AVHubertConfig(FairseqDataclass):
     audio_dropout: float = field(default=0, metadata={"help": "of those drops, drop audio with this prob"})
     modality_fuse: str = field(default="concat", metadata={"help": "'concat' or 'add'"})
     selection_type: str = field(default="same_other_seq", metadata={"help": "input masking source"})
+    same_seq_within_item: bool = field(
+        default=False,
+        metadata={"help": "same_seq input masking: take the frames that replace a masked video run from "
+                          "the item's own frames; false = the reference: from the padded batch length, so "
+                          "a short item's run may be filled with padding"})
     masking_type: str = field(default="input", metadata={"help": "'input' or 'feature' masking"})
     # Decoder keys are read by the seq2seq fine-tuning model; published configs carry them.
     decoder_embed_dim: int = 768
@@ -194,6 +199,15 @@ class AVHubertModel(BaseFairseqModel):
         self.masking_type, self.selection_type = cfg.masking_type, cfg.selection_type
         if self.masking_type not in ("input", "feature"):
             raise ValueError(f"masking_type must be 'input' or 'feature', got {self.masking_type!r}")
+        self.same_seq_within_item = bool(getattr(cfg, "same_seq_within_item", False))
+        if self.same_seq_within_item and (self.masking_type, self.selection_type) != ("input", "same_seq"):
+            raise ValueError("same_seq_within_item only applies to masking_type 'input' with selection_type "
+                             f"'same_seq' (got {self.masking_type!r}, {self.selection_type!r})")
+        # Generator of the mask and modality-dropout draws (legacy numpy, the reference's calls in
+        # the reference's order); None = the process-wide np.random, as in the reference. The task
+        # sets one per training / validation step (masking.step_rng), so that a run's masks are a
+        # function of its seed, also across a resume.
+        self.mask_rng = None
 
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.dropout_features = nn.Dropout(cfg.dropout_features)
@@ -250,8 +264,15 @@ class AVHubertModel(BaseFairseqModel):
                 features = extractor(source)
         return features
 
-    def _front_ends(self, src_audio, src_video, drop_modalities: bool):
-        """(B, D, T) per modality; a missing one becomes zeros (as for single-modality use)."""
+    def _rng(self):
+        return self.mask_rng if self.mask_rng is not None else np.random
+
+    def _front_ends(self, src_audio, src_video, modality_dropout: bool):
+        """(B, D, T) per modality; a missing one becomes zeros (as for single-modality use).
+
+        ``modality_dropout``: the pretraining forward's two draws (drop a modality? which one?). As in
+        the reference they are drawn on every such pass, in eval mode and at probability 0 too (the
+        masks drawn after them depend on it), and applied only in training."""
         if src_audio is None and src_video is None:
             raise ValueError("av_hubert needs at least one of source['audio'], source['video']")
         feat_audio = self.forward_features(src_audio, "audio") if src_audio is not None else None
@@ -260,9 +281,10 @@ class AVHubertModel(BaseFairseqModel):
             feat_audio = feat_video.new_zeros(feat_video.size(0), self.encoder_embed_dim, feat_video.size(-1))
         if feat_video is None:
             feat_video = feat_audio.new_zeros(feat_audio.size(0), self.encoder_embed_dim, feat_audio.size(-1))
-        if drop_modalities and self.training:
-            drop_one, drop_audio = np.random.random(), np.random.random()
-            if drop_one < self.modality_dropout:
+        if modality_dropout:
+            rng = self._rng()
+            drop_one, drop_audio = rng.random(), rng.random()
+            if self.training and drop_one < self.modality_dropout:
                 if drop_audio < self.audio_dropout:
                     feat_audio = 0 * feat_audio
                 else:
@@ -294,11 +316,8 @@ class AVHubertModel(BaseFairseqModel):
     # ---------------------------------------------------------------- masking
     def _span_mask(self, shape, padding_mask, prob, length, selection, other, no_overlap, min_space,
                    min_masks):
-        mask = compute_mask_indices(
-            shape, padding_mask, prob, length, selection, other, min_masks=min_masks,
-            no_overlap=no_overlap, min_space=min_space,
-        )
-        return torch.from_numpy(mask)
+        return draw_span_mask(shape, padding_mask, prob, length, self._rng(), selection, other,
+                              min_masks=min_masks, no_overlap=no_overlap, min_space=min_space)
 
     def apply_feature_mask(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         B, T, C = x.shape
@@ -306,79 +325,79 @@ class AVHubertModel(BaseFairseqModel):
             raise ValueError("feature masking needs the same mask prob/length for audio and image")
         mask_indices = None
         if self.mask_prob_audio > 0:
-            mask_indices = self._span_mask(
+            spans = self._span_mask(
                 (B, T), padding_mask, self.mask_prob_audio, self.mask_length_audio, self.mask_selection,
                 self.mask_other, self.no_mask_overlap, self.mask_min_space, min_masks=2,
-            ).to(x.device)
+            )
+            mask_indices = torch.from_numpy(spans.mask).to(x.device)
             x = x.clone()
             x[mask_indices] = self.mask_emb.to(x.dtype)
         if self.mask_channel_prob > 0:
-            channel_mask = self._span_mask(
+            channel = self._span_mask(
                 (B, C), None, self.mask_channel_prob, self.mask_channel_length, self.mask_channel_selection,
                 self.mask_channel_other, self.no_mask_channel_overlap, self.mask_channel_min_space,
                 min_masks=0,
-            ).to(x.device)
+            )
+            channel_mask = torch.from_numpy(channel.mask).to(x.device)
             x = x.masked_fill(channel_mask.unsqueeze(1).expand(-1, T, -1), 0)
         return x, mask_indices
 
     def apply_input_mask(self, x: torch.Tensor, padding_mask, modality: str):
-        """Input-level masking (the paper's setting). Audio (B, F, T): masked frames become the
-        learned mask embedding. Video (B, C, T, H, W): each masked span is overwritten with a span of
-        frames from elsewhere in the same sequence ('same_seq') or the same positions of another
-        sequence of the batch ('same_other_seq')."""
+        """Input-level masking (the paper's setting), on audio (B, F, T) or video (B, C, T, H, W).
+        Audio: masked frames become the learned mask embedding. Video: each masked run is
+        overwritten with as many consecutive frames from elsewhere in the same item ('same_seq') or
+        the same positions of another item of the batch ('same_other_seq', items rotated by a shift
+        from the torch RNG). A batch of one item gets zeros in both modalities.
+
+        As in the reference, the masked values are written into ``x``'s own storage when its
+        (B, T, ...) transpose is contiguous, which is the case for collated batches: the batch's
+        input tensors are changed in place."""
         is_audio = modality == "audio"
         prob = self.mask_prob_audio if is_audio else self.mask_prob_image
         length = self.mask_length_audio if is_audio else self.mask_length_image
         B, T = x.size(0), x.size(2)
         if prob <= 0:
             return x, None
-        mask = self._span_mask((B, T), padding_mask, prob, length, self.mask_selection, self.mask_other,
-                               self.no_mask_overlap, self.mask_min_space, min_masks=2).to(x.device)
-        frames = x.transpose(1, 2).clone()  # (B, T, ...)
-        if is_audio:
-            frames[mask] = self.mask_emb.to(frames.dtype)
-        elif B == 1 and self.selection_type == "same_other_seq":
+        spans = self._span_mask((B, T), padding_mask, prob, length, self.mask_selection, self.mask_other,
+                                self.no_mask_overlap, self.mask_min_space, min_masks=2)
+        mask = torch.from_numpy(spans.mask).to(x.device)
+        frames = x.transpose(1, 2).contiguous()  # (B, T, ...)
+        if B == 1:
             frames[mask] = 0
+        elif is_audio:
+            frames[mask] = self.mask_emb.to(frames.dtype)
         elif self.selection_type == "same_other_seq":
-            perm = (torch.arange(B) + int(np.random.randint(1, B))) % B
+            perm = (torch.arange(B) + torch.randint(low=1, high=B, size=(1,))) % B
             frames[mask] = frames[perm][mask]
         else:
-            src_b, src_t, dst_b, dst_t = [], [], [], []
-            mask_np = mask.cpu().numpy()
-            for b in range(B):
-                row = np.concatenate([[False], mask_np[b], [False]])
-                edges = np.flatnonzero(row[1:] != row[:-1])
-                for start, end in zip(edges[0::2], edges[1::2]):
-                    span = end - start
-                    candidates = np.setdiff1d(np.arange(T), np.arange(max(0, start - span), end))
-                    other = int(np.random.choice(candidates)) if len(candidates) else 0
-                    src_t.append(np.clip(np.arange(other, other + span), None, T - 1))
-                    dst_t.append(np.arange(start, end))
-                    src_b.append(np.full(span, b))
-                    dst_b.append(np.full(span, b))
-            if src_t:
-                src = frames[torch.from_numpy(np.concatenate(src_b)), torch.from_numpy(np.concatenate(src_t))]
-                frames[torch.from_numpy(np.concatenate(dst_b)), torch.from_numpy(np.concatenate(dst_t))] = src
+            lengths = None
+            if self.same_seq_within_item:
+                lengths = [T] * B if padding_mask is None else (T - padding_mask.long().sum(1)).tolist()
+            starts = draw_source_starts(spans, T, self._rng(), lengths)
+            src_item, src_frame = source_frames(spans, starts, T, lengths)
+            frames[mask] = frames[torch.from_numpy(src_item).to(x.device), torch.from_numpy(src_frame).to(x.device)]
         return frames.transpose(1, 2).contiguous(), mask
 
     # ---------------------------------------------------------------- forward
-    def _encode(self, source, padding_mask, mask: bool, target_list, output_layer, drop_modalities: bool):
+    def _encode(self, source, padding_mask, mask: bool, target_list, output_layer, pretraining: bool):
+        """``pretraining``: the pretraining forward (modality-dropout draws) rather than the
+        fine-tuning / extraction path of ``extract_finetune``."""
         src_audio, src_video = source.get("audio"), source.get("video")
         mask_indices = None
         if mask and self.masking_type == "input":
-            masks = []
-            if src_audio is not None:
-                src_audio, m = self.apply_input_mask(src_audio, padding_mask, "audio")
-                masks.append(m)
+            masks = []  # video first, then audio: the reference's order of draws
             if src_video is not None:
                 src_video, m = self.apply_input_mask(src_video, padding_mask, "video")
+                masks.append(m)
+            if src_audio is not None:
+                src_audio, m = self.apply_input_mask(src_audio, padding_mask, "audio")
                 masks.append(m)
             masks = [m for m in masks if m is not None]
             mask_indices = masks[0] if masks else None
             for m in masks[1:]:
                 mask_indices = torch.logical_or(mask_indices, m)
 
-        features = self._front_ends(src_audio, src_video, drop_modalities)  # (B, D, T)
+        features = self._front_ends(src_audio, src_video, modality_dropout=pretraining)  # (B, D, T)
         if target_list is not None:
             features, mask_indices, target_list = self.forward_targets(features, mask_indices, target_list)
         features_pen = features.float().pow(2).mean()
@@ -403,7 +422,7 @@ class AVHubertModel(BaseFairseqModel):
                 mask: bool = True, features_only: bool = False, output_layer: Optional[int] = None):
         """source: {'audio': (B, F, T) or None, 'video': (B, 1, T, H, W) or None};
         padding_mask: (B, T) True at padded frames; target_list: [(B, T_label)] per label set."""
-        res = self._encode(source, padding_mask, mask, target_list, output_layer, drop_modalities=True)
+        res = self._encode(source, padding_mask, mask, target_list, output_layer, pretraining=True)
         if features_only:
             return {"x": res["x"], "padding_mask": res["padding_mask"], "features": res["features"]}
 
@@ -462,7 +481,7 @@ class AVHubertModel(BaseFairseqModel):
         ``ret_conv`` is accepted and ignored, as in the reference implementation: the result is always
         the encoder output (of ``output_layer``, or of the last layer with the final layer norm when
         None). Checkpoint-compatible feature dumps depend on that behaviour."""
-        res = self._encode(source, padding_mask, mask, None, output_layer, drop_modalities=False)
+        res = self._encode(source, padding_mask, mask, None, output_layer, pretraining=False)
         return res["x"], res["padding_mask"]
 
     # ---------------------------------------------------------------- criterion helpers

@@ -1,4 +1,5 @@
 """The ``av_hubert_pretraining`` task: dictionaries of the label sets, datasets per split."""
+import contextlib
 import logging
 import os
 from argparse import Namespace
@@ -82,6 +83,9 @@ class AVHubertPretrainingConfig(FairseqDataclass):
     fine_tuning: bool = field(default=False, metadata={"help": "fine-tuning: one target dictionary"})
     input_modality: str = field(default="image", metadata={"help": "kept for checkpoint compatibility"})
     label_tolerance: float = field(default=0.1, metadata={"help": "max |label - video| duration (s)"})
+    seed: int = field(default=II("common.seed"),
+                      metadata={"help": "seed of the mask draws: each training / validation forward "
+                                        "draws from a generator derived from it (common.seed)"})
 
 
 @register_task("av_hubert_pretraining", dataclass=AVHubertPretrainingConfig)
@@ -97,6 +101,8 @@ class AVHubertPretrainingTask(FairseqTask):
         else:
             self.state.add_factory("dictionaries", self.load_dictionaries)
         self.blank_symbol = "<s>"
+        self._micro_batch = (None, 0)  # (update number, forward passes drawn for it so far)
+        self._valid_batch = 0  # forward passes of the current validation pass
 
     @property
     def source_dictionary(self) -> Optional[Dictionary]:
@@ -196,6 +202,50 @@ class AVHubertPretrainingTask(FairseqTask):
                 raise FileNotFoundError(f"{path}: noise manifest not found (task.noise_wav"
                                         + (", task.noise_categories)" if categories else ")"))
         return paths
+
+    # ------------------------------------------------------------------ mask draws
+    # The reference draws its masks from the process-wide numpy RNG, seeded once at start: the
+    # draws of a resumed run differ from those of an uninterrupted one, and anything else drawing
+    # from it (the data loader's thread) shifts them. Here every forward pass of training draws from
+    # its own generator, a function of (seed, update, micro-batch, rank), and every validation pass
+    # from (seed, batch index, rank): the same masks straight or resumed, and the same validation
+    # masks at every validation (the valid loss compares like with like). The draws themselves are
+    # the reference's (avhubert.masking).
+    @contextlib.contextmanager
+    def _mask_draws(self, model, *keys):
+        import torch.distributed as dist
+
+        from .masking import step_rng
+        from .model import AVHubertModel
+
+        rank = 0
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()
+        rng = step_rng(self.cfg.seed, *keys, rank)
+        models = [m for m in model.modules() if isinstance(m, AVHubertModel)]
+        for m in models:
+            m.mask_rng = rng
+        try:
+            yield
+        finally:
+            for m in models:
+                m.mask_rng = None
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+        last_update, count = self._micro_batch
+        micro = count if last_update == update_num else 0
+        self._micro_batch = (update_num, micro + 1)
+        with self._mask_draws(model, 0, update_num, micro):
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        self._valid_batch = 0
+
+    def valid_step(self, sample, model, criterion):
+        index, self._valid_batch = self._valid_batch, self._valid_batch + 1
+        with self._mask_draws(model, 1, index):
+            return super().valid_step(sample, model, criterion)
 
     def max_positions(self):
         return (np.iinfo(np.int64).max, np.iinfo(np.int64).max)

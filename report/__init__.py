@@ -1,8 +1,12 @@
-"""One report per work dir: ``WORKDIR/report/index.html`` (report/build.py), written at the end of
-every launch (also a failed one) and by ``python launch.py report [--workdir DIR]``.
+"""One report per work dir: ``WORKDIR/report/index.html``, written at the end of every launch (also
+a failed one) and by ``python launch.py report [--workdir DIR]``.
 
 It knows the AV-HuBERT stages' outputs (crop records and contact sheets, labels' report.json,
-TensorBoard logs, results.json), so it lives beside the stages, not in the engine.
+TensorBoard logs, results.json), so it sits above the stages, not in the engine:
+``report/collect.py`` reads a work dir into plain data, ``report/build.py`` renders it with the
+Jinja2 templates of ``report/templates/`` and the figures of ``report/plots.py``. Importing this
+package is cheap (the launcher does it for every launch): the renderer and what it imports
+(numpy, Jinja2, the stages; matplotlib and OpenCV when drawn) load when a report is written.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from report.files import LAUNCHES, REPORT_DIR
+
 log = logging.getLogger(__name__)
 
 
 def write_report(workdir, launch: Optional[dict] = None):
     """Build the report of ``workdir``; returns a ``report.build.Report``."""
-    from report.build import build_report
+    from report.build import build_report  # deferred: numpy, Jinja2, the stages (see the docstring)
 
     return build_report(Path(workdir), launch)
 
@@ -37,8 +43,6 @@ def summary_lines(rep) -> List[str]:
 def record_launch(workdir, argv: List[str], start: float, rc: int, error: Optional[str] = None) -> dict:
     """Append this launch to ``report/launches.jsonl`` (command, times, exit status, error) and
     return the record; the report shows the last one and the history."""
-    from report.build import LAUNCHES, REPORT_DIR
-
     rec = {"command": "python launch.py " + " ".join(shlex.quote(a) for a in argv), "cwd": os.getcwd(),
            "start": start, "end": time.time(), "rc": rc, "error": error}
     path = Path(workdir) / REPORT_DIR / LAUNCHES

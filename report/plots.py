@@ -6,7 +6,7 @@ import logging
 from typing import Dict, List, Optional, Sequence
 
 from avprep import quality
-from report.collect import HIST_BINS
+from report.crop_scan import HIST_BINS
 
 COLOURS = {"train": "#1f6fb4", "valid": "#e07b1a", "test": "#3a9a4a"}
 FIGURE_TITLES = {

@@ -373,21 +373,20 @@ def labels(ctx: StageContext) -> Estimate:
 def train(ctx: StageContext) -> Estimate:
     from omegaconf import OmegaConf
 
-    from stages.train import base_config_path, max_update_for
+    from stages.train import base_config_path, max_update_for, train_update_freq
 
     path = base_config_path(ctx.cfg, ctx.iteration)
     base = OmegaConf.load(path)
     model = _model_name(path)
     updates = max_update_for(ctx.cfg, ctx.iteration)
     res = _resources(ctx, "train")
-    world = res.nodes * res.tasks_per_node
+    batch = train_update_freq(ctx, res.nodes * res.tasks_per_node)
     max_tokens = int(OmegaConf.select(base, "dataset.max_tokens", default=1000) or 1000)
-    update_freq = OmegaConf.select(base, "optimization.update_freq", default=[1]) or [1]
-    frames = updates * world * max_tokens * int(list(update_freq)[0])  # full batches: an upper bound
+    frames = updates * batch.batches * max_tokens  # full batches: an upper bound
     gflop = 3 * MODEL_FORWARD_GFLOP_PER_FRAME[model] * frames  # forward + backward ~ 3 forwards
     est = Estimate(disk_bytes=CHECKPOINTS_KEPT * CHECKPOINT_BYTES_PER_PARAM * MODEL_PARAMS[model],
-                   jobs=1, detail=f"{model}, {updates:,} updates x {world} rank(s) x {max_tokens} frames",
-                   basis=[BASIS_CPU])
+                   jobs=1, detail=f"{model}, {updates:,} updates x {batch.batches} batch(es) x {max_tokens} "
+                   f"frames; {batch.describe()}", basis=[BASIS_CPU])
     if res.gpus_per_task > 0 or int(ctx.cfg.cluster.gpus_per_node or 0) > 0:
         _compute(est, gflop, 0, True, "training")
     else:
@@ -398,19 +397,20 @@ def train(ctx: StageContext) -> Estimate:
 def finetune(ctx: StageContext) -> Estimate:
     from omegaconf import OmegaConf
 
-    from stages.finetune import base_config_path, max_update
+    from stages.finetune import base_config_path, finetune_update_freq, max_update
 
     path = base_config_path(ctx.cfg)
     base = OmegaConf.load(path)
     updates = max_update(ctx.cfg)
     res = _resources(ctx, "finetune")
-    world = res.nodes * res.tasks_per_node
+    batch = finetune_update_freq(ctx, res.nodes * res.tasks_per_node)
     max_tokens = int(OmegaConf.select(base, "dataset.max_tokens", default=1000) or 1000)
     model = {64: "tiny", 768: "base", 1024: "large"}.get(
         int(OmegaConf.select(base, "model.decoder_embed_dim", default=768) or 768), "base")
-    gflop = 3 * MODEL_FORWARD_GFLOP_PER_FRAME[model] * updates * world * max_tokens
+    gflop = 3 * MODEL_FORWARD_GFLOP_PER_FRAME[model] * updates * batch.batches * max_tokens
     est = Estimate(disk_bytes=CHECKPOINTS_KEPT * CHECKPOINT_BYTES_PER_PARAM * MODEL_PARAMS[model] * 1.3,
-                   jobs=1, detail=f"{model}, {updates:,} updates x {world} rank(s)", basis=[BASIS_CPU])
+                   jobs=1, detail=f"{model}, {updates:,} updates x {batch.batches} batch(es); {batch.describe()}",
+                   basis=[BASIS_CPU])
     if res.gpus_per_task > 0 or int(ctx.cfg.cluster.gpus_per_node or 0) > 0:
         _compute(est, gflop, 0, True, "training")
     else:

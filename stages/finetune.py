@@ -90,7 +90,7 @@ STAGE_OWNED_KEYS = (
 
 
 @classify(output=("model_config", "pretrained_checkpoint", "modalities", "max_update", "freeze_finetune_updates",
-                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise"),
+                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise", "update_freq"),
           ignored={"enabled": "whether the stage takes part in --stage all",
                    "decode_max_tokens": "how many frames one decoding batch takes", "master_port": "where the ranks meet"})
 @dataclass
@@ -116,6 +116,9 @@ class Config:
     max_len_b: int = 0
     lenpen: float = 1.0
     decode_max_tokens: int = 2000  # frames per decoding batch
+    # Batches each rank accumulates per update; None = the recipe's batch on this job's ranks
+    # (as train.update_freq, from the base config's distributed_world_size and update_freq).
+    update_freq: Optional[int] = None
     # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
     master_port: Optional[int] = None
     # Noise in fine-tuning (prob, snr, categories, dir) and decoding under noise (eval_*): stages/noise.py.
@@ -205,10 +208,18 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
     from stages.noise import task_overrides as noise_overrides
 
     overrides += noise_overrides(ctx, cfg.finetune.noise, _hydra_value)
-    overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus)
+    overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus,
+                               finetune_update_freq(ctx, dist.world_size).update_freq)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
         overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
     return overrides + [str(o) for o in (cfg.finetune.overrides or [])]
+
+
+def finetune_update_freq(ctx: StageContext, ranks: int):
+    """The update_freq fine-tuning runs with on ``ranks`` ranks (stages.train.update_freq_for)."""
+    from stages.train import update_freq_for
+
+    return update_freq_for(base_config_path(ctx.cfg), ranks, ctx.cfg.finetune.get("update_freq"))
 
 
 def decode_and_score(checkpoint: Path, modalities, beam: int, max_len_a: float, max_len_b: int,
@@ -389,6 +400,7 @@ class FinetuneStage(Stage):
         except ValueError as e:
             raise ConfigError(f"finetune.modalities: {e}") from None
         max_update(cfg)
+        finetune_update_freq(ctx, 1)  # a bad finetune.update_freq fails here
         configured = cfg.finetune.get("pretrained_checkpoint")
         if configured and not Path(str(configured)).expanduser().is_file():
             raise ConfigError(f"finetune.pretrained_checkpoint: {configured} does not exist")
@@ -480,6 +492,8 @@ class FinetuneStage(Stage):
             _, start_updates = train_stage.resume_point(ckpt_dir, repair=dist.rank == 0)
         log.info("finetune rank %d/%d on %s from %s: %s", dist.rank, dist.world_size, device, pretrained,
                  f"resuming at {start_updates} updates" if start_updates else "from the start")
+        batch = finetune_update_freq(ctx, dist.world_size)
+        log.log(logging.WARNING if batch.excess else logging.INFO, "finetune: %s", batch.describe())
 
         trained = False
         if not done_before and start_updates < target:
@@ -542,6 +556,7 @@ class FinetuneStage(Stage):
             "resumed_from_updates": int(start_updates),
             "trained": trained,
             "world_size": dist.world_size,
+            "update_freq": batch.as_dict(),
             "host": socket.gethostname(),
             "wall_s": round(time.time() - start, 1),
             **{f"wer_{s}": v["wer"] for s, v in splits.items()},

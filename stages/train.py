@@ -49,6 +49,7 @@ LOSS_PNG = "loss.png"
 # (the run-level keys are shared with the finetune stage, which launches fairseq the same way)
 RUN_OWNED_KEYS = (
     "optimization.max_update",
+    "optimization.update_freq",  # the recipe's batch on this job's ranks: train.update_freq
     "checkpoint.save_dir",
     "checkpoint.restore_file",
     "common.tensorboard_logdir",
@@ -70,7 +71,7 @@ STAGE_OWNED_KEYS = (
 )
 
 
-@classify(output=("overrides", "noise"), per_iteration=("model_config", "max_update", "iteration_overrides"),
+@classify(output=("overrides", "noise", "update_freq"), per_iteration=("model_config", "max_update", "iteration_overrides"),
           ignored={"master_port": "where the ranks meet"})
 @dataclass
 class Config:
@@ -85,6 +86,9 @@ class Config:
     overrides: List[str] = field(default_factory=list)
     # Per-iteration extra overrides: entry i applies to iteration i+1 (after ``overrides``).
     iteration_overrides: List[List[str]] = field(default_factory=list)
+    # Batches each rank accumulates per update. None = the recipe's batch per update on this job's
+    # ranks: ceil(base config's distributed_world_size x update_freq / ranks) (avhubert/effective_batch.py).
+    update_freq: Optional[int] = None
     # Rendezvous port of rank 0; None = derived from the job id (stable across requeues).
     master_port: Optional[int] = None
     # Noise mixed into the audio (stages/noise.py: prob, snr, categories, iterations, dir).
@@ -109,6 +113,26 @@ def base_config_path(cfg, iteration: int) -> Path:
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         return Path(name).expanduser().resolve()
     return PRETRAIN_CONFIG_DIR / f"{name}.yaml"
+
+
+def update_freq_for(base: Path, ranks: int, override: Any = None):
+    """``avhubert.effective_batch.UpdateFreq`` of a run of base fairseq config ``base`` on ``ranks``
+    ranks (``override``: the user's train.update_freq / finetune.update_freq, or None). A bad
+    value is a ConfigError."""
+    from omegaconf import OmegaConf
+
+    from avhubert.effective_batch import derive_update_freq, recipe_of
+
+    try:
+        world, freq = recipe_of(OmegaConf.load(base))
+        return derive_update_freq(world, freq, ranks, override)
+    except ValueError as e:
+        raise ConfigError(f"update_freq ({base.name}): {e}") from None
+
+
+def train_update_freq(ctx: StageContext, ranks: int):
+    """The update_freq iteration ``ctx.iteration`` trains with on ``ranks`` ranks."""
+    return update_freq_for(base_config_path(ctx.cfg, ctx.iteration), ranks, ctx.cfg.train.get("update_freq"))
 
 
 def _base_max_update(cfg, iteration: int) -> Optional[int]:
@@ -250,16 +274,19 @@ def fairseq_overrides(
     from stages.noise import task_overrides as noise_overrides
 
     overrides += noise_overrides(ctx, cfg.train.noise, _hydra_value, iteration)
-    overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus)
+    overrides += run_overrides(stage_dir, max_update_for(cfg, iteration), dist, device, n_visible_gpus,
+                               train_update_freq(ctx, dist.world_size).update_freq)
     return overrides + user_overrides(cfg, iteration)
 
 
 def run_overrides(stage_dir: Path, max_update: int, dist: "DistributedEnv", device: str,
-                  n_visible_gpus: Optional[int] = None) -> List[str]:
+                  n_visible_gpus: Optional[int] = None, update_freq: int = 1) -> List[str]:
     """The fairseq keys of one run that the pipeline owns (shared with the finetune stage):
-    update budget, checkpoint and TensorBoard dirs, and this rank's distributed settings."""
+    update budget and batches accumulated per update, checkpoint and TensorBoard dirs, and this
+    rank's distributed settings."""
     overrides = [
         f"optimization.max_update={max_update}",
+        f"optimization.update_freq=[{int(update_freq)}]",
         f"checkpoint.save_dir={_hydra_value(stage_dir / CHECKPOINT_DIR)}",
         # fairseq resumes from <save_dir>/checkpoint_last.pt: this is the requeue/relaunch path
         "checkpoint.restore_file=checkpoint_last.pt",
@@ -555,7 +582,7 @@ class TrainStage(Stage):
             if key in STAGE_OWNED_KEYS:
                 raise ConfigError(
                     f"train.overrides: {key} is set by the train stage from the schedule and the "
-                    "work dir; use train.max_update / schedule.* instead of overriding it"
+                    "work dir; use train.max_update / train.update_freq / schedule.* instead of overriding it"
                 )
         n_iterations = int(cfg.get("iterations", 0) or 0)
         iterations = [ctx.iteration] if ctx.iteration else range(1, max(n_iterations, 1) + 1)
@@ -572,6 +599,7 @@ class TrainStage(Stage):
                     f"{sorted(p.stem for p in PRETRAIN_CONFIG_DIR.glob('*.yaml'))})"
                 )
             max_update_for(cfg, it)
+            train_update_freq(ctx.with_iteration(it), 1)  # a bad train.update_freq fails here
 
     def settings(self, ctx: StageContext) -> dict:
         return pretraining_settings(ctx, super().settings(ctx))
@@ -623,6 +651,9 @@ class TrainStage(Stage):
             device, f"resuming at {start_updates} updates from {resumed_from}" if resumed_from
             else "from scratch",
         )
+        batch = train_update_freq(ctx, dist.world_size)
+        log.log(logging.WARNING if batch.excess else logging.INFO, "train iteration %s: %s", iteration,
+                batch.describe())
 
         trained = False
         if not done_before and start_updates < max_update:
@@ -666,6 +697,7 @@ class TrainStage(Stage):
             "resumed_from_updates": int(start_updates),
             "trained": trained,
             "world_size": dist.world_size,
+            "update_freq": batch.as_dict(),
             "backend": "nccl" if device == "cuda" else "gloo",
             "host": socket.gethostname(),
             "wall_s": round(time.time() - start, 1),

@@ -231,3 +231,92 @@ def test_input_masking_same_seq_copies_other_spans(av_corpus_25hz):
     masked_audio, amask = model.apply_input_mask(audio, None, "audio")
     assert torch.allclose(masked_audio.transpose(1, 2)[amask], model.mask_emb.expand(int(amask.sum()), -1))
     assert torch.equal(masked_audio.transpose(1, 2)[~amask], audio.transpose(1, 2)[~amask])
+
+
+
+def test_the_task_draws_each_forward_s_masks_from_the_seed(av_corpus_25hz):
+    """A training forward's masks (and modality-dropout draws) are a function of (seed, update,
+    micro-batch, rank) alone: a fresh task at update 5, as after a resume, draws what the running one
+    drew there, whatever the process-wide numpy RNG holds, and leaves that RNG untouched. Validation
+    passes draw the same masks every time."""
+    from argparse import Namespace
+
+    from fairseq.optim.sgd import SGD
+
+    from avhubert.criterion import AVHubertCriterion
+
+    class Run:
+        def __init__(self, seed):
+            torch.manual_seed(0)
+            self.task = _task(av_corpus_25hz, seed=seed)
+            self.task.load_dataset("valid")
+            self.model = _tiny_model(self.task, masking_type="input", selection_type="same_seq",
+                                     modality_dropout=0.5)
+            self.crit = AVHubertCriterion(self.task, pred_masked_weight=1.0, pred_nomask_weight=0.5,
+                                          loss_weights=[10.0])
+            self.opt = SGD(Namespace(lr=[0.0], momentum=0.0, weight_decay=0.0), list(self.model.parameters()))
+
+        def masks(self, update=None):
+            """The (video, audio) masks of one train step at ``update`` (None: one valid step)."""
+            drawn, span_mask = [], type(self.model)._span_mask.__get__(self.model)
+
+            def spy(*args, **kwargs):
+                spans = span_mask(*args, **kwargs)
+                drawn.append(spans.mask)
+                return spans
+
+            self.model._span_mask = spy
+            ds = self.task.dataset("valid")
+            batch = ds.collater([ds[0], ds[1]])  # a fresh one: masking writes into the batch
+            state = np.random.get_state()[1].copy()
+            if update is None:
+                self.task.valid_step(batch, self.model, self.crit)
+            else:
+                self.task.train_step(batch, self.model, self.crit, self.opt, update)
+            assert np.array_equal(np.random.get_state()[1], state), "the global numpy RNG was drawn from"
+            assert self.model.mask_rng is None
+            return np.stack(drawn)
+
+    run = Run(seed=7)
+    np.random.seed(0)
+    at4, at5 = run.masks(4), run.masks(5)
+    at5_micro1 = run.masks(5)  # the second batch of update 5 (update_freq 2)
+    assert at4.shape == (2, 2, at4.shape[-1])  # video then audio
+    assert not np.array_equal(at4, at5) and not np.array_equal(at5, at5_micro1)
+
+    resumed = Run(seed=7)  # a new process resuming at update 5, its numpy RNG elsewhere
+    np.random.seed(12345)
+    assert np.array_equal(resumed.masks(5), at5)
+    assert not np.array_equal(Run(seed=8).masks(5), at5)
+
+    valid = []
+    for _ in range(2):
+        run.task.begin_valid_epoch(1, run.model)
+        valid.append(run.masks())
+    assert np.array_equal(valid[0], valid[1]) and not np.array_equal(valid[0], at4)
+
+
+def test_same_seq_within_item_only_with_same_seq_input_masking(av_corpus_25hz):
+    task = _task(av_corpus_25hz)
+    with pytest.raises(ValueError, match="same_seq_within_item only applies"):
+        _tiny_model(task, masking_type="feature", same_seq_within_item=True)
+    with pytest.raises(ValueError, match="same_seq_within_item only applies"):
+        _tiny_model(task, masking_type="input", selection_type="same_other_seq", same_seq_within_item=True)
+    # a padded batch: the reference fills some of the short item's masked frames from its padding,
+    # the setting only from its own frames
+    B, T, n = 2, 120, 80
+    ident = (torch.arange(B)[:, None] * 1000 + torch.arange(T)[None, :]).float()
+    padding = torch.zeros(B, T, dtype=torch.bool)
+    padding[1, n:] = True
+    from_padding = {}
+    for within in (False, True):
+        model = _tiny_model(task, masking_type="input", selection_type="same_seq", mask_prob_image=0.3,
+                            mask_length_image=5, same_seq_within_item=within)
+        model.mask_rng = np.random.RandomState(0)
+        copied = []
+        for _ in range(20):
+            video = ident[:, None, :, None, None].expand(B, 1, T, 2, 2).clone()
+            masked, mask = model.apply_input_mask(video, padding, "video")
+            copied.append(masked[1, 0, :, 0, 0][mask[1]] % 1000)
+        from_padding[within] = int((torch.cat(copied) >= n).sum())
+    assert from_padding[False] > 0 and from_padding[True] == 0, from_padding

@@ -19,9 +19,11 @@ CLI = Path(PY).with_name("fairseq-hydra-train")
 FAST = ["model.resnet_layers=[1,0,0,0]", "dataset.max_tokens=200", "task.max_trim_sample_size=100"]
 
 
-def _env():
+def _env(threads=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
 
@@ -156,3 +158,50 @@ def test_two_rank_cpu_distributed(av_corpus_25hz, tmp_path):
     assert _updates(tmp_path / "ckpt_rank0" / "checkpoint_last.pt") == 3
     assert [p.name for p in (tmp_path / "ckpt_rank1").iterdir()] == ["checkpoint_last.pt"]
     assert hashlib.sha256((tmp_path / "ckpt_rank1" / "checkpoint_last.pt").read_bytes()).hexdigest() == digest
+
+
+# train_inner values that measure time, not training
+TIMING_KEYS = {"wps", "ups", "wpb", "bsz", "wall", "train_wall", "gb_free"}
+
+
+@pytest.mark.timeout(400)
+def test_one_seed_trains_the_same_model_another_seed_another(av_corpus_25hz, tmp_path):
+    """Pretraining with input masking (video sources, audio mask_emb, modality dropout): two runs
+    with one seed log the same values at every update and save bitwise-identical weights (one
+    thread each); another seed gives other losses. fairseq's own span masks drew fresh OS entropy
+    on every call, whatever the seed."""
+    def start(tag, seed):
+        overrides = _data_overrides(av_corpus_25hz, 25) + FAST + [
+            f"checkpoint.save_dir={tmp_path / tag}", "optimization.max_update=3", f"common.seed={seed}",
+            "model.masking_type=input", "model.selection_type=same_seq", "model.mask_prob_image=0.3",
+            "model.mask_length_image=5", "model.mask_prob_audio=0.8", "model.mask_length_audio=10",
+            "checkpoint.save_interval_updates=0", "dataset.validate_interval=100",
+        ]
+        log = open(tmp_path / f"{tag}.log", "w")
+        return subprocess.Popen(_entry_cmd(overrides), stdout=log, stderr=subprocess.STDOUT, env=_env(threads=1),
+                                cwd=str(tmp_path)), log
+
+    def finish(tag, proc_log):
+        proc, log = proc_log
+        try:
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        text = (tmp_path / f"{tag}.log").read_text()
+        assert proc.returncode == 0, f"{tag}:\n{text[-3000:]}"
+        inner = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _records(text, "train_inner")]
+        assert [int(r["num_updates"]) for r in inner] == [1, 2, 3]
+        state = torch.load(tmp_path / tag / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+        return inner, state["model"]
+
+    # the two same-seed runs side by side (one thread each), then the other seed
+    first, second = start("seed1_a", 1), start("seed1_b", 1)
+    (inner_a, model_a), (inner_b, model_b) = finish("seed1_a", first), finish("seed1_b", second)
+    inner_c, model_c = finish("seed2", start("seed2", 2))
+    assert inner_a == inner_b
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "same seed, other weights"
+    assert [r["loss"] for r in inner_c] != [r["loss"] for r in inner_a]
+    assert any(not torch.equal(model_a[k], model_c[k]) for k in model_a)

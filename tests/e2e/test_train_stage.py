@@ -110,6 +110,59 @@ def test_validate_rejects_bad_train_settings(tmp_path):
         stage.validate(ctx_for(make_cfg(tmp_path, model_config="no_such_model"), 1))
 
 
+# --- the recipe's effective batch: update_freq from the recipe's world size ----------------------
+
+
+@pytest.mark.parametrize("model_config, ranks, update_freq", [
+    ("base", 1, 32), ("base", 2, 16), ("base", 3, 11), ("base", 64, 1),
+    ("large", 1, 64), ("large", 2, 32), ("large", 3, 22), ("large", 64, 1),
+])
+def test_update_freq_keeps_the_recipes_batch_on_any_number_of_ranks(tmp_path, model_config, ranks, update_freq):
+    """BASE is written for 32 ranks, LARGE for 64 (update_freq [1]): fewer ranks accumulate
+    ceil(recipe / ranks) batches per update; the plan, the job's fairseq config and its stats say so."""
+    from pipeline.config import ClusterConfig
+    from stages import estimates
+
+    cfg = make_cfg(tmp_path, model_config=model_config, max_update=5)
+    env = train_stage.DistributedEnv(rank=0, world_size=ranks, master_port=23456)
+    o = as_dict(train_stage.fairseq_overrides(ctx_for(cfg, 1), env, "cpu"))
+    assert o["optimization.update_freq"] == f"[{update_freq}]"
+    assert o["distributed_training.distributed_world_size"] == str(ranks)
+    batch = train_stage.train_update_freq(ctx_for(cfg, 1), ranks)
+    recipe = {"base": 32, "large": 64}[model_config]
+    assert (batch.update_freq, batch.recipe_batches, batch.excess) == (update_freq, recipe, ranks * update_freq - recipe)
+    # the dry run's plan names it, with the remainder
+    cfg.cluster = OmegaConf.structured(ClusterConfig(gpus_per_node=ranks))
+    detail = estimates.train(ctx_for(cfg, 1)).detail
+    assert f"update_freq {update_freq} (ceil({recipe} recipe ranks" in detail
+    assert ("exactly" in detail) == (ranks * update_freq == recipe), detail
+    if ranks == 3:
+        assert f"+ {3 * update_freq - recipe} (+3.1 %)" in detail
+    if ranks == 64 and model_config == "base":
+        assert "(+100.0 %); more ranks than the recipe: dataset.max_tokens x 32/64" in detail
+
+
+def test_update_freq_set_by_the_user_and_composed_by_fairseq(tmp_path):
+    from avhubert.extract import ensure_plugin_registered
+    from avhubert.train_entry import compose_config, rank_overrides
+
+    cfg = make_cfg(tmp_path, model_config="base", max_update=5, update_freq=4)
+    batch = train_stage.train_update_freq(ctx_for(cfg, 1), 2)
+    assert batch.overridden and batch.update_freq == 4 and "set by the user" in batch.describe()
+    assert batch.as_dict()["batches_per_update"] == 8 and batch.excess == -24
+    ensure_plugin_registered()
+    base = train_stage.base_config_path(cfg, 1)
+    env = train_stage.DistributedEnv(rank=0, world_size=1)
+    fs = compose_config(str(base.parent), base.stem,
+                        train_stage.fairseq_overrides(ctx_for(cfg, 1), env) + rank_overrides(0, 1, None, "cpu"))
+    assert list(fs.optimization.update_freq) == [4]
+    # the fairseq key belongs to the stage; a bad value is refused before anything runs
+    with pytest.raises(ConfigError, match="train.update_freq"):
+        train_stage.STAGE.validate(ctx_for(make_cfg(tmp_path, overrides=["optimization.update_freq=[2]"]), 1))
+    with pytest.raises(ConfigError, match="update_freq must be a positive integer"):
+        train_stage.STAGE.validate(ctx_for(make_cfg(tmp_path, update_freq=0), 1))
+
+
 # --- checkpoints: the completion rule and the resume point ---------------------------------------
 
 
@@ -286,5 +339,9 @@ def test_force_on_a_complete_iteration_starts_from_scratch(tmp_path):
     assert sorted(p.name for p in stage_dir.iterdir()) == ["checkpoints"]
     # without --force a complete iteration is left alone (idempotent rerun)
     save_checkpoint(ckpt / "checkpoint_final.pt", 6)
-    assert train_stage.STAGE.run(ctx_for(cfg, 1), train_stage.STAGE.shards(ctx_for(cfg, 1))[0])[
-        "trained"] is False
+    stats = train_stage.STAGE.run(ctx_for(cfg, 1), train_stage.STAGE.shards(ctx_for(cfg, 1))[0])
+    assert stats["trained"] is False
+    # the shard's stats record the batch per update (tiny: written for 1 rank)
+    assert stats["update_freq"] == {"update_freq": 1, "ranks": 1, "recipe_world_size": 1, "recipe_update_freq": 1,
+                                    "batches_per_update": 1, "recipe_batches_per_update": 1,
+                                    "excess_batches": 0, "overridden": False}

@@ -327,6 +327,14 @@ def test_configs_compose_with_fairseq_schema(model_config, ft_workdir, fresh_pre
     assert cfg.checkpoint.save_dir == str(ft_workdir / "finetune" / "checkpoints")
     expected = {"tiny": 100, "base": 45000, "large": 30000}[model_config]
     assert cfg.optimization.max_update == expected == finetune.max_update(ctx.cfg)
+    # the recipe's batch per update (base / large: written for 8 ranks) on 1 and 3 ranks
+    recipe = {"tiny": 1, "base": 8, "large": 8}[model_config]
+    assert list(cfg.optimization.update_freq) == [recipe]
+    from stages.train import DistributedEnv
+
+    three = dict(o.split("=", 1) for o in finetune.fairseq_overrides(ctx, DistributedEnv(world_size=3, rank=0)))
+    assert three["optimization.update_freq"] == f"[{-(-recipe // 3)}]"
+    assert finetune.finetune_update_freq(ctx, 3).excess == 3 * -(-recipe // 3) - recipe
 
 
 def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from avprep import quality
-from report import build, collect
+from report import build, collect, crop_scan, disk, steps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,8 +38,8 @@ def test_counts_capped_flagged_list_and_flagged_tsv(large):
     print(f"report of {counts['items']:,} items in {counts['shards']} shards: {time.perf_counter() - t:.1f} s")
     page = rep.path.read_text()
     assert len(page) < 2_500_000  # the items are not in the page
-    assert page.count('class="flag-item"') == build.FLAGGED_SHOWN
-    assert f"{build.FLAGGED_SHOWN} of {counts['flagged']:,} flagged items shown" in page
+    assert page.count('class="flag-item"') == collect.FLAGGED_SHOWN
+    assert f"{collect.FLAGGED_SHOWN} of {counts['flagged']:,} flagged items shown" in page
     assert f'<div class="v">{counts["ok"]:,}</div>' in page and f"of {counts['items']:,}" in page
     rows = (work / "report" / "flagged.tsv").read_text().splitlines()
     assert len(rows) == counts["flagged"] + 1 and rows[0].startswith("id\tshard\tsplit\tflags")
@@ -57,9 +57,9 @@ def test_the_crop_scan_is_cached_per_shard(large, tmp_path):
     work, counts = large
     cache = tmp_path / "scan.json"
     bounds = quality.QualityBounds()
-    first = collect.scan_crop(work / "crop", cache, bounds)
+    first = crop_scan.scan_crop(work / "crop", cache, bounds)
     assert first.shards_read == counts["shards"] and first.items == counts["items"]
-    again = collect.scan_crop(work / "crop", cache, bounds)
+    again = crop_scan.scan_crop(work / "crop", cache, bounds)
     assert again.shards_read == 0 and again.items == counts["items"] and again.n_flagged == first.n_flagged
     # one shard rewritten with one more (frozen) item: only it is read again
     shard = work / "crop" / "results" / "00007.jsonl"
@@ -69,11 +69,11 @@ def test_the_crop_scan_is_cached_per_shard(large, tmp_path):
              "contrast": 30.0, "blank_share": 0.0, "jitter": 0.1, "roll_deg": 0.0, "flags": ["frozen"], "sheet_index": 0}
         shard.write_bytes(saved + (json.dumps({"id": "x/new", "split": "train", "status": "ok", "n_frames": 50,
                                                "quality": q}) + "\n").encode())
-        third = collect.scan_crop(work / "crop", cache, bounds)
+        third = crop_scan.scan_crop(work / "crop", cache, bounds)
         assert third.shards_read == 1 and third.items == counts["items"] + 1
         assert third.n_flagged == first.n_flagged + 1
         # other bounds: every shard is evaluated again, with more items flagged
-        strict = collect.scan_crop(work / "crop", cache, quality.QualityBounds(min_motion=5.0))
+        strict = crop_scan.scan_crop(work / "crop", cache, quality.QualityBounds(min_motion=5.0))
         assert strict.shards_read == counts["shards"] and strict.flag_counts["no_motion"] > 0.2 * counts["ok"]
     finally:
         shard.write_bytes(saved)
@@ -82,11 +82,11 @@ def test_the_crop_scan_is_cached_per_shard(large, tmp_path):
 def test_job_times_from_sampled_markers(large, monkeypatch):
     work, counts = large
     exact = sum(100.0 + s % 7 for s in range(counts["shards"]))  # what the fabricator recorded
-    (step,) = [s for s in collect.collect_steps(work, ["crop"]) if s.stage == "crop"]
+    (step,) = [s for s in steps.collect_steps(work, ["crop"]) if s.stage == "crop"]
     assert step.job_seconds == pytest.approx(exact) and not step.job_seconds_estimated
     assert step.done == counts["shards"] and step.state == "incomplete"
-    monkeypatch.setattr(collect, "MARKERS_READ", 20)
-    (sampled,) = collect.collect_steps(work, ["crop"])
+    monkeypatch.setattr(steps, "MARKERS_READ", 20)
+    (sampled,) = steps.collect_steps(work, ["crop"])
     assert sampled.job_seconds_estimated and sampled.job_seconds == pytest.approx(exact, rel=0.02)
 
 
@@ -98,18 +98,18 @@ def test_disk_use_beyond_the_file_budget_is_estimated(tmp_path):
         (video / f"{i}.mp4").write_bytes(b"x" * 10000)
     (work / "manifest").mkdir()
     (work / "manifest" / "train.tsv").write_text("/root\n")
-    exact = {e.path: e for e in collect.disk_usage(work, {})}
+    exact = {e.path: e for e in disk.disk_usage(work, {})}
     assert exact["crop/video"].files == 30 and exact["crop/video"].complete
-    budget = {e.path: e for e in collect.disk_usage(work, {"crop/video": 300}, max_files=10)}
+    budget = {e.path: e for e in disk.disk_usage(work, {"crop/video": 300}, max_files=10)}
     v = budget["crop/video"]
     assert v.estimated and v.files == 300 and v.bytes == pytest.approx(10 * exact["crop/video"].bytes, rel=0.01)
     assert budget["manifest"].complete
 
 
 def test_reason_groups():
-    g = collect.reason_group("/data/vox2/dev/id001/a b/00001.mp4: no face found in any of its 153 frames")
+    g = crop_scan.reason_group("/data/vox2/dev/id001/a b/00001.mp4: no face found in any of its 153 frames")
     assert g == "no face found in any of its N frames"
-    assert collect.reason_group("/x/y.mp4: cannot be decoded (InvalidDataError: '/x/y.mp4')") == \
+    assert crop_scan.reason_group("/x/y.mp4: cannot be decoded (InvalidDataError: '/x/y.mp4')") == \
         "cannot be decoded (InvalidDataError: '<file>')"
 
 
