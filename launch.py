@@ -13,6 +13,7 @@
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
     python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
+    python launch.py export WORKDIR --out DIR [--finetuned | --no-finetuned]
 
 This file is the application's description (its stages, settings, presets, subcommands, the run
 report at the end of a launch); the launcher itself (lock, detach, signals, one-line errors,
@@ -47,12 +48,19 @@ def _run_report(workdir: Path, argv: List[str], start: float, rc: int, error: Op
     return at_end_of_launch(workdir, argv, start, rc, error)
 
 
+def _status_lines(workdir: Path) -> List[str]:
+    """``status``'s lines on the last corpus listing (items, paths that are not items)."""
+    from stages.crop import status_lines
+
+    return status_lines(workdir)
+
+
 APP = Application(
     prog="launch.py",
     description="Run the AV-HuBERT pretraining pipeline (stages: {stages}).",
     epilog="Subcommands: `status [--workdir DIR]`, `cancel [--workdir DIR]`, `report [--workdir DIR]`, "
     "`crop-video VIDEO --out DIR`, `infer VIDEO --checkpoint FT.pt`, "
-    "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`. "
+    "`units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K)`, `export WORKDIR --out DIR`. "
     "Any setting can be overridden as key=value (e.g. kmeans.percent=0.1 cluster.array_parallelism=8).",
     stage_names=tuple(STAGE_ORDER),
     get_stage=get_stage,
@@ -65,9 +73,10 @@ APP = Application(
     default_corpus=_sample_corpus,
     corpus_help="corpus directory (default: the bundled sample corpus, built on first use)",
     commands={"crop-video": "stages.crop:crop_video_main", "infer": "stages.infer:main",
-              "report": "report:main", "units": "stages.units:main"},
+              "report": "report:main", "units": "stages.units:main", "export": "report.export:main"},
     entry=DriverEntry(module="launch", paths=(str(ROOT),)),
     at_end=_run_report,
+    status_lines=_status_lines,
 )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import export
 from . import features as feat
 from .checkpoint import fairseq_checkpoint_loading
 
@@ -35,7 +36,10 @@ def load_pretrained(path: str, device: str = "cpu"):
     fairseq versions) in eval mode: a pretraining checkpoint as it is, a fine-tuned one
     (``av_hubert_seq2seq`` / ``av_hubert_ctc``) as its encoder (``encoder.w2v_model.*``, built from
     the pretraining config the checkpoint carries in ``model.w2v_args``; no decoder, no
-    dictionary files). Returns (model, task_cfg)."""
+    dictionary files); or the encoder of a directory written by ``launch.py export``
+    (avhubert/export.py). Returns (model, task_cfg)."""
+    if export.is_export(path):  # a directory written by ``launch.py export``
+        return export.load_encoder(path, device)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     ensure_plugin_registered()
@@ -62,22 +66,10 @@ def load_pretrained(path: str, device: str = "cpu"):
 
 
 FINETUNED_MODELS = ("av_hubert_seq2seq", "av_hubert_ctc")
-_ENCODER_PREFIX = "encoder.w2v_model."
 
 
 def _finetuned_encoder(path: str, state):
-    from .hubert_asr import _PRETRAINING_ONLY, _as_omegaconf, build_encoder_model
-
-    w2v_args = state["cfg"].model.get("w2v_args")
-    if w2v_args is None:
-        raise ValueError(f"{path}: fine-tuned checkpoint without model.w2v_args (its encoder's config)")
-    model = build_encoder_model(_as_omegaconf(w2v_args))
-    weights = {k[len(_ENCODER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(_ENCODER_PREFIX)}
-    weights = {k: v for k, v in weights.items() if not k.startswith(_PRETRAINING_ONLY)}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: encoder weights do not fit the av_hubert model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model, _, _ = export.encoder_from_state(state, path)
     return model
 
 

@@ -27,6 +27,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from speechfeat.wer import word_error_rate, word_errors  # noqa: F401  (public names of this module)
 
+from . import export
 from .extract import _PLUGIN_DIR, ensure_plugin_registered
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrid
     (ours or the reference's). ``modalities`` ('video'|'audio'|'av' or a list) replaces the
     streams the task loads; the model gets zeros for a stream it is not given. Decoding is clean
     whatever noise the model was fine-tuned with (``set_inputs`` adds noise)."""
-    if not os.path.isfile(path):
+    exported = export.has_seq2seq(path)  # a directory written by ``launch.py export``
+    if not exported and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: fine-tuned checkpoint not found")
     register()
     from fairseq import checkpoint_utils
@@ -97,7 +99,7 @@ def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrid
 
     from .checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu
 
-    state = load_checkpoint_to_cpu(path)
+    state = export.load_finetuned_state(path) if exported else load_checkpoint_to_cpu(path)
     cfg = state.get("cfg")
     if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != "av_hubert_seq2seq":
         name = None if cfg is None or cfg.get("model") is None else cfg.model.get("_name")
@@ -149,9 +151,15 @@ class Decoder:
                                                                task_overrides=overrides)
         spm = find_spm_model(self.saved_cfg.task, str(checkpoint))
         self.detok = Detokenizer(self.task.target_dictionary, str(spm) if spm else None)
-        self.generator = build_generator(self.model, self.task, beam=beam, max_len_a=max_len_a,
-                                         max_len_b=max_len_b, lenpen=lenpen)
+        self.max_len_a, self.max_len_b = max_len_a, max_len_b
+        self.set_generation(beam=beam, lenpen=lenpen)
         self.max_tokens, self.device = max_tokens, device
+
+    def set_generation(self, beam: int, lenpen: float) -> None:
+        """Decode with another beam size and length penalty (the model stays loaded)."""
+        self.beam, self.lenpen = int(beam), float(lenpen)
+        self.generator = build_generator(self.model, self.task, beam=self.beam, max_len_a=self.max_len_a,
+                                         max_len_b=self.max_len_b, lenpen=self.lenpen)
 
     def score(self, split: str, modalities=None, noise: Optional[dict] = None) -> dict:
         """WER of ``split`` (``word_error_rate``) with every ``hypotheses`` (id, ref, hyp)."""

@@ -38,13 +38,15 @@ _FS_ERRORS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": er
               "input/output error": errno.EIO, "read-only file system": errno.EROFS}
 
 
-def _ffmpeg_failed(path: PathLike, what: str, stderr: str) -> Exception:
-    """The exception for a failed ffmpeg run: OSError(errno) for a disk/filesystem failure (so the
-    shard fails and is retried), else MediaError (the item's failure record)."""
+def _ffmpeg_failed(path: PathLike, what: str, stderr: str, output: Optional[PathLike] = None) -> Exception:
+    """The exception for a failed ffmpeg run on ``path``: OSError(errno) for a disk/filesystem
+    failure (so the shard fails and is retried), whose file name is ``output`` (what ffmpeg was
+    writing, under the work dir: the disk that is full, never the input's), else MediaError (the
+    item's failure record)."""
     for line in stderr.splitlines():
         for phrase, code in _FS_ERRORS.items():
             if phrase in line.lower():
-                return OSError(code, f"{path}: {what}: {line.strip()}", str(path))
+                return OSError(code, f"{path}: {what}: {line.strip()}", str(output or path))
     return MediaError(f"{path}: {what}: {stderr.strip()[-300:]}")
 
 
@@ -59,10 +61,50 @@ def _open(path: PathLike):
 
     if not Path(path).is_file():
         raise MediaError(f"{path}: no such file")
+    if os.stat(path).st_size == 0:
+        raise MediaError(f"{path}: empty file (0 bytes)")
     try:
         return av.open(str(path))
     except Exception as e:  # PyAV raises many error types for broken containers
-        raise MediaError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+        raise MediaError(f"{path}: cannot be decoded ({describe_error(e)})") from None
+
+
+def describe_error(e: BaseException) -> str:
+    """A decoder's exception in words: FFmpeg's own text without PyAV's errno number (an
+    ``[Errno 1094995529]`` means nothing to a reader) or the function that failed."""
+    import av
+
+    if isinstance(e, av.FFmpegError):
+        text = (e.strerror or type(e).__name__).rstrip(".")
+        return text[:1].lower() + text[1:]
+    return f"{type(e).__name__}: {e}"
+
+
+# A decoded stream may end this much before the end its container states (ffmpeg's fps
+# resampling rounds to half a frame, AAC priming and edit lists trim a few hundredths, AVI and
+# phone files state durations to a frame) before the file counts as truncated: an absolute
+# margin and a share of the stated duration, whichever is larger.
+TRUNCATION_MARGIN_S = 0.25
+TRUNCATION_SHARE = 0.02
+
+
+def check_complete(path: PathLike, stream: str, decoded_s: float, stated_s: Optional[float],
+                   start: Optional[float] = None, end: Optional[float] = None) -> None:
+    """MediaError ``truncated: ...`` when ``decoded_s`` seconds of ``stream`` ("video" or "audio")
+    decoded from ``[start, end)`` fall short of what the container states (``stated_s``, from
+    ``video_info``; None: it does not say, nothing to check) by more than the margins above. A
+    file cut short (an interrupted copy or download) keeps its header's durations and decodes
+    only up to the cut."""
+    if not stated_s:
+        return
+    begin = start or 0.0
+    expected = (stated_s if end is None else min(end, stated_s)) - begin
+    if expected <= 0:
+        return
+    if expected - decoded_s > max(TRUNCATION_MARGIN_S, TRUNCATION_SHARE * expected):
+        where = f" in its segment {begin:.2f}-{begin + expected:.2f} s" if start or end is not None else ""
+        raise MediaError(f"{path}: truncated: decoded {decoded_s:.2f} s of {stream}{where} of a stated "
+                         f"{expected:.2f} s (the file is cut short or damaged)")
 
 
 def _quarter_turns(frame) -> int:
@@ -76,19 +118,19 @@ def _upright(img: np.ndarray, turns: int) -> np.ndarray:
 
 
 def video_info(path: PathLike) -> dict:
-    """fps, frame size as displayed, duration (s), rotation (degrees counterclockwise applied to
-    the stored frames, 0/90/180/270), frame count from the container header (None when it does
-    not say) and whether there is an audio track."""
+    """fps, frame size as displayed, duration (s: the video stream's as the container states it),
+    rotation (degrees counterclockwise applied to the stored frames, 0/90/180/270), frame count
+    from the container header (None when it does not say), whether there is an audio track and
+    the audio stream's stated duration (s, None without one)."""
     with _open(path) as c:
         if not c.streams.video:
             raise MediaError(f"{path}: no video stream")
         vs = c.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate or Fraction(TARGET_FPS)
-        duration = None
-        if vs.duration is not None and vs.time_base is not None:
-            duration = float(vs.duration * vs.time_base)
-        elif c.duration is not None:
-            duration = c.duration / 1e6
+        duration = _stated(vs, c)
+        if vs.frames and rate:  # AVI states its frame count; its stream duration is what is there
+            duration = max(duration or 0.0, float(vs.frames / rate))
+        audio_duration = _stated(c.streams.audio[0], c) if c.streams.audio else None
         turns = 0
         try:  # the display matrix travels with the frames: look at the first one
             for frame in c.decode(vs):
@@ -107,7 +149,18 @@ def video_info(path: PathLike) -> dict:
             "rotation": 90 * turns,
             "header_frames": int(vs.frames) or None,
             "has_audio": bool(c.streams.audio),
+            "audio_duration": audio_duration,
         }
+
+
+def _stated(stream, container) -> Optional[float]:
+    """A stream's duration as its container states it (the stream's header, else the
+    container's, as Matroska gives it), in seconds; None when neither says."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return None
 
 
 def iter_frames(
@@ -136,7 +189,7 @@ def iter_frames(
             c.seek(int(start / vs.time_base), stream=vs, backward=True, any_frame=False)
         base = start or 0.0
         k = 0
-        prev = prev_t = None
+        prev = prev_t = t = None
         try:
             for frame in c.decode(vs):
                 if frame.pts is None:
@@ -166,8 +219,9 @@ def iter_frames(
                     k += 1
         except MediaError:
             raise
-        except Exception as e:
-            raise MediaError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
+        except Exception as e:  # corrupt packets (zeroed or overwritten bytes) stop the decoder
+            at = f" after {t:.2f} s" if t is not None else " at its first frame"
+            raise MediaError(f"{path}: damaged: the video decoder failed{at} ({describe_error(e)})") from None
     finally:
         c.close()
 
@@ -275,7 +329,7 @@ def extract_audio(video_path: PathLike, wav_path: PathLike, start: Optional[floa
         cmd += ["-vn", "-map", "0:a:0", "-ac", "1", "-ar", str(sr), "-acodec", "pcm_s16le", "-f", "wav", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         if proc.returncode != 0:
-            raise _ffmpeg_failed(video_path, "audio extraction failed", proc.stderr)
+            raise _ffmpeg_failed(video_path, "audio extraction failed", proc.stderr, wav_path)
     return count_wav_samples(wav_path)
 
 

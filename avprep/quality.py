@@ -18,7 +18,10 @@ Figures (one dict per item, stored in the crop record as ``quality``):
   duplicates the frame-rate conversion to 25 fps makes (``dup_share``, from the source's fps);
 - ``brightness`` / ``contrast``: mean and standard deviation of the ROI pixels (mean over frames);
 - ``blank_share``: share of ROI frames that are nearly uniform (black, white, a flat colour);
-- ``rotation``: the display rotation applied to the source (degrees; 0 = none).
+- ``rotation``: the display rotation applied to the source (degrees; 0 = none);
+- ``words_per_s``: words of the transcript per second of the item's audio (items with a
+  transcript): outside human speech, the transcript does not belong to this audio (a file cut
+  short within the truncation margin, a segment cut wrongly, a transcript of another clip).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ STABLE_POINTS = (33, 36, 39, 42, 45)  # as avprep.align: what the alignment tran
 # every bound decides which items are flagged in the crop records and outlined on the contact sheets
 @classify(output=("enabled", "min_face_share", "min_face_px", "max_jitter", "max_roll_deg", "min_motion",
                   "max_static_share", "min_brightness", "max_brightness", "min_contrast", "max_blank_share",
-                  "sheet_frames"))
+                  "sheet_frames", "min_words_per_s", "max_words_per_s"))
 @dataclass
 class QualityBounds:
     """``crop.quality.*``: an item outside these bounds is flagged (listed in the report, outlined
@@ -60,6 +63,9 @@ class QualityBounds:
     max_brightness: float = 230.0
     min_contrast: float = 10.0
     max_blank_share: float = 0.1  # nearly uniform ROI frames
+    # transcript words per second of audio: read speech runs at 2-3, fast speech rarely above 5
+    min_words_per_s: float = 0.5
+    max_words_per_s: float = 6.0
     sheet_frames: int = 4  # ROI frames per item on the contact sheet
 
 
@@ -202,7 +208,20 @@ FLAGS = {
     "bright": ("brightness", "max_brightness", "max", "ROI too bright"),
     "low_contrast": ("contrast", "min_contrast", "min", "ROI without contrast"),
     "blank": ("blank_share", "max_blank_share", "max", "blank (uniform) ROI frames"),
+    "slow_speech": ("words_per_s", "min_words_per_s", "min", "too few transcript words for the audio"),
+    "fast_speech": ("words_per_s", "max_words_per_s", "max", "too many transcript words for the audio"),
 }
+
+
+def with_speech_rate(q: Mapping, text: Optional[str], audio_seconds: float, bounds: QualityBounds) -> dict:
+    """``q`` (an ``item_quality`` dict) with ``words_per_s`` of ``text`` over ``audio_seconds``
+    (left out without a transcript or audio) and its flags evaluated again (kept last)."""
+    out = {k: v for k, v in q.items() if k != "flags"}
+    words = len(text.split()) if text else 0
+    if words and audio_seconds > 0:
+        out["words_per_s"] = round(words / audio_seconds, 4)
+    out["flags"] = flags(out, bounds)
+    return out
 
 
 def flag_masks(values: Mapping[str, np.ndarray], bounds: QualityBounds) -> dict:
@@ -351,17 +370,3 @@ def compose_cells(cells: Sequence[np.ndarray], columns: int = 4) -> np.ndarray:
         y, x = (i // columns) * h, (i % columns) * w
         img[y : y + c.shape[0], x : x + c.shape[1]] = c[:h, :w]
     return img
-
-
-# ------------------------------------------------------------------------- from files (a resumed shard)
-def quality_from_outputs(roi_frames: Iterable[np.ndarray], landmarks_npz: Path, bounds: QualityBounds,
-                         source_fps: Optional[float] = None, fps: float = 25.0, rotation: float = 0,
-                         window: int = 12, n_frames: Optional[int] = None) -> tuple:
-    """(quality dict, tiles) of an item cropped by an earlier run, from its ROI video's frames and
-    its saved landmarks (the ROI passed through the codec: figures within a gray level or so)."""
-    saved = np.load(landmarks_npz)
-    track = saved["interpolated"]
-    meter = RoiMeter(n_frames or len(track), bounds.sheet_frames)
-    for _ in meter.observe(roi_frames):
-        pass
-    return item_quality(saved["raw"], track, meter, bounds, source_fps, fps, rotation, window), meter.tile_stack()

@@ -15,6 +15,8 @@ Two pipelines crop each video, each in its own process with one thread (OMP/Open
   slower), scaled back to uint8, the 96x96 patch cut and converted to gray; the ROIs encoded.
 - fast: the crop stage's own ``stages.crop.crop_item`` with its default settings (mode fast), the
   same encoder.
+- imported: ``crop_item`` with landmarks that already exist (``crop.landmarks_dir``: here the fast
+  run's own, read back from its landmarks file) instead of detection: decode, align, encode.
 Cost = the process's CPU seconds (its threads + the ffmpeg encoder it runs), from after the models
 are loaded (a shard loads them once for all its items) to the end; per-frame cost = (cost(N2) -
 cost(N1)) / (N2 - N1), so the rest of the start-up (opening the video, the first frame's full
@@ -244,12 +246,22 @@ def worker(mode: str, video: Path, out: Path) -> dict:
     from avprep import media
     from stages import crop as crop_stage
 
+    from avprep import landmark_files
+
     cfg = crop_stage.Config()
-    det = reference_detector() if mode == "reference" else crop_stage._detector(cfg)
-    if mode != "reference":
+    det = None
+    if mode == "reference":
+        det = reference_detector()
+    elif mode == "fast":
+        det = crop_stage._detector(cfg)
         det.batch_predictor  # noqa: B018 - loaded now (a shard loads it once), not on the clock
     t, wall = cpu_seconds(), time.time()
-    if mode == "reference":
+    if mode == "imported":  # the landmarks of the fast run of the same video
+        lms = out.with_name(out.name.replace("imported", "fast", 1)).with_suffix(".npz")
+        r = crop_stage.crop_item(video, out, None, out.with_suffix(".npz"), cfg,
+                                 imported=landmark_files.Imported(lms))
+        n = r.n_frames
+    elif mode == "reference":
         rois = reference_rois(video, det=det)
         media.write_gray_video(out, rois, crf=cfg.crf)
         n = len(rois)
@@ -297,26 +309,29 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         inputs = {px: make_inputs(frames, px, [n1, n2], d) for px in a.faces}
-        cost = {(px, m): [] for px in a.faces for m in ("reference", "fast")}
+        modes = ("reference", "fast", "imported")  # imported reads the fast run's landmarks
+        cost = {(px, m): [] for px in a.faces for m in modes}
         for rep in range(a.repeats):
             for px in a.faces:
                 runs = {}
                 for n in (n1, n2):
-                    for mode in ("reference", "fast"):
+                    for mode in modes:
                         out = d / f"{mode}{px}_{n}.mp4"
                         # no outputs of an earlier repeat: crop_item would reuse their landmarks
                         for old in (out, out.with_suffix(".npz")):
                             old.unlink(missing_ok=True)
                         runs[mode, n] = run_worker(mode, inputs[px][n], out)
-                for mode in ("reference", "fast"):
+                for mode in modes:
                     per_frame = (runs[mode, n2]["cpu"] - runs[mode, n1]["cpu"]) / (n2 - n1)
                     cost[px, mode].append(per_frame)
                 ratio = cost[px, "reference"][-1] / cost[px, "fast"][-1]
                 print(f"repeat {rep + 1}, face {px:3d} px: reference {1e3 * cost[px, 'reference'][-1]:6.1f} ms/frame, "
-                      f"fast {1e3 * cost[px, 'fast'][-1]:5.2f} ms/frame = {ratio:5.1f}x "
+                      f"fast {1e3 * cost[px, 'fast'][-1]:5.2f} ms/frame = {ratio:5.1f}x, imported landmarks "
+                      f"{1e3 * cost[px, 'imported'][-1]:5.2f} ms/frame "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
         print("\nface  reference  fast       speed-up (per core)   ROI diff fast vs reference (gray levels)")
-        print(" px    ms/frame   ms/frame   median  [spread]      before codec: mean / worst frame   through codec")
+        print(" px    ms/frame   ms/frame   median  [spread]      before codec: mean / worst frame   through codec"
+              "   imported landmarks: ms/frame  frames/s  vs fast")
         for px in a.faces:
             video = inputs[px][n2]
             ref = np.stack(reference_rois(video))
@@ -327,10 +342,12 @@ def main():
             codec = np.abs(media.read_gray_video(d / f"fast{px}_{n2}.mp4").astype(np.int16)
                            - media.read_gray_video(d / f"reference{px}_{n2}.mp4").astype(np.int16)).mean()
             ratios = [r / f for r, f in zip(cost[px, "reference"], cost[px, "fast"])]
+            imported, fast_cost = statistics.median(cost[px, "imported"]), statistics.median(cost[px, "fast"])
             print(f"{px:3d}   {1e3 * statistics.median(cost[px, 'reference']):8.1f}   "
                   f"{1e3 * statistics.median(cost[px, 'fast']):8.2f}   {statistics.median(ratios):5.1f}x "
                   f"[{min(ratios):.1f}-{max(ratios):.1f}]     {diff.mean():.2f} / "
-                  f"{diff.reshape(len(diff), -1).mean(1).max():.1f}                     {codec:.2f}", flush=True)
+                  f"{diff.reshape(len(diff), -1).mean(1).max():.1f}                     {codec:.2f}"
+                  f"            {1e3 * imported:8.2f}  {1 / imported:8.0f}  {fast_cost / imported:5.1f}x", flush=True)
             ref_decoded = media.read_gray_video(d / f"reference{px}_{n2}.mp4").astype(np.int16)
             for k in a.key_every:  # the ROI difference as the key-frame stride changes
                 det = _detector(cfg)

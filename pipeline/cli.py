@@ -44,13 +44,12 @@ from pipeline.driver import (
     DriverEntry,
     Interrupted,
     cancel,
-    check_can_detach,
-    detach_local,
-    detach_slurm,
     detached_message,
     interrupted_message,
     interrupts_raise,
+    replace_driver,
     run_locked,
+    start_driver,
     update_record,
     workdir_lock,
 )
@@ -127,6 +126,8 @@ def parse_args(app: Application, argv: Sequence[str]) -> argparse.Namespace:
                    help="hand the run to a driver that does not depend on this terminal (a Slurm job, "
                    "cluster.driver, or a background process) and return; prints how to follow and stop it")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)  # set in the detached driver
+    # the guardian job of a Slurm driver: replace driver job JOB, which ended without finishing the run
+    p.add_argument("--replace-driver", metavar="JOB", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(list(argv))
@@ -265,6 +266,8 @@ def cmd_run(app: Application, argv: List[str]) -> int:
 
     def run() -> int:
         with interrupts_raise():
+            if args.replace_driver:
+                return cmd_replace_driver(app, args, argv, built)
             if args.detach and not args.dry_run:
                 return cmd_detach(app, args, argv, built)
             if args.dry_run:
@@ -292,21 +295,38 @@ def cmd_run(app: Application, argv: List[str]) -> int:
     return rc
 
 
+def _driver_argv(argv: List[str], cfg) -> List[str]:
+    """The driver runs the same command; paths made absolute (later flags win in argparse)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--replace-driver":
+            skip = True
+        elif a != "--detach" and not a.startswith("--replace-driver="):
+            out.append(a)
+    out += ["--workdir", cfg.workdir]
+    if cfg.get("corpus"):
+        out += ["--corpus", cfg.corpus]
+    return out
+
+
 def cmd_detach(app: Application, args: argparse.Namespace, argv: List[str], built: dict) -> int:
     cfg, _pipe, _steps = plan(app, args, dry_run=False, compute_shards=False)
     built["cfg"] = cfg
     store = StateStore(Path(cfg.workdir))
-    check_can_detach(cfg, store)
-    # the driver runs the same command; paths made absolute (later flags win in argparse)
-    driver_argv = [a for a in argv if a != "--detach"] + ["--workdir", cfg.workdir]
-    if cfg.get("corpus"):
-        driver_argv += ["--corpus", cfg.corpus]
-    if cfg.cluster.executor == "slurm":
-        rec = detach_slurm(cfg, driver_argv, store, app.entry)
-    else:
-        rec = detach_local(app.entry.command([*driver_argv, "--driver"]), store)
+    rec = start_driver(cfg, store, _driver_argv(argv, cfg), app.entry)
     print(detached_message(rec, cfg, Path(cfg.workdir)))
     return 0
+
+
+def cmd_replace_driver(app: Application, args: argparse.Namespace, argv: List[str], built: dict) -> int:
+    """The guardian job: the driver job ``args.replace_driver`` ended in a failed state (killed,
+    node failure, out of memory); start a new driver unless the run ended or was cancelled."""
+    cfg = configure(app, args, dry_run=False)
+    built["cfg"] = cfg
+    return replace_driver(cfg, StateStore(Path(cfg.workdir)), str(args.replace_driver), _driver_argv(argv, cfg),
+                          app.entry, echo=echo)
 
 
 def _workdir_arg(app: Application, name: str, argv: List[str], description: Optional[str] = None) -> Path:

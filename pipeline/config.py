@@ -65,7 +65,7 @@ class DriverResources:
     "qos": _RESOURCE, "max_array_size": "how shards are grouped into scheduler jobs",
     "array_parallelism": "how many shards run at once", "gpus_per_node": _RESOURCE,
     "poll_interval_s": "how often the launcher looks", "scheduler_poll_s": "how often the launcher looks",
-    "progress_interval_s": "how often progress is printed", "fatal_pending_after_s": "when a stuck job is given up",
+    "progress_interval_s": "how often progress is printed", "fatal_pending_after_s": "when a stuck job is given up", "blocked_pending_after_s": "when a stuck job is given up",
     "check_requests": "a check before submitting", "check_free_space": "a check before submitting",
     "signal_delay_s": "when a job is told its time is up", "max_requeues": "how often a job may be requeued",
     "setup": "how a job's environment is set up", "slurm_additional_parameters": _RESOURCE,
@@ -92,6 +92,10 @@ class ClusterConfig:
     # a job pending for a reason that cannot clear (PartitionConfig, InvalidAccount, ...) for this
     # long fails its step
     fatal_pending_after_s: float = 10.0
+    # a job that cannot start until someone acts (held by a user or an administrator, the nodes it
+    # needs drained or down) is waited for this long, then cancelled and its step failed; longer
+    # than a maintenance window, so a run left alone goes on once the nodes are back
+    blocked_pending_after_s: float = 43200.0
     # check each request against the partition (and sbatch --test-only) before submitting
     check_requests: bool = True
     # refuse a step whose estimated outputs (stages/estimates.py) exceed the work dir's free space

@@ -25,6 +25,7 @@ import importlib.machinery
 import importlib.util
 import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.estimate import check_plan_disk
 from pipeline.executors import export_project_path, signals_deferred, slurm_params, workdir_tag
 from pipeline.lease import holder_alive, holders_alive
-from pipeline.lock import WorkdirLock, describe_owner, lock_holder
+from pipeline.lock import HANDOVER_ENV, WorkdirLock, describe_owner, lock_holder
 from pipeline.scheduler import LocalScheduler, RequestChecker, SchedulerError, SlurmScheduler, sbatch_error_line
 from pipeline.state import StateStore, _read
 
@@ -154,10 +155,11 @@ def _slurm_job_id() -> str:
 
 
 # --- detaching -------------------------------------------------------------------------------------
-def check_can_detach(cfg, store: StateStore) -> None:
+def check_can_detach(cfg, store: StateStore, lock_checked: bool = False) -> None:
     if cfg.cluster.executor == "debug":
         raise ConfigError("--detach needs the local or slurm executor (debug runs in this process)")
-    workdir_lock(cfg, "launch").check_free()
+    if not lock_checked:
+        workdir_lock(cfg, "launch").check_free()
     rec = read_record(store)
     if rec and rec.get("state") in ("submitted", "running"):
         alive, _ = record_alive(rec)
@@ -166,19 +168,109 @@ def check_can_detach(cfg, store: StateStore) -> None:
                               f"`python launch.py cancel --workdir {store.workdir}` stops it")
 
 
-def detach_local(cmd: list, store: StateStore, echo=print) -> dict:
+def start_driver(cfg, store: StateStore, driver_argv: list, entry: "DriverEntry") -> dict:
+    """Start the detached driver holding the work dir lock, and hand the lock to it: of two
+    launches at the same instant, one starts a driver, the other is refused by the lock, and
+    ``driver.json`` only ever describes the driver that holds it."""
+    check_can_detach(cfg, store)
+    with workdir_lock(cfg, "launch") as lock:
+        check_can_detach(cfg, store, lock_checked=True)  # again under the lock
+        if cfg.cluster.executor == "slurm":
+            rec = detach_slurm(cfg, driver_argv, store, entry, lock)
+        else:
+            rec = detach_local(entry.command([*driver_argv, "--driver"]), store, lock)
+        if cfg.cluster.executor == "slurm":
+            rec["guardian"] = submit_guardian(cfg, store, rec["job_id"], driver_argv, entry)
+            update_record(store, guardian=rec["guardian"])
+    # the one command that resumes the run if it stops (`status` shows it)
+    rec["resume"] = shlex.join(entry.command([*driver_argv, "--detach"]))
+    update_record(store, resume=rec["resume"])
+    return rec
+
+
+MAX_DRIVER_REPLACEMENTS = 3  # driver jobs that died (killed, node failure, out of memory) replaced per run
+
+
+def guardian_job_name(workdir: Path) -> str:
+    return f"driverguard-{workdir_tag(workdir)}"
+
+
+def submit_guardian(cfg, store: StateStore, driver_job: str, driver_argv: list, entry: "DriverEntry") -> Optional[str]:
+    """A small job that starts only if the driver job ends in a failed state (``afternotok``:
+    killed, node failure, out of memory, time limit past its requeues) and then starts a new
+    driver (``--replace-driver``). When the driver ends well the dependency can never be met and
+    Slurm removes the guardian (``--kill-on-invalid-dep``). Returns its job id (None, with a
+    warning line, when sbatch refuses it: the run goes on, unguarded)."""
+    from pipeline.scheduler import Request
+
+    cluster, d = cfg.cluster, cfg.cluster.driver
+    partition = d.partition or cluster.partition
+    req = Request(partition, 1, 1, 1, float(d.mem_gb or 0), 0, 10, cluster.account, cluster.qos,
+                  dict(cluster.slurm_additional_parameters or {}))
+    args = [a for a in req.sbatch_args(partition or "") if partition or not a.startswith("--partition")]
+    cmd = shlex.join(entry.command([*driver_argv, "--replace-driver", str(driver_job)]))
+    try:
+        return SlurmScheduler().submit([
+            f"--dependency=afternotok:{driver_job}", "--kill-on-invalid-dep=yes",
+            f"--job-name={guardian_job_name(store.workdir)}", f"--chdir={os.getcwd()}",
+            f"--output={store.driver_dir / 'guardian-%j.log'}", *args,
+            "--wrap", " && ".join([*(cluster.setup or []), cmd])])
+    except SchedulerError as e:
+        print(f"warning: the driver's guardian job was refused ({e}): a killed driver will not be replaced; "
+              f"`status` says when the run stops", file=sys.stderr)
+        return None
+
+
+def replace_driver(cfg, store: StateStore, dead_job: str, driver_argv: list, entry: "DriverEntry",
+                   echo: Callable[[str], None] = print) -> int:
+    """Run by the guardian job: start a new driver in place of ``dead_job`` (bounded by
+    ``MAX_DRIVER_REPLACEMENTS``); one line in the driver log either way."""
+    rec = read_record(store) or {}
+    log = driver_log(store)
+
+    def say(line: str) -> None:
+        echo(line)
+        with contextlib.suppress(OSError), open(log, "a") as f:
+            f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    if str(rec.get("job_id")) != dead_job or rec.get("state") not in ("submitted", "running"):
+        say(f"guardian: driver job {dead_job} is not the run's live driver any more (record: job "
+            f"{rec.get('job_id')}, {rec.get('state')}): nothing to replace")
+        return 0
+    alive, why = record_alive(rec)
+    if alive is not False:
+        say(f"guardian: driver job {dead_job} is {why}: nothing to replace")
+        return 0
+    done = int(rec.get("replacements", 0))
+    if done >= MAX_DRIVER_REPLACEMENTS:
+        update_record(store, state="failed", since=time.time(),
+                      error=f"driver job {dead_job} ended ({why}) after {done} replacement(s)")
+        say(f"guardian: driver job {dead_job} ended ({why}); it was replaced {done} time(s) already "
+            f"(at most {MAX_DRIVER_REPLACEMENTS}): the run stops; `{rec.get('resume', 'the launch command')}` resumes it")
+        return 1
+    new = start_driver(cfg, store, driver_argv, entry)
+    update_record(store, replacements=done + 1)
+    say(f"guardian: driver job {dead_job} ended ({why}): replaced by driver job {new['job_id']} "
+        f"(replacement {done + 1} of at most {MAX_DRIVER_REPLACEMENTS})")
+    return 0
+
+
+def detach_local(cmd: list, store: StateStore, lock: WorkdirLock) -> dict:
     """Start ``cmd`` (a launch with --driver) as a background process that survives logout."""
     log = driver_log(store)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HANDOVER_ENV: lock.me["token"]})
     with open(log, "ab") as out:
         out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} detached driver: {' '.join(cmd)}\n".encode())
         out.flush()
+        # (not under signals_deferred: the driver would inherit the blocked signals)
         p = subprocess.Popen(cmd, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, env=env)
-    rec = {"executor": "local", "state": "submitted", "submitted": time.time(), "log": str(log), "cmd": cmd,
-           "job_id": f"pid {p.pid}", **procs.identity(p.pid)}
-    atomic.write_json(store.driver_file, rec)
+        with signals_deferred():
+            rec = {"executor": "local", "state": "submitted", "submitted": time.time(), "log": str(log), "cmd": cmd,
+                   "job_id": f"pid {p.pid}", **procs.identity(p.pid)}
+            atomic.write_json(store.driver_file, rec)
+            lock.hand_over({"executor": "local", **procs.identity(p.pid)})
     return rec
 
 
@@ -244,7 +336,7 @@ class DriverTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self)
 
 
-def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry) -> dict:
+def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry, lock: WorkdirLock) -> dict:
     cluster, d = cfg.cluster, cfg.cluster.driver
     if cluster.check_requests:
         try:
@@ -262,14 +354,18 @@ def detach_slurm(cfg, argv: list, store: StateStore, entry: DriverEntry) -> dict
                          slurm_signal_delay_s=signal_delay_s(cluster, d.timeout_min),
                          **slurm_params(cluster, partition, float(d.mem_gb or 0), 0))
     with signals_deferred():
+        os.environ[HANDOVER_ENV] = lock.me["token"]  # exported to the job by sbatch
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 job = ex.submit(DriverTask(list(argv), os.getcwd(), str(log), entry))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
             raise ConfigError(f"sbatch rejected the driver job: {sbatch_error_line(str(e))}") from None
+        finally:
+            os.environ.pop(HANDOVER_ENV, None)
         rec = {"executor": "slurm", "state": "submitted", "submitted": time.time(), "log": str(log),
                "job_id": str(job.job_id), "partition": partition, "argv": list(argv)}
         atomic.write_json(store.driver_file, rec)
+        lock.hand_over({"executor": "slurm", "job_id": str(job.job_id)})
     return rec
 
 
@@ -336,6 +432,12 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
     records = all_job_records(store)
     rec = read_record(store)
     uses_slurm = (rec or {}).get("executor") == "slurm" or any(r.get("executor") == "slurm" for r in records.values())
+    # 0. the driver's guardian, before the driver: a cancelled driver must not be replaced
+    if uses_slurm:
+        guards = [j for j, name in _jobs_named(slurm, workdir_tag(store.workdir)).items()
+                  if name == guardian_job_name(store.workdir)]
+        if guards:
+            _cancel_slurm(guards, slurm, wait_s, echo)
     # 1. whoever submits: the driver, or a foreground launch of this host; nothing new after this
     if rec and rec.get("state") in ("submitted", "running"):
         alive, state = record_alive(rec)
@@ -344,7 +446,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
             if alive is None:
                 raise PipelineError(f"cannot ask the scheduler about the driver job {jid}: {state}")
             if alive:
-                _cancel_slurm([jid], slurm, wait_s)
+                _cancel_slurm([jid], slurm, wait_s, echo)
                 stopped.append(f"the driver job {jid}")
         elif _stop_process(rec):
             stopped.append(f"the driver (pid {rec.get('pid')})")
@@ -355,7 +457,7 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
         tagged = _jobs_named(slurm, workdir_tag(store.workdir))
         drivers = sorted(j for j, name in tagged.items() if name == driver_job_name(store.workdir))
         if drivers:
-            _cancel_slurm(drivers, slurm, wait_s)
+            _cancel_slurm(drivers, slurm, wait_s, echo)
             stopped += [f"the driver job {j}" for j in drivers]
             tagged = _jobs_named(slurm, workdir_tag(store.workdir))  # what it submitted meanwhile
     owner, problem = lock_holder(store.workdir)
@@ -375,13 +477,16 @@ def cancel(workdir: Path, echo: Callable[[str], None] = print, wait_s: float = 6
     cancelled = LocalScheduler().cancel_records(local) if local else []
     if uses_slurm:
         try:
-            live = [j for j, i in slurm.query(slurm_ids).items() if i.alive]
+            # a live job of a recorded id whose name is not this work dir's: the id was handed out
+            # again (a controller restarted from older state); someone else's job, left alone
+            tag = f"-{workdir_tag(store.workdir)}"
+            live = [j for j, i in slurm.query(slurm_ids).items() if i.alive and (not i.name or i.name.endswith(tag))]
         except SchedulerError as e:
             raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
         stage_jobs = [j for j, name in tagged.items() if name != driver_job_name(store.workdir)]
         todo = sorted(set(live) | set(stage_jobs))
         if todo:
-            _cancel_slurm(todo, slurm, wait_s)
+            _cancel_slurm(todo, slurm, wait_s, echo)
             cancelled += todo
     if cancelled:
         ids = sorted(cancelled)
@@ -401,17 +506,25 @@ def _jobs_named(slurm: SlurmScheduler, tag: str) -> dict:
         raise PipelineError(f"cannot ask the scheduler which jobs run: {e}") from None
 
 
-def _cancel_slurm(job_ids: list, slurm: SlurmScheduler, wait_s: float) -> None:
+def _cancel_slurm(job_ids: list, slurm: SlurmScheduler, wait_s: float,
+                  echo: Callable[[str], None] = print) -> None:
+    """scancel, then wait (at most ``wait_s``) until none is alive; past the bound, one line."""
     slurm.cancel(job_ids)
-    _wait_gone(lambda: any(i.alive for i in slurm.query(job_ids).values()), wait_s)
+    if not _wait_gone(lambda: any(i.alive for i in slurm.query(job_ids).values()), wait_s):
+        ids = ", ".join(job_ids[:8])
+        echo(f"note: job(s) {ids} still listed {wait_s:.0f} s after scancel (a node that does not answer?): "
+             f"`squeue -j {job_ids[0]}` follows them; an administrator clears a stuck one with "
+             f"`scontrol update nodename=NODE state=down reason=...`")
 
 
-def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> None:
+def _wait_gone(still_alive: Callable[[], bool], wait_s: float) -> bool:
+    """Wait until ``still_alive()`` is false (True) or ``wait_s`` passed (False)."""
     deadline = time.time() + wait_s
     while time.time() < deadline:
         try:
             if not still_alive():
-                return
+                return True
         except SchedulerError:
             pass
         time.sleep(0.5)
+    return False

@@ -50,6 +50,18 @@ from pipeline.worker import CheckpointableShardTask, ShardTask
 
 # how long a job may be gone from squeue without an accounting record before it is reported
 ACCOUNTING_GRACE_S = 20.0
+# scheduler polls a job may be unknown to squeue while sacct says it is pending or running before
+# it counts as lost (sacct records an end a moment after it happens)
+LOST_AFTER_POLLS = 3
+# times one shard's job may be lost and submitted again within one launch
+LOST_RESUBMITS = 3
+# a held job of ours whose launch failed on a node is released this many times, then fails
+HELD_RELEASES = 1
+# seconds between two lines saying the scheduler still does not answer
+SILENCE_LINE_S = 600.0
+# how long a launch retries asking the scheduler about an earlier launch's jobs (a controller
+# restarting) before it fails with one line
+ADOPT_RETRY_S = 300.0
 _INTERRUPTS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 
 
@@ -219,6 +231,11 @@ class Tracked:
     ended_at: Optional[float] = None
     fatal_since: Optional[float] = None
     foreign_holder: Optional[dict] = None  # a live job of another executor holds the shard
+    lost_polls: int = 0  # consecutive scheduler answers that did not know the job
+    resubmits: int = 0  # times the shard was submitted again after its job was lost
+    releases: int = 0  # times its job was released after being held on a failed launch
+    held_said: str = ""  # the hold last reported (one line per job and reason)
+    blocked_since: Optional[float] = None  # pending until someone acts (held, nodes drained) since
 
 
 class SubmissionRejected(StageFailed):
@@ -229,9 +246,16 @@ def make_scheduler(cluster):
     return SlurmScheduler() if cluster.executor == "slurm" else LocalScheduler()
 
 
-def query(scheduler, tracked: list) -> dict[str, JobInfo]:
+def query(scheduler, tracked: list, name: Optional[str] = None) -> dict[str, JobInfo]:
+    """What the scheduler says about the tracked jobs. A live Slurm job whose name is not the
+    step's ``name`` is not ours: its id was handed out again (a controller restarted from older
+    state forgot our job), so ours is ``LOST``."""
     if isinstance(scheduler, SlurmScheduler):
-        return scheduler.query([t.job_id for t in tracked])
+        infos = scheduler.query([t.job_id for t in tracked])
+        for job, info in infos.items():
+            if name and info.alive and info.name and info.name != name:
+                infos[job] = JobInfo(job, "LOST", f"its job id now belongs to another job, {info.name!r}")
+        return infos
     return scheduler.query_records({t.job_id: t.record for t in tracked})
 
 
@@ -277,10 +301,16 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
             candidates[s.key] = Tracked(s, str(rec["job_id"]), rec, adopted=True)
     if not candidates and not leases:
         return [], list(todo)
-    try:
-        infos = query(scheduler, list(candidates.values()))
-    except SchedulerError as e:
-        raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch: {e}") from None
+    deadline = time.time() + ADOPT_RETRY_S
+    while True:
+        try:
+            infos = query(scheduler, list(candidates.values()), job_name(step, store.workdir))
+            break
+        except SchedulerError as e:
+            if time.time() >= deadline:
+                raise StageFailed(f"{step.name}: cannot ask the scheduler about the jobs of an earlier launch for "
+                                  f"{ADOPT_RETRY_S:.0f} s ({e}): rerun the same command once `squeue` answers") from None
+            time.sleep(min(15.0, float(cluster.scheduler_poll_s)))
     adopted, to_submit, holders = [], [], {}
     for s in todo:
         t = candidates.get(s.key)
@@ -292,6 +322,9 @@ def adopt(cluster, store: StateStore, step, todo: list, scheduler, echo) -> tupl
                                   f"`launch.py cancel`")
             adopted.append(t)
             continue
+        if info is not None and info.lost:
+            echo(f"[{step.name}] shard {s.key}: job {t.job_id} of an earlier launch was lost by the scheduler "
+                 f"({info.reason}): submitting it again unless a live job holds the shard")
         holder = store.lease(name, it, s.key).holder() if s.key in leases else None
         if holder and holder is not MALFORMED:
             if t is not None and str(holder.get("job_id")) == t.job_id:
@@ -390,6 +423,9 @@ class Waiter:
         self.infos: dict[str, JobInfo] = {}
         self.last_query = 0.0
         self.scheduler_errors = 0
+        self.executor = None  # a Slurm executor for shards submitted again (made on first use)
+        self.silent_since: Optional[float] = None  # the scheduler has not answered since
+        self.silence_said = 0.0
 
     # --- local submissions -----------------------------------------------------------------------
     def _submit_local(self) -> None:
@@ -422,7 +458,7 @@ class Waiter:
                 # markers are read after the scheduler was asked: a job seen gone before this
                 # listing and without a marker in it really ended without one
                 markers = self.store.markers(self.step.stage.name, self.step.iteration)
-                still = []
+                still, lost = [], []
                 for t in self.tracked:
                     if t.popen is not None:
                         t.popen.poll()  # reap our own finished controllers
@@ -431,10 +467,15 @@ class Waiter:
                         still.append(t)
                     elif outcome == "done":
                         done += 1
+                    elif outcome == "lost":
+                        lost.append(t)
                     else:
                         self.failures.append(outcome)
                 self.tracked = still
+                if lost:
+                    self._resubmit_lost(lost)
                 self._fail_unschedulable(now)
+                self._handle_held(now)
                 progress.show(done, self._counts(), len(self.failures), len(self.queue))
                 if self.tracked or self.queue:
                     time.sleep(poll)
@@ -446,12 +487,25 @@ class Waiter:
         if not self.tracked:
             return
         try:
-            self.infos = query(self.scheduler, self.tracked)
-            self.scheduler_errors = 0
+            self.infos = query(self.scheduler, self.tracked, job_name(self.step, self.store.workdir))
+            self.scheduler_errors, self.silent_since = 0, None
+            for t in self.tracked:
+                info = self.infos.get(t.job_id)
+                t.lost_polls = t.lost_polls + 1 if info is not None and info.lost else 0
         except SchedulerError as e:  # slurmctld restarting, a slow sacct: try again next time
             self.scheduler_errors += 1
-            if self.scheduler_errors in (3, 30):
-                self.echo(f"[{self.step.name}] warning: the scheduler does not answer ({e}); still waiting")
+            now = time.time()
+            self.silent_since = self.silent_since or now
+            silent, bound = now - self.silent_since, float(self.cluster.blocked_pending_after_s)
+            if silent >= bound:
+                raise StageFailed(
+                    f"{self.step.name}: the scheduler has not answered for {silent / 60:.0f} min ({e}); the "
+                    f"submitted jobs keep running: rerun the same command once `squeue` answers (it adopts them)"
+                ) from None
+            if self.scheduler_errors == 3 or now - self.silence_said >= SILENCE_LINE_S:
+                self.silence_said = now
+                self.echo(f"[{self.step.name}] warning: the scheduler has not answered for {silent:.0f} s ({e}); "
+                          f"still waiting (at most {bound:.0f} s, cluster.blocked_pending_after_s)")
 
     def _counts(self) -> dict:
         running, reasons = 0, Counter()
@@ -459,6 +513,8 @@ class Waiter:
             info = self.infos.get(t.job_id)
             if info is not None and info.pending:
                 reasons[info.reason or "no reason given"] += 1
+            elif info is not None and info.lost:
+                reasons["lost by the scheduler"] += 1
             else:
                 running += 1
         return {"running": running, "pending": reasons}
@@ -481,8 +537,18 @@ class Waiter:
         info = self.infos.get(t.job_id)
         if info is None or info.alive:
             return None
+        if info.lost and t.lost_polls < LOST_AFTER_POLLS:
+            self.last_query = 0.0  # ask again at once: a few answers, not a few minutes
+            return None
         if self._follow_lease(t):
             return None
+        if info.lost and t.resubmits < LOST_RESUBMITS:
+            # the lost job's own process may still run on a node the controller has not yet
+            # cleaned: its lease says so (its pid on this host); never start a second writer
+            holder = self.store.lease(name, it, key).holder()
+            if holder and holder is not MALFORMED and holder_alive(holder):
+                return None
+            return "lost"
         if info.state == "ENDED" and self.cluster.executor == "slurm":
             t.ended_at = t.ended_at or now
             if now - t.ended_at < ACCOUNTING_GRACE_S:
@@ -532,6 +598,70 @@ class Waiter:
             pass
         return key, str(log), why
 
+    def _resubmit_lost(self, lost: list) -> None:
+        """Submit again the shards whose job the scheduler lost (no marker, no live lease holder),
+        one line each naming the job and why."""
+        name, it = self.step.stage.name, self.step.iteration
+        for t in lost:
+            info = self.infos[t.job_id]
+            self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} was lost by the scheduler "
+                      f"({info.reason}) and no live job holds the shard: submitting it again")
+            self.store.clear_shard(name, it, t.shard.key)
+        if self.executor is None:
+            self.folder = self.folder or self.store.submitit_dir(name, it)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.executor = make_executor(self.cluster, self.folder, self.step, self.store.workdir)
+        again = submit_slurm(self.executor, self.folder, self.store, self.step, [t.shard for t in lost],
+                             self.cluster, self.echo)
+        for old, new in zip(lost, again):
+            new.resubmits = old.resubmits + 1
+        self.tracked += again
+        self.last_query = 0.0
+
+    def _handle_held(self, now: float) -> None:
+        """A blocked job (held, its nodes drained or down) is said once, with its reason and the
+        command that lets it go on. Ours held after a failed launch is released ``HELD_RELEASES``
+        times; held again, its shard fails (cancelled). Any other blocked job fails its shard after
+        ``cluster.blocked_pending_after_s``."""
+        failed, expired = [], []
+        bound = float(self.cluster.blocked_pending_after_s)
+        for t in self.tracked:
+            info = self.infos.get(t.job_id)
+            if info is None or not info.blocked:
+                t.held_said, t.blocked_since = "", None
+                continue
+            t.blocked_since = t.blocked_since or now
+            if not info.launch_failed and now - t.blocked_since >= bound:
+                expired.append((t, info))
+                continue
+            if info.launch_failed and t.releases < HELD_RELEASES:
+                try:
+                    self.scheduler.release([t.job_id])
+                except SchedulerError as e:
+                    self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} is held ({info.reason}) "
+                              f"and releasing it failed ({e}); trying again at the next poll")
+                    continue
+                t.releases += 1
+                t.held_said = ""
+                self.infos.pop(t.job_id, None)  # its state changed: ask again
+                self.last_query = 0.0
+                self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} was held by the scheduler "
+                          f"({info.reason}); released it (`scontrol release {t.job_id}`)")
+            elif info.launch_failed:
+                failed.append((t, info))
+            elif t.held_said != info.reason:
+                t.held_said = info.reason
+                self.echo(f"[{self.step.name}] shard {t.shard.key}: job {t.job_id} is {info.describe()}; "
+                          f"the step waits for it (at most {bound:.0f} s, cluster.blocked_pending_after_s)")
+        if failed:
+            self._give_up(failed, lambda t, info: (
+                f"job {t.job_id} was held again after its launch failed ({info.reason}) and it had been released "
+                f"{t.releases} time(s); cancelled: `sinfo -R` says why its node refused it"), "held_reason")
+        if expired:
+            self._give_up(expired, lambda t, info: (
+                f"job {t.job_id} was {info.describe()} for {bound:.0f} s (cluster.blocked_pending_after_s); "
+                f"cancelled: rerun the same command once it can start"), "pending_reason")
+
     def _fail_unschedulable(self, now: float) -> None:
         """Jobs pending for a reason that cannot clear fail their shards (and are cancelled)."""
         stuck = []
@@ -543,19 +673,26 @@ class Waiter:
                     stuck.append((t, info.reason))
             else:
                 t.fatal_since = None
-        if not stuck:
-            return
+        if stuck:
+            self._give_up(stuck, lambda t, reason: (
+                f"job {t.job_id} cannot start: pending for reason {reason} ({explain_pending(reason)}); cancelled"),
+                "pending_reason")
+
+    def _give_up(self, stuck: list, why_of: Callable, field: str) -> None:
+        """Cancel the jobs of [(tracked, reason)] and fail their shards (infrastructure failures:
+        a rerun submits them again)."""
         with contextlib.suppress(SchedulerError):
             self.scheduler.cancel([t.job_id for t, _ in stuck])
         gone = {id(t) for t, _ in stuck}
         self.tracked = [t for t in self.tracked if id(t) not in gone]
         name, it = self.step.stage.name, self.step.iteration
         for t, reason in stuck:
-            why = f"job {t.job_id} cannot start: pending for reason {reason} ({explain_pending(reason)}); cancelled"
+            why = why_of(t, reason)
             log = self.store.log_path(name, it, t.shard.key)
             with contextlib.suppress(OSError):
                 self.store.mark_failed(name, it, t.shard.key, why, log,
-                                       {"job_id": t.job_id, "pending_reason": reason, "infrastructure": True})
+                                       {"job_id": t.job_id, field: str(getattr(reason, "reason", reason)),
+                                        "infrastructure": True})
             self.failures.append((t.shard.key, str(log), why))
 
 

@@ -10,7 +10,14 @@
   is one ``ConfigError`` naming the setting, before anything is submitted.
 
 Pending reasons that cannot clear by themselves (``FATAL_PENDING``) fail a step; the others
-(Resources, Priority, Dependency, JobArrayTaskLimit, ...) are shown while waiting.
+(Resources, Priority, Dependency, JobArrayTaskLimit, ...) are shown while waiting. A held job
+(priority 0: a user or admin hold, "launch failed requeued held") is shown with the command that
+releases it (``clear_command``).
+
+The two views are reconciled: slurmctld (squeue) is the authority on what is queued or runs. A
+job it does not know while sacct still says PENDING or RUNNING (a controller restarted from state
+saved before the job was submitted: it purged the job, the accounting record stays) is ``LOST``,
+never alive; the waiter resubmits its shard after a few polls (``executors.Waiter``).
 """
 from __future__ import annotations
 
@@ -27,8 +34,12 @@ from pipeline.errors import ConfigError, PipelineError
 # job states of a job that will not run again (sacct / squeue names)
 TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-    "DEADLINE", "PREEMPTED", "REVOKED", "ENDED",
+    "DEADLINE", "PREEMPTED", "REVOKED", "ENDED", "LOST",
 }
+# an sacct state of a job the controller does not know that is not an end state: the record of a
+# job lost by the controller (its end never reaches the accounting)
+_SACCT_LIVE = {"PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING", "RESIZING",
+               "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 # pending reasons that never clear by themselves: the request exceeds what the partition, the
 # account or the QOS allows, or names something that does not exist
 FATAL_PENDING = {
@@ -66,6 +77,8 @@ class JobInfo:
     end: str = ""
     node: str = ""
     restarts: int = 0
+    priority: Optional[int] = None  # squeue's; 0 for a held job
+    name: str = ""  # the job name squeue gives
 
     @property
     def alive(self) -> bool:
@@ -75,11 +88,36 @@ class JobInfo:
     def pending(self) -> bool:
         return self.state == "PENDING"
 
+    @property
+    def held(self) -> bool:
+        """Pending on a hold (it never starts until released): priority 0, or a held reason."""
+        return self.pending and (self.priority == 0 or "held" in self.reason.lower())
+
+    @property
+    def launch_failed(self) -> bool:
+        """Held by the scheduler after its launch failed on a node (a prolog error, a node that
+        could not start it): "launch failed requeued held"."""
+        return self.held and "launch failed" in self.reason.lower()
+
+    @property
+    def blocked(self) -> bool:
+        """Pending until someone acts: held, or the nodes it needs are drained or down."""
+        return self.held or (self.pending and bool(clear_command(self)))
+
+    @property
+    def lost(self) -> bool:
+        return self.state == "LOST"
+
     def describe(self) -> str:
         """One line: why this job ended (or where it is, when it has not)."""
         state = self.state
+        if self.held:
+            return f"pending, held ({self.reason or 'priority 0'}); release it with {clear_command(self)}"
         if state == "PENDING":
-            return f"pending ({self.reason or 'no reason given'})"
+            cmd = clear_command(self)
+            return f"pending ({self.reason or 'no reason given'})" + (f": {cmd}" if cmd else "")
+        if state == "LOST":
+            return f"lost by the scheduler ({self.reason})"
         if self.alive:
             return state.lower()
         code, _, sig = (self.exit_code or "").partition(":")
@@ -107,6 +145,19 @@ class JobInfo:
         if self.restarts:
             text += f", requeued {self.restarts} time{'s' if self.restarts > 1 else ''}"
         return text
+
+
+def clear_command(info: JobInfo) -> str:
+    """The command that lets a held or blocked pending job go on (quoted for a message)."""
+    reason = info.reason or ""
+    if info.held:
+        who = " (an administrator's hold: only an operator can release it)" if reason == "JobHeldAdmin" else ""
+        return f"`scontrol release {info.job_id}`{who}"
+    if any(k in reason for k in ("ReqNodeNotAvail", "NodeDown", "PartitionDown", "PartitionInactive")) \
+            or "DRAINED" in reason.upper():
+        return ("`sinfo -R` (why the nodes are down or drained); an administrator resumes a node with "
+                "`scontrol update nodename=NODE state=resume`")
+    return ""
 
 
 def _signal_name(sig: str) -> str:
@@ -163,31 +214,45 @@ class SlurmScheduler:
     kind = "slurm"
 
     def query(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
-        """``{job_id: JobInfo}`` for every id asked about ('123' or '123_4'): one squeue call for
-        the live ones, one sacct call for the rest (per 500 array ids)."""
+        """``{job_id: JobInfo}`` for every id asked about ('123' or '123_4'): one squeue call (every
+        state the controller still knows), one sacct call for the jobs that ended or that the
+        controller does not know (per 500 array ids).
+
+        A job the controller does not know (squeue) is ``LOST`` while sacct says it is pending or
+        running, or has no record of it: a controller restarted from older state forgot it. A
+        job that ended recently is still known to the controller (``MinJobAge``)."""
         wanted = {str(j) for j in job_ids if j}
         if not wanted:
             return {}
-        out: dict[str, JobInfo] = {}
+        known: dict[str, JobInfo] = {}
         bases = sorted({base_id(j) for j in wanted})
         for chunk in _chunks(bases, 500):
-            out.update(self._squeue(chunk))
-        gone = sorted({base_id(j) for j in wanted if j not in out})
+            known.update(self._squeue(chunk))
+        gone = sorted({base_id(j) for j in wanted if j not in known or not known[j].alive})
         ended: dict[str, JobInfo] = {}
         for chunk in _chunks(gone, 500):
             ended.update(self._sacct(chunk))
         result = {}
         for j in wanted:
-            if j in out:
-                result[j] = out[j]
-            elif j in ended:
-                result[j] = ended[j]
-            else:  # left the queue, accounting not written yet (or purged)
+            rec = ended.get(j)
+            recorded_end = rec is not None and rec.state.split(" ")[0] not in _SACCT_LIVE
+            if j in known and known[j].alive:
+                result[j] = known[j]
+            elif recorded_end:
+                result[j] = rec
+            elif j in known:  # it ended a moment ago: sacct has not recorded it yet
                 result[j] = JobInfo(j, "ENDED")
+            elif rec is not None:
+                # the controller does not know it: not alive, whatever the accounting still says
+                # (the waiter gives sacct a few polls to record an end that just happened)
+                result[j] = JobInfo(j, "LOST", f"squeue does not know it; sacct still says {rec.state}",
+                                    rec.exit_code, rec.time_limit, rec.start, rec.end, rec.node, rec.restarts)
+            else:
+                result[j] = JobInfo(j, "LOST", "neither squeue nor sacct knows it")
         return result
 
     def _squeue(self, bases: list) -> dict[str, JobInfo]:
-        p = _run(["squeue", "-h", "-r", f"--jobs={','.join(bases)}", "-o", "%i|%T|%r|%l|%S|%N"])
+        p = _run(["squeue", "-h", "-r", "-t", "all", f"--jobs={','.join(bases)}", "-o", "%i|%T|%r|%l|%S|%N|%Q|%j"])
         if p.returncode != 0:
             if "Invalid job id" in p.stderr:  # every id asked about has left the queue
                 return {}
@@ -198,7 +263,10 @@ class SlurmScheduler:
             if len(parts) < 6:
                 continue
             jid, state, reason, limit, start, node = (x.strip() for x in parts[:6])
-            out[jid] = JobInfo(jid, state, reason if reason != "None" else "", "", limit, start, "", node)
+            priority = int(parts[6]) if len(parts) > 6 and parts[6].strip().isdigit() else None
+            name = "|".join(parts[7:]).strip()  # last: a name may hold '|' 
+            out[jid] = JobInfo(jid, state, reason if reason != "None" else "", "", limit, start, "", node,
+                               priority=priority, name=name)
         return out
 
     def _sacct(self, bases: list) -> dict[str, JobInfo]:
@@ -239,6 +307,21 @@ class SlurmScheduler:
             if p.returncode != 0 and "Invalid job id" not in p.stderr:
                 raise SchedulerError(f"scancel failed: {p.stderr.strip()[:300]}")
 
+    def submit(self, args: list) -> str:
+        """``sbatch --parsable ARGS``: the job id; SchedulerError with sbatch's error line."""
+        p = _run(["sbatch", "--parsable", *args])
+        if p.returncode != 0:
+            raise SchedulerError(sbatch_error_line(p.stderr or p.stdout))
+        return p.stdout.strip().split(";")[0]
+
+    def release(self, job_ids: Iterable[str]) -> None:
+        """Release held jobs (``scontrol release``)."""
+        ids = sorted({str(j) for j in job_ids if j})
+        for chunk in _chunks(ids, 500):
+            p = _run(["scontrol", "release", ",".join(chunk)])
+            if p.returncode != 0 and "Invalid job id" not in p.stderr:
+                raise SchedulerError(f"scontrol release failed: {p.stderr.strip()[:300]}")
+
     def jobs_named(self, suffix: str) -> dict[str, str]:
         """{job id: name} of the live jobs of this user whose name ends with ``suffix`` (the work
         dir's tag)."""
@@ -267,11 +350,11 @@ class SlurmScheduler:
                 return None
             raise SchedulerError(f"scontrol show partition failed: {p.stderr.strip()[:300]}")
         info = dict(re.findall(r"(\w+)=(\S*)", p.stdout))
-        q = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"])
+        q = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"])
         nodes = {}
         for line in q.stdout.splitlines():
-            node, cpus, mem, gres = (line.split("|") + ["", "", "", ""])[:4]
-            nodes[node] = {"cpus": _int(cpus), "mem_mb": _int(mem), "gpus": gpu_count(gres)}
+            node, cpus, mem, gres, state = (line.split("|") + ["", "", "", "", ""])[:5]
+            nodes[node] = {"cpus": _int(cpus), "mem_mb": _int(mem), "gpus": gpu_count(gres), "state": state.strip()}
         info["nodes"] = nodes
         return info
 
@@ -296,6 +379,11 @@ def sbatch_error_line(text: str) -> str:
             if marker in ln:
                 return ln.split(marker, 1)[1].strip()
     return lines[0].removeprefix("sbatch: ") if lines else "sbatch failed without a message"
+
+
+def node_usable(state: str) -> bool:
+    """A node state of sinfo's %t that can run a job now (not drained, down or not responding)."""
+    return state.rstrip("~#%$@^-!+") in ("idle", "mix", "alloc", "comp", "resv", "plnd")
 
 
 def gpu_count(gres: str) -> int:
@@ -431,6 +519,10 @@ class RequestChecker:
         if args not in self._tested:
             self._tested[args] = self.scheduler.test_submit(list(args))
         err = self._tested[args]
+        if err and nodes and not any(node_usable(n.get("state", "")) for n in nodes.values()):
+            # every node of the partition is drained or down (a maintenance window): sbatch cannot
+            # test the request now; the job waits, blocked, and the waiter says so within its bound
+            return
         if err:
             named = [f"{req.setting(k)}={v}" for k, v in (("partition", part_name), ("account", req.account),
                                                            ("qos", req.qos)) if v]

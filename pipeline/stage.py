@@ -168,6 +168,15 @@ class Stage:
         not override it are requeued up to ``cluster.max_requeues`` times."""
         return None
 
+    def save_now(self, ctx: StageContext, shard: Shard) -> None:
+        """Optional, for ``checkpointable`` stages: save the shard's progress now. Called on rank 0
+        from the handler of a preemption signal (a signal that comes long before the time limit),
+        just before the job is requeued, so a preemption before the first scheduled save loses
+        nothing; it runs between two statements of ``run``, so it may only write state that
+        ``run`` keeps consistent at every statement. Stages without it resume from their last
+        save."""
+        return None
+
     def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
         """Optional: why a complete shard no longer matches the configuration (``done`` is its
         completion marker, with the stats ``run`` returned), or None. Such a shard runs again

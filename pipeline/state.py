@@ -308,5 +308,6 @@ class StageStatus:
     pending: int = 0
     pending_reasons: dict = field(default_factory=dict)  # reason -> count
     stopped: list = field(default_factory=list)  # (key, job id, why): its job ended without a result
+    blocked: list = field(default_factory=list)  # (key, job id, why): pending until someone acts (held, drained)
     stage_error: Optional[str] = None  # _stage.failed.json
     stale: Optional[str] = None  # why the step's outputs are out of date

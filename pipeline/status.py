@@ -74,6 +74,8 @@ def _ask_scheduler(waiting: list, notes: list) -> None:
         info = infos.get(str(rec["job_id"]))
         if info is None:
             continue
+        if info.blocked:
+            st.blocked.append((key, str(rec["job_id"]), info.describe()))
         if info.pending:
             st.pending += 1
             st.pending_reasons[info.reason or "no reason given"] = st.pending_reasons.get(info.reason or "no reason given", 0) + 1
@@ -84,15 +86,17 @@ def _ask_scheduler(waiting: list, notes: list) -> None:
             st.stopped.append((key, str(rec["job_id"]), why))
 
 
-def driver_line(workdir: Path) -> Optional[str]:
+def driver_line(workdir: Path) -> tuple[Optional[str], Optional[bool]]:
+    """(the driver's line, whether it still drives the run: None when nothing can tell)."""
     store = StateStore(Path(workdir))
     rec = _read(store.driver_file)
     if not rec:
-        return None
+        return None, False
     from pipeline.driver import describe_record, record_alive
 
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(rec.get("since") or rec.get("submitted") or 0)))
     state = rec.get("state", "?")
+    alive: Optional[bool] = False
     if state in ("submitted", "running"):
         alive, sched = record_alive(rec)
         if alive is False:
@@ -101,7 +105,36 @@ def driver_line(workdir: Path) -> Optional[str]:
             state = sched
         else:
             state = "running" if alive else state
-    return f"driver: {describe_record(rec)}, {state}, since {since}; log {rec.get('log')}"
+    return f"driver: {describe_record(rec)}, {state}, since {since}; log {rec.get('log')}", alive
+
+
+def _launch_drives(workdir: Path) -> Optional[bool]:
+    """Whether a foreground launch holding the lock still runs (None: on another host)."""
+    owner, problem = lock_holder(Path(workdir))
+    if problem or not owner or owner is MALFORMED or owner.get("role") == "driver":
+        return False
+    return holder_alive(owner)
+
+
+def stopped_line(workdir: Path, statuses: list[StageStatus], driver_alive: Optional[bool]) -> Optional[str]:
+    """'run stopped: ...; resume with ...' when the run is incomplete and nothing drives it."""
+    incomplete = [s for s in statuses if not s.finalized or s.stale]
+    rec = _read(StateStore(Path(workdir)).driver_file) or {}
+    if driver_alive is not False or _launch_drives(workdir) is not False:
+        return None
+    if not incomplete and rec.get("state") in (None, "done"):
+        return None
+    if rec.get("state") == "done" and not any(s.failed or s.stage_error or s.stopped for s in incomplete):
+        return None  # a launch of some steps only finished; the others were never asked for
+    why = {"cancelled": "cancelled", "failed": f"the driver failed ({rec.get('error', '?')})"}.get(
+        str(rec.get("state")), "nothing drives it (the driver or the launch ended)")
+    if str(rec.get("state", "")).startswith("stopped"):
+        why = f"the driver was {rec['state']}"
+    resume = rec.get("resume") or "the same launch command"
+    steps = ", ".join(s.stage if s.iteration is None else f"{s.stage} (iteration {s.iteration})" for s in incomplete[:4])
+    more = f" and {len(incomplete) - 4} more" if len(incomplete) > 4 else ""
+    return (f"run stopped: {why}; {len(incomplete)} step(s) incomplete ({steps}{more}); "
+            f"resume with: {resume} (complete shards are kept)")
 
 
 def lock_line(workdir: Path) -> Optional[str]:
@@ -148,6 +181,10 @@ def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = 
             lines += _failure_lines(s.stage_error)
         for reason, n in Counter(s.pending_reasons).most_common():
             lines.append(f"    pending: {n} job(s), reason {reason}")
+        for key, job, why in s.blocked[:20]:
+            lines.append(f"    blocked {key} (job {job}): {why}")
+        if len(s.blocked) > 20:
+            lines.append(f"    ... and {len(s.blocked) - 20} more blocked shard(s)")
         for key, job, why in s.stopped[:20]:
             lines.append(f"    stopped {key} (job {job}): {why}; it runs again at the next launch")
         if len(s.stopped) > 20:
@@ -172,14 +209,24 @@ def _failure_lines(error: str) -> list[str]:
     return out
 
 
+EXIT_FAILED = 1  # a shard or a step failed
+EXIT_STOPPED = 4  # the run is incomplete and nothing drives it, or a job waits until someone acts
+
+
 def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:
-    """(text, exit code) of ``launch.py status``: 1 when a shard or a step failed."""
+    """(text, exit code) of ``launch.py status``: 0 while the run goes on or is complete,
+    ``EXIT_FAILED`` when a shard or a step failed, ``EXIT_STOPPED`` when it stopped (the line says
+    how to resume it) or a job is blocked until someone acts (held, its nodes drained)."""
     workdir = Path(workdir)
     notes: list = []
     statuses = collect(workdir, order, notes)
-    header = [line for line in (driver_line(workdir), lock_line(workdir)) if line] + notes
+    driver, driver_alive = driver_line(workdir)
+    stopped = stopped_line(workdir, statuses, driver_alive) if statuses else None
+    header = [line for line in (driver, lock_line(workdir), stopped) if line] + notes
     failed = any(s.failed or (s.stage_error and not s.finalized) for s in statuses)
-    return render(statuses, workdir, header), (1 if failed else 0)
+    blocked = any(s.blocked for s in statuses)
+    rc = EXIT_FAILED if failed else EXIT_STOPPED if (stopped or blocked) else 0
+    return render(statuses, workdir, header), rc
 
 
 __all__ = ["collect", "render", "report"]

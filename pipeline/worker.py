@@ -8,7 +8,9 @@ The time-limit signal (USR2, ``signal_delay_s`` before the limit) never reaches 
 ``Exception``: for a checkpointable stage it requeues the job through submitit when the stage made
 progress since the job started (``Stage.progress``), otherwise the shard fails with "timed out
 after N min ... raise cluster.stages.<stage>.timeout_min"; for other stages it fails the shard
-with that line. Either way the failure is a ``ShardInterrupted`` (a BaseException), so no
+with that line. The same signal long before the limit (more than ``signal_delay_s`` plus Slurm's
+minute of slack) is a preemption: a checkpointable stage saves now (``Stage.save_now``) and the
+job is requeued at once, whatever its progress. Either way the failure is a ``ShardInterrupted`` (a BaseException), so no
 per-item ``except Exception`` can record it as a bad input item.
 """
 from __future__ import annotations
@@ -236,6 +238,12 @@ class ShardTask:
         except OSError as e:  # a full disk: the launcher reports the job's end from the scheduler
             log.error("could not record the failure of shard %s: %s", key, e)
 
+    def _save_now(self) -> None:
+        try:
+            self.stage.save_now(self.ctx, self.shard)
+        except Exception:  # noqa: BLE001 - the requeue goes on: the stage resumes from its last save
+            log.warning("could not save shard %s before the requeue", self.shard.key, exc_info=True)
+
     def _progress(self) -> Optional[int]:
         if type(self.stage).progress is Stage.progress:
             return None
@@ -275,12 +283,17 @@ class ShardTask:
 
         def decide(signum, frame, final: bool):
             minutes = f"{self.timeout_min:g}"
-            now = self._progress() if has_progress else None
-            if self.stage.checkpointable and (not has_progress or _grew(progress0, now)):
-                return requeue(signum, frame, now)
             # only Slurm signals early; submitit's local controller signals exactly when asked
             early = not final and os.environ.get("SLURM_JOB_ID")
             left = limit_s - (time.time() - _job_start(started)) if early else 0.0
+            if self.stage.checkpointable and early and left > self.signal_delay_s + _SLURM_SIGNAL_SLACK_S:
+                log.warning("== %s %s: signal %.0f s before the time limit: a preemption; saving now and "
+                            "requeueing", stage_name, self.shard.key, left)
+                self._save_now()
+                return requeue(signum, frame, self._progress() if has_progress else None)
+            now = self._progress() if has_progress else None
+            if self.stage.checkpointable and (not has_progress or _grew(progress0, now)):
+                return requeue(signum, frame, now)
             if early and left > 2 * _DECIDE_BEFORE_S:
                 log.warning("== %s %s: time-limit signal %.0f s before the limit; deciding %.0f s before it",
                             stage_name, self.shard.key, left, _DECIDE_BEFORE_S)
@@ -306,6 +319,9 @@ class ShardTask:
 
 
 _DECIDE_BEFORE_S = 8.0  # how long before the limit a deferred time-limit decision is taken
+# Slurm sends the time-limit signal up to a minute before the asked time (its timer's resolution);
+# a signal with more than signal_delay_s + this left is not the time limit's
+_SLURM_SIGNAL_SLACK_S = 90.0
 
 
 def _job_start(fallback: float) -> float:

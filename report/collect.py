@@ -434,7 +434,12 @@ def listing_part(run: Run) -> Optional[dict]:
         "removed": removed, "removed_examples": list(listing.get("removed_examples") or []),
         "removed_list": run.link(idir / "removed.txt", "removed.txt"),
         "changed": changed, "changed_examples": [tuple(x) for x in listing.get("changed_examples") or []],
-        "changed_list": run.link(idir / "changed.txt", "changed.txt"), "problems": problems}
+        "changed_list": run.link(idir / "changed.txt", "changed.txt"), "problems": problems,
+        # every corpus path that is not an item (stages/corpus.py IGNORED_KINDS)
+        "ignored": [{"kind": kind, "count": int(p.get("count") or 0), "examples": list(p.get("examples") or [])}
+                    for kind, p in (listing.get("ignored") or {}).items()],
+        "ignored_total": int(listing.get("ignored_total") or 0),
+        "ignored_list": run.link(idir / "ignored.tsv", "ignored.tsv")}
     if removed or changed:
         run.problem(f"the last corpus listing found {removed:,} gone and {changed:,} changed source(s): ",
                     Anchor("crop", "see the listing"))
@@ -620,10 +625,15 @@ def finetune_section(run: Run) -> dict:
     noise = None
     if res.get("noise"):
         noise = guarded(run, f'{path} ("noise")', "finetune", noise_wer_part, run, res["noise"])
+    generation = res.get("generation") or {}
+    chosen = (generation.get("beam"), generation.get("lenpen"))
+    grid = [{**row, "chosen": (row.get("beam"), row.get("lenpen")) == chosen} for row in res.get("decode_grid") or []]
     return {"written": True, "splits": splits, "hypotheses": hypotheses, "shown": HYPOTHESES_SHOWN,
             "checkpoint": res.get("checkpoint"), "pretrained": res.get("pretrained"),
             "modalities": res.get("modalities"), "num_updates": res.get("num_updates"),
-            "generation": list((res.get("generation") or {}).items()), "noise": noise}
+            "generation": list(generation.items()), "noise": noise,
+            # decoding tuned on valid (finetune.decode_grid) and checkpoint averaging (finetune.average_last)
+            "decode_grid": grid if len(grid) > 1 else [], "averaging": res.get("averaging")}
 
 
 def noise_wer_part(run: Run, noise: dict) -> dict:

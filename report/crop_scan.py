@@ -26,7 +26,7 @@ from pipeline import atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: rotations per angle
+CACHE_VERSION = 4  # 3: rotations per angle; 4: words per second
 ROTATED_EXAMPLES = 3  # rotated item ids kept per shard
 SAMPLES_PER_SHARD = 4  # candidates for the corpus sample sheet
 
@@ -41,10 +41,11 @@ HIST_BINS = {
     "brightness": (0.0, 255.0, 20),
     "contrast": (0.0, 100.0, 20),
     "blank_share": (0.0, 1.0, 20),
+    "words_per_s": (0.0, 10.0, 20),
 }
 # figures kept with each flagged item (the report's table and flagged.tsv)
 FLAGGED_FIGURES = ("face_share", "face_px", "jitter", "roll_deg", "motion", "static_share", "brightness",
-                   "contrast", "blank_share", "rotation")
+                   "contrast", "blank_share", "words_per_s", "rotation")
 
 
 def histogram(figure: str, values: np.ndarray) -> list:

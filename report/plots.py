@@ -19,6 +19,7 @@ FIGURE_TITLES = {
     "brightness": "ROI brightness",
     "contrast": "ROI contrast (std)",
     "blank_share": "blank ROI frames (share)",
+    "words_per_s": "transcript words per second of audio",
 }
 # figure -> bound attributes drawn on its histogram
 FIGURE_BOUNDS = {
@@ -26,6 +27,7 @@ FIGURE_BOUNDS = {
     "roll_deg": ("max_roll_deg",), "motion": ("min_motion",), "static_share": ("max_static_share",),
     "brightness": ("min_brightness", "max_brightness"), "contrast": ("min_contrast",),
     "blank_share": ("max_blank_share",),
+    "words_per_s": ("min_words_per_s", "max_words_per_s"),
 }
 
 

@@ -566,4 +566,10 @@ def load_model(path) -> dict:
 
 
 def load_centroids(path) -> np.ndarray:
+    """(K, D) centroids of a k-means model file, or of a ``.npy`` centroid array (an export's)."""
+    if str(path).endswith(".npy"):
+        c = np.load(path, allow_pickle=False)
+        if c.ndim != 2:
+            raise ValueError(f"{path}: centroids must be (K, D), got shape {c.shape}")
+        return c.astype(np.float32, copy=False)
     return load_model(path)["centroids"]

@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from avprep import landmark_files
 from avprep.quality import QualityBounds
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
@@ -43,7 +44,7 @@ _GROUPING = "how items are grouped into jobs, frozen with the item list: each it
 @classify(
     output=("mode", "face_rule", "cnn_fallback", "upsample", "detect_every", "detect_width", "fast_upsample",
             "fast_strategy", "level_margin", "level_presteps", "window", "fps", "sample_rate", "min_frames",
-            "require_audio", "crf", "quality"),
+            "require_audio", "crf", "quality", "landmarks_dir", "landmarks_missing"),
     ignored={"frame_cache_mb": "memory only: an item whose frames do not fit is decoded twice, to the same frames",
              "items_per_shard": _GROUPING, "n_shards": _GROUPING,
              "max_failure_rate": "a check: the step fails above it, what is written is the same"})
@@ -74,6 +75,12 @@ class Config:
     # item whose frames exceed this is decoded a second time instead, so memory stays bounded
     frame_cache_mb: int = 512
     min_frames: int = 12  # shorter items are failures
+    # landmarks that already exist (avprep/landmark_files.py: the reference's or auto_avsr's per-video
+    # pickles, or another work dir's crop/landmarks): read instead of detecting faces
+    landmarks_dir: Optional[str] = None
+    # an item without a file in landmarks_dir: "fail" (a failure record naming the files looked
+    # for) or "detect" (its faces are detected as without landmarks_dir)
+    landmarks_missing: str = "fail"
     require_audio: bool = True
     crf: int = 18  # x264 quality of the ROI videos
     items_per_shard: int = 50
@@ -172,10 +179,24 @@ def mouth_rois(frames, track: np.ndarray, cfg: Config) -> Iterator[np.ndarray]:
     return (_gray(r) for r in rois) if cfg.mode == "reference" else rois
 
 
+def read_frames(frames, cache_mb: float) -> tuple:
+    """The number of decoded frames, and the frames while they fit in ``cache_mb`` (None beyond
+    it: the caller decodes again)."""
+    cached, size, n = [], 0, 0
+    for frame in frames:
+        n += 1
+        if cached is not None:
+            size += frame.nbytes
+            cached = None if size > cache_mb * 2**20 else cached + [frame]
+    return n, cached
+
+
 def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landmarks: Path, cfg: Config,
-              start: Optional[float] = None, end: Optional[float] = None, detector=None) -> CropResult:
+              start: Optional[float] = None, end: Optional[float] = None, detector=None,
+              imported: Optional[landmark_files.Imported] = None) -> CropResult:
     """Crop one video (or segment) into the three output files, each written atomically.
-    Landmarks already saved in ``out_landmarks`` are reused."""
+    Landmarks already saved in ``out_landmarks`` are reused; ``imported``: landmarks read from a
+    file instead of detected (avprep/landmark_files.py)."""
     from avprep import align, media, quality
 
     t0 = time.time()
@@ -189,6 +210,9 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
               "fps": cfg.fps}
     if info["rotation"]:  # detected on the upright frames (older files saw them sideways)
         source["rotation"] = info["rotation"]
+    if imported is not None:  # another landmarks file (or none: detected) is another source
+        source["landmarks"] = {"file": str(imported.path.resolve()), "size": imported.path.stat().st_size,
+                               "first_frame": imported.first_frame}
     source = json.dumps(source)
     saved = np.load(out_landmarks) if out_landmarks.exists() else None
     if saved is not None and ("source" not in saved or str(saved["source"]) != source):
@@ -199,23 +223,31 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
         track, found, raw_arr = saved["interpolated"], int(saved["found"].sum()), saved["raw"]
         n = len(track)
     else:
-        detector = detector or _detector(cfg)
-        raw, cached = detect_frames(_frames(video, cfg, start, end), detector, cfg.frame_cache_mb)
+        if imported is not None:
+            n, cached = read_frames(_frames(video, cfg, start, end), cfg.frame_cache_mb)
+            raw = landmark_files.fit(imported.path, landmark_files.read(imported.path), str(video), n, cfg.fps,
+                                     imported.first_frame) if n else []
+        else:
+            detector = detector or _detector(cfg)
+            raw, cached = detect_frames(_frames(video, cfg, start, end), detector, cfg.frame_cache_mb)
         n = len(raw)
         if n == 0:
             raise CropError(f"{video}: no frame could be decoded" + (f" in [{start}, {end}] s" if start or end else ""))
+        media.check_complete(video, "video", n / cfg.fps, info["duration"], start, end)
         if n < cfg.min_frames:
             raise CropError(f"{video}: {n} frames at {cfg.fps} fps, shorter than crop.min_frames={cfg.min_frames}")
         track = align.interpolate_missing(raw)
         found = sum(r is not None for r in raw)
         if track is None:
-            raise NoFaceError(f"{video}: no face found in any of its {n} frames")
-        raw_arr = np.full((n, 68, 2), -1, dtype=np.int32)
+            where = f" of {imported.path}" if imported is not None else ""
+            raise NoFaceError(f"{video}: no face found in any of its {n} frames{where}")
+        # detections are whole pixels; imported landmarks (auto_avsr's FAN) may be sub-pixel
+        raw_arr = np.full((n, 68, 2), -1, dtype=np.int32 if imported is None else np.float64)
         for i, r in enumerate(raw):
             if r is not None:
                 raw_arr[i] = r
         with atomic.atomic_path(out_landmarks) as tmp:
-            save_npz(tmp, raw=raw_arr, interpolated=track, found=raw_arr[:, 0, 0] >= 0, source=source,
+            save_npz(tmp, raw=raw_arr, interpolated=track, found=np.array([r is not None for r in raw]), source=source,
                      fps=cfg.fps, mode=cfg.mode)
     frames = iter(cached) if cached is not None else _frames(video, cfg, start, end)
     bounds = quality.bounds_of(cfg.quality)
@@ -230,6 +262,7 @@ def crop_item(video: Path, out_video: Path, out_audio: Optional[Path], out_landm
     if out_audio is not None and info["has_audio"]:
         n_samples = media.extract_audio(video, out_audio, start=start, end=end, sr=cfg.sample_rate)
         audio = out_audio
+        media.check_complete(video, "audio", n_samples / cfg.sample_rate, info["audio_duration"], start, end)
     q = quality.item_quality(raw_arr, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
     return CropResult(Path(out_video), audio, Path(out_landmarks), n_written, n_samples, found, time.time() - t0,
                       q, meter.tile_stack(), info["rotation"])
@@ -251,8 +284,27 @@ def save_npz(path: Path, **arrays) -> None:
             zf.writestr(member, buf.getvalue())
 
 
+def measure_item(video: Path, landmarks: Path, cfg: Config, start: Optional[float] = None,
+                 end: Optional[float] = None) -> tuple:
+    """(quality dict, sheet tiles) of an item an earlier, killed run of its shard cropped, measured
+    as ``crop_item`` measures them: the ROIs cut again from the decoded source along the saved
+    landmark track (no detection, no encoding), so a resumed shard's records and sheet are a
+    straight run's, byte for byte (the encoded ROI video would move the figures: motion by ~10 %)."""
+    from avprep import media, quality
+
+    info = media.video_info(video)
+    with np.load(landmarks) as saved:
+        raw, track = saved["raw"], saved["interpolated"]
+    bounds = quality.bounds_of(cfg.quality)
+    meter = quality.RoiMeter(len(track), bounds.sheet_frames)
+    for _ in meter.observe(mouth_rois(_frames(video, cfg, start, end), track, cfg)):
+        pass
+    q = quality.item_quality(raw, track, meter, bounds, info["fps"], cfg.fps, info["rotation"], cfg.window)
+    return q, meter.tile_stack()
+
+
 def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Config] = None,
-                   name: Optional[str] = None) -> CropResult:
+                   name: Optional[str] = None, landmarks: Optional[Path] = None) -> CropResult:
     """The crop stage's processing of one whole video into ``out_dir/<name>.{mp4,wav,landmarks.npz}``
     (used by ``launch.py crop-video`` and ``launch.py infer``). No audio track: no wav, no error."""
     cfg = cfg or Config()
@@ -262,7 +314,8 @@ def crop_one_video(video, out_dir, mode: Optional[str] = None, cfg: Optional[Con
     out_dir = Path(out_dir)
     name = name or Path(video).stem
     return crop_item(Path(video), out_dir / f"{name}.mp4", out_dir / f"{name}.wav",
-                     out_dir / f"{name}.landmarks.npz", cfg)
+                     out_dir / f"{name}.landmarks.npz", cfg,
+                     imported=landmark_files.Imported(Path(landmarks)) if landmarks else None)
 
 
 def crop_video_main(argv: list) -> int:
@@ -272,6 +325,8 @@ def crop_video_main(argv: list) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=["reference", "fast"], default="fast")
     p.add_argument("--face-rule", choices=["largest", "last"], default="largest")
+    p.add_argument("--landmarks", help="landmarks of this video to use instead of detecting faces (the reference's "
+                                        "or auto_avsr's .pkl, or a crop's .npz)")
     a = p.parse_args(argv)
     cfg = Config(mode=a.mode, face_rule=a.face_rule)
     out = Path(a.out)
@@ -280,8 +335,8 @@ def crop_video_main(argv: list) -> int:
     if stale.exists():
         print(f"found {stale}: reused if it was detected on this video, else replaced")
     try:
-        r = crop_one_video(a.video, out, cfg=cfg)
-    except (CropError, OSError, RuntimeError) as e:
+        r = crop_one_video(a.video, out, cfg=cfg, landmarks=a.landmarks)
+    except (CropError, OSError, RuntimeError, landmark_files.LandmarkFileError) as e:
         print(f"error: {e}")
         return 1
     print(f"{a.video}: {r.n_frames} frames at 25 fps, face found in {r.faces_found}/{r.n_frames}, "
@@ -309,14 +364,50 @@ def items_dir(ctx: StageContext) -> Path:
     return crop_dir(ctx) / "items"
 
 
+def status_lines(workdir: Path) -> list[str]:
+    """``launch.py status``'s lines on the crop stage's last corpus listing (stages/item_list.py)."""
+    from stages import item_list as il
+
+    return il.listing_status_lines(Path(workdir) / "crop" / "items")
+
+
 def source_root(ctx: StageContext) -> Path:
     """Where the frozen items' relative source paths are looked up: the configured corpus dir
     (the corpus may have moved since it was listed)."""
     return Path(str(ctx.cfg.corpus)).expanduser().resolve()
 
 
+# an item's output files: crop/<kind>/<id><suffix> (ids that would share one are refused when
+# the corpus is listed: stages.corpus.output_clashes)
+OUTPUTS = (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))
+
+
 def output_paths(out: Path, item_id: str) -> dict:
-    return {k: out / k / f"{item_id}{ext}" for k, ext in (("video", ".mp4"), ("audio", ".wav"), ("landmarks", ".npz"))}
+    return {k: out / k / f"{item_id}{ext}" for k, ext in OUTPUTS}
+
+
+def imported_landmarks(ctx: StageContext, cfg: Config, item) -> Optional[landmark_files.Imported]:
+    """The item's file in ``crop.landmarks_dir`` (None: detect its faces), or a CropError when it
+    has none and ``crop.landmarks_missing=fail``."""
+    if not cfg.landmarks_dir:
+        return None
+    root = source_root(ctx)
+    try:
+        relative = Path(item.video).relative_to(root).as_posix()
+    except ValueError:
+        relative = None
+    where = Path(cfg.landmarks_dir).expanduser()
+    path = landmark_files.find(where, item.id, relative)
+    if path is None:
+        if cfg.landmarks_missing == "detect":
+            return None
+        looked = ", ".join(str(p.relative_to(where)) for p in landmark_files.candidates(where, item.id, relative))
+        raise CropError(f"{item.video}: no landmarks file for it in crop.landmarks_dir={where} (looked for "
+                        f"{looked}); add it, or crop.landmarks_missing=detect to detect its faces")
+    # a file of the whole video (not of this item) starts at the video's first frame
+    whole_video = path.with_suffix("") != where / item.id
+    first = int(round(float(item.start or 0) * cfg.fps)) if whole_video else 0
+    return landmark_files.Imported(path, first)
 
 
 class CropStage(Stage):
@@ -341,6 +432,12 @@ class CropStage(Stage):
             raise ConfigError(f"crop.face_rule={c.face_rule!r}: largest or last")
         if not 0 <= c.max_failure_rate <= 1:
             raise ConfigError(f"crop.max_failure_rate={c.max_failure_rate}: a share between 0 and 1")
+        if c.landmarks_missing not in ("fail", "detect"):
+            raise ConfigError(f"crop.landmarks_missing={c.landmarks_missing!r}: fail or detect")
+        if c.landmarks_dir and not Path(str(c.landmarks_dir)).expanduser().is_dir():
+            raise ConfigError(f"crop.landmarks_dir={c.landmarks_dir}: no such directory")
+        if c.landmarks_missing != "fail" and not c.landmarks_dir:
+            raise ConfigError(f"crop.landmarks_missing={c.landmarks_missing} does nothing without crop.landmarks_dir")
         if c.window < 1 or c.min_frames < 1 or c.items_per_shard < 1:
             raise ConfigError("crop.window, crop.min_frames and crop.items_per_shard must be >= 1")
         corpus = ctx.cfg.get("corpus")
@@ -354,20 +451,25 @@ class CropStage(Stage):
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
         from stages.corpus import scan_corpus
 
-        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True))
+        listing = scan_corpus(ctx.cfg, echo=lambda line: print(f"[crop] {line}", flush=True),
+                              output_suffixes=[suffix for _, suffix in OUTPUTS])
         lines = [f"corpus {listing.root} ({listing.layout}): {len(listing.items)} items listed in "
                  f"{listing.seconds:.1f} s"] + listing.problem_lines()
-        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems)
+        lines += listing.ignored_lines(where=str(items_dir(ctx) / "ignored.tsv") if commit else None)
+        lines += self.freeze(ctx, listing.items, listing.root, listing.layout, commit, listing.problems,
+                             listing.ignored)
         from stages import estimates
 
         estimates.note_listing(ctx, listing.items)  # the resource plan sizes the corpus from this listing
         return lines
 
     def freeze(self, ctx: StageContext, items: list, root: Path, layout: str, commit: bool = True,
-               problems: Optional[dict] = None) -> list[str]:
+               problems: Optional[dict] = None, ignored: Optional[dict] = None) -> list[str]:
         """Freeze ``items`` (the current listing) against the frozen list: the whole list the
         first time, the new items as a new batch of shards later. Returns lines for the user.
-        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json."""
+        ``problems``: the listing's per-item problems (kind -> messages), kept in listing.json;
+        ``ignored``: the paths that are not items (kind -> paths), counted there and listed in
+        ignored.tsv."""
         from stages import item_list as il
 
         idir = items_dir(ctx)
@@ -412,7 +514,7 @@ class CropStage(Stage):
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes, problems)
+            il.write_listing_report(idir, len(items), changes, problems, ignored)
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
@@ -469,16 +571,15 @@ class CropStage(Stage):
                 if all(p.exists() for p in paths.values()):  # done by an earlier, killed run of this shard
                     n_frames = media.header_frame_count(paths["video"]) or media.count_video_frames(paths["video"])
                     n_samples = media.count_wav_samples(paths["audio"])
-                    info = media.video_info(item.video)
-                    q, tiles = quality.quality_from_outputs(
-                        media.iter_gray_video(paths["video"]), paths["landmarks"], bounds, info["fps"], cfg.fps,
-                        info["rotation"], cfg.window, n_frames)
+                    q, tiles = measure_item(Path(item.video), paths["landmarks"], cfg, item.start, item.end)
                 else:
-                    if detector is None:
+                    imported = imported_landmarks(ctx, cfg, item)
+                    if detector is None and imported is None:
                         detector = _detector(cfg)
                     r = crop_item(Path(item.video), paths["video"], paths["audio"], paths["landmarks"], cfg,
-                                  item.start, item.end, detector)
+                                  item.start, item.end, detector, imported)
                     n_frames, n_samples, q, tiles = r.n_frames, r.n_samples, r.quality, r.tiles
+                q = quality.with_speech_rate(q, item.text, n_samples / cfg.sample_rate, bounds)
                 q = {**q, "sheet_index": len(sheet)}
                 sheet.append(quality.SheetEntry(item.id, tiles, q["flags"]))
                 records.append({**base, "status": "ok", "video": paths["video"].relative_to(out).as_posix(),
@@ -491,6 +592,10 @@ class CropStage(Stage):
                 # ... but a full disk, an I/O error or a signal is not the video's fault: the shard
                 # fails and a rerun retries the item
                 raise_if_infrastructure(e, [out])
+                if not item.error:  # a failed item leaves no outputs behind (a half-written item's)
+                    for p in paths.values():
+                        if p.is_file():
+                            p.unlink()
                 reason = str(e) if (item.error or item.video in str(e)) else f"{item.video}: {type(e).__name__}: {e}"
                 reason = shown(reason)
                 log.warning("crop failed: %s", reason)

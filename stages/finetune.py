@@ -75,6 +75,8 @@ TENSORBOARD_DIR = "tensorboard"
 RESULTS = "results.json"
 NOISE_EVAL_DIR = "noise_eval"
 DECODE_SPLITS = ("valid", "test")
+AVERAGED_CHECKPOINT = "checkpoint_averaged.pt"
+DECODING = "decoding.json"  # beside the checkpoints: the setting chosen on valid (launch.py infer reads it)
 
 STAGE_OWNED_KEYS = (
     "task.data",
@@ -89,8 +91,21 @@ STAGE_OWNED_KEYS = (
 )
 
 
+# the settings tried on valid decide the one test is decoded with
+@classify(output=("beam", "lenpen"))
+@dataclass
+class DecodeGrid:
+    # valid is decoded with every beam x lenpen of these lists and with finetune.beam / lenpen;
+    # the lowest valid WER picks the setting test (and launch.py infer) decode with. An empty list
+    # means finetune.beam (or lenpen) alone; both empty: no tuning, one setting. The default holds
+    # the reference's setting (beam 50, lenpen 1) and the maintainers' advice (beam 20).
+    beam: List[int] = field(default_factory=lambda: [20, 50])
+    lenpen: List[float] = field(default_factory=lambda: [0.0, 1.0])
+
+
 @classify(output=("model_config", "pretrained_checkpoint", "modalities", "max_update", "freeze_finetune_updates",
-                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise", "update_freq"),
+                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise", "update_freq",
+                  "decode_grid", "average_last"),
           ignored={"enabled": "whether the stage takes part in --stage all",
                    "decode_max_tokens": "how many frames one decoding batch takes", "master_port": "where the ranks meet"})
 @dataclass
@@ -116,6 +131,10 @@ class Config:
     max_len_b: int = 0
     lenpen: float = 1.0
     decode_max_tokens: int = 2000  # frames per decoding batch
+    decode_grid: DecodeGrid = field(default_factory=DecodeGrid)
+    # 0 = off; N >= 2: also average the last N saved checkpoints (avhubert/averaging.py, fairseq's
+    # average_checkpoints semantics), decode valid with both, keep the better for test and infer
+    average_last: int = 0
     # Batches each rank accumulates per update; None = the recipe's batch on this job's ranks
     # (as train.update_freq, from the base config's distributed_world_size and update_freq).
     update_freq: Optional[int] = None
@@ -212,6 +231,11 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
                                finetune_update_freq(ctx, dist.world_size).update_freq)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
         overrides.append(f"model.freeze_finetune_updates={int(cfg.finetune.freeze_finetune_updates)}")
+    n_average = int(cfg.finetune.get("average_last", 0) or 0)
+    keep = _base_value(cfg, "checkpoint.keep_interval_updates")
+    if n_average >= 2 and keep is not None and 0 < int(keep) < n_average:
+        # the base configs keep one update checkpoint (as the reference's): averaging needs N
+        overrides.append(f"checkpoint.keep_interval_updates={n_average}")
     return overrides + [str(o) for o in (cfg.finetune.overrides or [])]
 
 
@@ -239,6 +263,62 @@ def score_splits(decoder, splits=DECODE_SPLITS) -> dict:
         out[split] = decoder.score(split)
         log.info("%s: WER %s over %d utterances", split, out[split]["wer"], out[split]["utterances"])
     return out
+
+
+def decode_settings(f) -> list[tuple[int, float]]:
+    """The (beam, lenpen) cells valid is decoded with: finetune.beam/lenpen first, then the grid."""
+    beams = [int(b) for b in f.decode_grid.beam] or [int(f.beam)]
+    lenpens = [float(x) for x in f.decode_grid.lenpen] or [float(f.lenpen)]
+    cells = [(int(f.beam), float(f.lenpen))]
+    for b in beams:
+        for lp in lenpens:
+            if (b, lp) not in cells:
+                cells.append((b, lp))
+    return cells
+
+
+def tune_decoding(decoder, cells: list) -> tuple:
+    """Decode valid with every (beam, lenpen) cell; returns (chosen cell, the grid rows, valid's
+    scores with the chosen cell). Lowest WER wins; ties go to the earlier cell (finetune.beam /
+    lenpen first, then the grid in order), so the choice never depends on timing."""
+    rows, best = [], None
+    for beam, lenpen in cells:
+        decoder.set_generation(beam=beam, lenpen=lenpen)
+        scores = decoder.score("valid")
+        rows.append({"beam": beam, "lenpen": lenpen,
+                     **{k: scores[k] for k in ("wer", "errors", "ref_words", "utterances")}})
+        key = float("inf") if scores["wer"] is None else scores["wer"]
+        if best is None or key < best[0]:
+            best = (key, (beam, lenpen), scores)
+        log.info("valid with beam %d, lenpen %g: WER %s", beam, lenpen, scores["wer"])
+    decoder.set_generation(beam=best[1][0], lenpen=best[1][1])
+    return best[1], rows, best[2]
+
+
+def average_last(ctx: StageContext, ckpt_dir: Path, final: Path, end_updates: int) -> dict:
+    """Write ``checkpoint_averaged.pt`` (the last ``finetune.average_last`` checkpoints averaged);
+    returns what was averaged, with a note when fewer were saved than asked."""
+    import torch
+
+    from avhubert.averaging import average_checkpoints, last_checkpoints
+    from avhubert.checkpoint import load_checkpoint_to_cpu
+
+    n = int(ctx.cfg.finetune.average_last)
+    from stages.train import checkpoint_updates
+
+    paths = last_checkpoints(ckpt_dir, final, int(end_updates), n, checkpoint_updates)
+    record = {"asked": n, "checkpoints": [p.name for p in paths]}
+    if len(paths) < n:
+        record["note"] = (f"only {len(paths)} of the last {n} checkpoints asked were saved: save more often "
+                          "(finetune.overrides checkpoint.save_interval_updates=...; epochs shorter than that save "
+                          "only epoch checkpoints: checkpoint.no_epoch_checkpoints=false checkpoint.save_interval=1)")
+        log.warning("finetune.average_last=%d: %s", n, record["note"])
+    if len(paths) < 2:
+        return record  # nothing to average: the final model alone
+    state = average_checkpoints(paths, load_checkpoint_to_cpu)
+    with atomic.atomic_path(ckpt_dir / AVERAGED_CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+    return record
 
 
 def _snr_key(snr: float) -> str:
@@ -283,8 +363,8 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
     f = ctx.cfg.finetune
     plan = noise_eval_plan(ctx)
     stat = Path(checkpoint).stat()
-    generation = {"beam": int(f.beam), "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b),
-                  "lenpen": float(f.lenpen)}
+    generation = {"beam": int(decoder.beam), "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b),
+                  "lenpen": float(decoder.lenpen)}
     identity = {"checkpoint": str(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "generation": generation, "seed": plan["seed"], "noise_dir": plan["dir"],
                 "noise_fingerprint": _noise_fingerprint(Path(plan["dir"]))}
@@ -331,7 +411,8 @@ def noise_eval_record(ctx: StageContext) -> Path:
     f = ctx.cfg.finetune
     settings = {k: f.noise[k] for k in ("eval_snrs", "eval_categories", "eval_modalities", "eval_splits",
                                          "eval_seed", "dir")}
-    settings.update({k: f[k] for k in ("beam", "max_len_a", "max_len_b", "lenpen", "modalities")})
+    settings.update({k: f[k] for k in ("beam", "max_len_a", "max_len_b", "lenpen", "modalities", "decode_grid",
+                                       "average_last")})
     text = json.dumps(OmegaConf.to_container(OmegaConf.create(settings)), sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return ctx.with_iteration(None).stage_dir("finetune") / NOISE_EVAL_DIR / f"done-{digest}.json"
@@ -406,8 +487,17 @@ class FinetuneStage(Stage):
             raise ConfigError(f"finetune.pretrained_checkpoint: {configured} does not exist")
         if not configured:
             pretrained_checkpoint(ctx)  # iterations >= 1
-        if int(cfg.finetune.beam) < 1:
-            raise ConfigError(f"finetune.beam must be >= 1, got {cfg.finetune.beam}")
+        if int(cfg.finetune.beam) < 1 or any(int(b) < 1 for b in cfg.finetune.decode_grid.beam):
+            raise ConfigError(f"finetune.beam and finetune.decode_grid.beam must be >= 1, got {cfg.finetune.beam} "
+                              f"and {list(cfg.finetune.decode_grid.beam)}")
+        for override in cfg.finetune.overrides or []:
+            key, _, value = str(override).partition("=")
+            if key == "checkpoint.keep_interval_updates" and 0 < int(value) < int(cfg.finetune.average_last):
+                raise ConfigError(f"finetune.overrides {override} keeps fewer checkpoints than finetune.average_last="
+                                  f"{cfg.finetune.average_last} averages")
+        if int(cfg.finetune.average_last) < 0 or int(cfg.finetune.average_last) == 1:
+            raise ConfigError(f"finetune.average_last={cfg.finetune.average_last}: 0 (off) or the number of "
+                              "checkpoints to average, >= 2 (one checkpoint averaged is itself)")
         from stages.noise import validate_use
 
         validate_use(ctx, "finetune")
@@ -533,19 +623,45 @@ class FinetuneStage(Stage):
         f = cfg.finetune
         from avhubert.s2s_decode import Decoder
 
-        decoder = Decoder(final, str(f.modalities), beam=int(f.beam), max_len_a=float(f.max_len_a),
-                          max_len_b=int(f.max_len_b), lenpen=float(f.lenpen), data_dir=manifest_dir(ctx),
-                          max_tokens=int(f.decode_max_tokens), device=device)
-        splits = score_splits(decoder)
+        def decoder_of(checkpoint: Path):
+            return Decoder(checkpoint, str(f.modalities), beam=int(f.beam), max_len_a=float(f.max_len_a),
+                           max_len_b=int(f.max_len_b), lenpen=float(f.lenpen), data_dir=manifest_dir(ctx),
+                           max_tokens=int(f.decode_max_tokens), device=device)
+
+        decoder = decoder_of(final)
+        (beam, lenpen), grid, valid = tune_decoding(decoder, decode_settings(f))
+        kept, averaging = final, None
+        if int(f.average_last) >= 2:  # both models decoded on valid with the chosen setting
+            averaging = average_last(ctx, ckpt_dir, final, int(end_updates))
+        if averaging is not None and len(averaging["checkpoints"]) < 2:
+            averaging["kept"] = "final"
+        elif averaging is not None:
+            averaged = decoder_of(ckpt_dir / AVERAGED_CHECKPOINT)
+            averaged.set_generation(beam=beam, lenpen=lenpen)
+            averaged_valid = averaged.score("valid")
+            averaging["valid_wer"] = {"final": valid["wer"], "averaged": averaged_valid["wer"]}
+            better = averaged_valid["wer"] is not None and (valid["wer"] is None or averaged_valid["wer"] < valid["wer"])
+            averaging["kept"] = "averaged" if better else "final"
+            if better:
+                kept, decoder, valid = ckpt_dir / AVERAGED_CHECKPOINT, averaged, averaged_valid
+        splits = {"valid": valid, "test": decoder.score("test")}
+        for split, scores in splits.items():
+            log.info("%s: WER %s over %d utterances", split, scores["wer"], scores["utterances"])
+        generation = {"beam": beam, "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b), "lenpen": lenpen}
         results = {
-            "checkpoint": str(final),
+            "checkpoint": str(kept),
             "pretrained": str(pretrained),
             "modalities": str(f.modalities),
             "num_updates": int(end_updates),
-            "generation": {"beam": int(f.beam), "max_len_a": float(f.max_len_a), "max_len_b": int(f.max_len_b),
-                           "lenpen": float(f.lenpen)},
+            "generation": generation,
+            # valid WER of every (beam, lenpen) tried; the lowest chose "generation"
+            "decode_grid": grid,
             "splits": splits,
         }
+        if averaging is not None:
+            results["averaging"] = averaging
+        atomic.write_json(ckpt_dir / DECODING, {**generation, "checkpoint": kept.name,
+                                                 "chosen_by": f"lowest valid WER of {len(grid)} settings"})
         if f.noise.eval_snrs:
             results["noise"] = evaluate_under_noise(ctx, decoder, final, splits)
         atomic.write_json(stage_dir / RESULTS, results)
@@ -567,6 +683,7 @@ class FinetuneStage(Stage):
 
         results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
         summary = {"num_updates": results["num_updates"], "modalities": results["modalities"],
+                   "decoding": results.get("generation"),
                    **{f"wer_{s}": v["wer"] for s, v in results["splits"].items()}}
         if "noise" in results:
             summary["noise_wer"] = results["noise"]["wer"]

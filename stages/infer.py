@@ -35,6 +35,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from stages.finetune import DECODING
+
 log = logging.getLogger("infer")
 
 
@@ -48,10 +50,12 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="fine-tuned av_hubert_seq2seq checkpoint")
     p.add_argument("--modalities", choices=["video", "audio", "av"], default=None,
                    help="input streams (default: those the checkpoint was fine-tuned on)")
-    p.add_argument("--beam", type=int, default=50, help="beam size (default 50, as the reference)")
+    p.add_argument("--beam", type=int, default=None,
+                   help="beam size (default: the setting the finetune stage chose on valid, decoding.json beside "
+                        "the checkpoint; without one 50, as the reference)")
     p.add_argument("--max-len-a", type=float, default=1.0, help="max length = a * frames + b")
     p.add_argument("--max-len-b", type=int, default=0)
-    p.add_argument("--lenpen", type=float, default=1.0, help="length penalty")
+    p.add_argument("--lenpen", type=float, default=None, help="length penalty (default: as --beam; else 1.0)")
     p.add_argument("--spm", default=None, help="sentencepiece model (default: found from the checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--crop-mode", choices=["fast", "reference"], default=None,
@@ -149,12 +153,13 @@ def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, 
                noise_seed: int = 0) -> str:
     import torch
 
-    from avhubert import s2s_decode
+    from avhubert import export, s2s_decode
 
     if not video.is_file():
         raise InferError(f"{video}: no such video file")
-    if not checkpoint.is_file():
-        raise InferError(f"{checkpoint}: no such checkpoint")
+    if not checkpoint.is_file() and not export.has_seq2seq(checkpoint):
+        raise InferError(f"{checkpoint}: no such checkpoint (a file, or a directory of launch.py export with its "
+                         "fine-tuned model)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, saved_cfg, task = s2s_decode.load_finetuned(str(checkpoint), modalities=modalities, device=device)
@@ -189,6 +194,19 @@ def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, 
     return s2s_decode.decode_sample(model, generator, sample, detok)[0]
 
 
+def chosen_decoding(checkpoint: Path) -> dict:
+    """The decoding setting the finetune stage chose on valid for this checkpoint: ``decoding.json``
+    beside it (or in the export directory it is); {} when there is none."""
+    import json
+
+    path = checkpoint / DECODING if checkpoint.is_dir() else checkpoint.parent / DECODING
+    try:
+        chosen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {**chosen, "source": f"chosen on valid, {path}"}
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -199,6 +217,14 @@ def main(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("fairseq", "avhubert", "stages", "hydra", "infer"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    chosen = chosen_decoding(Path(args.checkpoint))
+    if args.beam is None:
+        args.beam = int(chosen.get("beam", 50))
+    if args.lenpen is None:
+        args.lenpen = float(chosen.get("lenpen", 1.0))
+    if chosen:
+        print(f"infer: decoding with beam {args.beam}, lenpen {args.lenpen:g} ({chosen.get('source')})",
+              file=sys.stderr)
     if args.beam < 1:
         print("infer: --beam must be at least 1", file=sys.stderr)
         return 2

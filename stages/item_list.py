@@ -9,9 +9,11 @@ by a later listing, in ``WORKDIR/crop/items/``.
   ``[byte offset, item count]`` pairs. Shard ``k`` (key ``%05d``) is the ``k``-th pair counting
   over all batches, so a shard reads only its own slice (one seek + one read: start-up cost
   independent of the corpus) and shards already frozen never change meaning.
-- ``listing.json`` + ``removed.txt`` / ``changed.txt``: what the last listing found against the
-  frozen list (counts; the ids of items whose source is gone or differs), read by the manifest
-  for ``manifest.drop_removed``.
+- ``listing.json`` + ``removed.txt`` / ``changed.txt`` / ``ignored.tsv``: what the last listing
+  found against the frozen list (counts; the ids of items whose source is gone or differs, read
+  by the manifest for ``manifest.drop_removed``) and every path under the corpus dir that is not
+  an item, with the reason (``kind<TAB>path``; counted and sampled in listing.json, shown by
+  ``launch.py status`` and the run report).
 
 Memory: a later launch holds ``{id: fingerprint}`` of the frozen items and the new listing at
 once (about 0.5 KB per item: ~0.6 GB at 1.1M items, see bench/scale.py).
@@ -286,22 +288,33 @@ def compare(items_dir: Path, index: Index, items: list, root: Path) -> Changes:
 LISTING_EXAMPLES = 5  # ids/messages kept per kind in listing.json (counts are complete)
 
 
-def write_listing_report(items_dir: Path, listed: int, changes: Changes, problems: Optional[dict] = None) -> None:
-    """What the last listing found (read by the crop summary, the manifest's drop_removed and the
-    run report): counts, the first few removed/changed ids, and the listing's per-item problems
-    (``Listing.problems``: kind -> messages) as a count and the first few messages per kind; the
-    complete id lists are ``removed.txt`` / ``changed.txt``, the problems' items are failure
-    records of the crop stage."""
+def write_listing_report(items_dir: Path, listed: int, changes: Changes, problems: Optional[dict] = None,
+                         ignored: Optional[dict] = None) -> None:
+    """What the last listing found (read by the crop summary, the manifest's drop_removed, status
+    and the run report): counts, the first few removed/changed ids, the listing's per-item
+    problems (``Listing.problems``: kind -> messages) and the paths under the corpus dir that are
+    not items (``Listing.ignored``: kind -> paths) as a count and the first few per kind; the
+    complete lists are ``removed.txt`` / ``changed.txt`` / ``ignored.tsv`` (``kind<TAB>path``),
+    the problems' items are failure records of the crop stage."""
+    ignored = ignored or {}
     atomic.write_text(Path(items_dir) / "removed.txt", "".join(i + "\n" for i in changes.removed))
     atomic.write_text(Path(items_dir) / "changed.txt", "".join(i + "\n" for i, _ in changes.changed))
+    atomic.write_text(Path(items_dir) / "ignored.tsv",
+                      "".join(f"{kind}\t{path}\n" for kind, paths in ignored.items() for path in paths))
     atomic.write_json(Path(items_dir) / "listing.json",
                       {"listed": listed, "frozen_before": changes.frozen, "new": len(changes.new),
                        "replanned": changes.replanned, "removed": len(changes.removed),
                        "changed": len(changes.changed),
                        "removed_examples": changes.removed[:LISTING_EXAMPLES],
                        "changed_examples": [list(c) for c in changes.changed[:LISTING_EXAMPLES]],
-                       "problems": {kind: {"count": len(messages), "examples": list(messages[:LISTING_EXAMPLES])}
-                                    for kind, messages in sorted((problems or {}).items())}})
+                       "problems": _counted(problems or {}),
+                       "ignored_total": sum(len(p) for p in ignored.values()),
+                       "ignored": _counted(ignored)})
+
+
+def _counted(lists: dict) -> dict:
+    return {kind: {"count": len(values), "examples": list(values[:LISTING_EXAMPLES])}
+            for kind, values in sorted(lists.items())}
 
 
 def read_listing_report(items_dir: Path) -> dict:
@@ -309,6 +322,29 @@ def read_listing_report(items_dir: Path) -> dict:
         return json.loads((Path(items_dir) / "listing.json").read_text())
     except FileNotFoundError:
         return {}
+
+
+def listing_status_lines(items_dir: Path) -> list[str]:
+    """``launch.py status``'s lines on the last listing: items listed, and the paths under the
+    corpus dir that are not items (count per kind, first paths, where all of them are)."""
+    try:
+        listing = read_listing_report(items_dir)
+    except ValueError as e:  # a malformed file: one line, never a traceback
+        return [f"corpus listing: {Path(items_dir) / 'listing.json'} cannot be read ({e})"]
+    if not listing:
+        return []
+    lines = [f"corpus listing: {listing.get('listed', 0)} items listed"]
+    ignored = listing.get("ignored") or {}
+    if ignored:
+        lines[0] += (f", {listing.get('ignored_total', 0)} paths under the corpus dir are not items "
+                     f"(all of them: {Path(items_dir) / 'ignored.tsv'})")
+        for kind, entry in ignored.items():
+            examples = entry.get("examples") or []
+            count = int(entry.get("count") or 0)
+            lines.append(f"    {count} {kind}: " + ", ".join(examples) + (" ..." if count > len(examples) else ""))
+    for kind, entry in (listing.get("problems") or {}).items():
+        lines.append(f"    {entry.get('count', 0)} {kind} (failure records of the crop stage)")
+    return lines
 
 
 def read_id_file(path: Path) -> set[str]:

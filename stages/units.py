@@ -65,6 +65,13 @@ SETTINGS = "settings.json"
 KMEANS_MODEL = "kmeans.joblib"
 
 
+def _is_checkpoint(path) -> bool:
+    """A checkpoint file, or a directory written by ``launch.py export``."""
+    from avhubert.export import is_checkpoint  # deferred: the avhubert package imports fairseq
+
+    return is_checkpoint(path)
+
+
 # checkpoint, kmeans and the iterations they come from: resolved (stages.units.fingerprint_settings)
 @classify(output=("checkpoint", "iteration", "layer", "modality", "kmeans", "kmeans_iteration", "n_clusters",
                   "kmeans_percent", "kmeans_max_frames", "kmeans_seed", "kmeans_split", "jsonl_key", "max_frames"),
@@ -299,7 +306,7 @@ def _validate(ctx: StageContext) -> Resolved:
         raise ConfigError(f"units.modality={r.modality!r}: av, audio or video")
     if r.layer is not None and r.layer < 0:
         raise ConfigError(f"units.layer={r.layer}: a transformer layer number (0 = front-end)")
-    if c.get("checkpoint") and not r.checkpoint.is_file():
+    if c.get("checkpoint") and not _is_checkpoint(r.checkpoint):
         raise ConfigError(f"units.checkpoint={c.checkpoint}: file not found")
     if r.kmeans_source == "file" and not r.kmeans_path.is_file():
         raise ConfigError(f"units.kmeans={c.kmeans}: file not found")
@@ -426,7 +433,7 @@ class UnitsStage(Stage):
     def prepare(self, ctx: StageContext, commit: bool) -> list:
         r = resolve(ctx)
         # the inputs exist now (prepare runs once the prerequisites are complete)
-        if not r.checkpoint.is_file():
+        if not _is_checkpoint(r.checkpoint):
             raise ConfigError(f"units: checkpoint {r.checkpoint} not found")
         if not r.kmeans_path.is_file():
             hint = ("run `python launch.py --stage units_kmeans` first (or --stage all with units.n_clusters set)"
@@ -681,8 +688,8 @@ def units_command(args) -> int:
     def error(msg: str) -> None:
         print(f"error: {msg}", file=sys.stderr, flush=True)
 
-    if not Path(args.checkpoint).is_file():
-        error(f"{args.checkpoint}: no such checkpoint")
+    if not _is_checkpoint(args.checkpoint):
+        error(f"{args.checkpoint}: no such checkpoint (a file, or a directory of launch.py export)")
         return 1
     if args.kmeans is not None and not Path(args.kmeans).is_file():
         error(f"{args.kmeans}: no such k-means model")

@@ -109,9 +109,11 @@ def test_ffmpeg_reports_a_full_disk_as_the_jobs_error(tmp_path):
     proc = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "sine",
                            "-t", "1", "-f", "wav", "/dev/full"], capture_output=True, text=True)
     assert proc.returncode != 0
-    exc = media._ffmpeg_failed("out.wav", "audio extraction failed", proc.stderr)
+    wav = tmp_path / "work" / "crop" / "audio" / "x.wav"
+    exc = media._ffmpeg_failed("/corpus/x.mp4", "audio extraction failed", proc.stderr, wav)
     assert isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-    with pytest.raises(InfrastructureError, match="disk full"):
+    # the hint names the disk that is full (the work dir's), not the input video's
+    with pytest.raises(InfrastructureError, match=f"^disk full on {wav} "):
         raise_if_infrastructure(exc, [tmp_path])
     plain = media._ffmpeg_failed("x.mp4", "encoding failed", "Invalid data found when processing input")
     assert isinstance(plain, media.MediaError)

@@ -9,8 +9,8 @@
 - ``ItemLoopStage``: like the crop stage, a loop over items that records an item whose processing
   raises an ``Exception`` as a failed item and goes on; one item per ``item_s`` seconds.
 - ``CounterStage``: multi-task + checkpointable; counts to ``target`` one step per ``step_s``
-  seconds, persisting progress every ``save_every`` steps, so a requeued/killed job resumes; its
-  ``progress`` is the saved count.
+  seconds, persisting progress every ``save_every`` steps (and on ``save_now``, a preemption), so
+  a requeued/killed job resumes; its ``progress`` is the saved count.
 """
 from __future__ import annotations
 
@@ -171,14 +171,22 @@ class CounterStage(Stage):
         if env.global_rank == 0:
             with open(starts, "a") as f:
                 f.write(f"{count} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
+        self._count = count
         while count < self.target:
             time.sleep(self.step_s)
             count += 1
+            self._count = count
             if env.global_rank == 0 and (count % self.save_every == 0 or count == self.target):
                 atomic.write_json(progress, {"count": count})
         if env.global_rank == 0:
             atomic.write_json(self.outputs(ctx, shard)[0], {"count": count})
         return {"count": count, "ntasks": env.num_tasks}
+
+
+    def save_now(self, ctx, shard):
+        count = getattr(self, "_count", None)
+        if count is not None:
+            atomic.write_json(ctx.stage_dir(self.name) / "progress.json", {"count": count})
 
 
 class ItemLoopStage(Stage):

@@ -33,7 +33,7 @@ MAX_UPDATE = 100
 
 def make_ctx(work: Path, pretrained: Path, **finetune_cfg) -> StageContext:
     section = {"model_config": "tiny", "pretrained_checkpoint": str(pretrained), "modalities": "audio",
-               "max_update": MAX_UPDATE, "beam": 5}
+               "max_update": MAX_UPDATE, "beam": 5, "decode_grid": {"beam": [], "lenpen": []}}
     section.update(finetune_cfg)
     cfg = OmegaConf.create({
         "workdir": str(work), "iterations": 1,
@@ -93,7 +93,8 @@ def test_reference_layout_roundtrip(tmp_path):
     from avhubert.hubert_asr import AVHubertSeq2SeqConfig
     from fairseq.dataclass.utils import merge_with_parent
 
-    root = OmegaConf.create({"task": task_cfg, "model": model_cfg})
+    # a fairseq config always has common (the task's mask seed is ${common.seed})
+    root = OmegaConf.create({"common": {"seed": 1}, "task": task_cfg, "model": model_cfg})
     model = task.build_model(merge_with_parent(AVHubertSeq2SeqConfig(), root.model))
     names = list(model.state_dict().keys())
     assert all(k.startswith(("encoder.w2v_model.", "decoder.")) for k in names)
@@ -193,6 +194,10 @@ def test_validate_refuses_bad_settings(tmp_path, fresh_pretrained):
         stage.validate(make_ctx(tmp_path, tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="model_config"):
         stage.validate(make_ctx(tmp_path, fresh_pretrained, model_config="nope"))
+    with pytest.raises(ConfigError, match="one checkpoint averaged is itself"):
+        stage.validate(make_ctx(tmp_path, fresh_pretrained, average_last=1))
+    with pytest.raises(ConfigError, match="decode_grid.beam must be >= 1"):
+        stage.validate(make_ctx(tmp_path, fresh_pretrained, decode_grid={"beam": [0], "lenpen": []}))
     assert stage.enabled(make_ctx(tmp_path, fresh_pretrained))
     vox2 = make_ctx(tmp_path, fresh_pretrained)
     vox2.cfg.layout = "vox2"  # no transcripts: off unless asked for
@@ -343,12 +348,44 @@ def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(ft_workdir / "manifest", work / "manifest")
     (work / "crop").symlink_to(ft_workdir / "crop")  # the tsv root is ../crop, relative to the tsv
-    ctx = make_ctx(work, fresh_pretrained, modalities="av", max_update=2, beam=2)
+    ctx = make_ctx(work, fresh_pretrained, modalities="av", max_update=2, beam=2, average_last=2,
+                   decode_grid={"beam": [1, 2], "lenpen": [0.0, 1.0]},
+                   # one-update epochs: the update checkpoint is an epoch-end one
+                   overrides=["checkpoint.save_interval_updates=1", "checkpoint.no_epoch_checkpoints=false",
+                              "checkpoint.save_interval=1"])
     stats = finetune.STAGE.run(ctx, finetune.STAGE.shards(ctx)[0])
     assert stats["trained"] and stats["num_updates"] == 2
     results = json.loads((work / "finetune" / "results.json").read_text())
     assert results["modalities"] == "av"
     assert results["splits"]["valid"]["utterances"] == 1 and results["splits"]["test"]["utterances"] == 1
+    # decoding tuned on valid: finetune.beam/lenpen first, then the grid; the lowest WER (first on a tie)
+    grid = results["decode_grid"]
+    assert [(r["beam"], r["lenpen"]) for r in grid] == [(2, 1.0), (1, 0.0), (1, 1.0), (2, 0.0)]
+    best = min(grid, key=lambda r: r["wer"])
+    assert (results["generation"]["beam"], results["generation"]["lenpen"]) == (best["beam"], best["lenpen"])
+    ckpt_dir = work / "finetune" / "checkpoints"
+    chosen = json.loads((ckpt_dir / "decoding.json").read_text())
+    assert (chosen["beam"], chosen["lenpen"]) == (best["beam"], best["lenpen"])
+    from stages.infer import chosen_decoding
+    from stages.train import checkpoint_updates as finetune_updates
+
+    assert chosen_decoding(ckpt_dir / "checkpoint_final.pt")["beam"] == best["beam"]
+    # the last two checkpoints averaged (fairseq's semantics), both decoded on valid, the better kept
+    avg = results["averaging"]
+    assert avg["checkpoints"][0] == "checkpoint_final.pt" and len(avg["checkpoints"]) == 2 and "note" not in avg
+    assert finetune_updates(ckpt_dir / avg["checkpoints"][1]) == 1
+    assert set(avg["valid_wer"]) == {"final", "averaged"}
+    assert Path(results["checkpoint"]).name == ("checkpoint_averaged.pt" if avg["kept"] == "averaged"
+                                                else "checkpoint_final.pt")
+    from avhubert.checkpoint import load_checkpoint_to_cpu
+
+    a, b, mean = (load_checkpoint_to_cpu(str(ckpt_dir / n))["model"]
+                  for n in ("checkpoint_final.pt", avg["checkpoints"][1], "checkpoint_averaged.pt"))
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert moved  # two different models were averaged
+    for k in a:
+        expected = (a[k] + b[k]) / 2 if a[k].is_floating_point() else torch.div(a[k] + b[k], 2, rounding_mode="floor")
+        assert torch.equal(mean[k], expected), k
 
 
 @pytest.mark.slow

@@ -86,6 +86,9 @@ def test_report_of_the_sample_run_in_a_browser(run_with_bad_clips, smoke_run, ch
     crop = dom[dom.index('id="crop"'):dom.index('id="manifest"')]
     assert "Corpus listing" in crop and f"<td class=\"n\">{listing['listed']:,}</td>" in crop
     assert "Listing problems" in crop and f"2 videos give the id '{BAD}/dup'" in crop
+    # the second video of the duplicate id is a path that is not an item, named in the report
+    assert listing["ignored"]["duplicate id"] == {"count": 1, "examples": [f"{BAD}/dup.mov"]}
+    assert "Not items (" in crop and f"{BAD}/dup.mov" in crop
     # the phone clip: turned upright (the rotation read from its crop record), and not flagged
     assert f"90° 1 (e.g. {BAD}/phone (90°))" in crop
 
