@@ -9,7 +9,7 @@
     python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
     python launch.py status [--workdir DIR] [key=value ...]   # + changed settings, against the last launch's
     python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
-    python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every launch)
+    python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every step)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
     python launch.py infer VIDEO --checkpoint FT.pt [--modalities video|audio|av]
     python launch.py units VIDEO... --checkpoint CKPT --layer L (--kmeans KM | --n-clusters K) [--out DIR]
@@ -77,6 +77,9 @@ APP = Application(
     entry=DriverEntry(module="launch", paths=(str(ROOT),)),
     at_end=_run_report,
     status_lines=_status_lines,
+    # the run report rewritten in the background after every step that completed, so a run of
+    # weeks shows its progress and ETA (pipeline/refresh.py)
+    refresh_command=("report",),
 )
 
 

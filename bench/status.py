@@ -34,7 +34,7 @@ def main():
                 if stage == "crop" and i < a.failed:
                     store.mark_failed(stage, it, key, "ValueError: broken video", store.log_path(stage, it, key))
                 else:
-                    store.mark_done(stage, it, key, {"items": 10})
+                    store.mark_done(stage, it, key, {"items": 10, "seconds": 30.0 + i % 7})
         print(f"recorded {a.shards} shards ({a.failed} failed) in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "status", "--workdir", d], capture_output=True, text=True)
@@ -46,8 +46,13 @@ def main():
         from pipeline.status import collect
 
         t = time.perf_counter()
-        collect(Path(d))
+        statuses = collect(Path(d))
         print(f"status collection alone (in-process): {time.perf_counter() - t:.3f} s")
+        from pipeline.progress import run_progress
+
+        t = time.perf_counter()
+        run_progress(Path(d), statuses)
+        print(f"progress and ETA (pipeline.progress, what status and the report add): {time.perf_counter() - t:.3f} s")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ config sections, presets and hooks all come through the ``Application``.
 Order of a launch (nothing of the work dir is written by a launch that is refused):
 configuration -> the lock is free -> every step checked (settings, requests against the cluster,
 prerequisites) -> the lock taken -> shards computed (``Stage.prepare`` freezes its plan) -> the
-first step's disk estimate checked -> the steps run -> the end-of-launch hook.
+first step's disk estimate checked -> the steps run (after each one that completed, the
+application's ``refresh_command`` in the background) -> the end-of-launch hook.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from pipeline.driver import (
 )
 from pipeline.errors import ConfigError, PipelineError, infrastructure_cause
 from pipeline.estimate import check_plan_disk
+from pipeline.refresh import BackgroundRefresh
 from pipeline.runner import Pipeline
 from pipeline.stage import Stage
 from pipeline.state import StateStore
@@ -80,7 +82,9 @@ class Application:
     "module:function"}``, each called with the remaining arguments (imported when used).
     ``at_end``: called after every launch that ran (failed ones too), its lines are printed.
     ``status_lines``: the application's own lines after the engine's ``status`` (called with the
-    work dir; e.g. what its inputs' listing left out)."""
+    work dir; e.g. what its inputs' listing left out). ``refresh_command``: one of its
+    subcommands with arguments (``("report",)``) that rewrites its view of the work dir; run with
+    ``--workdir`` in the background after every step that completed (``pipeline.refresh``)."""
 
     prog: str
     description: str
@@ -99,6 +103,7 @@ class Application:
     epilog: str = ""
     at_end: Optional[AtEnd] = None
     status_lines: Optional[Callable[[Path], List[str]]] = None
+    refresh_command: Sequence[str] = ()
 
 
 # --- arguments and planning ----------------------------------------------------------------------
@@ -282,6 +287,10 @@ def cmd_run(app: Application, argv: List[str]) -> int:
             role = "driver" if args.driver else "launch"
             workdir_lock(cfg, role).check_free()  # a launch refused by the lock says so first
             cfg, pipe, steps = plan(app, args, dry_run=False, compute_shards=False, cfg=cfg)
+            if app.refresh_command:
+                built["refresh"] = BackgroundRefresh(
+                    app.entry.command([*app.refresh_command, "--workdir", cfg.workdir]), Path(cfg.workdir), say)
+                pipe.after_step = built["refresh"].trigger
             results = run_locked(cfg, pipe, steps, role=role, echo=echo, on_started=lambda: built.update(ran=True))
         ran = sum(r.submitted for r in results)
         print(f"done: {len(results)} step(s), {ran} shard(s) run" + ("" if ran else " (everything was already complete)"))
@@ -289,6 +298,8 @@ def cmd_run(app: Application, argv: List[str]) -> int:
 
     outcome: dict = {}
     rc = guarded(run, workdir_of, driver_store, outcome)
+    if built.get("refresh") is not None:
+        built["refresh"].close()  # the end-of-launch hook writes the last view; no older one after it
     if built.get("ran") and app.at_end is not None:
         for line in app.at_end(Path(built["cfg"].workdir), argv, start, rc, outcome.get("error")):
             say(line)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline import changes, estimate, executors, provenance
+from pipeline import changes, estimate, executors, progress, provenance
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, InputsMissing, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
@@ -86,6 +86,7 @@ class Pipeline:
         self.overrides = list(overrides)  # key=value settings of the command line (checked: do they do anything)
         self.comparison = changes.Comparison()  # recorded settings vs this launch's (plan)
         self._targets: list = []  # (stage, iteration) of the planned steps
+        self.after_step: Optional[Callable[[Step], None]] = None
 
     # --- what to run -----------------------------------------------------------------------------
     def context(self, iteration: Optional[int]) -> StageContext:
@@ -266,14 +267,23 @@ class Pipeline:
 
     # --- running ---------------------------------------------------------------------------------
     def run(self, steps: list[Step]) -> list[StepResult]:
+        """Run ``steps`` in order; ``after_step(step)`` (when set) is called after each one that
+        ran and completed (it must return at once: the launcher starts the application's refresh of its
+        view of the run in the background, ``pipeline.refresh``; a failed step ends the launch,
+        whose end-of-launch hook says it)."""
         for line in changes.adopt(self, self.comparison):  # work dirs made before fingerprints
             self.echo(line)
         for line in self.comparison.launch_lines():
             self.echo(line)
+        progress.write_run_plan(self.store, steps, self.cfg.cluster)
         results = []
         try:
             for step in steps:
-                results.append(self.run_step(step))
+                result = self.run_step(step)
+                results.append(result)
+                # a step found complete changed nothing (StepResult(step, 0, 0.0)): no refresh for it
+                if self.after_step is not None and (result.submitted or result.seconds):
+                    self.after_step(step)
         finally:
             changes.save(self, self._targets)
         return results
@@ -330,7 +340,7 @@ class Pipeline:
             for s in step.shards:
                 self.store.clear_shard(stage.name, it, s.key)
         record = changes.record_start(self, step)  # what the outputs are made with, from now on
-        _write_plan(self.store, stage.name, it, n_total)
+        progress.write_step_plan(self.store, step, self.cfg.cluster)
         if todo:
             if step.redo is not None:
                 self.echo(f"[{step.name}] changed {step.redo.keys_text()}; every shard runs again")
@@ -434,12 +444,6 @@ def _digest(keys) -> str:
     for k in sorted(keys):
         h.update(k.encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def _write_plan(store: StateStore, stage: str, iteration: Optional[int], n_shards: int) -> None:
-    from pipeline import atomic
-
-    atomic.write_json(store.stage_state_dir(stage, iteration) / "_plan.json", {"n_shards": n_shards})
 
 
 def default_echo(msg: str) -> None:

@@ -1,7 +1,9 @@
 """``launch.py status``: per iteration and stage, shards done / total, running, pending (with the
 scheduler's reasons), failed (with log paths and last error lines), shards whose job ended without
 a result (killed by a signal, time limit, out of memory: from sacct), a failed finalize, stale
-steps; and who drives the run (the detached driver or a foreground launch).
+steps; who drives the run (the detached driver or a foreground launch); and the ETA of the steps
+under way and of the last launch (``pipeline.progress``: measured shard times, else the plan's
+estimate).
 
 Read from the marker files (one directory listing per step, failure markers) and the job records
 of incomplete shards; the scheduler is asked once for all of those jobs (one squeue + one sacct
@@ -17,6 +19,7 @@ from typing import Optional
 from pipeline import procs
 from pipeline.lease import MALFORMED, holder_alive
 from pipeline.lock import describe_owner, lock_holder
+from pipeline.progress import eta_lines, run_progress
 from pipeline.scheduler import LocalScheduler, SchedulerError, SlurmScheduler
 from pipeline.state import StageStatus, StateStore, _read
 
@@ -151,6 +154,11 @@ def lock_line(workdir: Path) -> Optional[str]:
     return f"launch: {describe_owner(owner)}"
 
 
+def run_driven(workdir: Path) -> bool:
+    """Whether the driver or a foreground launch drives the run now (or nothing can tell)."""
+    return driver_line(workdir)[1] is not False or _launch_drives(workdir) is not False
+
+
 def render(statuses: list[StageStatus], workdir: Path, header: Optional[list] = None) -> str:
     if not statuses and not header:
         return f"{workdir}: nothing recorded yet"
@@ -226,7 +234,9 @@ def report(workdir: Path, order: Optional[list] = None) -> tuple[str, int]:
     failed = any(s.failed or (s.stage_error and not s.finalized) for s in statuses)
     blocked = any(s.blocked for s in statuses)
     rc = EXIT_FAILED if failed else EXIT_STOPPED if (stopped or blocked) else 0
-    return render(statuses, workdir, header), rc
+    driven = driver_alive is not False or _launch_drives(workdir) is not False
+    eta = eta_lines(run_progress(workdir, statuses), running=driven) if statuses else []
+    return "\n".join([render(statuses, workdir, header), *eta]), rc
 
 
 __all__ = ["collect", "render", "report"]

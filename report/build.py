@@ -77,6 +77,7 @@ def write_crop_files(data: dict, out_dir: Path) -> None:
 # templates/sections/, and a line here.
 SECTIONS = (
     Section("overview", "Overview", collect.overview_section, "manifest/summary.json, finetune/results.json"),
+    Section("progress", "Progress", collect.progress_section, ".pipeline/run_plan.json, .pipeline/state/"),
     Section("stages", "Stages", collect.stages_section, ".pipeline/state/"),
     Section("crop", "Crop", collect.crop_section, "crop/", write=write_crop_files),
     Section("manifest", "Manifest", collect.manifest_section, "manifest/"),

@@ -26,7 +26,10 @@ from omegaconf import OmegaConf
 
 from avprep import quality
 from pipeline.changes import read_saved
+from pipeline.lock import describe_owner, lock_holder
+from pipeline.progress import run_progress
 from pipeline.state import StateStore
+from pipeline.status import run_driven
 from report.crop_scan import CropScan, SheetCache, scan_crop
 from report.disk import disk_usage
 from report.files import CROP_CACHE, FLAGGED_TSV, LAUNCHES, REPORT_DIR
@@ -103,6 +106,7 @@ class Run:
     iterations: List[int]
     units_dirs: List[Path]
     problems: List[tuple] = field(default_factory=list)
+    under_way: Optional[str] = None  # the launch that holds the work dir now (a refresh during it)
 
     def problem(self, *parts) -> None:
         """A line for "Needs attention": plain strings and Code/FilePath/Anchor/Link parts."""
@@ -120,9 +124,10 @@ class Run:
         """complete | failed | running | incomplete | empty."""
         if not self.steps:
             return "empty"
-        if any(s.state == "failed" for s in self.steps) or (self.launch and self.launch.get("rc") not in (None, 0)):
+        last_failed = self.launch and self.launch.get("rc") not in (None, 0) and not self.under_way
+        if any(s.state == "failed" for s in self.steps) or last_failed:
             return "failed"
-        if any(s.state == "running" for s in self.steps):
+        if self.under_way or any(s.state == "running" for s in self.steps):
             return "running"
         if all(s.state == "complete" for s in self.steps):
             return "complete"
@@ -162,11 +167,20 @@ def read_run(workdir: Path, launch: Optional[dict] = None) -> Run:
     run = Run(workdir, out_dir, cfg, bounds, steps=collect_steps(workdir, list(STAGE_ORDER)),
               crop=scan_crop(workdir / "crop", out_dir / CROP_CACHE, bounds), launches=launches, launch=launch,
               iterations=iterations_present(workdir, int((cfg or {}).get("iterations") or 0)),
-              units_dirs=units_dirs(workdir, cfg))
-    if launch and launch.get("rc") not in (None, 0):
+              units_dirs=units_dirs(workdir, cfg), under_way=launch_under_way(workdir) if launch is None else None)
+    if launch and launch.get("rc") not in (None, 0) and not run.under_way:
         first = (launch.get("error") or f"exit status {launch.get('rc')}").strip().splitlines()[0]
         run.problem("the last launch failed: ", Code(first), " (", Anchor("launch", "details"), ")")
     return run
+
+
+def launch_under_way(workdir: Path) -> Optional[str]:
+    """Who drives the run now, as ``status`` decides it (the page is a refresh during a launch:
+    the last recorded launch is an earlier one), else None."""
+    if not run_driven(workdir):
+        return None
+    owner, _ = lock_holder(workdir)
+    return describe_owner(owner) if isinstance(owner, dict) else "the detached driver"
 
 
 def guarded(run: Run, source: str, anchor: str, read: Callable, *args) -> Union[object, Broken]:
@@ -354,6 +368,22 @@ def overview_section(run: Run) -> dict:
             "wer": wer, "failed": {"shards": sum(len(s.failed) for s in failed_steps),
                                    "steps": ", ".join(sorted({s.name for s in failed_steps}))[:120]} if failed_steps else None,
             "disk": disk, "outputs": [(what, p, Path(p).exists()) for what, p in run.outputs]}
+
+
+def progress_section(run: Run) -> Optional[dict]:
+    """The last launch's steps as the engine times them (pipeline/progress.py, what ``status``
+    prints): per step shards done, failed, running, pending, one shard's time and the time left,
+    and the launch's ETA, each saying whether it is measured or the plan's estimate."""
+    prog = run_progress(run.workdir, run.steps)
+    if not prog.steps:
+        return None
+    steps = [{"stage": s.stage, "iteration": s.iteration, "state": s.state, "done": s.done, "total": s.total,
+              "failed": s.failed, "running": s.running, "pending": s.pending, "shard_s": s.shard_s,
+              "eta_s": s.eta_s, "basis": s.basis} for s in prog.steps]
+    left = [s for s in prog.steps if not s.complete]
+    return {"steps": steps, "left": len(left), "started": prog.started, "as_of": prog.as_of, "under_way": run.under_way,
+            "eta_s": prog.eta_s, "basis": prog.basis, "unknown": prog.unknown,
+            "ends": None if prog.eta_s is None else prog.as_of + prog.eta_s}
 
 
 def stages_section(run: Run) -> dict:

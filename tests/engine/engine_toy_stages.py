@@ -2,7 +2,7 @@
 
 - ``ToyStage``: shard i writes ``out_<i>.txt`` containing the shard key; it can be told (through
   files in the work dir, so a rerun can change its mind) to raise, or to sleep, for a shard;
-  ``sleep_s`` makes every shard take that long. Each run appends ``S``/``E`` lines (shard, time,
+  ``sleep_s`` makes every shard take that long; ``estimate_s`` is its plan's estimate of a shard. Each run appends ``S``/``E`` lines (shard, time,
   job id, pid) to ``spans.log`` at its start and end, so tests can check that no two runs of one
   shard ever overlapped.
 - ``SumStage``: depends on the toy stage; its one shard sums what the toy shards wrote.
@@ -60,10 +60,19 @@ def overlaps(workdir) -> list:
 class ToyStage(Stage):
     name = "toy"
 
-    def __init__(self, n_shards: int = 4, per_iteration: bool = False, sleep_s: float = 0.0):
+    def __init__(self, n_shards: int = 4, per_iteration: bool = False, sleep_s: float = 0.0,
+                 estimate_s: float = 0.0):
         self.n_shards = n_shards
         self.per_iteration = per_iteration
         self.sleep_s = sleep_s
+        self.estimate_s = estimate_s  # the plan's estimate of one shard's time (0: no estimate)
+
+    def estimate(self, ctx):
+        if not self.estimate_s:
+            return None
+        from pipeline.estimate import Estimate
+
+        return Estimate(jobs=self.n_shards, cpu_hours=self.n_shards * self.estimate_s / 3600, cpus=1)
 
     def shards(self, ctx):
         return [Shard(i, self.n_shards, f"part{i:03d}") for i in range(self.n_shards)]
