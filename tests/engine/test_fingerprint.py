@@ -44,11 +44,13 @@ def submitted(out: str) -> dict:
 
 
 def snapshot(work: Path) -> dict:
-    """Every file of the work dir but the launch's own bookkeeping: path -> bytes."""
+    """Every output and step record of the work dir, not the launch's own bookkeeping (its lock,
+    config, run plan, submitit folders, report): path -> bytes."""
     out = {}
     for p in sorted(work.rglob("*")):
         rel = p.relative_to(work).as_posix()
-        if p.is_file() and not rel.startswith((".pipeline/submitit", ".pipeline/lock", ".pipeline/config.yaml", "report/")):
+        if p.is_file() and not rel.startswith("report/") and (not rel.startswith(".pipeline/")
+                                                              or rel.startswith(".pipeline/state/")):
             out[rel] = p.read_bytes()
     return out
 
