@@ -7,7 +7,7 @@
     python launch.py --stage kmeans --iteration 2 kmeans.percent=0.2
     python launch.py --dry-run                       # the plan; submits nothing
     python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
-    python launch.py status [--workdir DIR]
+    python launch.py status [--workdir DIR] [key=value ...]   # + changed settings, against the last launch's
     python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
     python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every step)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]

@@ -25,14 +25,25 @@ from avprep import landmark_files, media, quality
 from avprep.crop import CropError, CropSettings, crop_item, crop_one_video, landmark_detector, measure_item
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from stages import estimates, item_list as il
-from stages.corpus import scan_corpus, shown
+from stages.corpus import id_list_settings, scan_corpus, shown
 from stages.corpus_size import CorpusSizes
 
 log = logging.getLogger(__name__)
 
 
+_GROUPING = "how items are grouped into jobs, frozen with the item list: each item's outputs are the same"
+
+
+@classify(
+    output=("mode", "face_rule", "cnn_fallback", "upsample", "detect_every", "detect_width", "fast_upsample",
+            "fast_strategy", "level_margin", "level_presteps", "window", "fps", "sample_rate", "min_frames",
+            "require_audio", "crf", "quality", "landmarks_dir", "landmarks_missing"),
+    ignored={"frame_cache_mb": "memory only: an item whose frames do not fit is decoded twice, to the same frames",
+             "items_per_shard": _GROUPING, "n_shards": _GROUPING,
+             "max_failure_rate": "a check: the step fails above it, what is written is the same"})
 @dataclass
 class Config(CropSettings):
     """``cfg.crop``: how each video is cropped (``avprep.crop.CropSettings``) and how the items are
@@ -143,6 +154,9 @@ class CropStage(Stage):
     ``run`` reads only its own slice."""
 
     name = "crop"
+    # the listing: which items there are (the LRS3 segmentation cuts items out of videos)
+    reads = ("layout", "manifest.include_ids", "manifest.max_segment_seconds", "manifest.min_pause_seconds")
+    libraries = ("numpy", "dlib|dlib-bin", "av", "imageio-ffmpeg", "opencv-python|opencv-python-headless")
 
     def __init__(self):
         # items dir -> index with the batch a dry run planned but did not write
@@ -170,6 +184,9 @@ class CropStage(Stage):
         corpus = ctx.cfg.get("corpus")
         if not corpus or not Path(corpus).is_dir():
             raise ConfigError(f"corpus {corpus!r}: no such directory (--corpus)")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return {**super().settings(ctx), **id_list_settings(ctx.cfg, ("include_ids",))}
 
     # --- planning ---------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:

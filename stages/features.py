@@ -53,6 +53,7 @@ from avprep.media import read_gray_video, read_wav
 from pipeline import atomic
 from pipeline.config import resources_for
 from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.kmeans import choose_utterances
 from speechfeat.mfcc import DIM as MFCC_DIM, mfcc39, n_mfcc_frames
@@ -67,6 +68,12 @@ MFCC_RATE = 100
 STORES = ("sample", "all")
 
 
+@classify(output=("splits", "nshard", "store", "dtype", "checkpoint", "modality", "max_frames"),
+          ignored={"keep": "deletes this iteration's feature files once the next iteration's labels exist; "
+                           "what was written is the same",
+                   "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
+                   "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
+                   "torch_threads": "how many threads compute"})
 @dataclass
 class Config:
     splits: List[str] = field(default_factory=lambda: ["train", "valid"])
@@ -136,6 +143,25 @@ class FeaturesStage(Stage):
     depends_on = ("manifest",)
     per_iteration = True
     depends_on_previous = ("train",)
+    # the utterances k-means samples are drawn here (store=sample); what is computed: the schedule
+    reads = ("kmeans.percent", "kmeans.seed", "kmeans.split", "schedule.iterations.features",
+             "schedule.iterations.layer")
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "python-speech-features", "av")
+
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        it = ctx.iteration
+        if store_mode(ctx) == "all":  # every utterance of every split: nothing is drawn here
+            for key in ("kmeans.percent", "kmeans.seed", "kmeans.split"):
+                s.pop(key, None)
+        else:  # only the k-means split's draw is written; the labels stage reads features.splits
+            s.pop("features.splits", None)
+        if iteration_spec(ctx.cfg, it).features == "mfcc":  # no model: its settings do nothing
+            for key in ("features.checkpoint", "features.modality", "features.max_frames", f"schedule.iterations[{it}].layer"):
+                s.pop(key, None)
+        elif s.get("features.checkpoint"):  # a checkpoint from elsewhere: what it holds counts
+            s["features.checkpoint"] = file_identity(checkpoint_path(ctx))
+        return s
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.features

@@ -63,10 +63,12 @@ from omegaconf import OmegaConf
 from pipeline import atomic
 from pipeline.config import resources_for
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
 from stages import estimates
 from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, DistributedEnv,
-                                checkpoint_updates, close_fairseq_tensorboard_writers, distributed_env, hydra_value,
+                                checkpoint_updates, close_fairseq_tensorboard_writers, discard_previous_training,
+                                distributed_env, hydra_value,
                                 override_key, resume_point, run_overrides, train_device, update_freq_for)
 from stages.manifest import spm_model_path
 from stages.noise_use import (NOISE_TASK_KEYS, FinetuneNoise, noise_categories_made, task_overrides as noise_overrides,
@@ -96,6 +98,8 @@ STAGE_OWNED_KEYS = (
 )
 
 
+# the settings tried on valid decide the one test is decoded with
+@classify(output=("beam", "lenpen"))
 @dataclass
 class DecodeGrid:
     # valid is decoded with every beam x lenpen of these lists and with finetune.beam / lenpen;
@@ -106,6 +110,11 @@ class DecodeGrid:
     lenpen: List[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
+@classify(output=("model_config", "pretrained_checkpoint", "modalities", "max_update", "freeze_finetune_updates",
+                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise", "update_freq",
+                  "decode_grid", "average_last"),
+          ignored={"enabled": "whether the stage takes part in --stage all",
+                   "decode_max_tokens": "how many frames one decoding batch takes", "master_port": "where the ranks meet"})
 @dataclass
 class Config:
     # Run fine-tuning as part of the pipeline. It needs transcripts (the manifest's .wrd files):
@@ -416,6 +425,7 @@ class FinetuneStage(Stage):
     after_iterations = True
     multi_task = True
     checkpointable = True
+    libraries = ("torch", "fairseq|fairseq-fixed", "numpy", "sentencepiece")
 
     def dependencies(self, ctx: StageContext):
         # a given checkpoint (e.g. a published one) needs no pretraining from this run
@@ -478,6 +488,27 @@ class FinetuneStage(Stage):
         if bad or (use.eval_snrs and not use.eval_splits):
             raise ConfigError(f"finetune.noise.eval_splits={list(use.eval_splits)}: train, valid and/or test")
 
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        name = str(ctx.cfg.finetune.model_config)
+        if name.endswith((".yaml", ".yml")) or os.sep in name:  # a config of the user's: its content counts
+            s["finetune.model_config"] = file_identity(base_config_path(ctx.cfg))
+        if s.get("finetune.pretrained_checkpoint"):
+            s["finetune.pretrained_checkpoint"] = file_identity(pretrained_checkpoint(ctx))
+        s["finetune.max_update"] = max_update(ctx.cfg)
+        return s
+
+    def accepts_change(self, ctx: StageContext, key: str, old, new) -> Optional[str]:
+        if key.startswith("finetune.noise.eval_"):
+            # the evaluation's record is a declared output named by these settings: the shard
+            # runs again and only decodes, with the fine-tuned model it has
+            return f"{key} changed: the evaluation under noise runs again with the fine-tuned model"
+        return None
+
+    def provenance_dirs(self, ctx: StageContext) -> list[Path]:
+        stage_dir = ctx.with_iteration(None).stage_dir("finetune")
+        return [stage_dir, stage_dir / CHECKPOINT_DIR]
+
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="finetune")]
 
@@ -512,7 +543,14 @@ class FinetuneStage(Stage):
                                     "(finetune.pretrained_checkpoint or the last train iteration)")
         spm = spm_model(ctx)
 
-        final_updates = checkpoint_updates(final)
+        fresh = False
+        if ctx.force and final.exists():
+            # forced (--force, a changed setting redone, a stale step after its pretraining was
+            # redone): fine-tune anew; a requeue of that run finds no final checkpoint and resumes
+            fresh = True
+            if dist.rank == 0:
+                discard_previous_training(stage_dir)
+        final_updates = None if fresh else checkpoint_updates(final)
         done_before = final_updates is not None and final_updates >= target
         start_updates = 0
         if not done_before:

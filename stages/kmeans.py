@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat import kmeans as km
 from speechfeat.kmeans import SampleSet, backend_problem, sample_set as dump_sample
@@ -41,6 +42,14 @@ from stages.schedule import iteration_spec
 log = logging.getLogger(__name__)
 
 
+SKLEARN_KEYS = ("n_init", "max_iter", "batch_size", "tol", "max_no_improvement", "reassignment_ratio")
+FAST_KEYS = ("seedings", "init_points_per_centroid", "init_max_points", "init_trials", "init_pca_variance", "niter",
+             "max_points_per_centroid", "refine_niter", "refine_points_per_centroid", "refine_max_points", "lloyd_tol")
+
+
+# (the features stage reads percent, seed and split too: it draws the sample)
+@classify(output=("backend", "n_clusters", "percent", "seed", "split", "init", *SKLEARN_KEYS, *FAST_KEYS),
+          ignored={"device": "where it runs", "threads": "how many threads compute"})
 @dataclass
 class Config:
     # "numpy" (default: k-means++ seeding and Lloyd iterations on bounded samples, BLAS products),
@@ -102,6 +111,13 @@ class KmeansStage(Stage):
     name = "kmeans"
     depends_on = ("features",)
     per_iteration = True
+    libraries = ("numpy", "torch", "scikit-learn", "faiss-cpu|faiss-gpu|faiss")
+
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        s["kmeans.n_clusters"] = n_clusters(ctx)  # null = the schedule's K: the K trained is what counts
+        unused = FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS
+        return {k: v for k, v in s.items() if k.split(".", 1)[1] not in unused}
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.kmeans

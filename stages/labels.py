@@ -46,6 +46,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import resources_for
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.kmeans import assign, load_centroids
 from speechfeat.shards import FeatureShard, read_tsv, shard_range
@@ -60,6 +61,11 @@ log = logging.getLogger(__name__)
 VIDEO_RATE = 25
 
 
+@classify(ignored={
+    "tolerance_seconds": "a check of each label line's duration (reported in report.json); the labels are the same",
+    "max_mismatch_fraction": "a check: the step fails above it, the labels are the same",
+    "chunk_frames": "how many frames one distance computation takes", "device": "where it runs",
+    "report_splits": "which splits report.json describes (a report key); the labels are the same"})
 @dataclass
 class Config:
     tolerance_seconds: float = 0.1  # |label duration - video duration| allowed (dataset label_tolerance)
@@ -77,6 +83,8 @@ class LabelsStage(Stage):
     name = "labels"
     depends_on = ("features", "kmeans")
     per_iteration = True
+    reads = ("features.splits",)  # the splits that get labels (features of store=sample: the k-means split only)
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "python-speech-features", "av")
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.labels

@@ -64,9 +64,10 @@ from typing import NamedTuple, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from stages import crop, estimates, item_list as il
-from stages.corpus import CorpusSettings, SPLITS, assign_splits, corpus_settings
+from stages.corpus import CorpusSettings, SPLITS, assign_splits, corpus_settings, id_list_settings
 from stages.item_list import read_json_lines
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ SPM_THREADS = 8
 VERIFY = ("size", "decode")
 
 
+@classify(output=("av_tolerance_frames", "lowercase", "spm_vocab_size", "drop_removed", "verify"),
+          ignored={"workers": "how many processes check the files"})
 @dataclass
 class Config(CorpusSettings):
     # the corpus settings (splits, LRS3 segmentation) are CorpusSettings' (stages/corpus.py)
@@ -96,6 +99,10 @@ class Config(CorpusSettings):
 class ManifestStage(Stage):
     name = "manifest"
     depends_on = ("crop",)
+    libraries = ("sentencepiece",)
+
+    def settings(self, ctx: StageContext) -> dict:
+        return {**super().settings(ctx), **id_list_settings(ctx.cfg)}
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.manifest

@@ -63,6 +63,7 @@ from omegaconf import OmegaConf
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.noise import (AUDIO_EXTENSIONS, assign_splits, babble, cut_pieces, load_mono_16k, loudness_db,
                               normalise_loudness, plan_talker_streams, seeded_unit, split_counts, talker_stream,
@@ -78,6 +79,11 @@ log = logging.getLogger(__name__)
 PLAN_VERSION = 1
 
 
+# clips_per_shard / files_per_shard are part of the frozen plan (its result files are per shard)
+@classify(output=("corpus_categories", "corpus_clips", "clip_seconds", "dirs", "piece_seconds", "min_piece_seconds",
+                  "valid_fraction", "test_fraction", "seed", "level_db", "clips_per_shard", "files_per_shard"),
+          ignored={"enabled": "whether the stage takes part in --stage all",
+                   "max_failure_rate": "a check: the step fails above it, what is written is the same"})
 @dataclass
 class Config:
     # Run in --stage all: null = when train.noise / finetune.noise use it; true / false = always / never.
@@ -245,6 +251,8 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
 class NoiseStage(Stage):
     name = "noise"
     depends_on = ("manifest",)
+    reads = ("layout",)  # which talkers a clip may not mix (lrs3/vox2 ids name the speaker)
+    libraries = ("numpy", "scipy", "soundfile", "av")
 
     def __init__(self):
         self._uncommitted: Dict[str, dict] = {}  # dry-run plans, by work dir

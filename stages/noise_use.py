@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import StageContext
 
 SPLITS = ("train", "valid", "test")
@@ -25,6 +26,8 @@ CATEGORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NOISE_TASK_KEYS = ("task.noise_wav", "task.noise_prob", "task.noise_snr", "task.noise_num",
                    "task.noise_categories", "task.noise_seed")
 
+
+@classify(output=("prob", "snr", "categories", "num", "dir"))
 @dataclass
 class NoiseUse:
     """How a training stage mixes noise into the audio of its utterances (``train.noise``,
@@ -40,11 +43,13 @@ class NoiseUse:
     dir: Optional[str] = None
 
 
+@classify(output=("iterations",))
 @dataclass
 class TrainNoise(NoiseUse):
     iterations: List[int] = field(default_factory=list)  # iterations trained with noise; [] = all
 
 
+@classify(output=("eval_snrs", "eval_categories", "eval_modalities", "eval_splits", "eval_seed"))
 @dataclass
 class FinetuneNoise(NoiseUse):
     # Decoding under noise after fine-tuning: every split x modality x category x SNR (+ clean).

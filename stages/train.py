@@ -30,6 +30,7 @@ from omegaconf import ListConfig, OmegaConf
 from pipeline.atomic import atomic_path
 from pipeline.config import resources_for
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
 from stages import estimates
 from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, TENSORBOARD_DIR,
@@ -58,6 +59,8 @@ STAGE_OWNED_KEYS = (
 )
 
 
+@classify(output=("overrides", "noise", "update_freq"), per_iteration=("model_config", "max_update", "iteration_overrides"),
+          ignored={"master_port": "where the ranks meet"})
 @dataclass
 class Config:
     # Base fairseq config: a name in avhubert/conf/pretrain/ ("base", "large", "tiny") or a path
@@ -173,12 +176,31 @@ def fairseq_overrides(
 # the stage
 
 
+def pretraining_settings(ctx: StageContext, s: dict) -> dict:
+    """Iteration N's settings resolved: the base config (its content when it is a file of the
+    user's), the update count it trains to, its overrides, and its noise only when it has noise."""
+    it = ctx.iteration
+    name = s.get(f"train.model_config[{it}]")
+    if name is not None and (str(name).endswith((".yaml", ".yml")) or os.sep in str(name)):
+        s[f"train.model_config[{it}]"] = file_identity(base_config_path(ctx.cfg, it))
+    s[f"train.max_update[{it}]"] = max_update_for(ctx.cfg, it)
+    s[f"train.iteration_overrides[{it}]"] = s.get(f"train.iteration_overrides[{it}]") or []
+    noise = {k: s.pop(k) for k in list(s) if k.startswith("train.noise.")}
+    use = ctx.cfg.train.noise
+    if float(use.prob or 0) > 0 and (not list(use.iterations or []) or it in use.iterations):
+        s.update({k: v for k, v in noise.items() if k != "train.noise.iterations"})
+    else:
+        s[f"train.noise[{it}]"] = "off"
+    return s
+
+
 class TrainStage(Stage):
     name = "train"
     depends_on = ("labels",)
     per_iteration = True
     multi_task = True
     checkpointable = True
+    libraries = ("torch", "fairseq|fairseq-fixed", "numpy")
 
     def dependencies(self, ctx: StageContext):
         # noise-augmented iterations read the noise stage's lists
@@ -214,6 +236,17 @@ class TrainStage(Stage):
                 )
             max_update_for(cfg, it)
             train_update_freq(ctx.with_iteration(it), 1)  # a bad train.update_freq fails here
+
+    def settings(self, ctx: StageContext) -> dict:
+        return pretraining_settings(ctx, super().settings(ctx))
+
+    def accepts_change(self, ctx: StageContext, key: str, old, new) -> Optional[str]:
+        if key == f"train.max_update[{ctx.iteration}]" and old is not None and new is not None and new > old:
+            return f"train.max_update raised from {old} to {new}: training continues from its last checkpoint"
+        return None
+
+    def provenance_dirs(self, ctx: StageContext) -> list[Path]:
+        return [ctx.stage_dir("train"), ctx.stage_dir("train") / CHECKPOINT_DIR]
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="train")]

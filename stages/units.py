@@ -48,13 +48,16 @@ from typing import List, Optional
 import numpy as np
 
 from pipeline import atomic
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.fingerprint import classify, file_content
+from pipeline.fingerprint import resolve as resolve_settings
 from pipeline.stage import Shard, Stage, StageContext
 from speechfeat.kmeans import assign, load_centroids, load_model
 from speechfeat.shards import read_tsv, shard_range
 from speechfeat.units import rle_line, units_line, vocoder_record
 from stages.fairseq_run import CHECKPOINT_DIR, FINAL_CHECKPOINT
 from stages.features import checkpoint_path as features_checkpoint, layer_features_of_rows
+from stages.kmeans import FAST_KEYS, SKLEARN_KEYS
 from stages.labels import usage_stats
 from stages.schedule import iteration_spec
 
@@ -73,6 +76,18 @@ def is_checkpoint(path) -> bool:
     return export.is_checkpoint(path)
 
 
+# checkpoint, kmeans and the iterations they come from: resolved (stages.units.fingerprint_settings)
+@classify(output=("checkpoint", "iteration", "layer", "modality", "kmeans", "kmeans_iteration", "n_clusters",
+                  "kmeans_percent", "kmeans_max_frames", "kmeans_seed", "kmeans_split", "jsonl_key", "max_frames"),
+          ignored={"enabled": "whether the stages take part in --stage all",
+                   "splits": "which splits get units: each split's files depend only on the other settings "
+                             "(a split added runs its own shards)",
+                   "nshard": "how rows are grouped into jobs: the per-split files are the same",
+                   "out_dir": "where the files go: a new place holds none, so they are made there "
+                              "(the recorded settings are those of one place: Stage.output_place)",
+                   "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
+                   "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
+                   "torch_threads": "how many threads compute"})
 @dataclass
 class Config:
     # None: on in --stage all exactly when a k-means source below is set; true/false forces it
@@ -177,7 +192,7 @@ def _final_checkpoint(ctx: StageContext, iteration: int) -> Path:
     return ctx.stage_dir("train", iteration=iteration) / CHECKPOINT_DIR / FINAL_CHECKPOINT
 
 
-def _shown(path: Path, workdir: Path) -> str:
+def shown_place(path: Path, workdir: Path) -> str:
     """A path as recorded in outputs: relative to the work dir when inside it (so the same run
     in another work dir records the same bytes), absolute otherwise."""
     try:
@@ -189,18 +204,44 @@ def _shown(path: Path, workdir: Path) -> str:
 def kmeans_settings(ctx: StageContext, r: Resolved) -> dict:
     """What a k-means model trained here depends on (recorded in it and checked before use)."""
     c = ctx.cfg.units
-    return {"checkpoint": _shown(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
+    return {"checkpoint": shown_place(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
             "n_clusters": r.n_clusters, "percent": float(c.kmeans_percent), "max_frames": int(c.kmeans_max_frames),
             "seed": int(c.kmeans_seed), "split": str(c.kmeans_split), "backend": str(ctx.cfg.kmeans.backend)}
 
 
 def settings(ctx: StageContext, r: Resolved) -> dict:
-    out = {"checkpoint": _shown(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
+    out = {"checkpoint": shown_place(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
            "kmeans": r.kmeans_source, "jsonl_key": str(ctx.cfg.units.jsonl_key)}
     if r.kmeans_source == "trained":
         out["kmeans_training"] = kmeans_settings(ctx, r)
     else:
-        out["kmeans_model"] = _shown(r.kmeans_path, ctx.workdir)
+        out["kmeans_model"] = shown_place(r.kmeans_path, ctx.workdir)
+    return out
+
+
+def fingerprint_settings(ctx: StageContext, r: Resolved, kmeans_only: bool = False) -> dict:
+    """The units settings of a step's fingerprint (``Stage.settings``), resolved: what the
+    checkpoint and k-means model are (a file from elsewhere with its content; one of this run's
+    by its place: the step it comes from is among the inputs)."""
+    def shown(path: Path) -> str:
+        text = shown_place(path, ctx.workdir)
+        return text if not Path(text).is_absolute() else f"{text} ({file_content(path)})"
+
+    c = ctx.cfg.units
+    out = {"units.checkpoint": shown(r.checkpoint), "units.layer": r.layer, "units.modality": r.modality}
+    if kmeans_only:
+        out.update({"units.n_clusters": r.n_clusters, "units.kmeans_percent": float(c.kmeans_percent),
+                    "units.kmeans_max_frames": int(c.kmeans_max_frames), "units.kmeans_seed": int(c.kmeans_seed),
+                    "units.kmeans_split": str(c.kmeans_split)})
+        # the kmeans.* backend settings it trains with (K, sample and seed are the units' own)
+        backend = resolve_settings(ctx.cfg, ["kmeans"])
+        unused = {"n_clusters", "percent", "seed", "split",
+                  *(FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS)}
+        out.update({k: v for k, v in backend.items() if k.split(".", 1)[1] not in unused})
+        return out
+    # a model trained here is the units_kmeans step's output, among the inputs
+    out["units.kmeans"] = "units_kmeans" if r.kmeans_source == "trained" else shown(r.kmeans_path)
+    out.update({"units.jsonl_key": str(c.jsonl_key), "units.max_frames": int(c.max_frames)})
     return out
 
 
@@ -319,6 +360,16 @@ class UnitsStage(Stage):
     name = "units"
     depends_on = ("manifest", "train")
     after_iterations = True
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "av")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return fingerprint_settings(ctx, resolve(ctx))
+
+    def provenance_dirs(self, ctx: StageContext) -> list:
+        return [units_dir(ctx)]
+
+    def output_place(self, ctx: StageContext) -> str:
+        return shown_place(units_dir(ctx), ctx.workdir)
 
     def dependencies(self, ctx: StageContext):
         r = resolve(ctx)

@@ -16,8 +16,8 @@ from speechfeat import kmeans as km
 from speechfeat.shards import read_tsv
 from stages.features import layer_features_of_rows
 from stages.kmeans import backend_params
-from stages.units import (KMEANS_MODEL, Resolved, check_trained_kmeans, is_enabled, kmeans_settings,
-                          pretraining_dependencies, resolve, units_dir, validate_units)
+from stages.units import (KMEANS_MODEL, Resolved, check_trained_kmeans, fingerprint_settings, is_enabled,
+                          kmeans_settings, pretraining_dependencies, resolve, shown_place, units_dir, validate_units)
 
 Config = None  # no section of its own: units.* and the kmeans.* backend settings
 
@@ -28,6 +28,17 @@ class UnitsKmeansStage(Stage):
     name = "units_kmeans"
     depends_on = ("manifest", "train")
     after_iterations = True
+    config_section = "units"
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "scikit-learn", "faiss-cpu|faiss-gpu|faiss")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return fingerprint_settings(ctx, resolve(ctx), kmeans_only=True)
+
+    def provenance_dirs(self, ctx: StageContext) -> list:
+        return [units_dir(ctx)]
+
+    def output_place(self, ctx: StageContext) -> str:
+        return shown_place(units_dir(ctx), ctx.workdir)
 
     def dependencies(self, ctx: StageContext):
         return ["manifest"] + pretraining_dependencies(ctx, resolve(ctx))
