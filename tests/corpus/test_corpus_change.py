@@ -101,7 +101,11 @@ def test_videos_added_during_a_killed_crop(tmp_path, clips, capsys, no_run_repor
     assert "[crop] complete (3 shards), nothing to do" in out
     rc, out = launch_here(launch(work, corpus, "--stage", "manifest"), capsys)
     assert rc == 0 and "nothing to do" in out and len((work / "manifest" / "train.tsv").read_text().splitlines()) == 7
+    # a changed manifest setting is refused with the way on (issue 21), then redone when asked
     rc, out = launch_here(launch(work, corpus, "--stage", "manifest", "manifest.drop_removed=true"), capsys)
+    assert rc == 2 and "manifest.drop_removed false -> true" in out and "--redo-changed" in out, out
+    rc, out = launch_here(launch(work, corpus, "--stage", "manifest", "--redo-changed", "manifest.drop_removed=true"),
+                          capsys)
     assert rc == 0, out
     rows = (work / "manifest" / "train.tsv").read_text().splitlines()[1:]
     assert sorted(r.split("\t")[0] for r in rows) == [i for i in ids if i != "m3"]
