@@ -641,6 +641,13 @@ class FinetuneStage(Stage):
             **{f"wer_{s}": v["wer"] for s, v in splits.items()},
         }
 
+    def save_now(self, ctx: StageContext, shard: Shard) -> bool:
+        """A preemption: as the train stage's (``checkpoint_last.pt`` at the next update, then
+        stop); False outside training (decoding is redone from the final checkpoint)."""
+        from avhubert.train_entry import request_save_and_stop
+
+        return request_save_and_stop()
+
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
         import json
 
