@@ -344,10 +344,12 @@ class ShardTask:
                 return requeue(signum, None, self._progress() if has_progress else None)
 
             def gave_up(s, f):
+                now = self._progress() if has_progress else None
+                last = "nothing saved yet" if now is None else f"progress {now}"
                 log.warning("== %s %s: no safe point to save at within %d s of the preemption signal: "
-                            "requeueing without the save (the next run resumes from the last one, %s)",
-                            stage_name, self.shard.key, bound, self._progress() if has_progress else "unknown")
-                return requeue(s, f, self._progress() if has_progress else None)
+                            "requeueing without the save (the next run resumes from the last one: %s)",
+                            stage_name, self.shard.key, bound, last)
+                return requeue(s, f, now)
 
             self._requeue_after_save = saved
             signal.signal(signal.SIGALRM, gave_up)
