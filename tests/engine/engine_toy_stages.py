@@ -185,6 +185,7 @@ class CounterStage(Stage):
             with open(starts, "a") as f:
                 f.write(f"{count} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
         self._count = count
+        self._save_asked = False  # (a requeued job runs a pickled copy of the stage)
         while count < self.target:
             time.sleep(self.step_s)
             count += 1

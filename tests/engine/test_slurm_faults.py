@@ -364,11 +364,12 @@ def _zombie(pid: int) -> bool:
 
 
 def _preempt_counter(tmp_path: Path, *overrides: str, **counter) -> tuple[list, str]:
-    """The counter (16 steps of 0.5 s, no scheduled save) on Slurm, USR2 about 3 s into it (long
+    """The counter (16 steps of 0.5 s unless ``counter`` says otherwise, no scheduled save) on Slurm, USR2 about 3 s into it (long
     before its time limit: a preemption); the launch completes by itself. Returns the rows of
     starts.log (count at start, Slurm restart count) and the shard's log."""
     work = tmp_path / "w"
-    spec = {"toy": 0, "counter": {"target": 16, "step_s": 0.5, "save_every": 100000, **counter}}
+    counter = {"target": 16, "step_s": 0.5, "save_every": 100000, **counter}
+    spec = {"toy": 0, "counter": counter}
     log = tmp_path / "launch.log"
     p = start(toy_cmd(work, "slurm_local", "cluster.stages.counter.mem_gb=1", *overrides), toy_env(spec), log)
     try:
@@ -383,7 +384,7 @@ def _preempt_counter(tmp_path: Path, *overrides: str, **counter) -> tuple[list, 
         if p.poll() is None:
             p.kill()
     assert rc == 0, log.read_text()
-    assert json.loads((work / "counter" / "final.json").read_text()) == {"count": 16}
+    assert json.loads((work / "counter" / "final.json").read_text()) == {"count": counter["target"]}
     shard_log = (work / ".pipeline" / "logs" / "once" / "counter" / "count.log").read_text()
     assert "a preemption; saving now and requeueing" in shard_log, shard_log
     return [ln.split() for ln in starts.read_text().splitlines()], shard_log
@@ -406,7 +407,8 @@ def test_a_preemption_saved_at_the_next_step_is_requeued_once_saved(tmp_path, sl
 
 
 def test_a_preemption_whose_save_never_comes_is_requeued_after_the_bound_with_one_line(tmp_path, slurm):
-    runs_, shard_log = _preempt_counter(tmp_path, "cluster.signal_delay_s=30", save_at_next_step="never")
+    # 40 steps: still counting when the 10 s bound ends
+    runs_, shard_log = _preempt_counter(tmp_path, "cluster.signal_delay_s=30", target=40, save_at_next_step="never")
     # nothing saved: the requeued run starts over
     assert runs_ == [["0", "0"], ["0", "1"]], runs_
     assert ("no safe point to save at within 10 s of the preemption signal: requeueing without the save (the "
