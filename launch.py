@@ -7,7 +7,7 @@
     python launch.py --stage kmeans --iteration 2 kmeans.percent=0.2
     python launch.py --dry-run                       # the plan; submits nothing
     python launch.py --cluster mycluster ... --detach  # a driver runs the DAG; returns at once
-    python launch.py status [--workdir DIR]
+    python launch.py status [--workdir DIR] [key=value ...]   # + changed settings, against the last launch's
     python launch.py cancel [--workdir DIR]          # stops the driver and every job of DIR
     python launch.py report [--workdir DIR]          # WORKDIR/report/index.html (also after every step)
     python launch.py crop-video VIDEO --out DIR [--mode reference|fast]
@@ -73,7 +73,7 @@ APP = Application(
     default_corpus=_sample_corpus,
     corpus_help="corpus directory (default: the bundled sample corpus, built on first use)",
     commands={"crop-video": "stages.crop:crop_video_main", "infer": "stages.infer:main",
-              "report": "report:main", "units": "stages.units:main", "export": "report.export:main"},
+              "report": "report:main", "units": "stages.units_command:main", "export": "report.export:main"},
     entry=DriverEntry(module="launch", paths=(str(ROOT),)),
     at_end=_run_report,
     status_lines=_status_lines,

@@ -33,6 +33,11 @@ from typing import Optional, Union
 
 import numpy as np
 
+from avprep.crop import crop_one_video
+from avprep.media import MediaError, ffmpeg_exe
+from speechfeat import kmeans as km
+from speechfeat.kmeans import assign
+
 PathLike = Union[str, os.PathLike]
 SAMPLE_RATE = 16_000
 FRAME_RATE = 25
@@ -51,11 +56,10 @@ class CroppedVideo:
 def crop_video(video: PathLike, out_dir: PathLike, name: Optional[str] = None,
                mode: Optional[str] = None) -> CroppedVideo:
     """Run the crop stage's code on one raw video into ``out_dir/<name>.{mp4,wav,landmarks.npz}``.
-    Raises ``stages.crop.CropError`` (``NoFaceError`` when no frame has a face) or
+    Raises ``avprep.crop.CropError`` (``NoFaceError`` when no frame has a face) or
     ``avprep.media.MediaError``, whose messages name the file and the reason."""
     # the crop code and the readers the features stage uses (the pipeline's, not a copy)
-    from stages.crop import crop_one_video
-    from stages.features import media_readers
+    from avhubert.features import media_readers
 
     result = crop_one_video(Path(video), Path(out_dir), mode=mode, name=name)
     read_video, read_wav = media_readers()
@@ -71,8 +75,6 @@ def crop_video(video: PathLike, out_dir: PathLike, name: Optional[str] = None,
 
 def read_audio(path: PathLike) -> np.ndarray:
     """Any audio (or video) file's first audio track as 16 kHz mono int16 (the static ffmpeg)."""
-    from avprep.media import MediaError, ffmpeg_exe
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such audio file")
     proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-vn", "-map", "0:a:0",
@@ -87,8 +89,6 @@ def kmeans_centroids(kmeans) -> np.ndarray:
     """(K, D) float32 centroids of a k-means model given as a path (``kmeans.joblib`` of the
     pipeline, or an sklearn model saved by the reference ``learn_kmeans.py``), a model dict of
     ``speechfeat.kmeans``, an sklearn model or an array."""
-    from speechfeat import kmeans as km
-
     if isinstance(kmeans, (str, os.PathLike)):
         if not Path(kmeans).is_file():
             raise FileNotFoundError(f"{kmeans}: k-means model not found")
@@ -185,7 +185,7 @@ class AVHubert:
         """(T, D) float32 features of ``layer`` (None = last) at 25 Hz. Clips longer than
         ``max_frames`` are cut into independent pieces, as the features stage does.
         ``crop_dir`` keeps the crop of a raw video (ROI mp4, wav, landmarks) there."""
-        from stages.features import extract_batched
+        from avhubert.extract import extract_batched
 
         layer = self._layer(layer)
         v, a = self.inputs(video, audio, modalities, crop_dir, crop_mode)
@@ -196,8 +196,6 @@ class AVHubert:
               modalities: Optional[str] = None, **kwargs) -> np.ndarray:
         """(T,) int64 unit ids: the nearest centroid of ``kmeans`` (a path, model or (K, D)
         array; see :func:`kmeans_centroids`) for every frame of :meth:`extract`."""
-        from speechfeat.kmeans import assign
-
         if kmeans is None:
             raise ValueError("units() needs kmeans= (a k-means model path, dict or centroid array)")
         centroids = kmeans_centroids(kmeans)

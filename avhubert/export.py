@@ -19,10 +19,14 @@ checkpoint gives the same bytes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
+
+from omegaconf import Container, OmegaConf
 
 FORMAT = "avhubert-pipeline.export"
 FORMAT_VERSION = 1
@@ -48,8 +52,6 @@ def is_checkpoint(path) -> bool:
 
 
 def _container(cfg):
-    from omegaconf import Container, OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, Container) else copy.deepcopy(cfg)
 
 
@@ -105,8 +107,6 @@ def encoder_from_state(state: dict, path: str):
 
 
 def _config(model_cfg, task_cfg):
-    from omegaconf import OmegaConf
-
     return OmegaConf.create({"model": _container(model_cfg), "task": _container(task_cfg)})
 
 
@@ -141,7 +141,6 @@ def read_config(path: Path, name: str) -> dict:
 def load_encoder(path, device: str = "cpu"):
     """(model in eval mode, task cfg) of an exported directory: the same encoder, weights for
     weights, as the checkpoint it was exported from."""
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from .hubert_asr import build_encoder_model
@@ -172,8 +171,6 @@ def _without_paths(value):
 def export_seq2seq(state: dict, checkpoint: str, out_dir: Path, target_dict: Path, spm_model: Optional[Path]) -> dict:
     """Write a fine-tuned ``av_hubert_seq2seq`` model's whole weights and config (paths in it made
     relative to ``out_dir``), its target dictionary and sentencepiece model."""
-    import shutil
-
     cfg = _container(state["cfg"])
     if cfg.get("model", {}).get("_name") != "av_hubert_seq2seq":
         raise ExportError(f"{checkpoint}: not an av_hubert_seq2seq (fine-tuned) checkpoint")
@@ -201,7 +198,6 @@ def load_finetuned_state(path) -> dict:
     """A fairseq checkpoint state (``cfg`` as DictConfig, ``model`` weights) of an exported
     fine-tuned model, its relative paths resolved against ``path``: what
     ``checkpoint_utils.load_model_ensemble_and_task(..., state=)`` takes."""
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     path = Path(path).resolve()
@@ -214,8 +210,6 @@ def load_finetuned_state(path) -> dict:
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

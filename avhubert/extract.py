@@ -1,7 +1,8 @@
 """Loading a pretrained AV-HuBERT checkpoint and computing its layer features.
 
 Used by the features stage (iteration N+1 labels from iteration N's checkpoint), the units stage
-and the Python API (``avhubert.load``, ``avhubert/api.py``).
+and the Python API (``avhubert.load``, ``avhubert/api.py``); ``extract_batched`` is the batched,
+piecewise model call all three run.
 
     model, task_cfg = load_pretrained("checkpoint_last.pt")
     video = video_input(roi_gray, task_cfg)                  # (T, 88, 88)
@@ -9,10 +10,12 @@ and the Python API (``avhubert.load``, ``avhubert/api.py``).
     feats = extract_layer(model, video[None, None], audio.T[None], None, layer=9)  # (1, T, D)
 """
 import os
-import sys
-from typing import Optional, Tuple
+from argparse import Namespace
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from omegaconf import open_dict
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +29,6 @@ _PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 def ensure_plugin_registered() -> None:
     """Register the plugin with fairseq exactly as ``--user-dir <this dir>`` would (once)."""
     from fairseq import utils as fairseq_utils
-    from argparse import Namespace
 
     fairseq_utils.import_user_module(Namespace(user_dir=_PLUGIN_DIR))
 
@@ -50,7 +52,6 @@ def load_pretrained(path: str, device: str = "cpu"):
     # the checkpoint's user_dir is where it was trained, not here: our plugin is already registered
     cfg = state.get("cfg")
     if cfg is not None and "common" in cfg and cfg.common is not None:
-        from omegaconf import open_dict
         with open_dict(cfg):
             cfg.common.user_dir = _PLUGIN_DIR
     name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
@@ -132,3 +133,93 @@ def extract_layer(model, video: Optional[torch.Tensor], audio: Optional[torch.Te
     else:
         out, _ = model.extract_finetune(source, padding_mask=padding_mask, mask=False, output_layer=layer)
     return out
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when torch sees a GPU, else cpu; a cuda device without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"features.device={device} but torch sees no GPU")
+    return device
+
+
+def _pieces(n_frames: int, max_frames: int) -> List[Tuple[int, int]]:
+    return [(s, min(n_frames, s + max_frames)) for s in range(0, max(n_frames, 1), max_frames)]
+
+
+def extract_batched(model, inputs: Sequence[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
+                    layer: int, max_frames: int, batch_frames: int) -> List[np.ndarray]:
+    """Layer features of several utterances. ``inputs``: per utterance (video (T, 88, 88) | None,
+    audio (T, F) | None), as ``avhubert.extract.video_input`` / ``audio_input`` make them.
+    Each utterance is cut into independent pieces of at most ``max_frames``; pieces are grouped
+    in order into padded batches of at most ``batch_frames`` padded frames (<= max_frames: one
+    piece per forward). Returns float32 (T, D) per utterance."""
+    pieces = []  # (utt index, start, end)
+    for i, (v, au) in enumerate(inputs):
+        t = len(v) if v is not None else len(au)
+        if v is not None and au is not None and len(au) != len(v):
+            raise ValueError(f"utterance {i}: {len(v)} video frames but {len(au)} audio frames")
+        pieces += [(i, s, e) for s, e in _pieces(t, max_frames)]
+    outs: List[List[np.ndarray]] = [[] for _ in inputs]
+    budget = max(batch_frames, max_frames)
+    j = 0
+    while j < len(pieces):
+        batch = [pieces[j]]
+        while j + len(batch) < len(pieces):
+            nxt = pieces[j + len(batch)]
+            longest = max(e - s for _, s, e in batch + [nxt])
+            if longest * (len(batch) + 1) > budget:
+                break
+            batch.append(nxt)
+        j += len(batch)
+        t_max = max(e - s for _, s, e in batch)
+        has_v, has_a = inputs[batch[0][0]][0] is not None, inputs[batch[0][0]][1] is not None
+        video = audio = mask = None
+        if has_v:
+            v0 = inputs[batch[0][0]][0]
+            video = v0.new_zeros((len(batch), 1, t_max) + tuple(v0.shape[1:]))
+        if has_a:
+            a0 = inputs[batch[0][0]][1]
+            audio = a0.new_zeros((len(batch), a0.shape[1], t_max))
+        if len(batch) > 1:
+            mask = torch.zeros((len(batch), t_max), dtype=torch.bool)
+        for b, (i, s, e) in enumerate(batch):
+            v, au = inputs[i]
+            if has_v:
+                video[b, 0, : e - s] = v[s:e]
+            if has_a:
+                audio[b, :, : e - s] = au[s:e].T
+            if mask is not None:
+                mask[b, e - s:] = True
+        feats = extract_layer(model, video, audio, mask, layer).float().cpu().numpy()
+        for b, (i, s, e) in enumerate(batch):
+            outs[i].append(feats[b, : e - s])
+    result = []
+    for i, parts in enumerate(outs):
+        result.append(np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32))
+    return result
+
+
+def auto_batch_frames(device: str) -> int:
+    """``batch_frames=0`` (auto): batched on a GPU; on a CPU padding only costs time."""
+    return 8000 if device.startswith("cuda") else 0
+
+
+def load_layer_model(checkpoint, layer: Optional[int], device: str = "auto"):
+    """(model, task_cfg, device, layer) for layer features of ``checkpoint`` (any ours/reference
+    pretraining or fine-tuning checkpoint); ``layer`` None = its last transformer layer."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint for layer features not found")
+    device = resolve_device(device)
+    model, task_cfg = load_pretrained(str(checkpoint), device=device)
+    n_layers = len(model.encoder.layers)
+    layer = n_layers if layer is None else int(layer)
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")
+    return model, task_cfg, device, layer
+
+
+def model_dim(model) -> int:
+    return int(getattr(model, "encoder_embed_dim", None) or model.encoder.layers[0].fc2.out_features)

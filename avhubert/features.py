@@ -131,3 +131,13 @@ def read_wav_int16(path: str) -> Tuple[np.ndarray, int]:
 
     wav, sr = sf.read(path, dtype="int16", always_2d=False)
     return wav, sr
+
+
+def media_readers():
+    """(read_gray_video, read_wav): the crop stage's readers (``avprep.media``, the decoders of what
+    the pipeline trains on) when avprep is importable, else this module's equivalents."""
+    try:
+        from avprep.media import read_gray_video, read_wav  # optional: the plugin also runs without avprep
+    except ImportError:
+        return read_video_gray, read_wav_int16
+    return read_gray_video, read_wav

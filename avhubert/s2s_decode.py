@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from omegaconf import open_dict
 import torch
 
 from fairseq.sequence_generator import SequenceGenerator
@@ -95,7 +96,6 @@ def load_finetuned(path: str, modalities=None, device: str = "cpu", task_overrid
         raise FileNotFoundError(f"{path}: fine-tuned checkpoint not found")
     register()
     from fairseq import checkpoint_utils
-    from omegaconf import open_dict
 
     from .checkpoint import fairseq_checkpoint_loading, load_checkpoint_to_cpu
 
@@ -124,8 +124,6 @@ def set_inputs(task, modalities=None, noise: Optional[dict] = None) -> None:
     of its sub-folders or None (its own lists), "snr": dB, "seed": int}`` to mix every utterance's
     audio with a noise clip of the split's list at exactly that SNR, the clip and its offset drawn
     per utterance from the seed (the same noise for every model and modality)."""
-    from omegaconf import open_dict
-
     with open_dict(task.cfg):
         if modalities is not None:
             task.cfg.modalities = modality_list(modalities)

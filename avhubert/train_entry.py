@@ -13,6 +13,7 @@ the running training write ``checkpoint_last.pt`` at its next update boundary, w
 ``checkpoint_utils.save_checkpoint`` (what a resume reads, mid-epoch position included), stop
 through fairseq's ``should_stop``, and raise :class:`pipeline.stage.SavedForPreemption`.
 """
+import argparse
 import contextlib
 import logging
 import os
@@ -192,8 +193,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         python -m avhubert.train_entry --config-dir avhubert/conf/pretrain --config-name base \\
             task.data=... task.label_dir=... model.label_rate=25 checkpoint.save_dir=...
     """
-    import argparse
-
     parser = argparse.ArgumentParser(description="AV-HuBERT pretraining, one rank (fairseq hydra)")
     parser.add_argument("--config-dir", required=True)
     parser.add_argument("--config-name", required=True)

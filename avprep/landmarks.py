@@ -24,6 +24,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from avprep.hog_levels import LevelScanner
+
 N_POINTS = 68
 
 
@@ -87,7 +89,6 @@ class LandmarkDetector:
         self._level: Optional[int] = None
         if self.s.fast_strategy not in ("levels", "track"):
             raise ValueError(f"fast_strategy {self.s.fast_strategy!r}: levels or track")
-        from avprep.hog_levels import LevelScanner
 
         self.scanner = LevelScanner(self.hog, upsample=self.s.upsample, presteps=self.s.level_presteps,
                                     window=self.s.window or 128)

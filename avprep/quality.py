@@ -32,6 +32,9 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from pipeline import atomic
+from pipeline.fingerprint import classify
+
 # mouth region of the 96x96 ROI (centred on the mouth by the alignment): rows and columns used for
 # the motion figure, so a moving background or collar at the patch edges counts less
 MOUTH_ROWS = slice(24, 72)
@@ -41,6 +44,10 @@ BLANK_STD = 4.0  # a frame whose pixels vary less than this (gray levels) shows 
 STABLE_POINTS = (33, 36, 39, 42, 45)  # as avprep.align: what the alignment transform is fitted on
 
 
+# every bound decides which items are flagged in the crop records and outlined on the contact sheets
+@classify(output=("enabled", "min_face_share", "min_face_px", "max_jitter", "max_roll_deg", "min_motion",
+                  "max_static_share", "min_brightness", "max_brightness", "min_contrast", "max_blank_share",
+                  "sheet_frames", "min_words_per_s", "max_words_per_s"))
 @dataclass
 class QualityBounds:
     """``crop.quality.*``: an item outside these bounds is flagged (listed in the report, outlined
@@ -324,8 +331,6 @@ def _put_text(img, text: str, x: int, y: int, max_w: int, colour) -> None:
 
 def write_sheet(path: Path, entries: Sequence[SheetEntry], n_tiles: int) -> None:
     """Render ``entries`` and write the PNG atomically."""
-    from pipeline import atomic
-
     png = encode_png(render_sheet(entries, n_tiles))
     with atomic.atomic_open(path, "wb") as f:
         f.write(png)

@@ -13,7 +13,7 @@ Two pipelines crop each video, each in its own process with one thread (OMP/Open
   the whole frame converted to float64 in [0, 1] (skimage's img_as_float), warped to 256x256 with
   bilinear interpolation (skimage's warp; here cv2.warpAffine on the float64 frame, which is not
   slower), scaled back to uint8, the 96x96 patch cut and converted to gray; the ROIs encoded.
-- fast: the crop stage's own ``stages.crop.crop_item`` with its default settings (mode fast), the
+- fast: the crop stage's own ``avprep.crop.crop_item`` with its default settings (mode fast), the
   same encoder.
 - imported: ``crop_item`` with landmarks that already exist (``crop.landmarks_dir``: here the fast
   run's own, read back from its landmarks file) instead of detection: decode, align, encode.
@@ -181,14 +181,14 @@ def reference_rois(video: Path, parts: dict = None, det=None) -> list:
 def fast_parts(video: Path) -> dict:
     """The fast mode's CPU seconds by part, on one video (the parts of crop_item run one by one)."""
     from avprep import media
-    from stages.crop import Config, _detector, _frames, detect_frames, mouth_rois
+    from avprep.crop import CropSettings, decoded_frames, detect_frames, landmark_detector, mouth_rois
     from avprep import align
 
-    cfg = Config()
-    det = _detector(cfg)
+    cfg = CropSettings()
+    det = landmark_detector(cfg)
     parts = {}
     t = cpu_seconds()
-    frames = list(_frames(video, cfg, None, None))
+    frames = list(decoded_frames(video, cfg, None, None))
     parts["decode + gray"] = cpu_seconds() - t
     batch = det.batch_predictor  # loaded before the clock, as in a shard
     predictor = [0.0]
@@ -244,29 +244,28 @@ def worker(mode: str, video: Path, out: Path) -> dict:
 
     cv2.setNumThreads(1)
     from avprep import media
-    from stages import crop as crop_stage
+    from avprep import crop
 
     from avprep import landmark_files
 
-    cfg = crop_stage.Config()
+    cfg = crop.CropSettings()
     det = None
     if mode == "reference":
         det = reference_detector()
     elif mode == "fast":
-        det = crop_stage._detector(cfg)
+        det = crop.landmark_detector(cfg)
         det.batch_predictor  # noqa: B018 - loaded now (a shard loads it once), not on the clock
     t, wall = cpu_seconds(), time.time()
     if mode == "imported":  # the landmarks of the fast run of the same video
         lms = out.with_name(out.name.replace("imported", "fast", 1)).with_suffix(".npz")
-        r = crop_stage.crop_item(video, out, None, out.with_suffix(".npz"), cfg,
-                                 imported=landmark_files.Imported(lms))
+        r = crop.crop_item(video, out, None, out.with_suffix(".npz"), cfg, imported=landmark_files.Imported(lms))
         n = r.n_frames
     elif mode == "reference":
         rois = reference_rois(video, det=det)
         media.write_gray_video(out, rois, crf=cfg.crf)
         n = len(rois)
     else:
-        r = crop_stage.crop_item(video, out, None, out.with_suffix(".npz"), cfg, detector=det)
+        r = crop.crop_item(video, out, None, out.with_suffix(".npz"), cfg, detector=det)
         n = r.n_frames
     return {"cpu": cpu_seconds() - t, "wall": time.time() - wall, "frames": n}
 
@@ -299,7 +298,7 @@ def main():
 
     cv2.setNumThreads(1)
     from avprep import media
-    from stages.crop import Config, _detector, _frames, detect_frames, mouth_rois
+    from avprep.crop import CropSettings, decoded_frames, detect_frames, landmark_detector, mouth_rois
     from avprep import align
 
     n1, n2 = a.frames
@@ -335,8 +334,9 @@ def main():
         for px in a.faces:
             video = inputs[px][n2]
             ref = np.stack(reference_rois(video))
-            cfg = Config()
-            raw, cached = detect_frames(_frames(video, cfg, None, None), _detector(cfg), cfg.frame_cache_mb)
+            cfg = CropSettings()
+            raw, cached = detect_frames(decoded_frames(video, cfg, None, None), landmark_detector(cfg),
+                                        cfg.frame_cache_mb)
             fast = np.stack(list(mouth_rois(cached, align.interpolate_missing(raw), cfg)))
             diff = np.abs(fast.astype(np.int16) - ref.astype(np.int16))
             codec = np.abs(media.read_gray_video(d / f"fast{px}_{n2}.mp4").astype(np.int16)
@@ -350,10 +350,10 @@ def main():
                   f"            {1e3 * imported:8.2f}  {1 / imported:8.0f}  {fast_cost / imported:5.1f}x", flush=True)
             ref_decoded = media.read_gray_video(d / f"reference{px}_{n2}.mp4").astype(np.int16)
             for k in a.key_every:  # the ROI difference as the key-frame stride changes
-                det = _detector(cfg)
+                det = landmark_detector(cfg)
                 det.s.key_every = k
                 scans = _count_scans(det)
-                raw, cached = detect_frames(_frames(video, cfg, None, None), det, cfg.frame_cache_mb)
+                raw, cached = detect_frames(decoded_frames(video, cfg, None, None), det, cfg.frame_cache_mb)
                 rois = list(mouth_rois(cached, align.interpolate_missing(raw), cfg))
                 diff = np.abs(np.stack(rois).astype(np.int16) - ref.astype(np.int16))
                 media.write_gray_video(d / "stride.mp4", rois, crf=cfg.crf)

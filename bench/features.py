@@ -4,7 +4,7 @@
     python bench/features.py --checkpoint ../shared/golden/ref_tiny_pretrain.pt --clips 8 --frames 150
 
 MFCC: seconds of 16 kHz audio featurized per second of wall time (speechfeat.mfcc.mfcc39).
-Layer: frames per second of ``stages.features.extract_batched`` on random ROI/audio inputs of
+Layer: frames per second of ``avhubert.extract.extract_batched`` on random ROI/audio inputs of
 ``--clips`` clips x ``--frames`` frames, one piece per forward versus padded batches
 (``--batch-frames``), on ``--device``. Prints the figures; asserts nothing.
 """
@@ -34,7 +34,7 @@ def bench_layer(checkpoint: str, clips: int, frames: int, layer: int, device: st
     import torch
 
     from avhubert.extract import audio_input, load_pretrained, video_input
-    from stages.features import extract_batched, resolve_device
+    from avhubert.extract import extract_batched, resolve_device
 
     device = resolve_device(device)
     model, task_cfg = load_pretrained(checkpoint, device=device)

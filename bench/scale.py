@@ -262,7 +262,7 @@ def fabricate_crop_outputs(base: Path, work: Path, clips: list[Path]) -> int:
     pair.mkdir(exist_ok=True)
     roi, wav = pair / "roi.mp4", pair / "roi.wav"
     if not roi.exists():
-        from stages.crop import crop_one_video
+        from avprep.crop import crop_one_video
 
         r = crop_one_video(clips[0], pair, name="roi")
         assert r.audio == wav

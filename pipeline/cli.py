@@ -10,7 +10,7 @@ test stages) describes itself with an ``Application`` and hands its arguments ov
         return pipeline.cli.main(APP, argv)
 
 This module then gives it: the launch (``--stage``, ``--iteration(s)``, ``--dry-run``,
-``--force``, ``key=value`` overrides), the work dir lock taken before anything of the work dir is
+``--force``, ``--redo-changed``, ``key=value`` overrides), the work dir lock taken before anything of the work dir is
 written, ``--detach`` (a driver that does not depend on the terminal; the driver runs
 ``APP.entry`` again), SIGHUP/SIGTERM/SIGINT ending a launch with one line, every error as one
 ``error:`` line (an unexpected one with its traceback in a file), ``status`` and ``cancel``, the
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence
 
+from pipeline.changes import compare
 from pipeline.config import load_config
 from pipeline.disk import free_line
 from pipeline.driver import (
@@ -122,6 +123,9 @@ def parse_args(app: Application, argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--preset", default=app.default_preset,
                    help=f"{_dir_name(app.preset_dir, 'presets')}/NAME.yaml (default: {app.default_preset or 'none'})")
     p.add_argument("--force", action="store_true", help="redo complete shards of the selected stages")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="redo the steps made with other settings than this launch's (--dry-run lists them) and "
+                   "everything after them; without it such a launch refuses")
     p.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     p.add_argument("--detach", action="store_true",
                    help="hand the run to a driver that does not depend on this terminal (a Slurm job, "
@@ -131,7 +135,9 @@ def parse_args(app: Application, argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--replace-driver", metavar="JOB", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    args.command = [app.prog, *argv]  # recorded in each step's provenance.json
+    return args
 
 
 def _dir_name(path: Optional[Path], default: str) -> str:
@@ -163,7 +169,7 @@ def plan(app: Application, args: argparse.Namespace, dry_run: bool, compute_shar
     cfg = configure(app, args, dry_run) if cfg is None else cfg
     stages = {name: app.get_stage(name) for name in app.stage_names}
     pipe = Pipeline(cfg, stages, list(app.stage_names), Path(cfg.workdir), force=args.force, echo=echo,
-                    dry_run=dry_run)
+                    dry_run=dry_run, redo_changed=args.redo_changed, command=args.command, overrides=args.overrides)
     names = "all" if args.stage == "all" else [args.stage]
     iterations = [args.iteration] if args.iteration is not None else None
     steps = pipe.plan(pipe.targets(names, iterations), compute_shards=compute_shards)
@@ -340,12 +346,45 @@ def _workdir_arg(app: Application, name: str, argv: List[str], description: Opti
     return Path(p.parse_args(argv).workdir).resolve()
 
 
+def settings_lines(app: Application, workdir: Path, preset: Optional[str], cluster: Optional[str],
+                   overrides: List[str]) -> List[str]:
+    """What ``status`` says of settings and versions: each step's recorded settings compared with
+    the last launch's (``.pipeline/config.yaml``; ``--preset``/``--cluster`` start from those files
+    instead), with ``key=value`` on top: changed steps (old -> new, what a redo makes again), notes."""
+    saved = workdir / ".pipeline" / "config.yaml"
+    fresh = bool(preset or cluster) or not saved.is_file()
+    if fresh and not (preset or app.default_preset):
+        return []
+    against = ("the last launch's settings" if not fresh
+               else f"preset {preset or app.default_preset}, cluster {cluster or app.default_cluster}")
+    against += "".join(f", {o}" for o in overrides)
+    try:
+        cfg = load_config(dict(app.config_sections()), (preset or app.default_preset) if fresh else None,
+                          (cluster or app.default_cluster) if fresh else None, overrides, {"workdir": str(workdir)},
+                          preset_dir=app.preset_dir, cluster_dir=app.cluster_dir, saved=None if fresh else saved)
+        stages = {name: app.get_stage(name) for name in app.stage_names}
+        pipe = Pipeline(cfg, stages, list(app.stage_names), workdir, echo=lambda _m: None, dry_run=True)
+        lines = compare(pipe, list(pipe.targets("all"))).lines()
+    except (PipelineError, OSError) as e:
+        return [f"settings: not compared ({e})"]
+    if not lines:
+        return [f"settings: every step as recorded (compared with {against})"]
+    return [f"settings compared with {against}:"] + [f"  {line}" for line in lines]
+
+
 def cmd_status(app: Application, argv: List[str]) -> int:
-    workdir = _workdir_arg(app, "status", argv)
+    p = argparse.ArgumentParser(prog=f"{app.prog} status")
+    p.add_argument("--workdir", default="./work")
+    p.add_argument("--preset", help="compare the steps' settings with this preset's (default: the last launch's)")
+    p.add_argument("--cluster", help="... with this cluster config (default: the last launch's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="compare with these settings")
+    a = p.parse_args(argv)
+    workdir = Path(a.workdir).resolve()
 
     def run() -> int:
         text, rc = report(workdir, list(app.stage_names))
-        print("\n".join([text, *(app.status_lines(workdir) if app.status_lines is not None else [])]))
+        extra = app.status_lines(workdir) if app.status_lines is not None else []
+        print("\n".join([text, *extra, *settings_lines(app, workdir, a.preset, a.cluster, a.overrides)]))
         return rc
 
     return guarded(run, lambda: (None, workdir))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Resources
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,11 @@ CLUSTER_DIR = PROJECT_ROOT / "cluster_configs"
 EXECUTORS = ("debug", "local", "slurm")
 
 
+_RESOURCE = "what a job asks the scheduler for: the same outputs on any allocation"
+
+
+@classify(ignored={k: _RESOURCE for k in ("cpus_per_task", "mem_gb", "gpus_per_task", "timeout_min", "nodes",
+                                         "tasks_per_node", "partition")})
 @dataclass
 class StageResources:
     """Per-stage resource overrides; None = take ``cluster.defaults``."""
@@ -40,6 +46,8 @@ class StageResources:
     partition: Optional[str] = None
 
 
+@classify(ignored={k: "the driver job only submits and waits" for k in
+                  ("partition", "cpus_per_task", "mem_gb", "timeout_min", "max_requeues")})
 @dataclass
 class DriverResources:
     """The driver job of ``launch.py --detach`` on Slurm: one CPU that submits and waits."""
@@ -52,6 +60,16 @@ class DriverResources:
     max_requeues: int = 1000
 
 
+@classify(ignored={
+    "name": "the cluster file's name", "executor": "where jobs run", "partition": _RESOURCE, "account": _RESOURCE,
+    "qos": _RESOURCE, "max_array_size": "how shards are grouped into scheduler jobs",
+    "array_parallelism": "how many shards run at once", "gpus_per_node": _RESOURCE,
+    "poll_interval_s": "how often the launcher looks", "scheduler_poll_s": "how often the launcher looks",
+    "progress_interval_s": "how often progress is printed", "fatal_pending_after_s": "when a stuck job is given up", "blocked_pending_after_s": "when a stuck job is given up",
+    "check_requests": "a check before submitting", "check_free_space": "a check before submitting",
+    "signal_delay_s": "when a job is told its time is up", "max_requeues": "how often a job may be requeued",
+    "setup": "how a job's environment is set up", "slurm_additional_parameters": _RESOURCE,
+    "defaults": _RESOURCE, "stages": _RESOURCE, "driver": "the driver job only submits and waits"})
 @dataclass
 class ClusterConfig:
     name: str = "local"
@@ -98,6 +116,12 @@ class ClusterConfig:
     driver: DriverResources = field(default_factory=DriverResources)
 
 
+@classify(output=("layout",), ignored={
+    "workdir": "where the outputs go (a work dir can be moved)",
+    "corpus": "where the corpus is: its items are frozen and compared at every launch by the stage that "
+              "lists it (new items are added, a moved corpus is matched by relative paths)",
+    "iterations": "how many iterations run; what a step reads from which iteration is in its inputs",
+    "preset": "its values are what count, each classified in its own section"})
 @dataclass
 class EngineConfig:
     workdir: str = "./work"
@@ -126,12 +150,14 @@ def load_config(
     engine_values: Optional[Dict[str, Any]] = None,
     preset_dir: Optional[Path] = None,
     cluster_dir: Optional[Path] = None,
+    saved: Optional[Path] = None,
 ) -> DictConfig:
     """Build and validate the whole config tree. ``sections`` maps section names to dataclasses
     (the stages' typed configs); ``engine_values`` are settings from command-line flags
     (--workdir, --corpus, ...), applied after the preset and before ``key=value`` overrides.
     ``preset``/``cluster`` name files of ``preset_dir``/``cluster_dir`` (default: the
-    repository's ``presets/`` and ``cluster_configs/``); a cluster may also be a .yaml path."""
+    repository's ``presets/`` and ``cluster_configs/``); a cluster may also be a .yaml path.
+    ``saved``: a whole config a launch saved (``.pipeline/config.yaml``), applied first."""
     preset_dir = Path(preset_dir) if preset_dir is not None else PRESET_DIR
     cluster_dir = Path(cluster_dir) if cluster_dir is not None else CLUSTER_DIR
     # one dataclass for the whole tree, so every level is typed and closed to unknown keys
@@ -139,8 +165,13 @@ def load_config(
     root_fields = [(f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(EngineConfig)]
     root_fields += [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in sections.items()]
     root_fields.append(("cluster", ClusterConfig, dataclasses.field(default_factory=ClusterConfig)))
-    base = OmegaConf.structured(dataclasses.make_dataclass("PipelineConfig", root_fields))
-    layers = []
+    root = dataclasses.make_dataclass("PipelineConfig", root_fields)
+    # the root's fields: the engine's keys as classified, every section by its own classification
+    engine = EngineConfig.__settings_classes__
+    classify(output=[*engine.output, *sections], per_iteration=engine.per_iteration,
+             ignored={**engine.ignored, "cluster": _RESOURCE})(root)
+    base = OmegaConf.structured(root)
+    layers = [(f"saved config {saved}", _read_yaml(Path(saved), "saved config"))] if saved else []
     if preset:
         path = preset_dir / f"{preset}.yaml"
         if not path.is_file():

@@ -19,17 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline import estimate, executors, progress
+from pipeline import changes, estimate, executors, progress, provenance
 from pipeline.config import check_resources, resources_for
 from pipeline.errors import ConfigError, InputsMissing, PipelineError, PrerequisiteError, StageFailed
 from pipeline.stage import Resources, Shard, Stage, StageContext
-from pipeline.state import StateStore, new_generation, scope_name
+from pipeline.state import StateStore, describe, new_generation, scope_name
 
 log = logging.getLogger("pipeline")
-
-
-def describe(stage: str, iteration: Optional[int]) -> str:
-    return stage if iteration is None else f"{stage} (iteration {iteration})"
 
 
 @dataclass
@@ -44,6 +40,7 @@ class Step:
     stale: Optional[str] = None  # why every shard runs again (its inputs were redone since)
     out_of_date: dict = field(default_factory=dict)  # shard key -> why that complete shard runs again
     rerun_after: list = field(default_factory=list)  # prerequisites that run again in this launch
+    redo: Optional[changes.StepChange] = None  # made with other settings: redone (--redo-changed, --force)
 
     @property
     def name(self) -> str:
@@ -68,6 +65,9 @@ class Pipeline:
         force: bool = False,
         echo: Callable[[str], None] = print,
         dry_run: bool = False,
+        redo_changed: bool = False,
+        command: Optional[Sequence[str]] = None,
+        overrides: Sequence[str] = (),
     ):
         self.cfg = cfg
         self.stages = stages
@@ -80,6 +80,12 @@ class Pipeline:
         self.store = StateStore(self.workdir)
         self.n_iterations = int(cfg.get("iterations", 1) or 1)
         self._checker = None
+        # --redo-changed: steps made with other settings are redone, then everything after them
+        self.redo_changed = redo_changed
+        self.command = list(sys.argv if command is None else command)  # recorded in provenance.json
+        self.overrides = list(overrides)  # key=value settings of the command line (checked: do they do anything)
+        self.comparison = changes.Comparison()  # recorded settings vs this launch's (plan)
+        self._targets: list = []  # (stage, iteration) of the planned steps
         self.after_step: Optional[Callable[[Step], None]] = None
 
     # --- what to run -----------------------------------------------------------------------------
@@ -149,7 +155,11 @@ class Pipeline:
             except Exception as e:  # a validation bug still names the stage
                 raise ConfigError(f"stage {describe(name, it)}: {e}") from e
             steps.append(Step(stage, it, ctx, res))
+        changes.check_unused(self, pairs)
         self._check_prerequisites(steps)
+        self._targets = [(s.stage.name, s.iteration) for s in steps]
+        self.comparison = changes.compare(self, self._targets)
+        changes.check(self, steps, self.comparison)
         if compute_shards:
             self.plan_shards(steps)
         return steps
@@ -221,7 +231,7 @@ class Pipeline:
 
     def _compute_shards(self, step: Step, quiet: bool = False) -> None:
         if not step.prepared:
-            if not step.ctx.force and self.store.stale_reason(step.stage.name, step.iteration):
+            if not step.ctx.force and (step.redo or self.store.stale_reason(step.stage.name, step.iteration)):
                 # a stale step's outputs are made anew from its redone inputs: its stage sees it as
                 # forced (training starts over instead of keeping a model of the old labels, a
                 # plan frozen from the old inputs is rebuilt)
@@ -242,7 +252,7 @@ class Pipeline:
             raise StageFailed(f"{step.name}: shard keys are not unique")
         done = self.store.markers(step.stage.name, step.iteration)["done"]
         step.stale = self.store.stale_reason(step.stage.name, step.iteration)
-        rerun_all = self.force or bool(step.stale)
+        rerun_all = self.force or bool(step.stale) or step.redo is not None
         step.todo = [s for s in step.shards if rerun_all or not self.shard_complete(step, s, done)]
         step.out_of_date = {}
         if not rerun_all and type(step.stage).out_of_date is not Stage.out_of_date:
@@ -261,14 +271,21 @@ class Pipeline:
         ran and completed (it must return at once: the launcher starts the application's refresh of its
         view of the run in the background, ``pipeline.refresh``; a failed step ends the launch,
         whose end-of-launch hook says it)."""
+        for line in changes.adopt(self, self.comparison):  # work dirs made before fingerprints
+            self.echo(line)
+        for line in self.comparison.launch_lines():
+            self.echo(line)
         progress.write_run_plan(self.store, steps, self.cfg.cluster)
         results = []
-        for step in steps:
-            result = self.run_step(step)
-            results.append(result)
-            # a step found complete changed nothing (StepResult(step, 0, 0.0)): no refresh for it
-            if self.after_step is not None and (result.submitted or result.seconds):
-                self.after_step(step)
+        try:
+            for step in steps:
+                result = self.run_step(step)
+                results.append(result)
+                # a step found complete changed nothing (StepResult(step, 0, 0.0)): no refresh for it
+                if self.after_step is not None and (result.submitted or result.seconds):
+                    self.after_step(step)
+        finally:
+            changes.save(self, self._targets)
         return results
 
     def input_generations(self, stage: Stage, iteration: Optional[int]) -> dict:
@@ -296,7 +313,8 @@ class Pipeline:
         n_total, todo = len(step.shards), step.todo
         previous = self.store.read_stage_done(stage.name, it)
         finalized = previous is not None and all(Path(p).exists() for p in stage.final_outputs(step.ctx))
-        if not todo and finalized and not self.force:
+        if not todo and finalized and not self.force and step.redo is None:
+            changes.accept(self, step, self.comparison)
             self.echo(f"[{step.name}] complete ({n_total} shards), nothing to do")
             return StepResult(step, 0, 0.0)
         if todo:
@@ -310,13 +328,22 @@ class Pipeline:
         last = self.store.read_inputs_record(stage.name, it)
         prev_gen = (previous or {}).get("generation") or last.get("carry_generation")
         prev_digest = (previous or {}).get("shards") or last.get("shards")
-        renew = self.force or bool(step.stale) or bool(step.out_of_date) or not prev_gen or prev_digest != digest
+        renew = (self.force or bool(step.stale) or bool(step.out_of_date) or step.redo is not None or not prev_gen
+                 or prev_digest != digest)
         carry = None if renew else prev_gen
+        if renew:
+            provenance.clear(self, stage, it)
         self.store.clear_stage_failed(stage.name, it)
         self.store.write_inputs(stage.name, it, inputs, carry, digest)
         self.store.clear_stage_done(stage.name, it)
+        if step.redo is not None:  # no shard of the old settings may count as done from here on
+            for s in step.shards:
+                self.store.clear_shard(stage.name, it, s.key)
+        record = changes.record_start(self, step)  # what the outputs are made with, from now on
         progress.write_step_plan(self.store, step, self.cfg.cluster)
         if todo:
+            if step.redo is not None:
+                self.echo(f"[{step.name}] changed {step.redo.keys_text()}; every shard runs again")
             if step.stale:
                 self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
             for key, why in sorted(step.out_of_date.items()):
@@ -342,8 +369,13 @@ class Pipeline:
         if missing:
             raise StageFailed(f"{step.name}: finalize did not write {', '.join(missing)}")
         seconds = time.time() - start
+        generation = carry or new_generation()
+        # before the step counts as complete: a launch that cannot write it (disk full) leaves the
+        # step to finish again, never complete without its provenance
+        provenance.write(self, stage, it, record, finished=time.time(), shards={"total": n_total, "run": len(todo)},
+                         generation=generation)
         self.store.mark_stage_done(stage.name, it, {**summary, "seconds": round(seconds, 2)}, n_total,
-                                   generation=carry or new_generation(), inputs=inputs, shards=digest)
+                                   generation=generation, inputs=inputs, shards=digest)
         self.echo(f"[{step.name}] complete: {n_total} shard(s), {len(todo)} run now, {seconds:.1f}s")
         return StepResult(step, len(todo), seconds, summary)
 
@@ -358,6 +390,9 @@ class Pipeline:
             f"iterations: {self.n_iterations}",
             "",
         ]
+        settings = self.comparison.lines()
+        if settings:
+            lines += ["settings and versions since the steps ran:"] + [f"  {line}" for line in settings] + [""]
         for step in steps:
             r = step.resources
             out = step.ctx.stage_dir(step.stage.name)
@@ -381,6 +416,8 @@ class Pipeline:
                 + (", requeued at its time limit when it made progress" if step.stage.checkpointable else "")
             )
             lines.append(f"{step.name:<28} {shards}; jobs: {jobs}")
+            if step.redo is not None:
+                lines.append(f"{'':<28} changed: {step.redo.keys_text()} (every shard runs again)")
             if step.stale:
                 lines.append(f"{'':<28} stale: {step.stale} (every shard runs again)")
             elif step.rerun_after and step.shards is not None and not step.todo:
@@ -391,6 +428,8 @@ class Pipeline:
             lines.append(f"{'':<28} resources: {res}")
             lines.append(f"{'':<28} outputs: {out}")
         lines += [""] + estimate.plan_lines(steps, self.workdir)
+        if self.comparison.refusal:
+            lines += ["", f"a launch without --redo-changed refuses: {self.comparison.refusal}"]
         return "\n".join(lines)
 
 

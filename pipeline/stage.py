@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from pipeline.fingerprint import resolve
+
 
 class SavedForPreemption(BaseException):
     """Raised out of ``run`` (on every rank) by a stage whose ``save_now`` asked it to save at its
@@ -96,6 +98,11 @@ class Stage:
       called in every task (rank); only rank 0's return value is recorded.
     - ``checkpointable``: True when a killed/preempted job should be requeued and ``run`` called
       again (it must resume from its own checkpoints).
+    - ``config_section``: the stage's own config section (default: its name).
+    - ``reads``: other config keys its outputs depend on (dotted: ``kmeans.percent``, a section,
+      ``schedule.iterations.layer``), part of its fingerprint (``pipeline.fingerprint``).
+    - ``libraries``: distributions whose versions can change its numbers (``"dlib|dlib-bin"``:
+      the first installed of those), recorded with its fingerprint and in its provenance.
     """
 
     name: str = ""
@@ -105,6 +112,9 @@ class Stage:
     after_iterations: bool = False
     multi_task: bool = False
     checkpointable: bool = False
+    config_section: Optional[str] = None
+    reads: Sequence[str] = ()
+    libraries: Sequence[str] = ()
 
     def dependencies(self, ctx: StageContext) -> Sequence[str]:
         """The stages this one needs in this configuration (default ``depends_on``); e.g.
@@ -186,6 +196,32 @@ class Stage:
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
         """Called once after all shards are complete; returns a summary dict (printed, stored)."""
         return {}
+
+    def settings(self, ctx: StageContext) -> dict:
+        """``{dotted key: value}`` of the resolved settings that can change this step's outputs:
+        the output settings of its section and of ``reads`` (``pipeline.fingerprint.resolve``; a
+        per-iteration setting as iteration N's entry, ``key[N]``). A stage resolves values that only
+        mean something resolved (a null that stands for a default, a file's content) and drops
+        settings its configuration does not use. Compared at every launch with the settings the
+        step was made with: a difference is a change (refused until restored or redone)."""
+        return resolve(ctx.cfg, [self.config_section or self.name, *self.reads], ctx.iteration)
+
+    def accepts_change(self, ctx: StageContext, key: str, old: Any, new: Any) -> Optional[str]:
+        """A changed setting the stage follows by itself (training continues when
+        ``train.max_update`` is raised: ``out_of_date`` reruns the shard): a note saying how, or None
+        (a change: refused until restored or ``--redo-changed``)."""
+        return None
+
+    def output_place(self, ctx: StageContext) -> Optional[str]:
+        """Where the step's outputs go when that is a setting (``units.out_dir``), else None. Its
+        recorded settings describe the outputs of the place they were recorded for: in another
+        place the step is not a change but a new set of outputs (made there; the old are kept)."""
+        return None
+
+    def provenance_dirs(self, ctx: StageContext) -> list[Path]:
+        """Directories that get the step's ``provenance.json`` (its output directory; training adds
+        the final checkpoint's)."""
+        return [ctx.stage_dir(self.name)]
 
 
 StageFactory = Callable[[], Stage]

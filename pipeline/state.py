@@ -11,6 +11,8 @@
 ``state/<scope>/<stage>/_stage.done.json``          written after ``finalize`` succeeded (with the
                                                     step's generation and its inputs' generations)
 ``state/<scope>/<stage>/_stage.failed.json``        why the step failed (finalize, scheduler)
+``state/<scope>/<stage>/_fingerprint.json``         the settings, inputs and versions the step's
+                                                    outputs are made with (pipeline.fingerprint)
 ``logs/<scope>/<stage>/<shard key>.log``            one log per shard (rank suffix for rank > 0)
 
 ``scope`` is ``once`` for stages that run once and ``iter{N}`` for per-iteration ones. Markers are
@@ -32,11 +34,17 @@ from pipeline import atomic
 STAGE_DONE = "_stage.done.json"
 STAGE_FAILED = "_stage.failed.json"
 INPUTS = "_inputs.json"
+FINGERPRINT = "_fingerprint.json"
 JOBS_DIR = "_jobs"
 
 
 def scope_name(iteration: Optional[int]) -> str:
     return "once" if iteration is None else f"iter{iteration}"
+
+
+def describe(stage: str, iteration: Optional[int]) -> str:
+    """A step as the user reads it: ``kmeans (iteration 1)``, ``crop``."""
+    return stage if iteration is None else f"{stage} (iteration {iteration})"
 
 
 @dataclass
@@ -227,6 +235,17 @@ class StateStore:
     def read_inputs(self, stage, iteration) -> Optional[dict]:
         rec = _read(self.stage_state_dir(stage, iteration) / INPUTS)
         return None if rec is None else rec.get("inputs", {})
+
+    def write_fingerprint(self, stage, iteration, record: dict) -> None:
+        atomic.write_json(self.stage_state_dir(stage, iteration) / FINGERPRINT, record)
+
+    def read_fingerprint(self, stage, iteration) -> Optional[dict]:
+        return _read(self.stage_state_dir(stage, iteration) / FINGERPRINT)
+
+    def has_run(self, stage, iteration) -> bool:
+        """Whether the step ever started (it has a record of its inputs or of its completion)."""
+        d = self.stage_state_dir(stage, iteration)
+        return (d / INPUTS).is_file() or (d / STAGE_DONE).is_file()
 
     def scopes(self) -> list[tuple[Optional[int], list[str]]]:
         """Recorded (iteration, [stage, ...]) pairs, in iteration order."""

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Union
 from omegaconf import OmegaConf
 
 from avprep import quality
+from pipeline.changes import read_saved
 from pipeline.lock import describe_owner, lock_holder
 from pipeline.progress import run_progress
 from pipeline.state import StateStore
@@ -214,7 +215,7 @@ def iterations_present(workdir: Path, configured: int) -> List[int]:
 def loss_series(tensorboard_dir: Path) -> dict:
     """``{"train": [(update, loss)], "valid": [...]}`` from fairseq's TensorBoard logs (the train
     stage's reader: a record cut by a kill ends its file, a step logged again keeps its latest)."""
-    from stages.train import read_scalars
+    from stages.tensorboard import read_scalars
 
     if not tensorboard_dir.is_dir():
         return {}
@@ -386,11 +387,22 @@ def progress_section(run: Run) -> Optional[dict]:
 
 
 def stages_section(run: Run) -> dict:
-    """Every recorded step (shards, state, times) and the job time per step for the chart."""
+    """Every recorded step (shards, state, times, its settings digest linked to its
+    provenance.json, changed when the last launch's settings differ), the job time per step for
+    the chart and the notes of the last launch's settings comparison (other versions)."""
     timed = [s for s in run.steps if s.job_seconds]
     if len(timed) < 3:  # one or two bars say nothing the table does not
         timed = []
-    return {"steps": run.steps, "job_names": [s.name for s in timed], "job_seconds": [s.job_seconds for s in timed]}
+    provenance = {}
+    for s in run.steps:
+        if s.provenance and s.settings_digest:
+            provenance[s.name] = run.link(run.workdir / s.provenance, s.settings_digest)
+        if s.changed:
+            run.problem(f"{s.name} was made with other settings than the last launch's (", Code(s.changed),
+                        "): ", Code("--redo-changed"), " redoes it and what reads it (", Anchor("stages", "stages"), ")")
+    notes = [line for line in read_saved(run.workdir).get("lines") or [] if line.startswith("note:")]
+    return {"steps": run.steps, "job_names": [s.name for s in timed], "job_seconds": [s.job_seconds for s in timed],
+            "provenance": provenance, "notes": notes}
 
 
 def crop_section(run: Run) -> dict:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline.state import StateStore
+from pipeline.changes import read_saved
+from pipeline.state import StateStore, describe
 from pipeline.status import collect as collect_status
 from stages import get_stage
 
@@ -28,6 +29,9 @@ class StepInfo:
     job_seconds_estimated: bool = False
     first_start: Optional[float] = None
     last_end: Optional[float] = None
+    settings_digest: Optional[str] = None  # of the settings its outputs were made with (pipeline.fingerprint)
+    provenance: Optional[str] = None  # its provenance.json, relative to the work dir
+    changed: Optional[str] = None  # the last launch's settings differ: "key old -> new, ..."
 
     @property
     def name(self) -> str:
@@ -54,9 +58,14 @@ def collect_steps(workdir: Path, order: List[str]) -> List[StepInfo]:
     its times: the stage marker's, and the shards' run times from their done markers (at most
     MARKERS_READ read per step; beyond that an even sample, scaled: marked estimated)."""
     store = StateStore(workdir)
+    changed = read_saved(workdir).get("changed") or {}
     out = []
     for s in collect_status(workdir, order):
         info = StepInfo(s.stage, s.iteration, s.total, s.done, s.running, list(s.failed), s.finalized)
+        record = store.read_fingerprint(s.stage, s.iteration) or {}
+        info.settings_digest = record.get("settings_digest")
+        info.provenance = (record.get("provenance") or [None])[0]
+        info.changed = changed.get(describe(s.stage, s.iteration))
         stage_done = store.read_stage_done(s.stage, s.iteration)
         if stage_done:
             info.finished_at = stage_done.get("time")

@@ -25,6 +25,7 @@ The saved model (``save_model``/``load_model``, joblib) is a plain dict whatever
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from pipeline import atomic
+from speechfeat.shards import FeatureShard
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +166,6 @@ def sample_set(shards: Sequence[Tuple[Path, Path]], percent: float, seed: int) -
     """The reference's sample of a feature dump: from each shard (``(npy, len)`` paths) a seeded
     draw of ``percent`` of its utterances (``choose_utterances``, one random stream per shard
     index, so the draw of a shard does not depend on the others)."""
-    from speechfeat.shards import FeatureShard
-
     opened, picks = [], []
     for i, (npy, len_path) in enumerate(shards):
         sh = FeatureShard(npy, len_path)
@@ -219,8 +219,6 @@ def backend_problem(backend: str) -> Optional[str]:
     if backend not in BACKENDS:
         return f"kmeans.backend={backend!r}: must be one of {', '.join(BACKENDS)}"
     if backend == "faiss":
-        import importlib.util
-
         if importlib.util.find_spec("faiss") is None:
             return FAISS_MISSING
     return None

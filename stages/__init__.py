@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+from stages.schedule import ScheduleConfig
+
 # Order of the DAG as a user reads it. crop, manifest and noise run once (noise only when
 # something uses it: see stages/noise.py); the rest once per iteration (finetune once, after the
 # last iteration). units_kmeans and units (discrete units for downstream use, after the last
@@ -20,8 +22,6 @@ def get_stage(name: str):
 
 def config_sections() -> dict:
     """``{section name: dataclass}`` of every stage plus the shared ``schedule`` section."""
-    from stages.schedule import ScheduleConfig
-
     sections = {"schedule": ScheduleConfig}
     for name in STAGE_ORDER:
         try:

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify, file_content
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ PARALLEL_MIN_TRANSCRIPTS = 4000
 PARALLEL_MIN_CPUS = 4
 
 
+# which items there are (include_ids, LRS3 segmentation: the crop stage reads these) and their splits
+@classify(output=("valid_ids", "test_ids", "include_ids", "valid_fraction", "test_fraction", "split_seed",
+                  "max_segment_seconds", "min_pause_seconds"))
 @dataclass
 class CorpusSettings:
     """What decides the items and their splits. The keys are set in the ``manifest`` section
@@ -821,9 +825,27 @@ def _mark_clashes(rows: list, suffixes: Sequence[str], problems: dict) -> None:
 # splits
 
 
-def read_id_list(setting: str, root: Path, name: str) -> set[str]:
+def _id_list_candidates(setting: str, root: Path) -> list[Path]:
     path = Path(str(setting)).expanduser()
-    candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
+    return [path] if path.is_absolute() else [Path(root) / path, Path.cwd() / path]
+
+
+def id_list_settings(cfg, keys=("valid_ids", "test_ids", "include_ids")) -> dict:
+    """``{manifest.<key>: the id list file and its content}`` of the id-list settings in ``keys``
+    that are set (for a step's fingerprint: an edited list is a changed setting)."""
+    section = _get(cfg, "manifest")
+    root = Path(str(_get(cfg, "corpus") or ".")).expanduser()
+    out = {}
+    for key in keys:
+        setting = _get(section, key)
+        if setting:
+            found = [c for c in _id_list_candidates(setting, root) if c.is_file()]
+            out[f"manifest.{key}"] = f"{setting} ({file_content(found[0]) if found else 'missing'})"
+    return out
+
+
+def read_id_list(setting: str, root: Path, name: str) -> set[str]:
+    candidates = _id_list_candidates(setting, root)
     for candidate in candidates:
         if candidate.is_file():
             ids = set()

@@ -1,10 +1,7 @@
 """Resource estimates of the AV-HuBERT stages for ``--dry-run`` and the free-space check
-(``Stage.estimate`` -> ``pipeline.estimate.Estimate``).
-
-The corpus size comes from the best source present (``corpus_size``): the manifest tsvs (exact
-frames per split), else the item list with the frames of items the crop stage has recorded and,
-for the rest, durations from their segment bounds or from the container headers of a seeded
-sample of their source videos, extrapolated to all of them (the plan says which).
+(``Stage.estimate`` -> ``pipeline.estimate.Estimate``): the measured cost figures and the
+arithmetic on them. A leaf: each stage's ``estimate`` passes what it knows (the corpus size,
+``stages.corpus_size``; its resources, K, the model config) and this module imports no stage.
 
 Per-frame costs: CPU figures measured on the 2-core dev machine (AMD EPYC, 2 vCPUs, one core
 per figure, bench/ scripts named next to each); GPU figures are the model's forward FLOPs per
@@ -16,13 +13,15 @@ tightest (bytes per frame of real outputs).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
+
+from omegaconf import OmegaConf
 
 from pipeline.estimate import Estimate
-from pipeline.stage import StageContext
+from pipeline.stage import Resources, StageContext
+from speechfeat.kmeans import fast_params, pool_frames, sample_sizes
 
 GB = 1e9
 MB = 1e6
@@ -43,7 +42,7 @@ CROP_BASE_RAM = 400 * MB  # dlib models + decoder, on top of crop.frame_cache_mb
 MFCC_REALTIME_PER_CORE = 3700.0
 # reading one utterance's model inputs, per video frame: ROI mp4 decode, wav, filterbanks, transforms
 INPUT_CPU_SECONDS_PER_FRAME = 0.0007
-# layer features (stages.features.extract_batched, all layers, 125-frame clips, randomly
+# layer features (avhubert.extract.extract_batched, all layers, 125-frame clips, randomly
 # initialised models of each size), one torch thread
 LAYER_CPU_SECONDS_PER_FRAME = {"tiny": 0.0060, "base": 0.0118, "large": 0.0176}
 # float32 products (numpy OpenBLAS sgemm: 90.8 GFLOP/s on one thread; with the argmin and the
@@ -68,9 +67,11 @@ BASIS_CPU = ("CPU figures measured on the 2-core dev machine (stages/estimates.p
 
 @dataclass
 class CorpusSize:
+    """What the estimates scale with (``stages.corpus_size`` finds it)."""
+
     frames: Dict[str, int] = field(default_factory=dict)  # 25 fps video frames per split
     items: Dict[str, int] = field(default_factory=dict)
-    source: str = ""
+    source: str = ""  # where the figures come from, for the plan's basis line
 
     def total(self, splits=None) -> int:
         return sum(v for k, v in self.frames.items() if splits is None or k in splits)
@@ -79,139 +80,11 @@ class CorpusSize:
         return self.total(splits) / VIDEO_RATE / 3600
 
 
-def _size_key(ctx: StageContext) -> tuple:
-    workdir = Path(ctx.workdir)
-    tsv = workdir / "manifest" / "train.tsv"
-    results = workdir / "crop" / "results"
-    return (str(workdir), str(ctx.cfg.get("corpus")), str(ctx.cfg.get("layout") or "plain"),
-            tsv.stat().st_mtime_ns if tsv.is_file() else None,
-            len(list(results.glob("*.jsonl"))) if results.is_dir() else 0)
-
-
-def note_listing(ctx: StageContext, items: list) -> None:
-    """The crop stage's listing of this launch, used for the size while no manifest exists: the
-    corpus is listed once per launch (a second walk of 1.2M files would cost minutes)."""
-    key = _size_key(ctx)
-    if key[3] is None and key not in _SIZES:
-        _SIZES[key] = _from_items(Path(ctx.workdir), ctx.cfg, items=items)
-
-
-def corpus_size(ctx: StageContext) -> CorpusSize:
-    """The corpus size from the best source present; cached per launch while its sources are
-    unchanged (every step of a plan asks)."""
-    workdir = Path(ctx.workdir)
-    tsv = workdir / "manifest" / "train.tsv"
-    key = _size_key(ctx)
-    if key not in _SIZES:
-        _SIZES[key] = _from_manifest(workdir / "manifest") if tsv.is_file() else _from_items(workdir, ctx.cfg)
-    return _SIZES[key]
-
-
-_SIZES: Dict[tuple, CorpusSize] = {}
-
-
-def _from_manifest(manifest: Path) -> CorpusSize:
-    size = CorpusSize(source="corpus size: the manifest tsvs (exact frame counts)")
-    for split in ("train", "valid", "test"):
-        size.items[split], size.frames[split] = _tsv_frames(manifest / f"{split}.tsv")
-    return size
-
-
-def _tsv_frames(path: Path) -> Tuple[int, int]:
-    if not path.is_file():
-        return 0, 0
-    n = frames = 0
-    with open(path, encoding="utf-8") as f:
-        next(f, None)
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) == 5:
-                n += 1
-                frames += int(parts[3])
-    return n, frames
-
-
-def _crop_records(workdir: Path) -> Dict[str, int]:
-    import json
-
-    frames = {}
-    for path in sorted((workdir / "crop" / "results").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("status") == "ok":
-                frames[rec["id"]] = int(rec["n_frames"])
-    return frames
-
-
-def _from_items(workdir: Path, cfg, probe: int = 48, items: Optional[list] = None) -> CorpusSize:
-    from avprep import media
-    from stages.corpus import list_items
-
-    if items is None:  # the frozen item list if there is one (no walk of the corpus), else a listing
-        from stages import item_list as il
-
-        idir = workdir / "crop" / "items"
-        index = il.read_index(idir) if idir.is_dir() else None
-        if index is not None:
-            root = Path(index.corpus)
-            items = [il.record_item(rec, root) for rec in il.iter_records(idir, index)]
-        else:
-            items = list_items(cfg)
-    cropped = _crop_records(workdir)
-    known: Dict[str, int] = {}
-    unknown = []
-    for it in items:
-        if it.id in cropped:
-            known[it.id] = cropped[it.id]
-        elif it.start is not None and it.end is not None:
-            known[it.id] = round((it.end - it.start) * VIDEO_RATE)
-        else:
-            unknown.append(it)
-    parts = []
-    if cropped:
-        parts.append(f"{sum(1 for i in items if i.id in cropped)} items' frames from the crop records")
-    mean = 0.0
-    if unknown:
-        rng = random.Random(0)
-        sources = sorted({it.video for it in unknown})
-        sample = rng.sample(sources, min(probe, len(sources)))
-        durations = []
-        for src in sample:
-            try:
-                d = media.video_info(src).get("duration")
-            except Exception:  # an unreadable source is the crop stage's business
-                d = None
-            if d:
-                durations.append(float(d))
-        mean = sum(durations) / len(durations) if durations else 0.0
-        parts.append(f"{len(unknown)} items at the mean duration of {len(durations)} sampled sources' container "
-                     f"headers ({mean:.1f} s), extrapolated")
-    size = CorpusSize(source=f"corpus size: {len(items)} listed items; " + "; ".join(parts))
-    for it in items:
-        f = known.get(it.id, round(mean * VIDEO_RATE))
-        size.items[it.split] = size.items.get(it.split, 0) + 1
-        size.frames[it.split] = size.frames.get(it.split, 0) + f
-    return size
-
-
-def _size(ctx: StageContext) -> CorpusSize:
-    return corpus_size(ctx)
-
-
 def _model_name(config_path: Path) -> str:
     """tiny / base / large by the base config's encoder size (any config of that size)."""
-    from omegaconf import OmegaConf
-
     m = OmegaConf.load(config_path).get("model", {})
     by_dim = {64: "tiny", 768: "base", 1024: "large"}
     return by_dim.get(int(m.get("encoder_embed_dim", 768)), "base")
-
-
-def _resources(ctx: StageContext, stage: str):
-    from pipeline.config import resources_for
-    from stages import get_stage
-
-    return resources_for(ctx.cfg, stage, multi_task=get_stage(stage).multi_task)
 
 
 def _compute(est: Estimate, gflop: float, cpu_seconds: float, use_gpu: bool, kind: str = "inference") -> None:
@@ -222,8 +95,7 @@ def _compute(est: Estimate, gflop: float, cpu_seconds: float, use_gpu: bool, kin
 
 
 # ---------------------------------------------------------------------------------- per stage
-def crop(ctx: StageContext) -> Estimate:
-    size = _size(ctx)
+def crop(ctx: StageContext, size: CorpusSize) -> Estimate:
     c = ctx.cfg.crop
     frames, items = size.total(), sum(size.items.values())
     shards = int(c.n_shards) or math.ceil(items / max(int(c.items_per_shard), 1))
@@ -235,15 +107,16 @@ def crop(ctx: StageContext) -> Estimate:
                     basis=[size.source, BASIS_CPU])
 
 
-def manifest(ctx: StageContext) -> Estimate:
-    size = _size(ctx)
+def manifest(size: CorpusSize) -> Estimate:
     items = sum(size.items.values())
     return Estimate(disk_bytes=items * 160, peak_ram_bytes=300 * MB + items * 600, jobs=1,
                     cpu_hours=items * 0.002 / 3600, basis=[size.source])
 
 
 @dataclass
-class _Features:
+class FeatureCost:
+    """What computing one iteration's features costs per video frame."""
+
     kind: str
     dim: int
     model: Optional[str]
@@ -252,38 +125,34 @@ class _Features:
     per_video_frame: int  # feature frames per video frame
 
 
-def _features(ctx: StageContext, stage: str) -> _Features:
-    from stages.schedule import iteration_spec
-    from stages.train import base_config_path
+def mfcc_cost() -> FeatureCost:
+    return FeatureCost("mfcc", 39, None, 0.0, 1 / VIDEO_RATE / MFCC_REALTIME_PER_CORE, MFCC_PER_FRAME)
 
-    spec = iteration_spec(ctx.cfg, ctx.iteration)
-    if spec.features == "mfcc":
-        return _Features("mfcc", 39, None, 0.0, 1 / VIDEO_RATE / MFCC_REALTIME_PER_CORE, MFCC_PER_FRAME)
-    model = "base"
-    if ctx.iteration > 1 and not ctx.cfg.features.get("checkpoint"):
-        model = _model_name(base_config_path(ctx.cfg, ctx.iteration - 1))
-    if _resources(ctx, stage).gpus_per_task > 0:
-        return _Features("layer", MODEL_DIM[model], model, MODEL_FORWARD_GFLOP_PER_FRAME[model],
+
+def layer_cost(model_config: Optional[Path], res: Resources) -> FeatureCost:
+    """Layer features of a model of ``model_config``'s size (None: the base size) in jobs of
+    ``res``."""
+    model = "base" if model_config is None else _model_name(model_config)
+    if res.gpus_per_task > 0:
+        return FeatureCost("layer", MODEL_DIM[model], model, MODEL_FORWARD_GFLOP_PER_FRAME[model],
                          INPUT_CPU_SECONDS_PER_FRAME, 1)
-    return _Features("layer", MODEL_DIM[model], model, 0.0,
+    return FeatureCost("layer", MODEL_DIM[model], model, 0.0,
                      INPUT_CPU_SECONDS_PER_FRAME + LAYER_CPU_SECONDS_PER_FRAME[model], 1)
 
 
-def _feature_ram(f: _Features) -> float:
+def _feature_ram(f: FeatureCost) -> float:
     if f.kind == "mfcc":
         return 400 * MB
     return 1.5 * GB + 3 * 4 * MODEL_PARAMS[f.model]
 
 
-def _kmeans_frames(ctx: StageContext, size: CorpusSize, f: _Features) -> float:
+def _kmeans_frames(ctx: StageContext, size: CorpusSize, f: FeatureCost) -> float:
     percent = float(ctx.cfg.kmeans.percent)
     train = size.total([str(ctx.cfg.kmeans.split)]) * f.per_video_frame
     return train if percent == -1 or percent >= 1 else train * percent
 
 
-def features(ctx: StageContext) -> Estimate:
-    size = _size(ctx)
-    f = _features(ctx, "features")
+def features(ctx: StageContext, size: CorpusSize, f: FeatureCost) -> Estimate:
     c = ctx.cfg.features
     bytes_per = 2 if str(c.dtype) == "float16" else 4
     if str(c.store) == "all":
@@ -304,14 +173,9 @@ def features(ctx: StageContext) -> Estimate:
     return est
 
 
-def kmeans(ctx: StageContext) -> Estimate:
-    from speechfeat.kmeans import pool_frames
-    from stages.kmeans import backend_params, n_clusters
-
-    size = _size(ctx)
-    f = _features(ctx, "features")
+def kmeans(ctx: StageContext, size: CorpusSize, f: FeatureCost, k: int, backend_params: dict) -> Estimate:
+    """``f``: the features k-means clusters; ``backend_params``: ``stages.kmeans.backend_params``."""
     c = ctx.cfg.kmeans
-    k = n_clusters(ctx)
     sample = _kmeans_frames(ctx, size, f)
     if c.backend == "sklearn":
         frames = sample
@@ -322,9 +186,7 @@ def kmeans(ctx: StageContext) -> Estimate:
         cpu_seconds = SKLEARN_CPU_SECONDS * (k * f.dim) / (500 * 768) * max(1.0, frames / 1e6) ** 0.5
         detail = f"sklearn on all {frames / 1e6:,.1f}M sampled frames"
     else:
-        from speechfeat.kmeans import fast_params, sample_sizes
-
-        p = fast_params(str(c.backend), backend_params(c))
+        p = fast_params(str(c.backend), backend_params)
         sizes = {name: min(n, sample) for name, n in sample_sizes(k, p).items()}
         frames = min(sample, pool_frames(k, p))
         ram = 700 * MB + 2.5 * frames * f.dim * 4
@@ -339,17 +201,15 @@ def kmeans(ctx: StageContext) -> Estimate:
                     basis=[size.source, BASIS_CPU])
 
 
-def labels(ctx: StageContext) -> Estimate:
-    from stages.kmeans import n_clusters
-
-    size = _size(ctx)
-    f = _features(ctx, "labels")
+def labels(ctx: StageContext, size: CorpusSize, f: FeatureCost, k: int, res: Resources,
+           previous_features: Optional[Estimate]) -> Estimate:
+    """``f``: the features computed in jobs of ``res``; ``previous_features``: the estimate of
+    the previous iteration's features step (deleted after these labels with features.keep=false)."""
     c = ctx.cfg.features
-    k = n_clusters(ctx)
     video_frames = size.total(list(c.splits))
     frames = video_frames * f.per_video_frame
     label_bytes = len(str(k - 1)) + 1  # digits and a space per label (upper bound)
-    use_gpu = _resources(ctx, "labels").gpus_per_task > 0
+    use_gpu = res.gpus_per_task > 0
     assign_gflop = frames * k * f.dim * 2 / 1e9
     est = Estimate(disk_bytes=2 * frames * label_bytes, jobs=int(c.nshard) * len(list(c.splits)),
                    basis=[size.source, BASIS_CPU])
@@ -363,24 +223,18 @@ def labels(ctx: StageContext) -> Estimate:
                  video_frames * f.cpu_seconds + (0 if use_gpu else assign_gflop / CPU_GFLOPS_PER_CORE),
                  use_gpu and f.kind == "layer")
         est.detail = f"computes and assigns {frames / 1e6:,.1f}M {f.kind} frames (no dump)"
-    if not bool(c.keep) and ctx.iteration and ctx.iteration > 1:
-        prev = features(ctx.with_iteration(ctx.iteration - 1))
+    if previous_features is not None:
+        prev = previous_features
         est.disk_bytes -= prev.disk_bytes
         est.detail += f"; then deletes iteration {ctx.iteration - 1}'s features ({prev.disk_bytes / GB:,.1f} GB)"
     return est
 
 
-def train(ctx: StageContext) -> Estimate:
-    from omegaconf import OmegaConf
-
-    from stages.train import base_config_path, max_update_for, train_update_freq
-
-    path = base_config_path(ctx.cfg, ctx.iteration)
+def train(ctx: StageContext, path: Path, updates: int, res: Resources, batch) -> Estimate:
+    """Pretraining from the base config ``path`` for ``updates`` updates in a job of ``res``,
+    ``batch`` (``avhubert.effective_batch.UpdateFreq``) batches per update."""
     base = OmegaConf.load(path)
     model = _model_name(path)
-    updates = max_update_for(ctx.cfg, ctx.iteration)
-    res = _resources(ctx, "train")
-    batch = train_update_freq(ctx, res.nodes * res.tasks_per_node)
     max_tokens = int(OmegaConf.select(base, "dataset.max_tokens", default=1000) or 1000)
     frames = updates * batch.batches * max_tokens  # full batches: an upper bound
     gflop = 3 * MODEL_FORWARD_GFLOP_PER_FRAME[model] * frames  # forward + backward ~ 3 forwards
@@ -394,16 +248,10 @@ def train(ctx: StageContext) -> Estimate:
     return est
 
 
-def finetune(ctx: StageContext) -> Estimate:
-    from omegaconf import OmegaConf
-
-    from stages.finetune import base_config_path, finetune_update_freq, max_update
-
-    path = base_config_path(ctx.cfg)
+def finetune(ctx: StageContext, path: Path, updates: int, res: Resources, batch) -> Estimate:
+    """Fine-tuning from the base config ``path`` for ``updates`` updates in a job of ``res``,
+    ``batch`` batches per update."""
     base = OmegaConf.load(path)
-    updates = max_update(ctx.cfg)
-    res = _resources(ctx, "finetune")
-    batch = finetune_update_freq(ctx, res.nodes * res.tasks_per_node)
     max_tokens = int(OmegaConf.select(base, "dataset.max_tokens", default=1000) or 1000)
     model = {64: "tiny", 768: "base", 1024: "large"}.get(
         int(OmegaConf.select(base, "model.decoder_embed_dim", default=768) or 768), "base")

@@ -28,7 +28,7 @@ What is computed comes from the schedule (``stages.schedule.iteration_spec``):
   (``0`` = auto: batched on GPU, one piece per forward on CPU where padding only costs time).
 
 ``row_features`` ("features of these tsv rows", a generator) is what both this stage and the
-labels stage run; ``extract_batched`` is the batched model call under it.
+labels stage run; ``avhubert.extract.extract_batched`` is the batched model call under it.
 
 An utterance whose files cannot be read or whose counts disagree with the tsv (a stale manifest)
 gets 0 frames and a failure record in the shard's stats, so one broken file does not stop the
@@ -49,9 +49,17 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from avprep.media import read_gray_video, read_wav
 from pipeline import atomic
+from pipeline.config import resources_for
 from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.kmeans import choose_utterances
+from speechfeat.mfcc import DIM as MFCC_DIM, mfcc39, n_mfcc_frames
+from speechfeat.shards import DTYPES, ShardWriter, read_tsv, shard_range
+from stages import crop, estimates, train
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,12 @@ MFCC_RATE = 100
 STORES = ("sample", "all")
 
 
+@classify(output=("splits", "nshard", "store", "dtype", "checkpoint", "modality", "max_frames"),
+          ignored={"keep": "deletes this iteration's feature files once the next iteration's labels exist; "
+                           "what was written is the same",
+                   "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
+                   "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
+                   "torch_threads": "how many threads compute"})
 @dataclass
 class Config:
     splits: List[str] = field(default_factory=lambda: ["train", "valid"])
@@ -91,8 +105,6 @@ def checkpoint_path(ctx: StageContext) -> Path:
 
 
 def expected_frames(kind: str, n_video_frames: int, n_audio_samples: int) -> int:
-    from speechfeat.mfcc import n_mfcc_frames
-
     return n_mfcc_frames(n_audio_samples) if kind == "mfcc" else int(n_video_frames)
 
 
@@ -112,9 +124,6 @@ def store_mode(ctx: StageContext) -> str:
 def sample_draw(n_rows: int, rank: int, nshard: int, percent: float, seed: int) -> np.ndarray:
     """tsv row indices that k-means samples from shard ``rank`` of a split of ``n_rows`` rows: the
     draw ``speechfeat.kmeans.sample_set`` makes from a full dump of the same shards."""
-    from speechfeat.kmeans import choose_utterances
-    from speechfeat.shards import shard_range
-
     a, b = shard_range(n_rows, rank, nshard)
     return a + choose_utterances(b - a, float(percent), np.random.default_rng([int(seed), int(rank)]))
 
@@ -134,11 +143,27 @@ class FeaturesStage(Stage):
     depends_on = ("manifest",)
     per_iteration = True
     depends_on_previous = ("train",)
+    # the utterances k-means samples are drawn here (store=sample); what is computed: the schedule
+    reads = ("kmeans.percent", "kmeans.seed", "kmeans.split", "schedule.iterations.features",
+             "schedule.iterations.layer")
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "python-speech-features", "av")
+
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        it = ctx.iteration
+        if store_mode(ctx) == "all":  # every utterance of every split: nothing is drawn here
+            for key in ("kmeans.percent", "kmeans.seed", "kmeans.split"):
+                s.pop(key, None)
+        else:  # only the k-means split's draw is written; the labels stage reads features.splits
+            s.pop("features.splits", None)
+        if iteration_spec(ctx.cfg, it).features == "mfcc":  # no model: its settings do nothing
+            for key in ("features.checkpoint", "features.modality", "features.max_frames", f"schedule.iterations[{it}].layer"):
+                s.pop(key, None)
+        elif s.get("features.checkpoint"):  # a checkpoint from elsewhere: what it holds counts
+            s["features.checkpoint"] = file_identity(checkpoint_path(ctx))
+        return s
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.shards import DTYPES
-        from stages.schedule import iteration_spec
-
         c = ctx.cfg.features
         if int(c.nshard) < 1:
             raise ConfigError(f"features.nshard={c.nshard}: must be at least 1")
@@ -176,9 +201,7 @@ class FeaturesStage(Stage):
         return split_shards(ctx, [str(ctx.cfg.kmeans.split)])
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.features(ctx)
+        return estimate(ctx)
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         f = shard_files(ctx, shard.key)
@@ -187,8 +210,6 @@ class FeaturesStage(Stage):
         return [f[k] for k in ("npy", "len", "rows") if k in f]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat.shards import read_tsv, shard_range
-
         t0 = time.time()
         c = ctx.cfg.features
         split, rank, nshard = shard.params["split"], int(shard.params["rank"]), int(shard.params["nshard"])
@@ -210,6 +231,22 @@ class FeaturesStage(Stage):
 STAGE = FeaturesStage()
 
 
+def feature_cost(ctx: StageContext, stage_name: str) -> estimates.FeatureCost:
+    """What computing iteration ``ctx.iteration``'s features costs per frame in a job of
+    ``stage_name`` (features, or labels, which computes them again)."""
+    if iteration_spec(ctx.cfg, ctx.iteration).features == "mfcc":
+        return estimates.mfcc_cost()
+    model_config = None  # a given features.checkpoint: sized as a base model
+    if ctx.iteration > 1 and not ctx.cfg.features.get("checkpoint"):
+        model_config = train.base_config_path(ctx.cfg, ctx.iteration - 1)
+    return estimates.layer_cost(model_config, resources_for(ctx.cfg, stage_name))
+
+
+def estimate(ctx: StageContext):
+    """The features step of iteration ``ctx.iteration``."""
+    return estimates.features(ctx, crop.STAGE.corpus_sizes.of(ctx), feature_cost(ctx, "features"))
+
+
 def remove_bulky(ctx: StageContext, reason: str) -> list[Path]:
     """Delete iteration ``ctx.iteration``'s feature matrices (``features.keep=false``), leaving per
     shard a ``.removed.json`` note (what, when asked by what) next to the small ``.len``/``.rows``
@@ -227,16 +264,6 @@ def remove_bulky(ctx: StageContext, reason: str) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-def media_readers():
-    """(read_gray_video, read_wav): the crop stage's readers when present, else equivalent ones."""
-    try:
-        from avprep.media import read_gray_video, read_wav
-        return read_gray_video, read_wav
-    except ImportError:
-        from avhubert.features import read_video_gray, read_wav_int16
-        return read_video_gray, read_wav_int16
-
-
 def _read_wav_checked(read_wav, path: Path, expected_samples: int) -> np.ndarray:
     wav, sr = read_wav(str(path))
     wav = np.asarray(wav)
@@ -272,10 +299,8 @@ class MfccFeaturizer:
     kind = "mfcc"
 
     def __init__(self):
-        from speechfeat.mfcc import DIM
-
-        self.dim = DIM
-        _, self.read_wav = media_readers()
+        self.dim = MFCC_DIM
+        self.read_wav = read_wav
 
     def describe(self) -> dict:
         return {"kind": "mfcc"}
@@ -287,8 +312,6 @@ class MfccFeaturizer:
         return _read_wav_checked(self.read_wav, root / row.audio, row.n_audio_samples)
 
     def compute(self, loaded: list) -> List[np.ndarray]:
-        from speechfeat.mfcc import mfcc39
-
         return [mfcc39(wav) for wav in loaded]
 
     def group_frames(self) -> int:
@@ -307,19 +330,21 @@ class LayerFeaturizer:
         ``checkpoint`` (which then only names it). ``layer`` None = the last one."""
         import torch
 
+        from avhubert import extract
+
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.checkpoint = Path(checkpoint)
         if loaded is None:
-            self.model, self.task_cfg, self.device, self.layer = load_layer_model(checkpoint, layer, device)
+            self.model, self.task_cfg, self.device, self.layer = extract.load_layer_model(checkpoint, layer, device)
         else:
             self.model, self.task_cfg = loaded
-            self.device = resolve_device(device)
+            self.device = extract.resolve_device(device)
             self.layer = len(self.model.encoder.layers) if layer is None else int(layer)
-        self.batch_frames = batch_frames or auto_batch_frames(self.device)
+        self.batch_frames = batch_frames or extract.auto_batch_frames(self.device)
         self.modality, self.max_frames = modality, int(max_frames)
-        self.dim = _model_dim(self.model)
-        self.read_video, self.read_wav = media_readers()
+        self.dim = extract.model_dim(self.model)
+        self.read_video, self.read_wav = read_gray_video, read_wav
 
     def describe(self) -> dict:
         return {"kind": "layer", "layer": self.layer, "checkpoint": str(self.checkpoint), "modality": self.modality,
@@ -344,6 +369,8 @@ class LayerFeaturizer:
         return video, audio
 
     def compute(self, loaded: list) -> List[np.ndarray]:
+        from avhubert.extract import extract_batched
+
         return extract_batched(self.model, loaded, self.layer, self.max_frames, self.batch_frames)
 
     def group_frames(self) -> int:
@@ -352,8 +379,6 @@ class LayerFeaturizer:
 
 def make_featurizer(ctx: StageContext):
     """The featurizer of iteration ``ctx.iteration`` (the schedule and the ``features`` settings)."""
-    from stages.schedule import iteration_spec
-
     spec = iteration_spec(ctx.cfg, ctx.iteration)
     c = ctx.cfg.features
     if spec.features == "mfcc":
@@ -408,103 +433,6 @@ def row_features(featurizer, root: Path, rows: Sequence, on_failure=None,
 
 
 # ---------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"features.device={device} but torch sees no GPU")
-    return device
-
-
-def _pieces(n_frames: int, max_frames: int) -> List[Tuple[int, int]]:
-    return [(s, min(n_frames, s + max_frames)) for s in range(0, max(n_frames, 1), max_frames)]
-
-
-def extract_batched(model, inputs: Sequence[Tuple[Optional["torch.Tensor"], Optional["torch.Tensor"]]],
-                    layer: int, max_frames: int, batch_frames: int) -> List[np.ndarray]:
-    """Layer features of several utterances. ``inputs``: per utterance (video (T, 88, 88) | None,
-    audio (T, F) | None), as ``avhubert.extract.video_input`` / ``audio_input`` make them.
-    Each utterance is cut into independent pieces of at most ``max_frames``; pieces are grouped
-    in order into padded batches of at most ``batch_frames`` padded frames (<= max_frames: one
-    piece per forward). Returns float32 (T, D) per utterance."""
-    import torch
-
-    from avhubert.extract import extract_layer
-
-    pieces = []  # (utt index, start, end)
-    for i, (v, au) in enumerate(inputs):
-        t = len(v) if v is not None else len(au)
-        if v is not None and au is not None and len(au) != len(v):
-            raise ValueError(f"utterance {i}: {len(v)} video frames but {len(au)} audio frames")
-        pieces += [(i, s, e) for s, e in _pieces(t, max_frames)]
-    outs: List[List[np.ndarray]] = [[] for _ in inputs]
-    budget = max(batch_frames, max_frames)
-    j = 0
-    while j < len(pieces):
-        batch = [pieces[j]]
-        while j + len(batch) < len(pieces):
-            nxt = pieces[j + len(batch)]
-            longest = max(e - s for _, s, e in batch + [nxt])
-            if longest * (len(batch) + 1) > budget:
-                break
-            batch.append(nxt)
-        j += len(batch)
-        t_max = max(e - s for _, s, e in batch)
-        has_v, has_a = inputs[batch[0][0]][0] is not None, inputs[batch[0][0]][1] is not None
-        video = audio = mask = None
-        if has_v:
-            v0 = inputs[batch[0][0]][0]
-            video = v0.new_zeros((len(batch), 1, t_max) + tuple(v0.shape[1:]))
-        if has_a:
-            a0 = inputs[batch[0][0]][1]
-            audio = a0.new_zeros((len(batch), a0.shape[1], t_max))
-        if len(batch) > 1:
-            mask = torch.zeros((len(batch), t_max), dtype=torch.bool)
-        for b, (i, s, e) in enumerate(batch):
-            v, au = inputs[i]
-            if has_v:
-                video[b, 0, : e - s] = v[s:e]
-            if has_a:
-                audio[b, :, : e - s] = au[s:e].T
-            if mask is not None:
-                mask[b, e - s:] = True
-        feats = extract_layer(model, video, audio, mask, layer).float().cpu().numpy()
-        for b, (i, s, e) in enumerate(batch):
-            outs[i].append(feats[b, : e - s])
-    result = []
-    for i, parts in enumerate(outs):
-        result.append(np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32))
-    return result
-
-
-def auto_batch_frames(device: str) -> int:
-    """``batch_frames=0`` (auto): batched on a GPU; on a CPU padding only costs time."""
-    return 8000 if device.startswith("cuda") else 0
-
-
-def load_layer_model(checkpoint, layer: Optional[int], device: str = "auto"):
-    """(model, task_cfg, device, layer) for layer features of ``checkpoint`` (any ours/reference
-    pretraining or fine-tuning checkpoint); ``layer`` None = its last transformer layer."""
-    from avhubert.extract import load_pretrained
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint for layer features not found")
-    device = resolve_device(device)
-    model, task_cfg = load_pretrained(str(checkpoint), device=device)
-    n_layers = len(model.encoder.layers)
-    layer = n_layers if layer is None else int(layer)
-    if not 0 <= layer <= n_layers:
-        raise ValueError(f"layer {layer} asked but {checkpoint} has {n_layers} transformer layers")
-    return model, task_cfg, device, layer
-
-
-def _model_dim(model) -> int:
-    return int(getattr(model, "encoder_embed_dim", None) or model.encoder.layers[0].fc2.out_features)
-
-
 def layer_features_of_rows(model, task_cfg, root, rows, layer: int, modality: str = "av", max_frames: int = 2500,
                            batch_frames: int = 0, on_failure=None, output_roots=()) -> Iterator[tuple]:
     """``(row, features)`` for every tsv row in order: float32 (n_video_frames, D) of ``layer`` of
@@ -520,8 +448,6 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
                     max_failure_fraction: float = 0.01, torch_threads: int = 0, dtype: str = "float32") -> dict:
     """Layer-``layer`` features of ``checkpoint`` for shard ``rank`` of ``nshard`` of a tsv into a
     feature dump shard (``npy_path`` / ``len_path``)."""
-    from speechfeat.shards import read_tsv, shard_range
-
     featurizer = LayerFeaturizer(checkpoint, layer, modality, device, max_frames, batch_frames, torch_threads)
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
@@ -531,8 +457,6 @@ def featurize_layer(tsv, rank: int, nshard: int, npy_path, len_path, checkpoint,
 def write_features(featurizer, tsv: Path, root: Path, rows: Sequence, npy_path, len_path,
                    max_failure_fraction: float = 0.01, dtype: str = "float32") -> dict:
     """The features of ``rows`` (0 frames for a failed row) streamed into a feature shard."""
-    from speechfeat.shards import ShardWriter
-
     t0 = time.time()
     failures = Failures(tsv, len(rows), max_failure_fraction)
     empty = np.zeros((0, featurizer.dim), dtype=np.float32)

@@ -47,6 +47,8 @@ Noise does not reach the video stream: a video-only model is decoded clean only.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -56,21 +58,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from omegaconf import OmegaConf
+
 from pipeline import atomic
+from pipeline.config import resources_for
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify, file_identity
 from pipeline.stage import Shard, Stage, StageContext
-from stages.noise import NOISE_TASK_KEYS, FinetuneNoise
-from stages.train import RUN_OWNED_KEYS
+from stages import estimates
+from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOINT, RUN_OWNED_KEYS, DistributedEnv,
+                                checkpoint_updates, close_fairseq_tensorboard_writers, discard_previous_training,
+                                distributed_env, hydra_value,
+                                override_key, resume_point, run_overrides, train_device, update_freq_for)
+from stages.manifest import spm_model_path
+from stages.noise_use import (NOISE_TASK_KEYS, FinetuneNoise, noise_categories_made, task_overrides as noise_overrides,
+                              use_dir, uses_noise_stage, validate_use)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_CONFIG_DIR = REPO_ROOT / "avhubert" / "conf" / "finetune"
 
-CHECKPOINT_DIR = "checkpoints"
-FINAL_CHECKPOINT = "checkpoint_final.pt"
-LAST_CHECKPOINT = "checkpoint_last.pt"
-TENSORBOARD_DIR = "tensorboard"
 RESULTS = "results.json"
 NOISE_EVAL_DIR = "noise_eval"
 DECODE_SPLITS = ("valid", "test")
@@ -90,6 +98,8 @@ STAGE_OWNED_KEYS = (
 )
 
 
+# the settings tried on valid decide the one test is decoded with
+@classify(output=("beam", "lenpen"))
 @dataclass
 class DecodeGrid:
     # valid is decoded with every beam x lenpen of these lists and with finetune.beam / lenpen;
@@ -100,6 +110,11 @@ class DecodeGrid:
     lenpen: List[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
+@classify(output=("model_config", "pretrained_checkpoint", "modalities", "max_update", "freeze_finetune_updates",
+                  "overrides", "beam", "max_len_a", "max_len_b", "lenpen", "noise", "update_freq",
+                  "decode_grid", "average_last"),
+          ignored={"enabled": "whether the stage takes part in --stage all",
+                   "decode_max_tokens": "how many frames one decoding batch takes", "master_port": "where the ranks meet"})
 @dataclass
 class Config:
     # Run fine-tuning as part of the pipeline. It needs transcripts (the manifest's .wrd files):
@@ -144,8 +159,6 @@ def base_config_path(cfg) -> Path:
 
 
 def _base_value(cfg, key: str):
-    from omegaconf import OmegaConf
-
     path = base_config_path(cfg)
     if not path.is_file():
         return None
@@ -168,8 +181,6 @@ def max_update(cfg) -> int:
 
 def pretrained_checkpoint(ctx: StageContext) -> Path:
     """The checkpoint fine-tuning starts from."""
-    from stages import train as train_stage
-
     configured = ctx.cfg.finetune.get("pretrained_checkpoint")
     if configured:
         return Path(str(configured)).expanduser().resolve()
@@ -177,7 +188,7 @@ def pretrained_checkpoint(ctx: StageContext) -> Path:
     if n < 1:
         raise ConfigError("finetune needs finetune.pretrained_checkpoint or iterations >= 1 "
                           "(it reads the last pretraining iteration's checkpoint)")
-    return ctx.stage_dir("train", iteration=n) / train_stage.CHECKPOINT_DIR / train_stage.FINAL_CHECKPOINT
+    return ctx.stage_dir("train", iteration=n) / CHECKPOINT_DIR / FINAL_CHECKPOINT
 
 
 def manifest_dir(ctx: StageContext) -> Path:
@@ -185,7 +196,6 @@ def manifest_dir(ctx: StageContext) -> Path:
 
 
 def spm_model(ctx: StageContext) -> Path:
-    from stages.manifest import spm_model_path
 
     summary = manifest_dir(ctx) / "summary.json"
     if not summary.is_file():
@@ -201,7 +211,6 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
                       n_visible_gpus: Optional[int] = None) -> List[str]:
     """Hydra overrides turning the base fine-tuning config into this run's config."""
     from avhubert.s2s_decode import modality_list
-    from stages.train import DistributedEnv, _hydra_value, run_overrides
 
     cfg = ctx.cfg
     dist = dist or DistributedEnv()
@@ -209,16 +218,14 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
     manifest = manifest_dir(ctx)
     streams = modality_list(str(cfg.finetune.modalities))
     overrides = [
-        f"task.data={_hydra_value(manifest)}",
-        f"task.label_dir={_hydra_value(manifest)}",
+        f"task.data={hydra_value(manifest)}",
+        f"task.label_dir={hydra_value(manifest)}",
         "task.labels=[wrd]",
-        f"task.tokenizer_bpe_model={_hydra_value(spm_model(ctx))}",
+        f"task.tokenizer_bpe_model={hydra_value(spm_model(ctx))}",
         f"task.modalities=[{','.join(streams)}]",
-        f"model.w2v_path={_hydra_value(pretrained_checkpoint(ctx))}",
+        f"model.w2v_path={hydra_value(pretrained_checkpoint(ctx))}",
     ]
-    from stages.noise import task_overrides as noise_overrides
-
-    overrides += noise_overrides(ctx, cfg.finetune.noise, _hydra_value)
+    overrides += noise_overrides(ctx, cfg.finetune.noise, hydra_value)
     overrides += run_overrides(stage_dir, max_update(cfg), dist, device, n_visible_gpus,
                                finetune_update_freq(ctx, dist.world_size).update_freq)
     if cfg.finetune.get("freeze_finetune_updates") is not None:
@@ -232,9 +239,7 @@ def fairseq_overrides(ctx: StageContext, dist=None, device: str = "cpu",
 
 
 def finetune_update_freq(ctx: StageContext, ranks: int):
-    """The update_freq fine-tuning runs with on ``ranks`` ranks (stages.train.update_freq_for)."""
-    from stages.train import update_freq_for
-
+    """The update_freq fine-tuning runs with on ``ranks`` ranks (``fairseq_run.update_freq_for``)."""
     return update_freq_for(base_config_path(ctx.cfg), ranks, ctx.cfg.finetune.get("update_freq"))
 
 
@@ -296,8 +301,6 @@ def average_last(ctx: StageContext, ckpt_dir: Path, final: Path, end_updates: in
     from avhubert.checkpoint import load_checkpoint_to_cpu
 
     n = int(ctx.cfg.finetune.average_last)
-    from stages.train import checkpoint_updates
-
     paths = last_checkpoints(ckpt_dir, final, int(end_updates), n, checkpoint_updates)
     record = {"asked": n, "checkpoints": [p.name for p in paths]}
     if len(paths) < n:
@@ -321,8 +324,6 @@ def noise_eval_plan(ctx: StageContext) -> dict:
     """What decoding under noise covers: the noise dir, its categories per split (those with noise
     for the split; the dir's own lists are the category ``all``), modalities, SNRs; and notes on
     what had to be left out."""
-    from stages.noise import noise_categories_made, use_dir
-
     f = ctx.cfg.finetune
     use = f.noise
     directory = use_dir(ctx, use)
@@ -350,8 +351,6 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
     clean input (``clean``: scores already computed for finetune.modalities, by split); each
     condition is kept in its own file, reused by a requeued job when made with the same
     checkpoint and settings."""
-    from pipeline.atomic import write_json
-
     f = ctx.cfg.finetune
     plan = noise_eval_plan(ctx)
     stat = Path(checkpoint).stat()
@@ -380,7 +379,7 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
                                                       "category": None if category == "all" else category}
                     scores = decoder.score(split, modality, noise)
                     log.info("%s %s %s %s dB: WER %s", split, modality, category, snr, scores["wer"])
-                write_json(path, {"key": key, "scores": scores})
+                atomic.write_json(path, {"key": key, "scores": scores})
                 summary = {k: scores[k] for k in ("wer", "errors", "ref_words", "utterances")}
                 conditions.append({"split": split, "modalities": modality, "category": category,
                                    "snr": snr, **summary})
@@ -395,11 +394,6 @@ def evaluate_under_noise(ctx: StageContext, decoder, checkpoint: Path, clean: di
 
 def noise_eval_record(ctx: StageContext) -> Path:
     """``noise_eval/done-<digest>.json``: the noise table of an evaluation with these settings."""
-    import hashlib
-    import json
-
-    from omegaconf import OmegaConf
-
     f = ctx.cfg.finetune
     settings = {k: f.noise[k] for k in ("eval_snrs", "eval_categories", "eval_modalities", "eval_splits",
                                          "eval_seed", "dir")}
@@ -411,15 +405,11 @@ def noise_eval_record(ctx: StageContext) -> Path:
 
 
 def _noise_fingerprint(directory: Path) -> Optional[str]:
-    import json
-
     summary = directory / "summary.json"
     return json.loads(summary.read_text()).get("fingerprint") if summary.is_file() else None
 
 
 def _cached(path: Path, key: dict) -> Optional[dict]:
-    import json
-
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -435,10 +425,9 @@ class FinetuneStage(Stage):
     after_iterations = True
     multi_task = True
     checkpointable = True
+    libraries = ("torch", "fairseq|fairseq-fixed", "numpy", "sentencepiece")
 
     def dependencies(self, ctx: StageContext):
-        from stages.noise import uses_noise_stage
-
         # a given checkpoint (e.g. a published one) needs no pretraining from this run
         deps = ("manifest",) if ctx.cfg.finetune.get("pretrained_checkpoint") else tuple(self.depends_on)
         # noise in fine-tuning or in decoding reads the noise stage's lists
@@ -452,13 +441,12 @@ class FinetuneStage(Stage):
 
     def validate(self, ctx: StageContext) -> None:
         from avhubert.s2s_decode import modality_list
-        from stages.train import _override_key
 
         cfg = ctx.cfg
         for override in cfg.finetune.overrides or []:
             if "=" not in str(override) and not str(override).startswith("~"):
                 raise ConfigError(f"finetune.overrides: {override!r} is not a key=value override")
-            key = _override_key(str(override))
+            key = override_key(str(override))
             if key in STAGE_OWNED_KEYS:
                 raise ConfigError(f"finetune.overrides: {key} is set by the finetune stage "
                                   "(use finetune.* settings instead)")
@@ -489,8 +477,6 @@ class FinetuneStage(Stage):
         if int(cfg.finetune.average_last) < 0 or int(cfg.finetune.average_last) == 1:
             raise ConfigError(f"finetune.average_last={cfg.finetune.average_last}: 0 (off) or the number of "
                               "checkpoints to average, >= 2 (one checkpoint averaged is itself)")
-        from stages.noise import validate_use
-
         validate_use(ctx, "finetune")
         use = cfg.finetune.noise
         for m in use.eval_modalities:
@@ -502,13 +488,34 @@ class FinetuneStage(Stage):
         if bad or (use.eval_snrs and not use.eval_splits):
             raise ConfigError(f"finetune.noise.eval_splits={list(use.eval_splits)}: train, valid and/or test")
 
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        name = str(ctx.cfg.finetune.model_config)
+        if name.endswith((".yaml", ".yml")) or os.sep in name:  # a config of the user's: its content counts
+            s["finetune.model_config"] = file_identity(base_config_path(ctx.cfg))
+        if s.get("finetune.pretrained_checkpoint"):
+            s["finetune.pretrained_checkpoint"] = file_identity(pretrained_checkpoint(ctx))
+        s["finetune.max_update"] = max_update(ctx.cfg)
+        return s
+
+    def accepts_change(self, ctx: StageContext, key: str, old, new) -> Optional[str]:
+        if key.startswith("finetune.noise.eval_"):
+            # the evaluation's record is a declared output named by these settings: the shard
+            # runs again and only decodes, with the fine-tuned model it has
+            return f"{key} changed: the evaluation under noise runs again with the fine-tuned model"
+        return None
+
+    def provenance_dirs(self, ctx: StageContext) -> list[Path]:
+        stage_dir = ctx.with_iteration(None).stage_dir("finetune")
+        return [stage_dir, stage_dir / CHECKPOINT_DIR]
+
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard(index=0, count=1, key="finetune")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.finetune(ctx)
+        res = resources_for(ctx.cfg, self.name, multi_task=self.multi_task)
+        return estimates.finetune(ctx, base_config_path(ctx.cfg), max_update(ctx.cfg), res,
+                                  finetune_update_freq(ctx, res.nodes * res.tasks_per_node))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         stage_dir = ctx.with_iteration(None).stage_dir("finetune")
@@ -520,14 +527,12 @@ class FinetuneStage(Stage):
         return out
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from stages import train as train_stage
-
         start = time.time()
         ctx = ctx.with_iteration(None)
         cfg = ctx.cfg
         target = max_update(cfg)
-        dist = train_stage.distributed_env(cfg.finetune.get("master_port", None))
-        device, n_gpus = train_stage.train_device()
+        dist = distributed_env(cfg.finetune.get("master_port", None))
+        device, n_gpus = train_device()
         stage_dir = ctx.stage_dir("finetune")
         ckpt_dir = stage_dir / CHECKPOINT_DIR
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -538,11 +543,18 @@ class FinetuneStage(Stage):
                                     "(finetune.pretrained_checkpoint or the last train iteration)")
         spm = spm_model(ctx)
 
-        final_updates = train_stage.checkpoint_updates(final)
+        fresh = False
+        if ctx.force and final.exists():
+            # forced (--force, a changed setting redone, a stale step after its pretraining was
+            # redone): fine-tune anew; a requeue of that run finds no final checkpoint and resumes
+            fresh = True
+            if dist.rank == 0:
+                discard_previous_training(stage_dir)
+        final_updates = None if fresh else checkpoint_updates(final)
         done_before = final_updates is not None and final_updates >= target
         start_updates = 0
         if not done_before:
-            _, start_updates = train_stage.resume_point(ckpt_dir, repair=dist.rank == 0)
+            _, start_updates = resume_point(ckpt_dir, repair=dist.rank == 0)
         log.info("finetune rank %d/%d on %s from %s: %s", dist.rank, dist.world_size, device, pretrained,
                  f"resuming at {start_updates} updates" if start_updates else "from the start")
         batch = finetune_update_freq(ctx, dist.world_size)
@@ -555,13 +567,13 @@ class FinetuneStage(Stage):
 
             register()  # av_hubert_seq2seq known to fairseq before the config is composed
             base = base_config_path(cfg)
-            train_stage._close_fairseq_tensorboard_writers()
+            close_fairseq_tensorboard_writers()
             try:
                 run_fairseq_train(str(base.parent), base.stem, fairseq_overrides(ctx, dist, device, n_gpus),
                                   rank=dist.rank, world_size=dist.world_size, init_method=dist.init_method,
                                   device=device)
             finally:
-                train_stage._close_fairseq_tensorboard_writers()
+                close_fairseq_tensorboard_writers()
             trained = True
 
         if dist.rank != 0:
@@ -570,7 +582,7 @@ class FinetuneStage(Stage):
         if done_before:
             end_updates = final_updates
         else:
-            end_updates = train_stage.checkpoint_updates(last)
+            end_updates = checkpoint_updates(last)
             if end_updates is None or end_updates < target:
                 raise RuntimeError(
                     f"fine-tuning stopped at {end_updates or 0} updates, before max_update={target} "
@@ -649,8 +661,6 @@ class FinetuneStage(Stage):
         return request_save_and_stop()
 
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
-        import json
-
         results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
         summary = {"num_updates": results["num_updates"], "modalities": results["modalities"],
                    "decoding": results.get("generation"),

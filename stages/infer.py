@@ -27,14 +27,19 @@ up at the path stored in the checkpoint, then beside the checkpoint (``--spm`` o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
+from avprep import crop
+from avprep.media import MediaError
+from speechfeat.noise import AudioError, load_mono_16k, seeded_unit
 from stages.finetune import DECODING
 
 log = logging.getLogger("infer")
@@ -80,16 +85,14 @@ def crop_video(video: Path, out_dir: Path, mode: Optional[str] = None) -> Tuple[
 
     The ROI is read back from the mp4 the crop code writes, as training reads it (same codec)."""
     from avhubert import features as feat
-    from avprep.media import MediaError
-    from stages import crop as crop_stage
 
     name = video.stem
     stale = out_dir / f"{name}.landmarks.npz"  # the crop code reuses landmarks it finds there
     if stale.exists():
         stale.unlink()
     try:
-        result = crop_stage.crop_one_video(video, out_dir, mode=mode, name=name)
-    except (crop_stage.CropError, MediaError) as e:  # CropError names the file and the reason
+        result = crop.crop_one_video(video, out_dir, mode=mode, name=name)
+    except (crop.CropError, MediaError) as e:  # CropError names the file and the reason
         raise InferError(str(e)) from None
     roi = feat.read_video_gray(str(result.video))
     wav = None
@@ -131,7 +134,6 @@ def add_noise(wav: np.ndarray, noise_file: Path, snr: float, seed: int, name: st
     """``wav`` (16 kHz int16) mixed with the recording ``noise_file`` at ``snr`` dB, read from an
     offset fixed by ``seed`` and ``name``."""
     from avhubert.features import mix_noise
-    from speechfeat.noise import AudioError, load_mono_16k, seeded_unit
 
     if not noise_file.is_file():
         raise InferError(f"{noise_file}: no such noise file")
@@ -197,8 +199,6 @@ def transcribe(video: Path, checkpoint: Path, modalities: Optional[str] = None, 
 def chosen_decoding(checkpoint: Path) -> dict:
     """The decoding setting the finetune stage chose on valid for this checkpoint: ``decoding.json``
     beside it (or in the export directory it is); {} when there is none."""
-    import json
-
     path = checkpoint / DECODING if checkpoint.is_dir() else checkpoint.parent / DECODING
     try:
         chosen = json.loads(path.read_text())
@@ -212,7 +212,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     if not args.verbose:  # fairseq and the model log at INFO (and warn about deprecations) on load
-        import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("fairseq", "avhubert", "stages", "hydra", "infer"):

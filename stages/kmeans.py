@@ -30,11 +30,26 @@ from typing import Optional
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat import kmeans as km
+from speechfeat.kmeans import SampleSet, backend_problem, sample_set as dump_sample
+from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
+from stages import crop, estimates, features
+from stages.features import sample_draw, shard_files, store_mode
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
 
+SKLEARN_KEYS = ("n_init", "max_iter", "batch_size", "tol", "max_no_improvement", "reassignment_ratio")
+FAST_KEYS = ("seedings", "init_points_per_centroid", "init_max_points", "init_trials", "init_pca_variance", "niter",
+             "max_points_per_centroid", "refine_niter", "refine_points_per_centroid", "refine_max_points", "lloyd_tol")
+
+
+# (the features stage reads percent, seed and split too: it draws the sample)
+@classify(output=("backend", "n_clusters", "percent", "seed", "split", "init", *SKLEARN_KEYS, *FAST_KEYS),
+          ignored={"device": "where it runs", "threads": "how many threads compute"})
 @dataclass
 class Config:
     # "numpy" (default: k-means++ seeding and Lloyd iterations on bounded samples, BLAS products),
@@ -70,8 +85,6 @@ class Config:
 
 
 def n_clusters(ctx: StageContext) -> int:
-    from stages.schedule import iteration_spec
-
     k = ctx.cfg.kmeans.get("n_clusters")
     return int(k) if k else int(iteration_spec(ctx.cfg, ctx.iteration).n_clusters)
 
@@ -98,10 +111,15 @@ class KmeansStage(Stage):
     name = "kmeans"
     depends_on = ("features",)
     per_iteration = True
+    libraries = ("numpy", "torch", "scikit-learn", "faiss-cpu|faiss-gpu|faiss")
+
+    def settings(self, ctx: StageContext) -> dict:
+        s = super().settings(ctx)
+        s["kmeans.n_clusters"] = n_clusters(ctx)  # null = the schedule's K: the K trained is what counts
+        unused = FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS
+        return {k: v for k, v in s.items() if k.split(".", 1)[1] not in unused}
 
     def validate(self, ctx: StageContext) -> None:
-        from speechfeat.kmeans import backend_problem
-
         c = ctx.cfg.kmeans
         problem = backend_problem(str(c.backend))
         if problem:  # an unknown backend, or faiss (an optional extra) not installed
@@ -120,16 +138,13 @@ class KmeansStage(Stage):
         return [Shard(0, 1, "all")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.kmeans(ctx)
+        return estimates.kmeans(ctx, crop.STAGE.corpus_sizes.of(ctx), features.feature_cost(ctx, "features"),
+                                n_clusters(ctx), backend_params(ctx.cfg.kmeans))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [model_path(ctx)]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat import kmeans as km
-
         c = ctx.cfg.kmeans
         t0 = time.time()
         samples = sample_set(ctx)
@@ -154,10 +169,6 @@ class KmeansStage(Stage):
 def sample_set(ctx: StageContext):
     """The utterances k-means samples (``speechfeat.kmeans.SampleSet``), from the features stage's
     sample files or drawn from its full dump. Opens headers and lengths only."""
-    from speechfeat.kmeans import SampleSet, sample_set as dump_sample
-    from speechfeat.shards import FeatureShard, count_tsv_rows, read_rows_file
-    from stages.features import sample_draw, shard_files, store_mode
-
     c = ctx.cfg.kmeans
     nshard = int(ctx.cfg.features.nshard)
     keys = [f"{c.split}_{r}_{nshard}" for r in range(nshard)]

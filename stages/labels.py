@@ -44,14 +44,28 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from pipeline import atomic
+from pipeline.config import resources_for
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.kmeans import assign, load_centroids
+from speechfeat.shards import FeatureShard, read_tsv, shard_range
+from stages import crop, estimates, features, kmeans
+from stages.features import (Failures, expected_frames, make_featurizer, remove_bulky, row_features, shard_files,
+                             split_shards, store_mode)
+from stages.kmeans import model_path
+from stages.schedule import iteration_spec, label_rate
 
 log = logging.getLogger(__name__)
 
 VIDEO_RATE = 25
 
 
+@classify(ignored={
+    "tolerance_seconds": "a check of each label line's duration (reported in report.json); the labels are the same",
+    "max_mismatch_fraction": "a check: the step fails above it, the labels are the same",
+    "chunk_frames": "how many frames one distance computation takes", "device": "where it runs",
+    "report_splits": "which splits report.json describes (a report key); the labels are the same"})
 @dataclass
 class Config:
     tolerance_seconds: float = 0.1  # |label duration - video duration| allowed (dataset label_tolerance)
@@ -69,6 +83,8 @@ class LabelsStage(Stage):
     name = "labels"
     depends_on = ("features", "kmeans")
     per_iteration = True
+    reads = ("features.splits",)  # the splits that get labels (features of store=sample: the k-means split only)
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "python-speech-features", "av")
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.labels
@@ -80,23 +96,19 @@ class LabelsStage(Stage):
             raise ConfigError(f"labels.device={c.device!r}: auto, cpu or cuda[:N]")
 
     def shards(self, ctx: StageContext) -> list[Shard]:
-        from stages.features import split_shards
-
         return split_shards(ctx, split_names(ctx))
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.labels(ctx)
+        previous = None  # features.keep=false: the previous iteration's features are deleted after these labels
+        if not bool(ctx.cfg.features.keep) and ctx.iteration and ctx.iteration > 1:
+            previous = features.estimate(ctx.with_iteration(ctx.iteration - 1))
+        return estimates.labels(ctx, crop.STAGE.corpus_sizes.of(ctx), features.feature_cost(ctx, "labels"),
+                                kmeans.n_clusters(ctx), resources_for(ctx.cfg, self.name), previous)
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         return [ctx.stage_dir(self.name) / f"{shard.key}.km"]
 
     def run(self, ctx: StageContext, shard: Shard) -> dict:
-        from speechfeat.kmeans import load_centroids
-        from stages.features import shard_files, store_mode
-        from stages.kmeans import model_path
-
         centroids = load_centroids(model_path(ctx))
         km_path = self.outputs(ctx, shard)[0]
         chunk, device = int(ctx.cfg.labels.chunk_frames), str(ctx.cfg.labels.device)
@@ -105,7 +117,6 @@ class LabelsStage(Stage):
             if not f["npy"].is_file():
                 raise FileNotFoundError(_missing_dump_message(ctx, f))
             return label_dump(centroids, f["npy"], f["len"], km_path, chunk, device)
-        from stages.features import make_featurizer
 
         tsv = ctx.with_iteration(None).stage_dir("manifest") / f"{shard.params['split']}.tsv"
         return label_rows(make_featurizer(ctx), tsv, int(shard.params["rank"]), int(shard.params["nshard"]),
@@ -117,12 +128,6 @@ class LabelsStage(Stage):
                                                             d / "cluster_usage.png"]
 
     def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
-        from speechfeat.kmeans import load_centroids
-        from speechfeat.shards import read_tsv
-        from stages.features import expected_frames, remove_bulky
-        from stages.kmeans import model_path
-        from stages.schedule import iteration_spec, label_rate
-
         out = ctx.stage_dir(self.name)
         k = len(load_centroids(model_path(ctx)))
         rate = label_rate(ctx.cfg, ctx.iteration)
@@ -192,8 +197,6 @@ class LabelWriter:
         self.buffered += len(feats)
 
     def flush(self) -> None:
-        from speechfeat.kmeans import assign
-
         if not self.buffer:
             return
         if self.buffered:
@@ -217,8 +220,6 @@ def label_dump(centroids: np.ndarray, npy_path, len_path, km_path, chunk_frames:
                device: str = "cpu") -> dict:
     """Label every utterance of a feature dump shard into ``km_path`` (atomic), reading it by
     row ranges of about ``chunk_frames`` frames."""
-    from speechfeat.shards import FeatureShard
-
     t0 = time.time()
     device = _assign_device(device)
     with FeatureShard(npy_path, len_path) as shard, atomic.atomic_open(km_path, "w") as f:
@@ -238,9 +239,6 @@ def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, k
     """Featurize the rows of shard ``rank`` of ``nshard`` of a manifest tsv with ``featurizer``
     (``stages.features.row_features``) and label them in the same pass into ``km_path`` (atomic);
     nothing else is written."""
-    from speechfeat.shards import read_tsv, shard_range
-    from stages.features import Failures, row_features
-
     t0 = time.time()
     device = _assign_device(device)
     root, rows = read_tsv(tsv)
@@ -261,7 +259,7 @@ def label_rows(featurizer, tsv, rank: int, nshard: int, centroids: np.ndarray, k
 def _assign_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
-    from stages.features import resolve_device
+    from avhubert.extract import resolve_device
 
     return resolve_device(device)
 

@@ -64,8 +64,11 @@ from typing import NamedTuple, Optional
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
-from stages.corpus import SPLITS, CorpusSettings
+from stages import crop, estimates, item_list as il
+from stages.corpus import CorpusSettings, SPLITS, assign_splits, corpus_settings, id_list_settings
+from stages.item_list import read_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ SPM_THREADS = 8
 VERIFY = ("size", "decode")
 
 
+@classify(output=("av_tolerance_frames", "lowercase", "spm_vocab_size", "drop_removed", "verify"),
+          ignored={"workers": "how many processes check the files"})
 @dataclass
 class Config(CorpusSettings):
     # the corpus settings (splits, LRS3 segmentation) are CorpusSettings' (stages/corpus.py)
@@ -94,6 +99,10 @@ class Config(CorpusSettings):
 class ManifestStage(Stage):
     name = "manifest"
     depends_on = ("crop",)
+    libraries = ("sentencepiece",)
+
+    def settings(self, ctx: StageContext) -> dict:
+        return {**super().settings(ctx), **id_list_settings(ctx.cfg)}
 
     def validate(self, ctx: StageContext) -> None:
         c = ctx.cfg.manifest
@@ -111,9 +120,7 @@ class ManifestStage(Stage):
         return [Shard(0, 1, "all")]
 
     def estimate(self, ctx: StageContext):
-        from stages import estimates
-
-        return estimates.manifest(ctx)
+        return estimates.manifest(crop.STAGE.corpus_sizes.of(ctx))
 
     def outputs(self, ctx: StageContext, shard: Shard) -> list[Path]:
         out = ctx.stage_dir(self.name)
@@ -198,9 +205,6 @@ def inputs_digest(ctx: StageContext) -> str:
 def frozen_items(ctx: StageContext) -> Optional[dict]:
     """``{id: (split, text)}`` of the crop stage's frozen items, splits recomputed from the current
     split settings (None when there is no frozen list: results made by hand, older work dirs)."""
-    from stages import item_list as il
-    from stages.corpus import assign_splits, corpus_settings
-
     idir = _items_dir(ctx)
     index = il.read_index(idir)
     if index is None:
@@ -215,8 +219,6 @@ def frozen_items(ctx: StageContext) -> Optional[dict]:
 
 
 def removed_or_changed(ctx: StageContext) -> set:
-    from stages import item_list as il
-
     idir = _items_dir(ctx)
     return il.read_id_file(idir / "removed.txt") | il.read_id_file(idir / "changed.txt")
 
@@ -256,8 +258,6 @@ def _result_files(results_dir: Path) -> list[Path]:
 
 def _read_results(results_dir: Path):
     """Every crop record with where it came from (``file:line``), in shard order, streamed."""
-    from stages.item_list import read_json_lines
-
     for path in _result_files(results_dir):
         for n, rec in enumerate(read_json_lines(path), 1):
             if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):

@@ -41,7 +41,7 @@ a re-run manifest, changed folders) is an error until ``--stage noise --force`` 
 byte-identical outputs. A file that cannot be decoded gets a failure record (``finalize`` fails the
 stage above ``max_failure_rate``); disk and signal errors fail the shard.
 
-Consumers: ``train.noise`` / ``finetune.noise`` (``NoiseUse``: probability, SNR, categories) wire
+Consumers: ``train.noise`` / ``finetune.noise`` (``stages.noise_use.NoiseUse``: probability, SNR, categories) wire
 the lists into the fairseq task; ``finetune.noise.eval_snrs`` decodes under noise. The stage runs in
 ``--stage all`` when one of them needs it (``enabled`` null), always (true) or never (false).
 """
@@ -50,30 +50,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
+
+import numpy as np
+from omegaconf import OmegaConf
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputsMissing, StageFailed, raise_if_infrastructure
+from pipeline.fingerprint import classify
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.noise import (AUDIO_EXTENSIONS, assign_splits, babble, cut_pieces, load_mono_16k, loudness_db,
+                              normalise_loudness, plan_talker_streams, seeded_unit, split_counts, talker_stream,
+                              to_int16)
+from speechfeat.shards import read_tsv
+from stages.finetune import STAGE as FINETUNE
+from stages.manifest import check_split_fractions
+from stages.noise_use import (CATEGORY_NAME, SPLITS, corpus_categories, noise_dir, noise_sources, parse_dir_entry,
+                              uses_noise_stage)
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-MUSAN_CATEGORIES = ("music", "noise", "speech")
 PLAN_VERSION = 1
-_CATEGORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-# the fairseq task keys the consumers set from their noise block (refused in their overrides)
-NOISE_TASK_KEYS = ("task.noise_wav", "task.noise_prob", "task.noise_snr", "task.noise_num",
-                   "task.noise_categories", "task.noise_seed")
 
 
+# clips_per_shard / files_per_shard are part of the frozen plan (its result files are per shard)
+@classify(output=("corpus_categories", "corpus_clips", "clip_seconds", "dirs", "piece_seconds", "min_piece_seconds",
+                  "valid_fraction", "test_fraction", "seed", "level_db", "clips_per_shard", "files_per_shard"),
+          ignored={"enabled": "whether the stage takes part in --stage all",
+                   "max_failure_rate": "a check: the step fails above it, what is written is the same"})
 @dataclass
 class Config:
     # Run in --stage all: null = when train.noise / finetune.noise use it; true / false = always / never.
@@ -101,53 +111,8 @@ class Config:
 # ---------------------------------------------------------------------------------- consumers
 
 
-@dataclass
-class NoiseUse:
-    """How a training stage mixes noise into the audio of its utterances (``train.noise``,
-    ``finetune.noise``); the values of the reference's noise-augmented recipes are in
-    presets/base_noise.yaml."""
-
-    prob: float = 0.0  # share of utterances that get noise; 0 = clean training
-    snr: str = "0"  # dB: a number, or "(low, high)" drawn per utterance (integers)
-    categories: List[str] = field(default_factory=list)  # each drawn with equal probability; [] = all
-    num: int = 1  # noise clips averaged per mixture (the task's noise_num)
-    # a noise dir made elsewhere ({split}.tsv and/or <category>/{split}.tsv, e.g. the reference's
-    # musan tsv/all); null = this work dir's noise stage
-    dir: Optional[str] = None
-
-
-@dataclass
-class TrainNoise(NoiseUse):
-    iterations: List[int] = field(default_factory=list)  # iterations trained with noise; [] = all
-
-
-@dataclass
-class FinetuneNoise(NoiseUse):
-    # Decoding under noise after fine-tuning: every split x modality x category x SNR (+ clean).
-    eval_snrs: List[float] = field(default_factory=list)  # e.g. [-10, -5, 0, 5, 10]; [] = no noise eval
-    eval_categories: List[str] = field(default_factory=list)  # [] = every category with noise for the split
-    eval_modalities: List[str] = field(default_factory=list)  # audio | av | video; [] = finetune.modalities
-    eval_splits: List[str] = field(default_factory=lambda: ["test"])
-    eval_seed: int = 0  # seeds the per-utterance noise clip and offset
-
-
-def noise_dir(ctx: StageContext) -> Path:
-    return ctx.with_iteration(None).stage_dir("noise")
-
-
-def uses_noise_stage(use, iteration: Optional[int] = None) -> bool:
-    """Whether a noise block reads this work dir's noise stage (in ``iteration`` for train)."""
-    if use is None or use.get("dir"):
-        return False
-    if iteration is not None and list(use.get("iterations") or []) and iteration not in use.iterations:
-        return False
-    return float(use.get("prob", 0) or 0) > 0 or bool(list(use.get("eval_snrs") or []))
-
-
 def noise_consumers(ctx: StageContext) -> List[str]:
     """The settings that need this work dir's noise stage."""
-    from stages.finetune import STAGE as FINETUNE
-
     cfg = ctx.cfg
     out = []
     if "train" in cfg and uses_noise_stage(cfg.train.get("noise")):
@@ -155,103 +120,6 @@ def noise_consumers(ctx: StageContext) -> List[str]:
     if "finetune" in cfg and uses_noise_stage(cfg.finetune.get("noise")) and FINETUNE.enabled(ctx):
         out.append("finetune.noise")
     return out
-
-
-def snr_setting(value) -> str:
-    """A noise block's ``snr`` as the task's ``noise_snr`` reads it: ``"5.0"``, or ``"(-5, 5)"`` for
-    a range of whole dB drawn per utterance. ValueError otherwise."""
-    import ast
-
-    try:
-        parsed = ast.literal_eval(str(value).strip())
-    except (ValueError, SyntaxError):
-        parsed = None
-    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
-        return repr(float(parsed))
-    if (isinstance(parsed, (tuple, list)) and len(parsed) == 2
-            and all(isinstance(v, (int, float)) and float(v).is_integer() for v in parsed) and parsed[0] <= parsed[1]):
-        return f"({int(parsed[0])}, {int(parsed[1])})"
-    raise ValueError(f"{value!r}: a number of dB, or '(low, high)' whole dB with low <= high")
-
-
-def validate_use(ctx: StageContext, section: str) -> None:
-    """ConfigError for an impossible ``<section>.noise`` block (before anything is submitted)."""
-    use = ctx.cfg[section].noise
-    if not 0 <= float(use.prob) <= 1:
-        raise ConfigError(f"{section}.noise.prob={use.prob}: a probability between 0 and 1")
-    try:
-        snr_setting(use.snr)
-    except ValueError as e:
-        raise ConfigError(f"{section}.noise.snr: {e}") from None
-    if int(use.num) < 1:
-        raise ConfigError(f"{section}.noise.num={use.num}: at least 1")
-    for name in list(use.categories) + list(use.get("eval_categories") or []):
-        if not _CATEGORY.match(str(name)):
-            raise ConfigError(f"{section}.noise: category {name!r} is not a category name")
-    if use.dir and not Path(str(use.dir)).expanduser().is_dir():
-        raise ConfigError(f"{section}.noise.dir={use.dir}: no such directory")
-    n_iterations = int(ctx.cfg.get("iterations", 0) or 0)
-    bad = [i for i in (use.get("iterations") or []) if not 1 <= int(i) <= max(n_iterations, 1)]
-    if bad:
-        raise ConfigError(f"{section}.noise.iterations: {bad} outside 1..{n_iterations}")
-    if uses_noise_stage(use) and ctx.cfg.noise.enabled is False:
-        raise ConfigError(f"{section}.noise needs the noise stage, but noise.enabled=false "
-                          f"(set {section}.noise.dir to noise made elsewhere, or enable the stage)")
-    if uses_noise_stage(use):
-        made = planned_categories(ctx.cfg.noise)
-        unknown = sorted({str(c) for c in list(use.categories) + list(use.get("eval_categories") or [])} - made)
-        if unknown:
-            raise ConfigError(f"{section}.noise: categories {unknown} are not made by the noise stage "
-                              f"(it makes {sorted(made) or 'none'}: noise.corpus_categories and noise.dirs)")
-
-
-def planned_categories(c) -> set:
-    """The categories the noise stage makes with settings ``c`` (``cfg.noise``)."""
-    return set(corpus_categories(c)) | {category for category, _, _ in noise_sources(c.dirs)}
-
-
-def corpus_categories(c) -> Dict[str, int]:
-    """``{category: talkers}`` of the corpus noise made (categories with talkers > 0)."""
-    return {str(k): int(v) for k, v in (c.corpus_categories or {}).items() if int(v) > 0}
-
-
-def noise_categories_made(directory: Path) -> Optional[List[str]]:
-    """The categories of a noise dir: those of this stage's summary, else sub-folders holding
-    split lists, else None (the dir's own ``{split}.tsv`` lists, e.g. the reference's tsv/all)."""
-    summary = Path(directory) / "summary.json"
-    if summary.is_file():
-        return sorted(json.loads(summary.read_text())["categories"])
-    if not Path(directory).is_dir():  # not made yet (a dry run, a config check)
-        return None
-    found = sorted(p.name for p in Path(directory).iterdir()
-                   if p.is_dir() and any((p / f"{s}.tsv").is_file() for s in SPLITS))
-    return found or None
-
-
-def use_dir(ctx: StageContext, use) -> Path:
-    return Path(str(use.dir)).expanduser().resolve() if use.get("dir") else noise_dir(ctx)
-
-
-def task_overrides(ctx: StageContext, use, hydra_value, iteration: Optional[int] = None) -> List[str]:
-    """The fairseq task keys of a noise block (nothing when its probability is 0, or for an
-    iteration its ``iterations`` leave out)."""
-    if float(use.prob) <= 0:
-        return []
-    if iteration is not None and list(use.get("iterations") or []) and iteration not in use.iterations:
-        return []
-    directory = use_dir(ctx, use)
-    categories = [str(c) for c in use.categories] or noise_categories_made(directory)
-    if use.categories:
-        made = noise_categories_made(directory) or []
-        missing = [c for c in categories if c not in made]
-        if missing:
-            raise ConfigError(f"noise categories {missing} are not in {directory} (it has {made or 'none'})")
-    listed = "null" if not categories else "[" + ",".join(categories) + "]"
-    # "++": set whether or not the base config has the key (ours have none; the reference's
-    # noise configs have some)
-    return [f"++task.noise_wav={hydra_value(directory)}", f"++task.noise_prob={float(use.prob)}",
-            f"++task.noise_snr='{snr_setting(use.snr)}'",  # quoted: a string, as the task's field f"++task.noise_num={int(use.num)}",
-            f"++task.noise_categories={listed}"]
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -269,8 +137,6 @@ def speaker_of(item_id: str, layout: str) -> Optional[str]:
 def utterance_pools(manifest: Path, layout: str) -> Dict[str, List[tuple]]:
     """``{split: [(id, absolute wav path, samples), ...]}``: the utterances each split's corpus
     noise is drawn from, with the speakers of later splits left out of earlier ones."""
-    from speechfeat.shards import read_tsv
-
     rows = {}
     for split in SPLITS:
         root, split_rows = read_tsv(manifest / f"{split}.tsv")
@@ -280,38 +146,7 @@ def utterance_pools(manifest: Path, layout: str) -> Dict[str, List[tuple]]:
     return {s: [r for r in rows[s] if speaker_of(r[0], layout) not in held_out[s]] for s in SPLITS}
 
 
-def parse_dir_entry(entry: str) -> tuple:
-    """``"CATEGORY=PATH"`` or ``"PATH"`` -> (category or None, absolute path)."""
-    entry = str(entry)
-    name, sep, rest = entry.partition("=")
-    if sep and _CATEGORY.match(name) and "/" not in name:
-        return name, Path(rest).expanduser().resolve()
-    return None, Path(entry).expanduser().resolve()
-
-
-def noise_sources(entries) -> List[tuple]:
-    """(category, folder, label) of every configured folder: a MUSAN root gives one per
-    sub-folder; label = the folder name (made unique within a category) for output paths."""
-    sources = []
-    for entry in entries:
-        category, path = parse_dir_entry(entry)
-        if category is None and all((path / c).is_dir() for c in MUSAN_CATEGORIES):
-            sources += [(c, path / c) for c in MUSAN_CATEGORIES]
-        else:
-            sources.append((category or path.name, path))
-    labelled, seen = [], set()
-    for category, path in sources:
-        label, k = path.name, 2
-        while (category, label) in seen:
-            label, k = f"{path.name}-{k}", k + 1
-        seen.add((category, label))
-        labelled.append((category, path, label))
-    return labelled
-
-
 def list_audio_files(folder: Path) -> List[Path]:
-    from speechfeat.noise import AUDIO_EXTENSIONS
-
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -326,7 +161,6 @@ def list_audio_files(folder: Path) -> List[Path]:
 def _settings(c) -> dict:
     keys = ("corpus_categories", "corpus_clips", "clip_seconds", "dirs", "piece_seconds", "min_piece_seconds",
             "valid_fraction", "test_fraction", "seed", "level_db", "clips_per_shard", "files_per_shard")
-    from omegaconf import OmegaConf
 
     return {k: OmegaConf.to_container(c[k]) if OmegaConf.is_config(c[k]) else c[k] for k in keys}
 
@@ -356,10 +190,6 @@ def scan_inputs(ctx: StageContext) -> dict:
 def build_plan(ctx: StageContext, inputs: dict) -> dict:
     """The whole stage as data: shards of corpus clips (the utterances of each talker) and of
     noise files (their category and split), with the inputs' fingerprint."""
-    import numpy as np
-
-    from speechfeat.noise import AUDIO_EXTENSIONS, assign_splits, plan_talker_streams, seeded_unit
-
     c = ctx.cfg.noise
     layout, manifest = inputs["layout"], inputs["manifest"]
     notes: List[str] = []
@@ -407,7 +237,7 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
             file_jobs.append({"kind": "file", "category": category, "source": str(path),
                               "out": f"{category}/files/{key}", "split": by_file.get(key)})
     for category in sorted(set(corpus_categories(c)) | set(by_category)):
-        if not _CATEGORY.match(category):
+        if not CATEGORY_NAME.match(category):
             raise ConfigError(f"noise: category {category!r} is not a category name (letters, digits, _ . -)")
 
     shards = []
@@ -421,6 +251,8 @@ def build_plan(ctx: StageContext, inputs: dict) -> dict:
 class NoiseStage(Stage):
     name = "noise"
     depends_on = ("manifest",)
+    reads = ("layout",)  # which talkers a clip may not mix (lrs3/vox2 ids name the speaker)
+    libraries = ("numpy", "scipy", "soundfile", "av")
 
     def __init__(self):
         self._uncommitted: Dict[str, dict] = {}  # dry-run plans, by work dir
@@ -430,8 +262,6 @@ class NoiseStage(Stage):
         return bool(noise_consumers(ctx)) if setting is None else bool(setting)
 
     def validate(self, ctx: StageContext) -> None:
-        from stages.manifest import check_split_fractions
-
         c = ctx.cfg.noise
         check_split_fractions("noise", c)
         for key in ("clip_seconds", "piece_seconds"):
@@ -442,7 +272,7 @@ class NoiseStage(Stage):
         if int(c.clips_per_shard) < 1 or int(c.files_per_shard) < 1:
             raise ConfigError("noise.clips_per_shard and noise.files_per_shard must be >= 1")
         for category, talkers in (c.corpus_categories or {}).items():
-            if not _CATEGORY.match(str(category)) or int(talkers) < 0:
+            if not CATEGORY_NAME.match(str(category)) or int(talkers) < 0:
                 raise ConfigError(f"noise.corpus_categories: {category}: {talkers}: a category name and "
                                   "a number of talkers (0 = not made)")
         unknown = set(c.corpus_clips or {}) - set(SPLITS)
@@ -624,8 +454,6 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
     plan, so the same bytes) is kept."""
     import soundfile as sf
 
-    from speechfeat.noise import babble, talker_stream
-
     path = out / job["out"]
     ids = sorted({u[0] for t in job["talkers"] for u in t["utterances"]})
     if not (reuse and path.is_file()):
@@ -644,11 +472,6 @@ def make_corpus_clip(job: dict, out: Path, c, reuse: bool = True) -> List[dict]:
 
 def make_file_pieces(job: dict, out: Path, c) -> List[dict]:
     """The pieces of one noise recording, 16 kHz mono, each loudness-normalised."""
-    import math
-
-    from speechfeat.noise import (cut_pieces, load_mono_16k, loudness_db, normalise_loudness, split_counts,
-                                  to_int16)
-
     samples = load_mono_16k(job["source"])
     bounds = cut_pieces(len(samples), int(round(float(c.piece_seconds) * 16000)),
                         int(round(float(c.min_piece_seconds) * 16000)))

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from pipeline.fingerprint import classify
 
+
+@classify(output=("features", "layer", "n_clusters"))
 @dataclass
 class IterationSpec:
     features: str = "mfcc"  # "mfcc" (iteration 1) or "layer"
@@ -40,6 +43,8 @@ def _paper_schedule() -> list:
     ]
 
 
+# entry i is iteration i+1's: each iteration's steps hold only their own entry
+@classify(per_iteration=("iterations",))
 @dataclass
 class ScheduleConfig:
     iterations: List[IterationSpec] = field(default_factory=_paper_schedule)

@@ -1,6 +1,6 @@
 """units: discrete speech units of the corpus for downstream use (unit-to-speech vocoders,
-ReVISE-style audio-visual resynthesis, speech-to-unit models), and ``launch.py units`` for a
-handful of raw videos.
+ReVISE-style audio-visual resynthesis, speech-to-unit models); ``launch.py units`` does the same for
+a handful of raw videos (``stages/units_command.py``).
 
 What is computed: transformer layer L of a checkpoint (``units.checkpoint``, any ours/reference
 pretraining or fine-tuning checkpoint; default: the final checkpoint of iteration
@@ -12,7 +12,7 @@ frame assigned to its nearest centroid of a k-means model, which is exactly one 
   checkpoint, layer and modality then default to what iteration M clustered (iteration M-1's final
   checkpoint, the schedule's layer, ``features.modality``), so the units of the train and valid
   rows are iteration M's labels;
-- ``units.n_clusters=K``: trained here by the ``units_kmeans`` stage (one job) on that layer's
+- ``units.n_clusters=K``: trained here by the ``units_kmeans`` stage (``stages/units_kmeans.py``, one job) on that layer's
   features of a seeded sample of the train split (``units.kmeans_percent`` of its utterances, at
   most ``units.kmeans_max_frames`` frames) with the ``kmeans.*`` backend settings.
 
@@ -37,12 +37,9 @@ settings is refused (``--stage units --force`` replaces the units, ``units.out_d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +49,17 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, raise_if_infrastructure
+from pipeline.fingerprint import classify, file_content
+from pipeline.fingerprint import resolve as resolve_settings
 from pipeline.stage import Shard, Stage, StageContext
+from speechfeat.kmeans import assign, load_centroids, load_model
+from speechfeat.shards import read_tsv, shard_range
+from speechfeat.units import rle_line, units_line, vocoder_record
+from stages.fairseq_run import CHECKPOINT_DIR, FINAL_CHECKPOINT
+from stages.features import checkpoint_path as features_checkpoint, layer_features_of_rows
+from stages.kmeans import FAST_KEYS, SKLEARN_KEYS
+from stages.labels import usage_stats
+from stages.schedule import iteration_spec
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +69,25 @@ SETTINGS = "settings.json"
 KMEANS_MODEL = "kmeans.joblib"
 
 
-def _is_checkpoint(path) -> bool:
+def is_checkpoint(path) -> bool:
     """A checkpoint file, or a directory written by ``launch.py export``."""
-    from avhubert.export import is_checkpoint  # deferred: the avhubert package imports fairseq
+    from avhubert import export  # deferred: the avhubert package imports fairseq
 
-    return is_checkpoint(path)
+    return export.is_checkpoint(path)
 
 
+# checkpoint, kmeans and the iterations they come from: resolved (stages.units.fingerprint_settings)
+@classify(output=("checkpoint", "iteration", "layer", "modality", "kmeans", "kmeans_iteration", "n_clusters",
+                  "kmeans_percent", "kmeans_max_frames", "kmeans_seed", "kmeans_split", "jsonl_key", "max_frames"),
+          ignored={"enabled": "whether the stages take part in --stage all",
+                   "splits": "which splits get units: each split's files depend only on the other settings "
+                             "(a split added runs its own shards)",
+                   "nshard": "how rows are grouped into jobs: the per-split files are the same",
+                   "out_dir": "where the files go: a new place holds none, so they are made there "
+                              "(the recorded settings are those of one place: Stage.output_place)",
+                   "device": "where the model runs", "batch_frames": "how many frames go through the model at once",
+                   "max_failure_fraction": "a check: the shard fails above it, what is written is the same",
+                   "torch_threads": "how many threads compute"})
 @dataclass
 class Config:
     # None: on in --stage all exactly when a k-means source below is set; true/false forces it
@@ -118,9 +137,6 @@ def units_dir(ctx: StageContext) -> Path:
 
 
 def resolve(ctx: StageContext) -> Resolved:
-    from stages.features import checkpoint_path as features_checkpoint
-    from stages.schedule import iteration_spec
-
     c, cfg = ctx.cfg.units, ctx.cfg
     sources = [k for k in ("kmeans", "kmeans_iteration", "n_clusters") if c.get(k) is not None]
     if len(sources) != 1:
@@ -173,12 +189,10 @@ def resolve(ctx: StageContext) -> Resolved:
 
 
 def _final_checkpoint(ctx: StageContext, iteration: int) -> Path:
-    from stages import train as train_stage
-
-    return ctx.stage_dir("train", iteration=iteration) / train_stage.CHECKPOINT_DIR / train_stage.FINAL_CHECKPOINT
+    return ctx.stage_dir("train", iteration=iteration) / CHECKPOINT_DIR / FINAL_CHECKPOINT
 
 
-def _shown(path: Path, workdir: Path) -> str:
+def shown_place(path: Path, workdir: Path) -> str:
     """A path as recorded in outputs: relative to the work dir when inside it (so the same run
     in another work dir records the same bytes), absolute otherwise."""
     try:
@@ -190,18 +204,44 @@ def _shown(path: Path, workdir: Path) -> str:
 def kmeans_settings(ctx: StageContext, r: Resolved) -> dict:
     """What a k-means model trained here depends on (recorded in it and checked before use)."""
     c = ctx.cfg.units
-    return {"checkpoint": _shown(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
+    return {"checkpoint": shown_place(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
             "n_clusters": r.n_clusters, "percent": float(c.kmeans_percent), "max_frames": int(c.kmeans_max_frames),
             "seed": int(c.kmeans_seed), "split": str(c.kmeans_split), "backend": str(ctx.cfg.kmeans.backend)}
 
 
 def settings(ctx: StageContext, r: Resolved) -> dict:
-    out = {"checkpoint": _shown(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
+    out = {"checkpoint": shown_place(r.checkpoint, ctx.workdir), "layer": r.layer, "modality": r.modality,
            "kmeans": r.kmeans_source, "jsonl_key": str(ctx.cfg.units.jsonl_key)}
     if r.kmeans_source == "trained":
         out["kmeans_training"] = kmeans_settings(ctx, r)
     else:
-        out["kmeans_model"] = _shown(r.kmeans_path, ctx.workdir)
+        out["kmeans_model"] = shown_place(r.kmeans_path, ctx.workdir)
+    return out
+
+
+def fingerprint_settings(ctx: StageContext, r: Resolved, kmeans_only: bool = False) -> dict:
+    """The units settings of a step's fingerprint (``Stage.settings``), resolved: what the
+    checkpoint and k-means model are (a file from elsewhere with its content; one of this run's
+    by its place: the step it comes from is among the inputs)."""
+    def shown(path: Path) -> str:
+        text = shown_place(path, ctx.workdir)
+        return text if not Path(text).is_absolute() else f"{text} ({file_content(path)})"
+
+    c = ctx.cfg.units
+    out = {"units.checkpoint": shown(r.checkpoint), "units.layer": r.layer, "units.modality": r.modality}
+    if kmeans_only:
+        out.update({"units.n_clusters": r.n_clusters, "units.kmeans_percent": float(c.kmeans_percent),
+                    "units.kmeans_max_frames": int(c.kmeans_max_frames), "units.kmeans_seed": int(c.kmeans_seed),
+                    "units.kmeans_split": str(c.kmeans_split)})
+        # the kmeans.* backend settings it trains with (K, sample and seed are the units' own)
+        backend = resolve_settings(ctx.cfg, ["kmeans"])
+        unused = {"n_clusters", "percent", "seed", "split",
+                  *(FAST_KEYS if ctx.cfg.kmeans.backend == "sklearn" else SKLEARN_KEYS)}
+        out.update({k: v for k, v in backend.items() if k.split(".", 1)[1] not in unused})
+        return out
+    # a model trained here is the units_kmeans step's output, among the inputs
+    out["units.kmeans"] = "units_kmeans" if r.kmeans_source == "trained" else shown(r.kmeans_path)
+    out.update({"units.jsonl_key": str(c.jsonl_key), "units.max_frames": int(c.max_frames)})
     return out
 
 
@@ -243,8 +283,6 @@ def check_settings(ctx: StageContext, r: Resolved, commit: bool) -> list:
 
 def check_trained_kmeans(ctx: StageContext, r: Resolved) -> None:
     """A k-means model trained here must have been trained with the current settings."""
-    from speechfeat.kmeans import load_model
-
     recorded = load_model(r.kmeans_path).get("units_settings")
     wanted = kmeans_settings(ctx, r)
     if recorded != wanted:
@@ -253,7 +291,7 @@ def check_trained_kmeans(ctx: StageContext, r: Resolved) -> None:
                           "`python launch.py --stage units_kmeans --force` and these settings")
 
 
-def _validate(ctx: StageContext) -> Resolved:
+def validate_units(ctx: StageContext) -> Resolved:
     c = ctx.cfg.units
     # relative paths are the launch directory's: made absolute here, before the config reaches
     # jobs that may start elsewhere
@@ -265,7 +303,7 @@ def _validate(ctx: StageContext) -> Resolved:
         raise ConfigError(f"units.modality={r.modality!r}: av, audio or video")
     if r.layer is not None and r.layer < 0:
         raise ConfigError(f"units.layer={r.layer}: a transformer layer number (0 = front-end)")
-    if c.get("checkpoint") and not _is_checkpoint(r.checkpoint):
+    if c.get("checkpoint") and not is_checkpoint(r.checkpoint):
         raise ConfigError(f"units.checkpoint={c.checkpoint}: file not found")
     if r.kmeans_source == "file" and not r.kmeans_path.is_file():
         raise ConfigError(f"units.kmeans={c.kmeans}: file not found")
@@ -304,7 +342,7 @@ def is_enabled(ctx: StageContext) -> bool:
     return any(c.get(k) is not None for k in ("kmeans", "kmeans_iteration", "n_clusters"))
 
 
-def _pretraining_dependencies(ctx: StageContext, r: Resolved) -> list:
+def pretraining_dependencies(ctx: StageContext, r: Resolved) -> list:
     """The stages of this run the checkpoint and k-means come from. The engine resolves a
     per-iteration dependency of this once-only stage to the last iteration; an earlier
     iteration's file that already exists needs nothing more (a missing one: the last iteration,
@@ -318,60 +356,35 @@ def _pretraining_dependencies(ctx: StageContext, r: Resolved) -> list:
     return deps
 
 
-class UnitsKmeansStage(Stage):
-    """k-means of the units stage (only with ``units.n_clusters``): one job."""
-
-    name = "units_kmeans"
-    depends_on = ("manifest", "train")
-    after_iterations = True
-
-    def dependencies(self, ctx: StageContext):
-        return ["manifest"] + _pretraining_dependencies(ctx, resolve(ctx))
-
-    def enabled(self, ctx: StageContext) -> bool:
-        return is_enabled(ctx) and ctx.cfg.units.get("n_clusters") is not None
-
-    def validate(self, ctx: StageContext) -> None:
-        r = _validate(ctx)
-        if r.kmeans_source != "trained":
-            raise ConfigError("units_kmeans trains the units' k-means only with units.n_clusters=K "
-                              f"(the units' k-means is {r.kmeans_source}: {r.kmeans_path})")
-
-    def prepare(self, ctx: StageContext, commit: bool) -> list:
-        r = resolve(ctx)
-        if r.kmeans_path.is_file() and not ctx.force:  # a complete step would otherwise keep it
-            check_trained_kmeans(ctx, r)
-        return []
-
-    def shards(self, ctx: StageContext) -> list:
-        return [Shard(0, 1, "kmeans")]
-
-    def outputs(self, ctx: StageContext, shard: Shard) -> list:
-        return [units_dir(ctx) / KMEANS_MODEL]
-
-    def run(self, ctx: StageContext, shard: Shard) -> dict:
-        return train_kmeans(ctx, resolve(ctx))
-
-
 class UnitsStage(Stage):
     name = "units"
     depends_on = ("manifest", "train")
     after_iterations = True
+    libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "av")
+
+    def settings(self, ctx: StageContext) -> dict:
+        return fingerprint_settings(ctx, resolve(ctx))
+
+    def provenance_dirs(self, ctx: StageContext) -> list:
+        return [units_dir(ctx)]
+
+    def output_place(self, ctx: StageContext) -> str:
+        return shown_place(units_dir(ctx), ctx.workdir)
 
     def dependencies(self, ctx: StageContext):
         r = resolve(ctx)
-        return ["manifest"] + _pretraining_dependencies(ctx, r) + (["units_kmeans"] if r.kmeans_source == "trained" else [])
+        return ["manifest"] + pretraining_dependencies(ctx, r) + (["units_kmeans"] if r.kmeans_source == "trained" else [])
 
     def enabled(self, ctx: StageContext) -> bool:
         return is_enabled(ctx)
 
     def validate(self, ctx: StageContext) -> None:
-        _validate(ctx)
+        validate_units(ctx)
 
     def prepare(self, ctx: StageContext, commit: bool) -> list:
         r = resolve(ctx)
         # the inputs exist now (prepare runs once the prerequisites are complete)
-        if not _is_checkpoint(r.checkpoint):
+        if not is_checkpoint(r.checkpoint):
             raise ConfigError(f"units: checkpoint {r.checkpoint} not found")
         if not r.kmeans_path.is_file():
             hint = ("run `python launch.py --stage units_kmeans` first (or --stage all with units.n_clusters set)"
@@ -406,10 +419,6 @@ class UnitsStage(Stage):
                                                                                        d / "summary.json"]
 
     def finalize(self, ctx: StageContext, shard_stats: dict) -> dict:
-        from speechfeat.kmeans import load_centroids
-        from speechfeat.shards import read_tsv
-        from stages.labels import usage_stats
-
         r = resolve(ctx)
         out = units_dir(ctx)
         k = len(load_centroids(r.kmeans_path))
@@ -457,7 +466,6 @@ def concatenate(parts, target: Path) -> int:
 
 
 STAGE = UnitsStage()
-KMEANS_STAGE = UnitsKmeansStage()
 
 
 # ------------------------------------------------------------------------------------- shard work
@@ -473,19 +481,16 @@ def units_of_shard(tsv, rank: int, nshard: int, outputs, checkpoint, layer: Opti
     .jsonl paths, each written atomically)."""
     import torch
 
-    from speechfeat.kmeans import assign, load_centroids
-    from speechfeat.shards import read_tsv, shard_range
-    from speechfeat.units import rle_line, units_line, vocoder_record
-    from stages.features import _model_dim, auto_batch_frames, layer_features_of_rows, load_layer_model
+    from avhubert.extract import auto_batch_frames, load_layer_model, model_dim
 
     t0 = time.time()
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     model, task_cfg, device, layer = load_layer_model(checkpoint, layer, device)
     centroids = load_centroids(kmeans_path)
-    if centroids.shape[1] != _model_dim(model):
+    if centroids.shape[1] != model_dim(model):
         raise ValueError(f"{kmeans_path}: {centroids.shape[1]}-d centroids but layer {layer} of {checkpoint} "
-                         f"gives {_model_dim(model)}-d features")
+                         f"gives {model_dim(model)}-d features")
     root, rows = read_tsv(tsv)
     a, b = shard_range(len(rows), rank, nshard)
     failures: list = []
@@ -521,204 +526,3 @@ def units_of_shard(tsv, rank: int, nshard: int, outputs, checkpoint, layer: Opti
     return {"layer": layer, "modality": modality, "device": device, "utterances": b - a, "frames": frames,
             "n_clusters": int(len(centroids)), "clusters_used": int((counts > 0).sum()), "counts": counts.tolist(),
             "failures": failures, "seconds": round(time.time() - t0, 2)}
-
-
-def sample_rows(rows, percent: float, max_frames: int, seed: int) -> list:
-    """Indices (tsv order) of a seeded draw of utterances: ceil(percent x n) of them in a random
-    order (all for -1), cut where their frames would pass ``max_frames`` (at least one)."""
-    rng = np.random.default_rng(int(seed))
-    order = rng.permutation(len(rows))
-    if not (percent == -1 or percent >= 1):
-        order = order[: int(math.ceil(len(rows) * percent))]
-    chosen, total = [], 0
-    for i in order.tolist():
-        if chosen and total + rows[i].n_video_frames > max_frames:
-            break
-        chosen.append(i)
-        total += rows[i].n_video_frames
-    return sorted(chosen)
-
-
-def train_kmeans(ctx: StageContext, r: Resolved) -> dict:
-    """The units_kmeans shard: features of a sample of the split, k-means with K clusters."""
-    import torch
-
-    from speechfeat import kmeans as km
-    from speechfeat.shards import read_tsv
-    from stages.features import _model_dim, auto_batch_frames, layer_features_of_rows, load_layer_model
-    from stages.kmeans import backend_params
-
-    c = ctx.cfg.units
-    t0 = time.time()
-    if int(c.torch_threads) > 0:
-        torch.set_num_threads(int(c.torch_threads))
-    model, task_cfg, device, layer = load_layer_model(r.checkpoint, r.layer, str(c.device))
-    root, rows = read_tsv(ctx.with_iteration(None).stage_dir("manifest") / f"{c.kmeans_split}.tsv")
-    chosen = [rows[i] for i in sample_rows(rows, float(c.kmeans_percent), int(c.kmeans_max_frames), int(c.kmeans_seed))]
-    x = np.empty((sum(row.n_video_frames for row in chosen), _model_dim(model)), dtype=np.float32)
-    failures: list = []
-    pos = 0
-    for row, feats in layer_features_of_rows(model, task_cfg, root, chosen, layer, r.modality, int(c.max_frames),
-                                             int(c.batch_frames) or auto_batch_frames(device),
-                                             lambda i, why: failures.append({"id": i, "reason": why}),
-                                             [r.out_dir]):
-        if feats is not None:
-            x[pos:pos + len(feats)] = feats
-            pos += len(feats)
-    if len(failures) > float(c.max_failure_fraction) * len(chosen):
-        raise RuntimeError(f"units_kmeans: {len(failures)} of the {len(chosen)} sampled utterances failed; first: "
-                           f"{failures[0]['id']}: {failures[0]['reason']}")
-    extract_seconds = time.time() - t0
-    model_dict = km.fit(x[:pos], int(r.n_clusters), str(ctx.cfg.kmeans.backend), int(c.kmeans_seed),
-                        backend_params(ctx.cfg.kmeans))
-    train_seconds = model_dict.pop("train_seconds")  # timings go to the stats, not into the file
-    model_dict.update({"units_settings": kmeans_settings(ctx, r), "layer": layer})
-    km.save_model(r.out_dir / KMEANS_MODEL, model_dict)
-    return {"layer": layer, "utterances": len(chosen), "frames": pos, "failures": failures,
-            "n_clusters": int(r.n_clusters), "inertia": model_dict["inertia"], "device": device,
-            "extract_seconds": round(extract_seconds, 2), "train_seconds": round(train_seconds, 2)}
-
-
-# ------------------------------------------------------------------------------------- command
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="launch.py units",
-        description="Discrete units of a few raw videos: the crop stage's code on each video, layer features of a "
-                    "checkpoint, nearest k-means centroid per 25 Hz frame. Prints one line per video "
-                    "(VIDEO<TAB>units) and writes OUT/videos.{tsv,units,rle,jsonl} (formats: README, 'Units').")
-    p.add_argument("videos", nargs="+", metavar="VIDEO", help="raw video files (any container/codec ffmpeg reads)")
-    p.add_argument("--checkpoint", required=True, help="AV-HuBERT checkpoint (pretraining or fine-tuned, ours or reference)")
-    p.add_argument("--layer", type=int, required=True, help="transformer layer (e.g. 9 or 12 for BASE)")
-    km = p.add_mutually_exclusive_group(required=True)
-    km.add_argument("--kmeans", help="k-means model (a pipeline kmeans.joblib or a reference sklearn model)")
-    km.add_argument("--n-clusters", type=int, help="train a k-means of K clusters on these videos' features")
-    p.add_argument("--modalities", choices=["av", "audio", "video"], default="av", help="input streams (default av)")
-    p.add_argument("--out", default="units_out", help="output directory (default ./units_out)")
-    p.add_argument("--jsonl-key", default="hubert", help="key of the unit string in videos.jsonl (default hubert)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed with --n-clusters")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--crop-mode", choices=["fast", "reference"], default=None, help="crop stage mode (default fast)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    return p.parse_args(argv)
-
-
-def _unique_names(videos) -> list:
-    names, seen = [], set()
-    for v in videos:
-        stem = base = Path(v).stem or "video"
-        i = 2
-        while stem in seen:
-            stem, i = f"{base}_{i}", i + 1
-        seen.add(stem)
-        names.append(stem)
-    return names
-
-
-def units_command(args) -> int:
-    """``launch.py units``; returns the exit status (1 when a video or the request failed)."""
-    from avhubert.api import crop_video, kmeans_centroids, load
-    from avprep.media import MediaError
-    from speechfeat import kmeans as km
-    from speechfeat.units import rle_line, units_line, vocoder_record
-    from stages.crop import CropError
-    from stages.kmeans import Config as KmeansConfig, backend_params
-
-    def error(msg: str) -> None:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-
-    if not _is_checkpoint(args.checkpoint):
-        error(f"{args.checkpoint}: no such checkpoint (a file, or a directory of launch.py export)")
-        return 1
-    if args.kmeans is not None and not Path(args.kmeans).is_file():
-        error(f"{args.kmeans}: no such k-means model")
-        return 1
-    if args.n_clusters is not None and args.n_clusters < 2:
-        error(f"--n-clusters {args.n_clusters}: need at least 2 clusters")
-        return 1
-    try:
-        model = load(args.checkpoint, device=args.device)
-        layer = model._layer(args.layer)
-        centroids = kmeans_centroids(args.kmeans) if args.kmeans is not None else None
-    except (ValueError, OSError, RuntimeError) as e:
-        error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 1
-    if centroids is not None and centroids.shape[1] != model.dim:
-        error(f"{args.kmeans}: {centroids.shape[1]}-d centroids but layer {layer} of {args.checkpoint} gives "
-              f"{model.dim}-d features")
-        return 1
-    out = Path(args.out)
-    crop_dir = out / "crop"
-    crop_dir.mkdir(parents=True, exist_ok=True)
-    done = []  # (video, name, cropped, features)
-    n_failed = 0
-    for video, name in zip(args.videos, _unique_names(args.videos)):
-        try:
-            if not Path(video).is_file():
-                raise FileNotFoundError(f"{video}: no such video file")
-            cropped = crop_video(video, crop_dir, name=name, mode=args.crop_mode)
-            if args.modalities != "video" and cropped.wav is None:
-                raise ValueError(f"{video}: no audio track; use --modalities video")
-            # audio-only features still follow the video's frame count, as the units stage's
-            feats = model.extract(video=cropped.roi, audio=cropped.wav if args.modalities != "video" else None,
-                                  layer=layer, modalities=args.modalities)
-        except Exception as e:  # this video's problem: one line, the others go on
-            raise_if_infrastructure(e, [out])  # a full disk or a signal stops the command
-            known = isinstance(e, (CropError, MediaError, ValueError, OSError))
-            log.info("%s failed", video, exc_info=not known)
-            error(str(e).splitlines()[0] if known and str(e) else f"{video}: {type(e).__name__}: {e}")
-            n_failed += 1
-            continue
-        log.info("%s: %d frames", video, len(feats))
-        done.append((video, name, cropped, feats))
-    if not done:
-        return 1
-    if centroids is None:
-        x = np.concatenate([f for *_, f in done])
-        if len(x) < args.n_clusters:
-            error(f"these videos give {len(x)} frames, fewer than --n-clusters {args.n_clusters}")
-            return 1
-        c = KmeansConfig()
-        model_dict = km.fit(x, args.n_clusters, c.backend, args.seed, backend_params(c))
-        model_dict.pop("train_seconds")
-        model_dict.update({"layer": layer, "modality": args.modalities, "checkpoint": str(args.checkpoint)})
-        km.save_model(out / KMEANS_MODEL, model_dict)
-        centroids = model_dict["centroids"]
-        print(f"no k-means model given: trained K={args.n_clusters} ({c.backend}) on the {len(x)} frames of these "
-              f"{len(done)} video(s); saved to {out / KMEANS_MODEL}", file=sys.stderr, flush=True)
-    tsv, unit_lines, rle_lines, records = [os.path.abspath(crop_dir)], [], [], []
-    for video, name, cropped, feats in done:
-        units = km.assign(feats, centroids)
-        print(f"{video}\t{units_line(units)}", flush=True)
-        n_samples = len(cropped.wav) if cropped.wav is not None else 0
-        tsv.append("\t".join([name, cropped.video_path.name, cropped.audio_path.name if cropped.audio_path else "",
-                              str(len(cropped.roi)), str(n_samples)]))
-        unit_lines.append(units_line(units))
-        rle_lines.append(rle_line(units))
-        if cropped.audio_path is not None:
-            records.append(vocoder_record(name, os.path.abspath(cropped.audio_path), units, n_samples / SAMPLE_RATE,
-                                          args.jsonl_key))
-    for ext, lines in (("tsv", tsv), ("units", unit_lines), ("rle", rle_lines), ("jsonl", records)):
-        atomic.write_text(out / f"videos.{ext}", "".join(line + "\n" for line in lines))
-    atomic.write_text(out / "dict.units.txt", "".join(f"{i} 1\n" for i in range(len(centroids))))
-    print(f"wrote {out}/videos.{{tsv,units,rle,jsonl}} ({len(done)} video(s), layer {layer}, K={len(centroids)})",
-          file=sys.stderr, flush=True)
-    return 1 if n_failed else 0
-
-
-def main(argv: list) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    if not args.verbose:  # fairseq logs its model and task on load
-        import warnings
-
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        for name in ("fairseq", "avhubert", "stages", "avprep"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    from pipeline.errors import InfrastructureError
-
-    try:
-        return units_command(args)
-    except InfrastructureError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from corpus_helpers import launch_here
+from avprep.crop import crop_one_video
 from stages import crop as crop_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def test_videos_added_during_a_killed_crop(tmp_path, clips, capsys, no_run_repor
         check = tmp_path / "check" / item_id
         check.mkdir(parents=True)
         shutil.copy(crop / "landmarks" / f"{item_id}.npz", check / "x.landmarks.npz")
-        roi = crop_stage.crop_one_video(corpus / f"{item_id}.mp4", check, name="x")
+        roi = crop_one_video(corpus / f"{item_id}.mp4", check, name="x")
         assert roi.video.read_bytes() == (crop / "video" / f"{item_id}.mp4").read_bytes(), item_id
 
     # a source removed: reported, kept in the manifest until asked

@@ -16,6 +16,7 @@ import pytest
 
 from avprep import media
 from pipeline.errors import InfrastructureError, raise_if_infrastructure
+from avprep.crop import crop_one_video
 from stages import crop as crop_stage
 from stages import manifest as manifest_stage
 
@@ -47,7 +48,7 @@ def test_a_phone_video_stored_sideways_gives_the_upright_crop(tmp_path, clips):
 
     results = {}
     for name, video in (("upright", upright), ("phone", phone)):
-        results[name] = crop_stage.crop_one_video(video, tmp_path / name, name="x")
+        results[name] = crop_one_video(video, tmp_path / name, name="x")
     assert results["phone"].rotation == 90 and results["upright"].rotation == 0
     marks = {k: np.load(r.landmarks) for k, r in results.items()}
     assert marks["upright"]["found"].sum() >= 18
@@ -137,7 +138,7 @@ def test_a_full_disk_fails_the_shard_and_records_nothing(tmp_path, clips, small_
     corpus = tmp_path / "corpus"
     touch(corpus / "clip.mp4", clips["a"].read_bytes())
     # the landmarks are already there (a re-crop): the first write is ffmpeg's ROI video
-    done = crop_stage.crop_one_video(corpus / "clip.mp4", tmp_path / "first", name="clip")
+    done = crop_one_video(corpus / "clip.mp4", tmp_path / "first", name="clip")
     ctx = stage_ctx(corpus, small_disk / "work")
     stage = crop_stage.CropStage()
     stage.prepare(ctx, commit=True)

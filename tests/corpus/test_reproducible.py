@@ -3,9 +3,9 @@
 file by file and byte by byte with nothing normalised, with the session's smoke run.
 
 Left out of the comparison: WORKDIR/.pipeline/ (completion markers with host, pid, time and job
-ids, per-shard logs, submitit folders, config.yaml with the work dir's path: the engine's state)
-and WORKDIR/report/ (the run report written at the end of a launch: launch times and commands;
-not written here). Everything the stages write is compared, including the frozen item list, crop
+ids, per-shard logs, submitit folders, config.yaml with the work dir's path: the engine's state),
+WORKDIR/report/ (the run report written at the end of a launch: launch times and commands;
+not written here) and each step's provenance.json (what made it: command, host and times). Everything the stages write is compared, including the frozen item list, crop
 records with their quality figures, contact sheets, landmarks, tsv files (their root is
 relative), the sentencepiece model, features, kmeans.joblib, labels, report.json and
 cluster_usage.png."""
@@ -20,7 +20,10 @@ COMPARED = ("crop", "manifest", "iter1/features", "iter1/kmeans", "iter1/labels"
 
 
 def files_under(work: Path) -> dict:
-    return {p.relative_to(work).as_posix(): p for d in COMPARED for p in sorted((work / d).rglob("*")) if p.is_file()}
+    from pipeline.provenance import PROVENANCE
+
+    return {p.relative_to(work).as_posix(): p for d in COMPARED for p in sorted((work / d).rglob("*"))
+            if p.is_file() and p.name != PROVENANCE}
 
 
 def test_crop_to_labels_twice_gives_the_same_bytes(smoke_run, sample_corpus, tmp_path, capsys, no_run_report):

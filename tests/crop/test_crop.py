@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from avprep import align, media
+from avprep import align, crop, media
 from avprep.landmarks import DetectorSettings, LandmarkDetector
 from pipeline.stage import StageContext
 from stages import crop as crop_stage
@@ -143,14 +143,14 @@ def test_one_decoding_pass_or_two_give_the_same_crop(tmp_path, sample_corpus):
     clip = sorted((sample_corpus / "pexels_langer").glob("0*.mp4"))[0]
     rois = {}
     for mb in (512, 0):
-        cfg = crop_stage.Config(frame_cache_mb=mb)
-        r = crop_stage.crop_one_video(clip, tmp_path / str(mb), cfg=cfg)
+        cfg = crop.CropSettings(frame_cache_mb=mb)
+        r = crop.crop_one_video(clip, tmp_path / str(mb), cfg=cfg)
         rois[mb] = media.read_gray_video(r.video)
     np.testing.assert_array_equal(rois[512], rois[0])
     frame = np.zeros((480, 640), np.uint8)  # 300 kB: 3 fit in 1 MB, 4 do not
-    raw, cached = crop_stage.detect_frames(iter([frame] * 3), _NoFace(), 1)
+    raw, cached = crop.detect_frames(iter([frame] * 3), _NoFace(), 1)
     assert raw == [None] * 3 and len(cached) == 3
-    raw, cached = crop_stage.detect_frames(iter([frame] * 4), _NoFace(), 1)
+    raw, cached = crop.detect_frames(iter([frame] * 4), _NoFace(), 1)
     assert raw == [None] * 4 and cached is None
 
 
@@ -169,10 +169,10 @@ def test_fast_mode_tracks_close_to_reference_mode(tmp_path, sample_corpus):
     clip = sorted((sample_corpus / "pexels_langer").glob("0*.mp4"))[0]
     rois, raw = {}, {}
     for mode in ("reference", "fast"):
-        cfg = crop_stage.Config(mode=mode)
-        raw[mode], frames = crop_stage.detect_frames(crop_stage._frames(clip, cfg, None, None),
-                                                     crop_stage._detector(cfg), cfg.frame_cache_mb)
-        rois[mode] = np.stack(list(crop_stage.mouth_rois(frames, align.interpolate_missing(raw[mode]), cfg)))
+        cfg = crop.CropSettings(mode=mode)
+        raw[mode], frames = crop.detect_frames(crop.decoded_frames(clip, cfg, None, None),
+                                               crop.landmark_detector(cfg), cfg.frame_cache_mb)
+        rois[mode] = np.stack(list(crop.mouth_rois(frames, align.interpolate_missing(raw[mode]), cfg)))
     same = np.mean([a is not None and np.array_equal(a, b) for a, b in zip(raw["fast"], raw["reference"])])
     diff = np.abs(rois["fast"].astype(int) - rois["reference"]).mean()
     print(f"fast vs reference: landmarks equal in {same:.0%} of frames, ROI mean abs diff {diff:.2f}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from avprep import align, landmark_files, media
+from avprep import align, crop, landmark_files, media
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 from stages import crop as crop_stage
@@ -99,7 +99,8 @@ def test_stage_crops_from_imported_landmarks_without_detecting(tmp_path, source_
     def no_detector(cfg):
         raise AssertionError("a face detector was built although every item has landmarks")
 
-    monkeypatch.setattr(crop_stage, "_detector", no_detector)
+    monkeypatch.setattr(crop_stage, "landmark_detector", no_detector)  # the stage's shard loop
+    monkeypatch.setattr(crop, "landmark_detector", no_detector)  # crop_item
     items = [Item(n, str(corpus / f"{n}.mp4")) for n in ("carphone", "short", "wrongshape", "none", "absent")]
     ctx = _ctx(tmp_path, "work", landmarks_dir=str(lms))
     recs = _run(ctx, items, tmp_path)

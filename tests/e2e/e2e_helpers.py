@@ -64,7 +64,7 @@ def start_launch(cmd: List[str], log: Path) -> subprocess.Popen:
 def wait_for_updates(checkpoint: Path, at_least: int, proc: Optional[subprocess.Popen],
                      timeout: float) -> int:
     """Poll a fairseq checkpoint until its update count reaches ``at_least``."""
-    from stages.train import checkpoint_updates
+    from stages.fairseq_run import checkpoint_updates
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -102,7 +102,7 @@ def sigkill(processes) -> None:
 
 def events_first_steps(logdir: Path) -> list:
     """First ``loss`` step of each TensorBoard events file of a log dir, in creation order."""
-    from stages.train import events_files, read_scalars_file
+    from stages.tensorboard import events_files, read_scalars_file
 
     firsts = []
     for path in events_files(logdir):

@@ -36,7 +36,7 @@ from e2e_helpers import (
     tree,
     wait_for_updates,
 )
-from stages.train import checkpoint_updates
+from stages.fairseq_run import checkpoint_updates
 
 MAX_UPDATE = 6  # presets/smoke.yaml
 

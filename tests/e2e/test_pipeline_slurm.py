@@ -45,7 +45,7 @@ from e2e_helpers import (
     tree,
     wait_for_updates,
 )
-from stages.train import checkpoint_updates
+from stages.fairseq_run import checkpoint_updates
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "engine"))
 from launcher_helpers import (  # noqa: E402

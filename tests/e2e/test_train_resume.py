@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.stage import StageContext
-from stages import train as train_stage
+from stages import fairseq_run, tensorboard, train as train_stage
 from stages.schedule import ScheduleConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +31,8 @@ def _make_av_corpus():
 
 def _first_step_per_events_file(logdir: Path) -> list:
     out = []
-    for path in train_stage.events_files(logdir):
-        steps = [s for s, *_ in train_stage.read_scalars_file(path).get("loss", [])]
+    for path in tensorboard.events_files(logdir):
+        steps = [s for s, *_ in tensorboard.read_scalars_file(path).get("loss", [])]
         out.append(min(steps) if steps else None)
     return out
 
@@ -78,7 +78,7 @@ def test_two_rank_job_killed_then_resubmitted_resumes(iteration1, tmp_path):
     deadline = time.time() + 300
     killed_at = None
     while time.time() < deadline and job.state not in ("DONE", "FAILED", "INTERRUPTED"):
-        updates = train_stage.checkpoint_updates(last)
+        updates = fairseq_run.checkpoint_updates(last)
         if updates is not None and updates >= 2:
             # SIGKILL both rank processes (not the submitit controller): nothing can clean up
             ranks = psutil.Process(job._process.pid).children(recursive=True)
@@ -91,7 +91,7 @@ def test_two_rank_job_killed_then_resubmitted_resumes(iteration1, tmp_path):
     assert killed_at is not None, f"no checkpoint at 2 updates within 300 s; job state {job.state}"
     with pytest.raises(Exception):
         job.results()
-    resume_at = train_stage.checkpoint_updates(last)
+    resume_at = fairseq_run.checkpoint_updates(last)
     assert resume_at is not None and 2 <= resume_at < 6, resume_at
     assert not final.exists()  # not complete: the declared output is missing
 
@@ -101,7 +101,7 @@ def test_two_rank_job_killed_then_resubmitted_resumes(iteration1, tmp_path):
     assert rank0["world_size"] == 2 and rank0["backend"] == "gloo"
     assert rank0["resumed_from_updates"] == resume_at and rank0["num_updates"] == 6
     assert results[1] == {"rank": 1}
-    assert train_stage.checkpoint_updates(final) == 6
+    assert fairseq_run.checkpoint_updates(final) == 6
     # the resumed run logged updates from resume_at + 1 on: the count went on, not from 1
     firsts = _first_step_per_events_file(ctx.stage_dir("train") / "tensorboard" / "train_inner")
     assert firsts[0] == 1 and firsts[-1] == resume_at + 1, firsts

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
-from stages import train as train_stage
+from stages import fairseq_run, tensorboard, train as train_stage
 from stages.schedule import ScheduleConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_iteration_configs_follow_schedule(tmp_path):
 
 def test_distributed_settings_of_a_two_rank_cpu_job(tmp_path):
     cfg = make_cfg(tmp_path, max_update=5)
-    env = train_stage.DistributedEnv(rank=1, world_size=2, local_rank=1,
+    env = fairseq_run.DistributedEnv(rank=1, world_size=2, local_rank=1,
                                       master_addr="127.0.0.1", master_port=23456)
     o = as_dict(train_stage.fairseq_overrides(ctx_for(cfg, 1), env, "cpu"))
     assert o["distributed_training.distributed_world_size"] == "2"
@@ -121,10 +121,9 @@ def test_update_freq_keeps_the_recipes_batch_on_any_number_of_ranks(tmp_path, mo
     """BASE is written for 32 ranks, LARGE for 64 (update_freq [1]): fewer ranks accumulate
     ceil(recipe / ranks) batches per update; the plan, the job's fairseq config and its stats say so."""
     from pipeline.config import ClusterConfig
-    from stages import estimates
 
     cfg = make_cfg(tmp_path, model_config=model_config, max_update=5)
-    env = train_stage.DistributedEnv(rank=0, world_size=ranks, master_port=23456)
+    env = fairseq_run.DistributedEnv(rank=0, world_size=ranks, master_port=23456)
     o = as_dict(train_stage.fairseq_overrides(ctx_for(cfg, 1), env, "cpu"))
     assert o["optimization.update_freq"] == f"[{update_freq}]"
     assert o["distributed_training.distributed_world_size"] == str(ranks)
@@ -133,7 +132,7 @@ def test_update_freq_keeps_the_recipes_batch_on_any_number_of_ranks(tmp_path, mo
     assert (batch.update_freq, batch.recipe_batches, batch.excess) == (update_freq, recipe, ranks * update_freq - recipe)
     # the dry run's plan names it, with the remainder
     cfg.cluster = OmegaConf.structured(ClusterConfig(gpus_per_node=ranks))
-    detail = estimates.train(ctx_for(cfg, 1)).detail
+    detail = train_stage.STAGE.estimate(ctx_for(cfg, 1)).detail
     assert f"update_freq {update_freq} (ceil({recipe} recipe ranks" in detail
     assert ("exactly" in detail) == (ranks * update_freq == recipe), detail
     if ranks == 3:
@@ -152,7 +151,7 @@ def test_update_freq_set_by_the_user_and_composed_by_fairseq(tmp_path):
     assert batch.as_dict()["batches_per_update"] == 8 and batch.excess == -24
     ensure_plugin_registered()
     base = train_stage.base_config_path(cfg, 1)
-    env = train_stage.DistributedEnv(rank=0, world_size=1)
+    env = fairseq_run.DistributedEnv(rank=0, world_size=1)
     fs = compose_config(str(base.parent), base.stem,
                         train_stage.fairseq_overrides(ctx_for(cfg, 1), env) + rank_overrides(0, 1, None, "cpu"))
     assert list(fs.optimization.update_freq) == [4]
@@ -186,7 +185,7 @@ def save_checkpoint(path: Path, num_updates: int) -> Path:
 
 def test_checkpoint_updates_reads_the_reference_checkpoint():
     ref = golden_file("ref_tiny_pretrain.pt")
-    assert train_stage.checkpoint_updates(ref) == 26  # golden/README.md: 26 updates
+    assert fairseq_run.checkpoint_updates(ref) == 26  # golden/README.md: 26 updates
 
 
 def test_truncated_checkpoint_last_falls_back_to_the_newest_intact_one(tmp_path):
@@ -197,12 +196,12 @@ def test_truncated_checkpoint_last_falls_back_to_the_newest_intact_one(tmp_path)
     full = save_checkpoint(tmp_path / "full.pt", 6).read_bytes()
     (ckpt / "checkpoint_last.pt").write_bytes(full[: len(full) // 2])  # copy cut by SIGKILL
     # a non-zero rank only reads: same answer, no file touched
-    path, updates = train_stage.resume_point(ckpt, repair=False)
+    path, updates = fairseq_run.resume_point(ckpt, repair=False)
     assert (path.name, updates) == ("checkpoint_1_4.pt", 4)
-    assert train_stage.checkpoint_updates(ckpt / "checkpoint_last.pt") is None
-    path, updates = train_stage.resume_point(ckpt, repair=True)
+    assert fairseq_run.checkpoint_updates(ckpt / "checkpoint_last.pt") is None
+    path, updates = fairseq_run.resume_point(ckpt, repair=True)
     assert updates == 4
-    assert train_stage.checkpoint_updates(ckpt / "checkpoint_last.pt") == 4
+    assert fairseq_run.checkpoint_updates(ckpt / "checkpoint_last.pt") == 4
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -210,9 +209,9 @@ def test_nothing_readable_means_from_scratch(tmp_path):
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     (ckpt / "checkpoint_last.pt").write_bytes(b"PK\x03\x04 truncated")
-    assert train_stage.resume_point(ckpt, repair=False) == (None, 0)
+    assert fairseq_run.resume_point(ckpt, repair=False) == (None, 0)
     assert (ckpt / "checkpoint_last.pt").exists()
-    assert train_stage.resume_point(ckpt, repair=True) == (None, 0)
+    assert fairseq_run.resume_point(ckpt, repair=True) == (None, 0)
     assert not (ckpt / "checkpoint_last.pt").exists()
 
 
@@ -229,14 +228,14 @@ def test_complete_only_with_final_checkpoint_at_max_update(tmp_path):
     save_checkpoint(final.parent / "checkpoint_last.pt", 6)
     stats = stage.run(ctx, shard)
     assert stats["trained"] is False and stats["num_updates"] == 6
-    assert train_stage.checkpoint_updates(final) == 6
+    assert fairseq_run.checkpoint_updates(final) == 6
     assert stage.run(ctx, shard)["num_updates"] == 6  # idempotent
     # max_update raised since: the old final checkpoint no longer counts; a checkpoint_last that
     # reached the new count (here: as if trained) becomes the final one
     save_checkpoint(final.parent / "checkpoint_last.pt", 8)
     stats = stage.run(ctx_for(make_cfg(tmp_path, max_update=8), 1), shard)
     assert stats["num_updates"] == 8 and stats["resumed_from_updates"] == 8
-    assert train_stage.checkpoint_updates(final) == 8
+    assert fairseq_run.checkpoint_updates(final) == 8
 
 
 # --- loss curve ----------------------------------------------------------------------------------
@@ -262,13 +261,13 @@ def test_loss_png_from_tensorboard_events_across_a_resume(tmp_path):
     v = SummaryWriter(str(tb / "valid"))
     v.add_scalar("loss", 4.25, 8)
     v.close()
-    scalars = train_stage.read_scalars(tb / "train_inner")["loss"]
+    scalars = tensorboard.read_scalars(tb / "train_inner")["loss"]
     steps = [s for s, *_ in scalars]
     assert steps == list(range(1, 9))  # step 4 of the first run was cut; 3 and 4 re-logged
     assert scalars[2][1] == pytest.approx(6.0) and scalars[-1][1] == pytest.approx(3.5)
 
     png = tmp_path / "loss.png"
-    summary = train_stage.plot_loss_curve(tb, png, "iteration 1")
+    summary = tensorboard.plot_loss_curve(tb, png, "iteration 1")
     assert summary["train_points"] == 8 and summary["valid_points"] == 1
     assert summary["last_valid_loss"] == pytest.approx(4.25)
     assert summary["resumed_at_updates"] == [3]
@@ -280,7 +279,7 @@ def test_loss_png_from_tensorboard_events_across_a_resume(tmp_path):
 
 def test_loss_png_without_events_fails_clearly(tmp_path):
     with pytest.raises(RuntimeError, match="no loss values"):
-        train_stage.plot_loss_curve(tmp_path / "tensorboard", tmp_path / "loss.png", "x")
+        tensorboard.plot_loss_curve(tmp_path / "tensorboard", tmp_path / "loss.png", "x")
     assert not (tmp_path / "loss.png").exists()
 
 
@@ -333,7 +332,7 @@ def test_force_on_a_complete_iteration_starts_from_scratch(tmp_path):
         save_checkpoint(ckpt / name, n)
     (stage_dir / "tensorboard" / "train_inner").mkdir(parents=True)
     (stage_dir / "tensorboard" / "train_inner" / "events.out.tfevents.1.host").write_bytes(b"")
-    train_stage.discard_previous_training(stage_dir)
+    fairseq_run.discard_previous_training(stage_dir)
     assert ckpt.is_dir() and not any(ckpt.iterdir())
     assert not (stage_dir / "tensorboard").exists()
     assert sorted(p.name for p in stage_dir.iterdir()) == ["checkpoints"]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 RUN_STAGE = """
 import json, sys
-sys.path[:0] = [{repo!r}, {tests!r}]
+sys.path[:0] = [{repo!r}, {tests!r}, {tests_root!r}]
 from feat_helpers import make_cfg
 from pipeline.stage import StageContext
 from stages.kmeans import STAGE
@@ -44,7 +44,8 @@ def fabricate(work: Path, nshard: int, utts_per_shard: int, frames_per_utt: int 
 
 
 def run_stage(work: Path, nshard: int) -> dict:
-    code = RUN_STAGE.format(repo=str(REPO), tests=str(REPO / "tests" / "features"), work=str(work), nshard=nshard)
+    code = RUN_STAGE.format(repo=str(REPO), tests=str(REPO / "tests" / "features"),
+                           tests_root=str(REPO / "tests"), work=str(work), nshard=nshard)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,7 +17,7 @@ def golden_model():
 
 
 def test_extract_batched_reproduces_reference_features(golden_model):
-    from stages.features import extract_batched
+    from avhubert.extract import extract_batched
 
     model, _ = golden_model
     ref = np.load(golden("ref_tiny_features.npz"))
@@ -41,7 +41,8 @@ def test_layer_stage_chunked_and_batched_on_a_tsv_corpus(golden_model, tmp_path)
     from avhubert.extract import audio_input, extract_layer, video_input
     from pipeline.stage import StageContext
     from speechfeat.shards import open_shard
-    from stages.features import STAGE as FEATURES, media_readers
+    from avhubert.features import media_readers
+    from stages.features import STAGE as FEATURES
 
     read_video_gray, _ = media_readers()  # the decoder the stage uses
     ref = np.load(golden("ref_tiny_features.npz"))

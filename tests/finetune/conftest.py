@@ -45,10 +45,10 @@ def save_fresh_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 def _pair_from_clip(clip: Path, crop: Path, item_id: str) -> dict:
     """The crop stage's outputs for one clip (its code: mouth ROI mp4 + 16 kHz wav), as the
     manifest stage reads them from crop/results."""
-    from stages.crop import Config, crop_item
+    from avprep.crop import CropSettings, crop_item
 
     result = crop_item(clip, crop / "video" / f"{item_id}.mp4", crop / "audio" / f"{item_id}.wav",
-                       crop / "landmarks" / f"{item_id}.npz", Config())
+                       crop / "landmarks" / f"{item_id}.npz", CropSettings())
     return {"id": item_id, "status": "ok", "video": f"video/{item_id}.mp4", "audio": f"audio/{item_id}.wav",
             "n_frames": result.n_frames, "n_samples": result.n_samples}
 

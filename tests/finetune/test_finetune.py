@@ -335,7 +335,7 @@ def test_configs_compose_with_fairseq_schema(model_config, ft_workdir, fresh_pre
     # the recipe's batch per update (base / large: written for 8 ranks) on 1 and 3 ranks
     recipe = {"tiny": 1, "base": 8, "large": 8}[model_config]
     assert list(cfg.optimization.update_freq) == [recipe]
-    from stages.train import DistributedEnv
+    from stages.fairseq_run import DistributedEnv
 
     three = dict(o.split("=", 1) for o in finetune.fairseq_overrides(ctx, DistributedEnv(world_size=3, rank=0)))
     assert three["optimization.update_freq"] == f"[{-(-recipe // 3)}]"
@@ -367,7 +367,7 @@ def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
     chosen = json.loads((ckpt_dir / "decoding.json").read_text())
     assert (chosen["beam"], chosen["lenpen"]) == (best["beam"], best["lenpen"])
     from stages.infer import chosen_decoding
-    from stages.train import checkpoint_updates as finetune_updates
+    from stages.fairseq_run import checkpoint_updates as finetune_updates
 
     assert chosen_decoding(ckpt_dir / "checkpoint_final.pt")["beam"] == best["beam"]
     # the last two checkpoints averaged (fairseq's semantics), both decoded on valid, the better kept

@@ -130,7 +130,7 @@ def test_impossible_settings_are_config_errors(tmp_path, overrides, message):
 
 def test_snr_settings_reach_the_task_as_it_parses_them():
     from avhubert.dataset import parse_snr
-    from stages.noise import snr_setting
+    from stages.noise_use import snr_setting
 
     assert snr_setting("0") == "0.0" and parse_snr(snr_setting(-7.5)) == -7.5
     assert snr_setting("(-5, 5)") == "(-5, 5)" and parse_snr(snr_setting("[-5,5]")) == (-5, 5)

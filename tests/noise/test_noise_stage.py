@@ -18,9 +18,9 @@ from stages.noise import SPLITS, speaker_of, utterance_pools
 
 def tree_digest(root: Path) -> dict:
     """sha256 of every output file of the noise stage (not the plan: it names the manifest's
-    absolute paths)."""
+    absolute paths; not provenance.json: the command, host and times of the launch)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "plan" not in p.parts}
+            for p in sorted(root.rglob("*")) if p.is_file() and "plan" not in p.parts and p.name != "provenance.json"}
 
 
 def read_list(path: Path):
@@ -152,12 +152,12 @@ def test_rebuild_is_byte_identical_resumes_and_guards_its_plan(noise_work, smoke
     assert "submitting 1/" in again.stdout
     assert tree_digest(work / "noise") == before
 
-    # other settings: refused (one error line) until --force rebuilds
+    # other settings: refused (one error line) until --redo-changed rebuilds
     changed = [a.replace("train: 4", "train: 2") for a in args]
     refused = launch_here(work, sample_corpus, *changed)
-    assert refused.returncode == 2 and "noise.corpus_clips" in refused.stderr and "--force" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    rebuilt = launch_here(work, sample_corpus, *changed, "--force")
+    assert refused.returncode == 2 and "noise.corpus_clips" in refused.stderr and "--redo-changed" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.count("\n") == 1
+    rebuilt = launch_here(work, sample_corpus, *changed, "--redo-changed")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     summary = json.loads((work / "noise" / "summary.json").read_text())
     assert summary["categories"]["babble"]["train"]["clips"] == 2

