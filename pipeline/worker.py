@@ -195,7 +195,7 @@ class ShardTask:
                     log.error("shard %s failed:\n%s", key, tb)
                     if rank == 0:
                         self._record_failure(store, failure_line(e, tb, Path(self.ctx.workdir)), log_path, jid,
-                                             infrastructure=isinstance(e, ShardInterrupted)
+                                             infrastructure=isinstance(e, (ShardInterrupted, SavedForPreemption))
                                              or infrastructure_cause(e, [self.ctx.workdir]) is not None)
                         lease.release(me)
                     raise
