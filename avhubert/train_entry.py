@@ -7,12 +7,24 @@ with the distributed settings of this rank added: ``distributed_no_spawn`` (no f
 gloo + ``ddp_backend=no_c10d`` on CPU, nccl on GPU. Checkpoint reading (resume from
 ``checkpoint_last.pt``) runs with the fairseq checkpoint allow-list of
 :mod:`avhubert.checkpoint` in force, for this call only.
+
+A preemption (:func:`request_save_and_stop`, safe from a signal handler: it only sets a flag) makes
+the running training write ``checkpoint_last.pt`` at its next update boundary, with fairseq's own
+``checkpoint_utils.save_checkpoint`` (what a resume reads, mid-epoch position included), stop
+through fairseq's ``should_stop``, and raise :class:`pipeline.stage.SavedForPreemption`.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import List, Optional
+
+from pipeline.stage import SavedForPreemption
+
+log = logging.getLogger(__name__)
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,10 +75,87 @@ def compose_config(config_dir: str, config_name: str, overrides: List[str]):
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+class _StopRequest:
+    """The preemption flag between a signal handler (or another thread) and the training loop."""
+
+    def __init__(self):
+        self.asked = threading.Event()
+        self.asked_at = 0.0
+        self.running = threading.Event()  # a training loop of this process looks at ``asked``
+
+    def request(self) -> bool:
+        if not self.running.is_set():
+            return False
+        self.asked_at = time.time()
+        self.asked.set()
+        return True
+
+
+_STOP = _StopRequest()
+
+
+def request_save_and_stop() -> bool:
+    """Ask the training running in this process to save ``checkpoint_last.pt`` at its next update
+    boundary and stop (``run_fairseq_train`` then raises ``SavedForPreemption``). Only sets a flag:
+    callable from a signal handler or any thread. False when no training runs here (nothing to
+    save)."""
+    return _STOP.request()
+
+
+def _stop_agreed(asked: bool) -> bool:
+    """Whether any rank was asked to stop; every rank calls this at every update boundary (the
+    save and the stop are collective: fairseq consolidates the optimizer on all ranks, rank 0
+    writes). One one-element all-reduce per update, beside the update's own gradient all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return asked
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def _saving_on_request(outcome: dict):
+    """While training: after each update, fairseq's ``validate_and_save`` (its per-update decision
+    to validate, save and stop) followed by the preemption check; on a request, fairseq's own
+    ``save_checkpoint`` with the trainer and epoch iterator, and ``should_stop``. fairseq has no
+    callback between updates, so its module-level function is wrapped (``train`` looks it up at
+    each call) for this training only and restored after; fairseq's own code runs unchanged."""
+    import fairseq_cli.train as fairseq_train
+    from fairseq import checkpoint_utils
+
+    original = fairseq_train.validate_and_save
+
+    def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
+        valid_losses, should_stop = original(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+        if not _stop_agreed(_STOP.asked.is_set()) or should_stop:
+            return valid_losses, should_stop  # (a stop of fairseq's own has saved already)
+        updates = trainer.get_num_updates()
+        waited = time.time() - _STOP.asked_at if _STOP.asked.is_set() else None
+        log.warning("preemption: saving checkpoint_last.pt at update %d%s, then stopping", updates,
+                    f" ({waited:.1f} s after the request)" if waited is not None else " (asked on another rank)")
+        checkpoint_utils.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, valid_losses[0])
+        outcome["saved_at_update"] = updates
+        return valid_losses, True
+
+    fairseq_train.validate_and_save = validate_and_save
+    _STOP.running.set()
+    try:
+        yield
+    finally:
+        _STOP.running.clear()
+        _STOP.asked.clear()
+        fairseq_train.validate_and_save = original
+
+
 def run_fairseq_train(config_dir: str, config_name: str, overrides: List[str], rank: int = 0,
                       world_size: int = 1, init_method: Optional[str] = None, device: str = "cpu") -> None:
     """Train one rank to completion (max_update / max_epoch), resuming from the save dir's
-    ``checkpoint_last.pt`` when present (fairseq's restore_file default). Raises on failure."""
+    ``checkpoint_last.pt`` when present (fairseq's restore_file default). Raises on failure, and
+    ``SavedForPreemption`` when :func:`request_save_and_stop` stopped it after a save."""
     from fairseq_cli.hydra_train import _hydra_main
 
     from .checkpoint import fairseq_checkpoint_loading
@@ -85,9 +174,13 @@ def run_fairseq_train(config_dir: str, config_name: str, overrides: List[str], r
     import torch.distributed as dist
 
     was_initialized = dist.is_available() and dist.is_initialized()
+    outcome: dict = {}
     try:
-        with fairseq_checkpoint_loading():
+        with fairseq_checkpoint_loading(), _saving_on_request(outcome):
             _hydra_main(cfg)
+        if "saved_at_update" in outcome:
+            raise SavedForPreemption(f"training saved checkpoint_last.pt at update {outcome['saved_at_update']} "
+                                     "and stopped for a preemption")
     finally:
         if world_size > 1 and not was_initialized and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

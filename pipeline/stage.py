@@ -25,6 +25,12 @@ from typing import Any, Callable, Optional, Sequence
 from pipeline.fingerprint import resolve
 
 
+class SavedForPreemption(BaseException):
+    """Raised out of ``run`` (on every rank) by a stage whose ``save_now`` asked it to save at its
+    next safe point, once that save is written: the job is requeued now and resumes from it. A
+    BaseException, so no per-item ``except Exception`` records it as a bad input item."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """One unit of work of a stage. ``key`` is unique within (iteration, stage) and is used for
@@ -168,14 +174,17 @@ class Stage:
         not override it are requeued up to ``cluster.max_requeues`` times."""
         return None
 
-    def save_now(self, ctx: StageContext, shard: Shard) -> None:
-        """Optional, for ``checkpointable`` stages: save the shard's progress now. Called on rank 0
-        from the handler of a preemption signal (a signal that comes long before the time limit),
-        just before the job is requeued, so a preemption before the first scheduled save loses
-        nothing; it runs between two statements of ``run``, so it may only write state that
-        ``run`` keeps consistent at every statement. Stages without it resume from their last
-        save."""
-        return None
+    def save_now(self, ctx: StageContext, shard: Shard) -> bool:
+        """Optional, for ``checkpointable`` stages: save the shard's progress for a preemption (a
+        signal that comes long before the time limit), so a preemption before the first scheduled
+        save loses nothing. Called on rank 0 from the signal's handler, between two statements of
+        ``run``. Either it saves there, at once (only state that ``run`` keeps consistent at every
+        statement), and returns False: the job is requeued right after; or it only asks ``run`` to
+        save at its next safe point (a flag; thread- and signal-safe) and returns True: ``run``
+        then saves and raises ``SavedForPreemption`` on every rank, and the job is requeued; the
+        engine waits for that at most ``signal_delay_s`` - 30 s (at least 10 s), then says so in
+        the log and requeues without the save. Stages without it resume from their last save."""
+        return False
 
     def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
         """Optional: why a complete shard no longer matches the configuration (``done`` is its

@@ -10,7 +10,10 @@ progress since the job started (``Stage.progress``), otherwise the shard fails w
 after N min ... raise cluster.stages.<stage>.timeout_min"; for other stages it fails the shard
 with that line. The same signal long before the limit (more than ``signal_delay_s`` plus Slurm's
 minute of slack) is a preemption: a checkpointable stage saves now (``Stage.save_now``) and the
-job is requeued at once, whatever its progress. Either way the failure is a ``ShardInterrupted`` (a BaseException), so no
+job is requeued at once, whatever its progress; a stage that saves only at its next safe point
+(training: the next update) gets up to ``signal_delay_s`` - 30 s for it, ends ``run`` with
+``SavedForPreemption`` and the job is requeued then (past the bound: one log line, and the
+requeue goes on without the save). Either way the failure is a ``ShardInterrupted`` (a BaseException), so no
 per-item ``except Exception`` can record it as a bad input item.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ import submitit
 from pipeline import procs
 from pipeline.errors import infrastructure_cause
 from pipeline.lease import MALFORMED, describe_holder, new_token
-from pipeline.stage import Shard, Stage, StageContext
+from pipeline.stage import SavedForPreemption, Shard, Stage, StageContext
 from pipeline.state import StateStore, last_error_line
 
 log = logging.getLogger("pipeline.worker")
@@ -144,6 +147,7 @@ class ShardTask:
         jid, run = job_id(), attempt()
         log_path = store.log_path(stage, it, key, rank)
         self._requeued = False
+        self._requeue_after_save = None  # set while a preemption waits for the stage's deferred save
         with shard_log(log_path, redirect_fds=not self.in_process):
             lease = store.lease(stage, it, key)
             me = {"token": new_token(), "job_id": jid, "attempt": run, "executor": self.executor,
@@ -175,6 +179,15 @@ class ShardTask:
                                 f"stage {stage} shard {key} returned but did not write: {', '.join(missing[:5])}"
                             )
                 except BaseException as e:
+                    if isinstance(e, SavedForPreemption) and rank != 0:  # rank 0 requeues the job
+                        log.warning("== %s %s: rank %d saved with rank 0 for a preemption: %s", stage, key, rank, e)
+                        return {"rank": rank, "saved_for_preemption": True}
+                    if isinstance(e, SavedForPreemption) and self._requeue_after_save is not None:
+                        log.warning("== %s %s: %s", stage, key, e)
+                        try:
+                            self._requeue_after_save()  # raises SystemExit: requeued
+                        except ShardInterrupted as stop:  # requeued too often: the shard fails with it
+                            e = stop
                     tb = traceback.format_exc()
                     if self._requeued:
                         log.warning("== %s %s: requeued (time limit or preemption); the next run resumes", stage, key)
@@ -182,7 +195,7 @@ class ShardTask:
                     log.error("shard %s failed:\n%s", key, tb)
                     if rank == 0:
                         self._record_failure(store, failure_line(e, tb, Path(self.ctx.workdir)), log_path, jid,
-                                             infrastructure=isinstance(e, ShardInterrupted)
+                                             infrastructure=isinstance(e, (ShardInterrupted, SavedForPreemption))
                                              or infrastructure_cause(e, [self.ctx.workdir]) is not None)
                         lease.release(me)
                     raise
@@ -238,11 +251,13 @@ class ShardTask:
         except OSError as e:  # a full disk: the launcher reports the job's end from the scheduler
             log.error("could not record the failure of shard %s: %s", key, e)
 
-    def _save_now(self) -> None:
+    def _save_now(self) -> bool:
+        """The stage's ``save_now``: True when it saves at its next safe point (deferred)."""
         try:
-            self.stage.save_now(self.ctx, self.shard)
+            return bool(self.stage.save_now(self.ctx, self.shard))
         except Exception:  # noqa: BLE001 - the requeue goes on: the stage resumes from its last save
             log.warning("could not save shard %s before the requeue", self.shard.key, exc_info=True)
+            return False
 
     def _progress(self) -> Optional[int]:
         if type(self.stage).progress is Stage.progress:
@@ -287,9 +302,14 @@ class ShardTask:
             early = not final and os.environ.get("SLURM_JOB_ID")
             left = limit_s - (time.time() - _job_start(started)) if early else 0.0
             if self.stage.checkpointable and early and left > self.signal_delay_s + _SLURM_SIGNAL_SLACK_S:
+                if self._requeue_after_save is not None:
+                    log.warning("== %s %s: another preemption signal; still waiting for the save",
+                                stage_name, self.shard.key)
+                    return None
                 log.warning("== %s %s: signal %.0f s before the time limit: a preemption; saving now and "
                             "requeueing", stage_name, self.shard.key, left)
-                self._save_now()
+                if self._save_now():
+                    return wait_for_save(signum, frame)
                 return requeue(signum, frame, self._progress() if has_progress else None)
             now = self._progress() if has_progress else None
             if self.stage.checkpointable and (not has_progress or _grew(progress0, now)):
@@ -307,6 +327,34 @@ class ShardTask:
                     f"raise cluster.stages.{stage_name}.timeout_min"
                 )
             raise ShardInterrupted(f"timed out after {minutes} min: raise cluster.stages.{stage_name}.timeout_min")
+
+        def wait_for_save(signum, frame):
+            """The stage saves at its next safe point and then ends ``run`` (SavedForPreemption):
+            requeue then, or after the bound without the save (the preemptor kills after its grace
+            period; signal_delay_s is the time the user gave a job to save before a kill)."""
+            bound = max(10, int(self.signal_delay_s) - 30)
+            asked = time.time()
+            log.warning("== %s %s: the stage saves at its next safe point; waiting at most %d s", stage_name,
+                        self.shard.key, bound)
+
+            def saved():
+                signal.alarm(0)
+                log.warning("== %s %s: saved %.0f s after the preemption signal", stage_name, self.shard.key,
+                            time.time() - asked)
+                return requeue(signum, None, self._progress() if has_progress else None)
+
+            def gave_up(s, f):
+                now = self._progress() if has_progress else None
+                last = "nothing saved yet" if now is None else f"progress {now}"
+                log.warning("== %s %s: no safe point to save at within %d s of the preemption signal: "
+                            "requeueing without the save (the next run resumes from the last one: %s)",
+                            stage_name, self.shard.key, bound, last)
+                return requeue(s, f, now)
+
+            self._requeue_after_save = saved
+            signal.signal(signal.SIGALRM, gave_up)
+            signal.alarm(bound)
+            return None
 
         signal.signal(sig, lambda s, f: decide(s, f, final=False))
 

@@ -653,6 +653,13 @@ class FinetuneStage(Stage):
             **{f"wer_{s}": v["wer"] for s, v in splits.items()},
         }
 
+    def save_now(self, ctx: StageContext, shard: Shard) -> bool:
+        """A preemption: as the train stage's (``checkpoint_last.pt`` at the next update, then
+        stop); False outside training (decoding is redone from the final checkpoint)."""
+        from avhubert.train_entry import request_save_and_stop
+
+        return request_save_and_stop()
+
     def finalize(self, ctx: StageContext, shard_stats: dict[str, dict]) -> dict:
         results = json.loads((ctx.with_iteration(None).stage_dir("finetune") / RESULTS).read_text())
         summary = {"num_updates": results["num_updates"], "modalities": results["modalities"],

@@ -348,6 +348,14 @@ class TrainStage(Stage):
         path, updates = resume_point(ckpt_dir)
         return updates if path is not None else None
 
+    def save_now(self, ctx: StageContext, shard: Shard) -> bool:
+        """A preemption: the running fairseq training saves ``checkpoint_last.pt`` at its next
+        update and stops (``avhubert.train_entry.request_save_and_stop``, a flag); False when no
+        training runs in this job (nothing to save)."""
+        from avhubert.train_entry import request_save_and_stop
+
+        return request_save_and_stop()
+
     def out_of_date(self, ctx: StageContext, shard: Shard, done: dict) -> Optional[str]:
         """A complete iteration trained to fewer updates than ``train.max_update`` asks now runs
         again: it continues from its last checkpoint (and the next iteration becomes stale)."""

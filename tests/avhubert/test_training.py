@@ -108,16 +108,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(corpus: Path, tmp_path: Path, max_update: int, tag: str):
+def _two_ranks(tmp_path: Path, tag: str, cmd_of_rank):
+    """Run ``cmd_of_rank(rank, init_method)`` for ranks 0 and 1 at once: [(exit status, log text)]."""
     init = f"tcp://127.0.0.1:{_free_port()}"
     procs, logs = [], []
     for rank in range(2):
-        overrides = _data_overrides(corpus, 25) + FAST + [
-            f"checkpoint.save_dir={tmp_path / f'ckpt_rank{rank}'}", f"optimization.max_update={max_update}",
-        ]
         logs.append(tmp_path / f"{tag}_rank{rank}.log")
         f = open(logs[-1], "w")
-        procs.append((subprocess.Popen(_entry_cmd(overrides, rank, 2, init), stdout=f,
+        procs.append((subprocess.Popen(cmd_of_rank(rank, init), stdout=f,
                                        stderr=subprocess.STDOUT, env=_env(), cwd=str(tmp_path)), f))
     for p, f in procs:
         try:
@@ -126,9 +124,21 @@ def _run_two_ranks(corpus: Path, tmp_path: Path, max_update: int, tag: str):
             if p.poll() is None:
                 p.kill()
             f.close()
-    texts = [log.read_text() for log in logs]
-    for rank, ((p, _), text) in enumerate(zip(procs, texts)):
-        assert p.returncode == 0, f"{tag}: rank {rank} failed:\n{text[-3000:]}"
+    return [(p.returncode, log.read_text()) for (p, _), log in zip(procs, logs)]
+
+
+def _rank_overrides(corpus: Path, tmp_path: Path, rank: int, max_update: int) -> list:
+    """Each rank its own save_dir, so that what rank 1 writes is visible."""
+    return _data_overrides(corpus, 25) + FAST + [f"checkpoint.save_dir={tmp_path / f'ckpt_rank{rank}'}",
+                                                 f"optimization.max_update={max_update}"]
+
+
+def _run_two_ranks(corpus: Path, tmp_path: Path, max_update: int, tag: str):
+    runs = _two_ranks(tmp_path, tag, lambda rank, init: _entry_cmd(
+        _rank_overrides(corpus, tmp_path, rank, max_update), rank, 2, init))
+    texts = [text for _, text in runs]
+    for rank, ((returncode, _), text) in enumerate(zip(runs, texts)):
+        assert returncode == 0, f"{tag}: rank {rank} failed:\n{text[-3000:]}"
         assert f"distributed init (rank {rank})" in text
     return texts
 
@@ -205,3 +215,51 @@ def test_one_seed_trains_the_same_model_another_seed_another(av_corpus_25hz, tmp
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "same seed, other weights"
     assert [r["loss"] for r in inner_c] != [r["loss"] for r in inner_a]
     assert any(not torch.equal(model_a[k], model_c[k]) for k in model_a)
+
+
+def _preemptible_cmd(overrides, rank=0, world_size=1, init_method=None, ask=False):
+    """``_entry_cmd`` whose process asks its training to save and stop (``request_save_and_stop``,
+    what the train stage's ``save_now`` calls from the preemption signal's handler) as soon as the
+    training runs; it exits 3 on ``SavedForPreemption``."""
+    code = ("import sys, json, threading, time\n"
+            "from avhubert import train_entry\n"
+            "def ask():\n"
+            "    while not train_entry.request_save_and_stop():\n"
+            "        time.sleep(0.05)\n"
+            f"if {ask!r}:\n"
+            "    threading.Thread(target=ask, daemon=True).start()\n"
+            "try:\n"
+            f"    train_entry.run_fairseq_train({str(CONF)!r}, 'tiny', json.loads(sys.argv[1]), rank={rank}, "
+            f"world_size={world_size}, init_method={init_method!r}, device='cpu')\n"
+            "except train_entry.SavedForPreemption as e:\n"
+            "    print('SavedForPreemption:', e, flush=True)\n"
+            "    sys.exit(3)\n")
+    return [PY, "-c", code, json.dumps(overrides)]
+
+
+@pytest.mark.timeout(500)
+def test_a_preemption_request_on_rank_0_saves_at_the_next_update_on_both_ranks_and_resumes(av_corpus_25hz, tmp_path):
+    """Nothing is saved on schedule (save intervals of 1000); rank 0 alone is asked to save and stop.
+    Both ranks stop at the same update (the all-reduced flag), rank 0 writes checkpoint_last.pt with
+    fairseq's own save, and a later run resumes from that update to max_update."""
+    no_saves = ["checkpoint.save_interval=1000", "checkpoint.save_interval_updates=1000",
+                "dataset.validate_interval=1000"]
+    runs = _two_ranks(tmp_path, "preempted", lambda rank, init: _preemptible_cmd(
+        _rank_overrides(av_corpus_25hz, tmp_path, rank, 4) + no_saves, rank, 2, init, ask=rank == 0))
+    texts = [text for _, text in runs]
+    for rank, (returncode, text) in enumerate(runs):
+        assert returncode == 3 and "SavedForPreemption: training saved checkpoint_last.pt at update" in text, \
+            f"rank {rank} (exit {returncode}):\n{text[-3000:]}"
+    saved = _updates(tmp_path / "ckpt_rank0" / "checkpoint_last.pt")
+    assert 1 <= saved < 4, saved
+    assert re.search(rf"preemption: saving checkpoint_last\.pt at update {saved} \([\d.]+ s after the request\)",
+                     texts[0]), texts[0][-3000:]
+    assert f"preemption: saving checkpoint_last.pt at update {saved} (asked on another rank)" in texts[1]
+    assert not (tmp_path / "ckpt_rank1").exists()  # rank 0 writes; rank 1 only took part
+
+    overrides = _rank_overrides(av_corpus_25hz, tmp_path, 0, 4) + no_saves
+    rc, text = _run(_preemptible_cmd(overrides), tmp_path / "resumed.log")
+    assert rc == 0, text[-3000:]
+    assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {saved} updates\)", text), text[-3000:]
+    assert [int(r["num_updates"]) for r in _records(text, "train_inner")] == list(range(saved + 1, 5))
+    assert _updates(tmp_path / "ckpt_rank0" / "checkpoint_last.pt") == 4

@@ -6,7 +6,9 @@ rule on a toy stage, tests/engine/test_slurm.py). Iteration 1's data is a genera
   (it would restart from nothing every time: the issue's 21 requeues) and the step fails with
   "timed out after 1 min without progress ...: raise cluster.stages.train.timeout_min";
 - checkpoints every update (2 min limit): the run saves progress, so the job is requeued at the
-  limit and its next run resumes from its last checkpoint.
+  limit and its next run resumes from its last checkpoint;
+- a preemption (USR2 long before the limit) before the first checkpoint: the training saves at its
+  next update, the job is requeued and its next run goes on from that update to max_update.
 """
 from __future__ import annotations
 
@@ -111,3 +113,44 @@ def _run_catching(pipe, errors):
         pipe.run(pipe.plan(pipe.targets(["train"], [1])))
     except Exception as e:  # the test cancels the job: expected
         errors.append(e)
+
+
+def test_a_preemption_before_the_first_checkpoint_saves_at_the_next_update_and_resumes_there(slurm, tmp_path):
+    import re
+    import threading
+    import time
+
+    work = tmp_path / "work"
+    max_update = 12
+    pipe = _pipeline(work, max_update=max_update, save_interval=1000, timeout_min=30)  # no scheduled save
+    log = work / ".pipeline" / "logs" / "iter1" / "train" / "train.log"
+    ckpt_dir = work / "iter1" / "train" / "checkpoints"
+    signalled = {}
+
+    def preempt():  # USR2 once training reached its second update, nothing saved yet
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            updates = [int(u) for u in re.findall(r'"num_updates": "?(\d+)', text)]
+            if updates and max(updates) >= 2:
+                signalled["at"] = max(updates)
+                signalled["saved_before"] = sorted(p.name for p in ckpt_dir.glob("*.pt"))
+                job = json.loads(next((work / ".pipeline/state/iter1/train/_jobs").glob("*.json")).read_text())
+                subprocess.run(["scancel", "--signal=USR2", job["jobs"]["train"]["job_id"]], check=True)
+                return
+            time.sleep(0.2)
+
+    sender = threading.Thread(target=preempt, daemon=True)
+    sender.start()
+    pipe.run(pipe.plan(pipe.targets(["train"], [1])))  # completes by itself
+    sender.join(timeout=10)
+    text = log.read_text(errors="replace")
+    assert signalled.get("saved_before") == [], (signalled, text[-3000:])
+    assert "a preemption; saving now and requeueing" in text, text[-3000:]
+    saved = [int(u) for u in re.findall(r"preemption: saving checkpoint_last\.pt at update (\d+)", text)]
+    assert len(saved) == 1 and signalled["at"] <= saved[0] < max_update, (signalled, saved, text[-3000:])
+    assert re.search(r"saved \d+ s after the preemption signal", text), text[-3000:]
+    # the requeued run (Slurm's restart count 1) resumed from that update, not from 0
+    second = text.split("(run 1)", 1)[1]
+    assert re.findall(r"resuming at (\d+) updates", second)[:1] == [str(saved[0])], second[:3000]
+    assert train_stage.checkpoint_updates(ckpt_dir / "checkpoint_final.pt") == max_update

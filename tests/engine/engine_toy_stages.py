@@ -10,7 +10,9 @@
   raises an ``Exception`` as a failed item and goes on; one item per ``item_s`` seconds.
 - ``CounterStage``: multi-task + checkpointable; counts to ``target`` one step per ``step_s``
   seconds, persisting progress every ``save_every`` steps (and on ``save_now``, a preemption), so
-  a requeued/killed job resumes; its ``progress`` is the saved count.
+  a requeued/killed job resumes; its ``progress`` is the saved count. ``save_at_next_step`` makes
+  ``save_now`` only ask for the save, as training does: "next" saves after the next step and
+  raises ``SavedForPreemption``; "never" never comes to it (the engine's bound).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.errors import InputsMissing, StageFailed
-from pipeline.stage import Shard, Stage, StageContext
+from pipeline.stage import SavedForPreemption, Shard, Stage, StageContext
 
 
 def control(ctx: StageContext, name: str) -> Path:
@@ -153,8 +155,10 @@ class CounterStage(Stage):
     multi_task = True
     checkpointable = True
 
-    def __init__(self, target: int = 20, step_s: float = 0.5, save_every: int = 1):
+    def __init__(self, target: int = 20, step_s: float = 0.5, save_every: int = 1, save_at_next_step: str = ""):
         self.target, self.step_s, self.save_every = target, step_s, save_every
+        self.save_at_next_step = save_at_next_step
+        self._save_asked = False
 
     def progress(self, ctx, shard):
         progress = ctx.stage_dir(self.name) / "progress.json"
@@ -181,18 +185,25 @@ class CounterStage(Stage):
             with open(starts, "a") as f:
                 f.write(f"{count} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
         self._count = count
+        self._save_asked = False  # (a requeued job runs a pickled copy of the stage)
         while count < self.target:
             time.sleep(self.step_s)
             count += 1
             self._count = count
             if env.global_rank == 0 and (count % self.save_every == 0 or count == self.target):
                 atomic.write_json(progress, {"count": count})
+            if self._save_asked and self.save_at_next_step == "next":
+                atomic.write_json(progress, {"count": count})
+                raise SavedForPreemption(f"saved at count {count}")
         if env.global_rank == 0:
             atomic.write_json(self.outputs(ctx, shard)[0], {"count": count})
         return {"count": count, "ntasks": env.num_tasks}
 
 
     def save_now(self, ctx, shard):
+        if self.save_at_next_step:
+            self._save_asked = True
+            return True
         count = getattr(self, "_count", None)
         if count is not None:
             atomic.write_json(ctx.stage_dir(self.name) / "progress.json", {"count": count})

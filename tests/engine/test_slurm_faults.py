@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -362,11 +363,15 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def test_a_preemption_signal_before_the_first_checkpoint_saves_now_and_requeues(tmp_path, slurm):
+def _preempt_counter(tmp_path: Path, *overrides: str, **counter) -> tuple[list, str]:
+    """The counter (16 steps of 0.5 s unless ``counter`` says otherwise, no scheduled save) on Slurm, USR2 about 3 s into it (long
+    before its time limit: a preemption); the launch completes by itself. Returns the rows of
+    starts.log (count at start, Slurm restart count) and the shard's log."""
     work = tmp_path / "w"
-    spec = {"toy": 0, "counter": {"target": 16, "step_s": 0.5, "save_every": 100000}}  # no scheduled save
+    counter = {"target": 16, "step_s": 0.5, "save_every": 100000, **counter}
+    spec = {"toy": 0, "counter": counter}
     log = tmp_path / "launch.log"
-    p = start(toy_cmd(work, "slurm_local", "cluster.stages.counter.mem_gb=1"), toy_env(spec), log)
+    p = start(toy_cmd(work, "slurm_local", "cluster.stages.counter.mem_gb=1", *overrides), toy_env(spec), log)
     try:
         starts = work / "counter" / "starts.log"
         wait_for(starts.exists, 90, "the counter to start")
@@ -379,12 +384,35 @@ def test_a_preemption_signal_before_the_first_checkpoint_saves_now_and_requeues(
         if p.poll() is None:
             p.kill()
     assert rc == 0, log.read_text()
-    runs_ = [ln.split() for ln in starts.read_text().splitlines()]
-    # the second run (SLURM_RESTART_COUNT=1) resumed from the count saved at the signal
-    assert len(runs_) == 2 and runs_[0] == ["0", "0"] and int(runs_[1][0]) >= 4 and runs_[1][1] == "1", runs_
-    assert json.loads((work / "counter" / "final.json").read_text()) == {"count": 16}
+    assert json.loads((work / "counter" / "final.json").read_text()) == {"count": counter["target"]}
     shard_log = (work / ".pipeline" / "logs" / "once" / "counter" / "count.log").read_text()
     assert "a preemption; saving now and requeueing" in shard_log, shard_log
+    return [ln.split() for ln in starts.read_text().splitlines()], shard_log
+
+
+def test_a_preemption_signal_before_the_first_checkpoint_saves_now_and_requeues(tmp_path, slurm):
+    runs_, _ = _preempt_counter(tmp_path)
+    # the second run (SLURM_RESTART_COUNT=1) resumed from the count saved at the signal
+    assert len(runs_) == 2 and runs_[0] == ["0", "0"] and int(runs_[1][0]) >= 4 and runs_[1][1] == "1", runs_
+
+
+def test_a_preemption_saved_at_the_next_step_is_requeued_once_saved(tmp_path, slurm):
+    """As training does: save_now only asks; the stage saves after its next step and ends run with
+    SavedForPreemption; then the job is requeued."""
+    runs_, shard_log = _preempt_counter(tmp_path, save_at_next_step="next")
+    assert len(runs_) == 2 and runs_[0] == ["0", "0"] and int(runs_[1][0]) >= 4 and runs_[1][1] == "1", runs_
+    assert "the stage saves at its next safe point; waiting at most 60 s" in shard_log, shard_log
+    assert re.search(r"saved at count \d+\n", shard_log) and re.search(r"saved \d+ s after the preemption signal",
+                                                                       shard_log), shard_log
+
+
+def test_a_preemption_whose_save_never_comes_is_requeued_after_the_bound_with_one_line(tmp_path, slurm):
+    # 40 steps: still counting when the 10 s bound ends
+    runs_, shard_log = _preempt_counter(tmp_path, "cluster.signal_delay_s=30", target=40, save_at_next_step="never")
+    # nothing saved: the requeued run starts over
+    assert runs_ == [["0", "0"], ["0", "1"]], runs_
+    assert ("no safe point to save at within 10 s of the preemption signal: requeueing without the save (the "
+            "next run resumes from the last one: nothing saved yet)") in shard_log, shard_log
 
 
 def test_a_controller_that_stays_down_ends_the_wait_within_the_bound_with_one_line(tmp_path, private_slurm):
