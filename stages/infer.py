@@ -221,9 +221,8 @@ def main(argv: list[str]) -> int:
         args.beam = int(chosen.get("beam", 50))
     if args.lenpen is None:
         args.lenpen = float(chosen.get("lenpen", 1.0))
-    if chosen:
-        print(f"infer: decoding with beam {args.beam}, lenpen {args.lenpen:g} ({chosen.get('source')})",
-              file=sys.stderr)
+    if chosen:  # stdout is the transcript alone, stderr stays quiet unless -v
+        log.info("decoding with beam %d, lenpen %g (%s)", args.beam, args.lenpen, chosen.get("source"))
     if args.beam < 1:
         print("infer: --beam must be at least 1", file=sys.stderr)
         return 2

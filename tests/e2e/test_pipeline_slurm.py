@@ -136,7 +136,8 @@ def slurm_run(slurm, sample_corpus, tmp_path_factory) -> SlurmRun:
     t_kill = time.time()
     p2 = start_launch(cmd, base / "launch2.log")
     try:
-        adopt["crop"] = wait_for_text(base / "launch2.log", "[crop] adopting", 120) - t_kill
+        # (bounded generously: a loaded 2-core CI machine took over 120 s to start the relaunch)
+        adopt["crop"] = wait_for_text(base / "launch2.log", "[crop] adopting", 300) - t_kill
         # 2. iteration 1's training is preempted (USR2) after 2 updates: requeued, resumed
         wait_for_updates(ckpt[1], 2, p2, timeout=1200)
         preempted_at = checkpoint_updates(ckpt[1])

@@ -177,7 +177,9 @@ def add_noise_and_units(work: Path, corpus: Path, scratch: Path) -> dict:
     refs = (work / "manifest" / "test.wrd").read_text().splitlines()
     ids = [r.split("\t")[0] for r in rows]
 
-    class WordDropper:  # the decoder's interface: score(split, modality, noise) -> scores
+    class WordDropper:  # the decoder's interface: score(split, modality, noise) -> scores, its generation
+        beam, lenpen = 5, 1.0
+
         def score(self, split, modality, noise):
             drop = 0 if noise is None else ({5.0: 1, 0.0: 2, -5.0: 3}[float(noise["snr"])] + (modality == "audio")
                                             + (noise["category"] == "babble"))

@@ -82,7 +82,9 @@ def test_export_of_a_run(smoke_run, tmp_path, sample_corpus):
 
     # the fine-tuned model: launch.py infer gives the same transcript from the export as from the checkpoint
     clip = sorted(sample_corpus.glob("*/*.mp4"))[0]
-    ft = smoke_run / "finetune" / "checkpoints" / "checkpoint_final.pt"
+    # the model the finetune stage kept (the averaged one when it decoded valid better): the export's
+    ft = smoke_run / "finetune" / "checkpoints" / Path(json.loads(
+        (smoke_run / "finetune" / "results.json").read_text())["checkpoint"]).name
     said = []
     for checkpoint in (ft, exp):
         p = subprocess.run([sys.executable, str(ROOT / "launch.py"), "infer", str(clip), "--checkpoint", str(checkpoint),
