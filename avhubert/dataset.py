@@ -101,6 +101,11 @@ def parse_snr(value: Union[str, int, float, None]):
     raise ValueError(f"noise_snr {value!r}: expected a number or a (low, high) pair")
 
 
+def _keyed_rng(key: str) -> np.random.RandomState:
+    """A generator seeded from a text key (sha256): the same key, the same draws in any process."""
+    return np.random.RandomState(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "big"))
+
+
 class AVHubertDataset(FairseqDataset):
     def __init__(
         self,
@@ -133,6 +138,7 @@ class AVHubertDataset(FairseqDataset):
         noise_num: int = 1,
         noise_seed: Optional[int] = None,
         label_tolerance: float = 0.1,
+        augment_seed: Optional[int] = None,
     ):
         self.modalities = set(modalities or ["audio", "video"])
         unknown = self.modalities - {"audio", "video"}
@@ -172,6 +178,11 @@ class AVHubertDataset(FairseqDataset):
         # the number of data loader workers (forked workers share the global RNG's state).
         # None: a base seed drawn from the global RNG now (fairseq seeds it from common.seed).
         self.noise_seed = int(noise_seed) if noise_seed is not None else int(np.random.randint(2 ** 31))
+        # The random crops (random_crop, image_aug) likewise: the reference draws them from the
+        # global RNG, which fairseq's epoch iterator reseeds and restores (numpy_seed) on the main
+        # thread while its prefetch thread collates batches, so which state a crop drew from
+        # depended on thread timing. None: the noise base seed.
+        self.augment_seed = int(augment_seed) if augment_seed is not None else self.noise_seed
         self.epoch = 1
 
     @staticmethod
@@ -208,8 +219,12 @@ class AVHubertDataset(FairseqDataset):
 
     def noise_rng(self, utt_id: str) -> np.random.RandomState:
         """The generator of one utterance's noise draws in this epoch."""
-        key = f"{self.noise_seed}\x1f{self.epoch}\x1f{utt_id}".encode("utf-8")
-        return np.random.RandomState(int.from_bytes(hashlib.sha256(key).digest()[:4], "big"))
+        return _keyed_rng(f"{self.noise_seed}\x1f{self.epoch}\x1f{utt_id}")
+
+    def augment_rng(self, purpose: str, utt_id: str) -> np.random.RandomState:
+        """The generator of one utterance's ``purpose`` draws ("crop": its start in a batch,
+        "image": its image crop and flip) in this epoch."""
+        return _keyed_rng(f"{self.augment_seed}\x1f{purpose}\x1f{self.epoch}\x1f{utt_id}")
 
     def _select_noise(self, rng: np.random.RandomState, talker: Optional[str] = None) -> np.ndarray:
         clips = self.noise_lists[rng.randint(0, len(self.noise_lists))]
@@ -247,8 +262,9 @@ class AVHubertDataset(FairseqDataset):
         if "video" in self.modalities:
             path = self._path(video_rel)
             frames = feat.read_video_gray(path)
+            rng = self.augment_rng("image", self.names[index][2]) if self.image_aug else None
             video = feat.image_transform(frames, self.image_crop_size, self.image_mean, self.image_std,
-                                         train_aug=self.image_aug)[..., None]  # (T, H, W, 1)
+                                         train_aug=self.image_aug, rng=rng)[..., None]  # (T, H, W, 1)
         if "audio" in self.modalities:
             path = self._path(audio_rel)
             wav, sr = feat.read_wav_int16(path)
@@ -285,17 +301,21 @@ class AVHubertDataset(FairseqDataset):
         return len(self.sizes)
 
     # ------------------------------------------------------------------ batching
-    def crop_to_max_size(self, x: torch.Tensor, target_size: int, start: Optional[int] = None):
+    def crop_to_max_size(self, x: torch.Tensor, target_size: int, start: Optional[int] = None,
+                         rng: Optional[np.random.RandomState] = None):
         diff = len(x) - target_size
         if diff <= 0:
             return x, 0
         if start is None:
-            start = int(np.random.randint(0, diff + 1)) if self.random_crop else 0
+            rng = rng if rng is not None else np.random
+            start = int(rng.randint(0, diff + 1)) if self.random_crop else 0
         return x[start:start + target_size], start
 
-    def collater_audio(self, sources: List[torch.Tensor], size: int, starts: Optional[List[int]] = None):
+    def collater_audio(self, sources: List[torch.Tensor], size: int, starts: Optional[List[int]] = None,
+                       ids: Optional[List[str]] = None):
         """Pad/crop (T, ...) items to ``size`` frames; returns (B, F, T) or (B, C, T, H, W), the
-        padding mask (B, T) and the crop starts (shared between modalities)."""
+        padding mask (B, T) and the crop starts (shared between modalities). A random start is
+        drawn from the item's own generator (``ids``: the items' utterance ids)."""
         shape = list(sources[0].shape[1:])
         out = sources[0].new_zeros([len(sources), size] + shape)
         padding_mask = torch.zeros(len(sources), size, dtype=torch.bool)
@@ -311,7 +331,8 @@ class AVHubertDataset(FairseqDataset):
                 out[i, :len(x)] = x
                 padding_mask[i, diff:] = True
             else:
-                out[i], starts[i] = self.crop_to_max_size(x, size, starts[i] if known else None)
+                rng = self.augment_rng("crop", ids[i]) if ids is not None and not known else None
+                out[i], starts[i] = self.crop_to_max_size(x, size, starts[i] if known else None, rng)
         if out.dim() == 3:
             out = out.transpose(1, 2)  # (B, T, F) -> (B, F, T)
         else:
@@ -347,13 +368,14 @@ class AVHubertDataset(FairseqDataset):
         audios = None if audios[0] is None else audios
         videos = None if videos[0] is None else videos
         lengths = [len(x) for x in (audios if audios is not None else videos)]
+        ids = [s["fid"] for s in samples]
         size = min(max(lengths) if self.pad_audio else min(lengths), self.max_sample_size)
         starts = None
         collated_audio = collated_video = None
         if audios is not None:
-            collated_audio, padding_mask, starts = self.collater_audio(audios, size)
+            collated_audio, padding_mask, starts = self.collater_audio(audios, size, ids=ids)
         if videos is not None:
-            collated_video, padding_mask, starts = self.collater_audio(videos, size, starts)
+            collated_video, padding_mask, starts = self.collater_audio(videos, size, starts, ids=ids)
         targets_list, lengths_list, ntokens_list = [], [], []
         for i in range(self.num_labels):
             targets = [s["label_list"][i] for s in samples]

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import numpy as np
 from omegaconf import II, MISSING
+from omegaconf.errors import InterpolationResolutionError
 
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import FairseqDataclass
@@ -84,8 +85,9 @@ class AVHubertPretrainingConfig(FairseqDataclass):
     input_modality: str = field(default="image", metadata={"help": "kept for checkpoint compatibility"})
     label_tolerance: float = field(default=0.1, metadata={"help": "max |label - video| duration (s)"})
     seed: int = field(default=II("common.seed"),
-                      metadata={"help": "seed of the mask draws: each training / validation forward "
-                                        "draws from a generator derived from it (common.seed)"})
+                      metadata={"help": "seed of the mask draws (each training / validation forward "
+                                        "draws from a generator derived from it) and of the per-utterance "
+                                        "random crops (common.seed)"})
 
 
 @register_task("av_hubert_pretraining", dataclass=AVHubertPretrainingConfig)
@@ -185,7 +187,16 @@ class AVHubertPretrainingTask(FairseqTask):
             noise_num=self.cfg.noise_num,
             noise_seed=self.cfg.get("noise_seed", None),
             label_tolerance=self.cfg.label_tolerance,
+            augment_seed=self._augment_seed(),
         )
+
+    def _augment_seed(self) -> Optional[int]:
+        """common.seed; None (the dataset's drawn base seed) for a task built outside a fairseq
+        config, where the interpolation has nothing to resolve against."""
+        try:
+            return self.cfg.get("seed", None)
+        except InterpolationResolutionError:
+            return None
 
     def noise_manifests(self, split: str) -> Optional[List[str]]:
         """The noise lists of ``split`` (None without noise): ``noise_wav/{split}.tsv``, or one

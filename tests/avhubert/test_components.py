@@ -91,6 +91,31 @@ def test_crop_keeps_modalities_and_labels_aligned(av_corpus_100hz):
         assert torch.equal(s["label_list"][0][4 * t0:4 * t0 + 80], labels[i])
 
 
+def test_random_crops_are_a_function_of_seed_epoch_and_utterance(av_corpus_100hz):
+    """fairseq's epoch iterator reseeds and restores the global numpy RNG on the main thread while
+    its prefetch thread collates: crops drawn from it depended on thread timing (two same-seed
+    runs trained apart at the first update of epoch 2). Each item's crop now comes from its own
+    generator: the global RNG's state changes nothing, the epoch and the seed do."""
+    task = _task(av_corpus_100hz, label_rate=100, pad_audio=False, random_crop=True, max_trim_sample_size=20)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    samples = [ds[i] for i in range(3)]
+
+    def crop():
+        return ds.collater(samples)["net_input"]["source"]["video"]
+
+    np.random.seed(1)
+    first = crop()
+    np.random.seed(2)
+    assert torch.equal(crop(), first)
+    picks = {ds.augment_rng("crop", s["fid"]).randint(1000) for s in samples}
+    ds.set_epoch(2)
+    assert {ds.augment_rng("crop", s["fid"]).randint(1000) for s in samples} != picks
+    ds.set_epoch(1)
+    ds.augment_seed += 1
+    assert {ds.augment_rng("crop", s["fid"]).randint(1000) for s in samples} != picks
+
+
 def test_label_alignment_filter_and_clear_errors(av_corpus_25hz, tmp_path):
     import shutil
 
