@@ -90,6 +90,11 @@ class AVHubertPretrainingConfig(FairseqDataclass):
                                         "random crops (common.seed)"})
 
 
+# the last key of the generator that seeds the process-wide numpy RNG for one forward pass (the
+# mask draws' generator has one key fewer)
+_GLOBAL_DRAWS = 1
+
+
 @register_task("av_hubert_pretraining", dataclass=AVHubertPretrainingConfig)
 class AVHubertPretrainingTask(FairseqTask):
     cfg: AVHubertPretrainingConfig
@@ -221,7 +226,9 @@ class AVHubertPretrainingTask(FairseqTask):
     # its own generator, a function of (seed, update, micro-batch, rank), and every validation pass
     # from (seed, batch index, rank): the same masks straight or resumed, and the same validation
     # masks at every validation (the valid loss compares like with like). The draws themselves are
-    # the reference's (avhubert.masking).
+    # the reference's (avhubert.masking). What else a forward draws from the process-wide RNG
+    # (fairseq's encoder layerdrop) gets it seeded from the same keys for the pass and restored
+    # after: nothing else draws from it meanwhile (the dataset's draws have their own generators).
     @contextlib.contextmanager
     def _mask_draws(self, model, *keys):
         import torch.distributed as dist
@@ -236,9 +243,12 @@ class AVHubertPretrainingTask(FairseqTask):
         models = [m for m in model.modules() if isinstance(m, AVHubertModel)]
         for m in models:
             m.mask_rng = rng
+        outer = np.random.get_state()
+        np.random.set_state(step_rng(self.cfg.seed, *keys, rank, _GLOBAL_DRAWS).get_state())
         try:
             yield
         finally:
+            np.random.set_state(outer)
             for m in models:
                 m.mask_rng = None
 

@@ -217,6 +217,36 @@ def test_one_seed_trains_the_same_model_another_seed_another(av_corpus_25hz, tmp
     assert any(not torch.equal(model_a[k], model_c[k]) for k in model_a)
 
 
+@pytest.mark.timeout(400)
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_a_straight_run(av_corpus_25hz, tmp_path):
+    """Stopped mid-epoch at update 3 and resumed to 6, a run saves bitwise the weights of one that
+    ran to 6 straight: the masks, the random crops and fairseq's layerdrop all draw from
+    generators keyed by (seed, update or epoch, item), none from the process-wide numpy RNG's
+    position (which fairseq reseeds when it starts)."""
+    def run(tag, max_update):
+        overrides = _data_overrides(av_corpus_25hz, 25) + FAST + [
+            f"checkpoint.save_dir={tmp_path / tag}", f"optimization.max_update={max_update}", "common.seed=1",
+            "model.masking_type=input", "model.selection_type=same_seq", "model.mask_prob_image=0.3",
+            "model.mask_length_image=5", "model.mask_prob_audio=0.8", "model.mask_length_audio=10",
+            "task.random_crop=true", "model.encoder_layerdrop=0.3",
+            "checkpoint.save_interval_updates=0", "dataset.validate_interval=100",
+        ]
+        with open(tmp_path / f"{tag}.log", "a") as log:
+            proc = subprocess.run(_entry_cmd(overrides), stdout=log, stderr=subprocess.STDOUT,
+                                  env=_env(threads=1), cwd=str(tmp_path), timeout=300)
+        assert proc.returncode == 0, (tmp_path / f"{tag}.log").read_text()[-3000:]
+        return torch.load(tmp_path / tag / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+
+    straight = run("straight", 6)
+    run("resumed", 3)
+    resumed = run("resumed", 6)
+    assert int(resumed["optimizer_history"][-1]["num_updates"]) == 6
+    assert "@ 3 updates" in (tmp_path / "resumed.log").read_text()
+    assert straight["model"].keys() == resumed["model"].keys()
+    differ = [k for k in straight["model"] if not torch.equal(straight["model"][k], resumed["model"][k])]
+    assert not differ, f"resumed weights differ from the straight run's: {differ[:5]}"
+
+
 def _preemptible_cmd(overrides, rank=0, world_size=1, init_method=None, ask=False):
     """``_entry_cmd`` whose process asks its training to save and stop (``request_save_and_stop``,
     what the train stage's ``save_now`` calls from the preemption signal's handler) as soon as the
