@@ -20,8 +20,8 @@ config sections, presets and hooks all come through the ``Application``.
 
 Order of a launch (nothing of the work dir is written by a launch that is refused):
 configuration -> the lock is free -> every step checked (settings, requests against the cluster,
-prerequisites) -> the lock taken -> shards computed (``Stage.prepare`` freezes its plan) -> the
-first step's disk estimate checked -> the steps run (after each one that completed, the
+prerequisites) -> the lock taken -> shards computed (``Stage.prepare`` plans in memory) -> the
+first step's disk estimate checked -> the plans written (``Stage.commit_plan``) -> the steps run (after each one that completed, the
 application's ``refresh_command`` in the background) -> the end-of-launch hook.
 """
 from __future__ import annotations

@@ -129,8 +129,8 @@ def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], Non
                on_started: Optional[Callable[[], None]] = None):
     """Run the planned steps (checked, shards not computed yet) holding the work dir lock. Nothing
     of the work dir is written before the lock is held: the shards are computed under it
-    (``Stage.prepare`` freezes what it plans), then the first step's disk estimate is checked,
-    then ``on_started`` is called and the steps run. In a detached driver the record is kept up
+    (``Stage.prepare`` plans in memory), then the first step's disk estimate is checked, then the
+    plans are written (``Stage.commit_plan``), ``on_started`` is called and the steps run. In a detached driver the record is kept up
     to date."""
     workdir = Path(cfg.workdir)
     store = StateStore(workdir)
@@ -141,8 +141,9 @@ def run_locked(cfg, pipe, steps, role: str = "launch", echo: Callable[[str], Non
             update_record(store, state="running", since=time.time(), host=procs.hostname(), pid=os.getpid(),
                           start=procs.start_time(os.getpid()), boot=procs.boot_id(),
                           attempt=os.environ.get("SLURM_RESTART_COUNT", "0"))
-        pipe.plan_shards(steps)
+        pipe.plan_shards(steps)  # planned in memory: nothing written yet
         check_plan_disk(steps, workdir)  # the first step's own check, before anything of it is written
+        pipe.commit_plans(steps)
         if on_started is not None:
             on_started()
         atomic.write_text(workdir / ".pipeline" / "config.yaml", to_yaml(cfg))

@@ -37,6 +37,9 @@ class Step:
     shards: Optional[list] = None  # None: not computable yet (its inputs come from earlier steps)
     todo: Optional[list] = None
     prepared: bool = False  # Stage.prepare ran for this step in this launch
+    # what Stage.prepare planned is written (Stage.commit_plan) once the launch's checks passed;
+    # its lines for the user are shown then (in a dry run: at once, nothing is written)
+    plan_lines: Optional[list] = None
     stale: Optional[str] = None  # why every shard runs again (its inputs were redone since)
     out_of_date: dict = field(default_factory=dict)  # shard key -> why that complete shard runs again
     rerun_after: list = field(default_factory=list)  # prerequisites that run again in this launch
@@ -176,6 +179,23 @@ class Pipeline:
             if step.todo is None or step.todo or not self.step_complete(step.stage, step.iteration):
                 pending.add((step.stage.name, step.iteration))
 
+    def commit_plans(self, steps: list[Step]) -> None:
+        """Write what ``plan_shards`` planned (``Stage.commit_plan``), once the launch's checks that
+        need the shards (the disk estimate) passed: a launch refused by them wrote nothing."""
+        for step in steps:
+            self.commit_plan(step)
+
+    def commit_plan(self, step: Step) -> None:
+        if step.plan_lines is None:  # not prepared, already written, or a dry run
+            return
+        step.stage.commit_plan(step.ctx)
+        lines, step.plan_lines = step.plan_lines, None
+        self._echo_plan(step, lines)
+
+    def _echo_plan(self, step: Step, lines: list) -> None:
+        for line in lines:
+            self.echo(f"[{step.name}] {line}")
+
     def prerequisites(self, stage: Stage, iteration: Optional[int]) -> list[tuple]:
         deps = []
         for d in stage.dependencies(self.context(iteration)):
@@ -237,9 +257,12 @@ class Pipeline:
                 # plan frozen from the old inputs is rebuilt)
                 step.ctx = replace(step.ctx, force=True)
             # errors in the inputs (PipelineError) are shown, in a dry run too
-            for line in step.stage.prepare(step.ctx, commit=not self.dry_run) or []:
-                self.echo(f"[{step.name}] {line}")
+            lines = list(step.stage.prepare(step.ctx, commit=not self.dry_run) or [])
             step.prepared = True
+            if self.dry_run:
+                self._echo_plan(step, lines)
+            else:
+                step.plan_lines = lines
         try:
             step.shards = step.stage.shards(step.ctx)
         except InputsMissing as e:
@@ -311,15 +334,16 @@ class Pipeline:
         self._compute_shards(step)
         stage, it = step.stage, step.iteration
         n_total, todo = len(step.shards), step.todo
+        if todo:
+            # refused before anything of the step is written, its plan included (one error line)
+            estimate.check_free_space(step, self.workdir)
+        self.commit_plan(step)
         previous = self.store.read_stage_done(stage.name, it)
         finalized = previous is not None and all(Path(p).exists() for p in stage.final_outputs(step.ctx))
         if not todo and finalized and not self.force and step.redo is None:
             changes.accept(self, step, self.comparison)
             self.echo(f"[{step.name}] complete ({n_total} shards), nothing to do")
             return StepResult(step, 0, 0.0)
-        if todo:
-            # refused before anything of the step is written (one error line)
-            estimate.check_free_space(step, self.workdir)
         inputs = self.input_generations(stage, it)
         digest = _digest(s.key for s in step.shards)
         # outputs made anew (forced, stale, out of date, new shards) get a new generation, which

@@ -133,13 +133,20 @@ class Stage:
         """Called once per launch in the launching process (or the detached driver), before
         ``shards``, once the step's prerequisites are complete. A stage whose shards come from a
         scan of its inputs (the crop stage lists the corpus) does that scan here, once, and freezes
-        the result under its own output directory when ``commit`` is True (False in a dry run: then
-        nothing may be written, and ``shards`` must still answer in this process). Shards already
+        the result under its own output directory when ``commit`` is True (False in a dry run), in
+        ``commit_plan``: ``prepare`` writes nothing, and ``shards`` must answer from the plan in
+        this process. Shards already
         frozen never change meaning; new inputs become new shards. Returns lines for the user
         (what changed since the last launch). Raises ``ConfigError`` for errors in the inputs.
         ``shards`` and ``run`` then read the frozen plan: a shard's cost never grows with the
         corpus."""
         return []
+
+    def commit_plan(self, ctx: StageContext) -> None:
+        """Write what the last ``prepare(ctx, commit=True)`` of this process planned. The engine
+        calls it once the launch's checks that need the shards (the disk estimate) passed, so
+        ``prepare`` itself writes nothing in either mode: it keeps its plan in memory, where
+        ``shards`` finds it until this writes it. A launch refused by a check changes nothing."""
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         """The step's shards. A stage whose shards are planned from inputs that may not exist yet

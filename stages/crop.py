@@ -159,8 +159,11 @@ class CropStage(Stage):
     libraries = ("numpy", "dlib|dlib-bin", "av", "imageio-ffmpeg", "opencv-python|opencv-python-headless")
 
     def __init__(self):
-        # items dir -> index with the batch a dry run planned but did not write
+        # items dir -> index with the batch planned but not written (yet: commit_plan writes it)
         self._planned: dict = {}
+        # items dir -> what commit_plan writes there: (index, new batch or None, its bytes, the
+        # listing report's arguments)
+        self._to_write: dict = {}
         # the corpus size every step's estimate works from, sized from this stage's listing of
         # the launch while there is no manifest
         self.corpus_sizes = CorpusSizes()
@@ -209,6 +212,7 @@ class CropStage(Stage):
         ignored.tsv."""
         idir = items_dir(ctx)
         self._planned.pop(str(idir), None)
+        self._to_write.pop(str(idir), None)
         try:
             index = il.read_index(idir)
         except (OSError, ValueError) as e:
@@ -240,21 +244,30 @@ class CropStage(Stage):
                 f"{len(new)} new items" + (f" ({changes.replanned} planned again: their problem is gone)"
                                            if changes.replanned else ""))
             lines.append(f"{verb} {what}: {len(new)} items in {len(batch.shards)} shards ({shards})")
-            if commit:
-                il.write_batch(idir, index, batch, data)
-            else:
-                index.batches.append(batch)
-                self._planned[str(idir)] = index
+            index.batches.append(batch)
+            self._planned[str(idir)] = index
         elif index.batches:
+            batch = data = None
             lines.append(f"no new items (frozen: {index.n_items} items in {index.n_shards} shards)")
         lines += changes.lines()
         if commit:
-            il.write_listing_report(idir, len(items), changes, problems, ignored)
+            self._to_write[str(idir)] = (index, batch if new else None, data if new else None,
+                                         (len(items), changes, problems, ignored))
         summary = crop_dir(ctx) / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
             lines.append(f"last crop summary: {s.get('ok')} ok, {s.get('failed')} failed of {s.get('items')} items")
         return lines
+
+    def commit_plan(self, ctx: StageContext) -> None:
+        idir = items_dir(ctx)
+        if str(idir) not in self._to_write:
+            return
+        index, batch, data, report = self._to_write.pop(str(idir))
+        if batch is not None:
+            il.write_batch(idir, index, batch, data)
+        il.write_listing_report(idir, *report)
+        self._planned.pop(str(idir), None)  # the frozen list on disk is the plan now
 
     def _index(self, ctx: StageContext):
         idir = items_dir(ctx)

@@ -171,10 +171,12 @@ def new_batch(index: Index, items: list, root: Path, items_per_shard: int, n_sha
 
 def write_batch(items_dir: Path, index: Index, batch: Batch, data: bytes) -> None:
     """The batch file, then the index naming it (a kill in between leaves an index without the
-    batch: the next launch writes it again under the same name)."""
+    batch: the next launch writes it again under the same name). ``index`` may list ``batch``
+    already (the plan a launch made in memory)."""
     with atomic.atomic_open(Path(items_dir) / batch.file, "wb") as f:
         f.write(data)
-    index.batches.append(batch)
+    if not index.batches or index.batches[-1] is not batch:
+        index.batches.append(batch)
     atomic.write_json(Path(items_dir) / INDEX, index.to_json())
 
 

@@ -255,7 +255,8 @@ class NoiseStage(Stage):
     libraries = ("numpy", "scipy", "soundfile", "av")
 
     def __init__(self):
-        self._uncommitted: Dict[str, dict] = {}  # dry-run plans, by work dir
+        self._uncommitted: Dict[str, dict] = {}  # plans not written (a dry run's, or not yet), by dir
+        self._to_write: Dict[str, dict] = {}  # what commit_plan writes, by dir
 
     def enabled(self, ctx: StageContext) -> bool:
         setting = ctx.cfg.noise.get("enabled", None)
@@ -292,6 +293,8 @@ class NoiseStage(Stage):
     # -- plan -------------------------------------------------------------------------------------
     def prepare(self, ctx: StageContext, commit: bool) -> list[str]:
         out = noise_dir(ctx)
+        self._uncommitted.pop(str(out), None)
+        self._to_write.pop(str(out), None)
         inputs = scan_inputs(ctx)
         frozen = _read_index(out)
         if frozen is not None and frozen["fingerprint"] == inputs["fingerprint"]:
@@ -309,9 +312,16 @@ class NoiseStage(Stage):
                  f"clips and {sum(len(s['jobs']) for s in plan['shards'] if s['key'].startswith('files'))} noise "
                  f"files in {len(plan['shards'])} shards; categories {', '.join(plan['categories']) or 'none'}"]
         lines += plan["notes"]
-        if not commit:
-            self._uncommitted[str(out)] = plan
-            return lines
+        self._uncommitted[str(out)] = plan
+        if commit:
+            self._to_write[str(out)] = plan
+        return lines
+
+    def commit_plan(self, ctx: StageContext) -> None:
+        out = noise_dir(ctx)
+        plan = self._to_write.pop(str(out), None)
+        if plan is None:
+            return
         if out.exists():
             _discard(out)
         for shard in plan["shards"]:
@@ -319,11 +329,12 @@ class NoiseStage(Stage):
         index = {k: v for k, v in plan.items() if k != "shards"}
         index["shards"] = [{"key": s["key"], "jobs": len(s["jobs"])} for s in plan["shards"]]
         atomic.write_json(out / "plan" / "index.json", index)  # last: the plan exists once this does
-        return lines
+        self._uncommitted.pop(str(out), None)  # the plan on disk is the plan now
 
     def _index(self, ctx: StageContext) -> dict:
         out = noise_dir(ctx)
-        index = _read_index(out) or self._uncommitted.get(str(out))
+        # a plan of this launch not written yet comes first (it replaces one of other inputs)
+        index = self._uncommitted.get(str(out)) or _read_index(out)
         if index is None:
             raise InputsMissing(f"{out / 'plan' / 'index.json'}: the noise stage has not been planned")
         return index

@@ -261,24 +261,23 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
-def check_settings(ctx: StageContext, r: Resolved, commit: bool) -> list:
-    """Refuse to mix units of different settings in one output directory; record them."""
+def check_settings(ctx: StageContext, r: Resolved) -> tuple:
+    """Refuse to mix units of different settings in one output directory: lines for the user and
+    the settings to record there (None: recorded already)."""
     path = r.out_dir / SETTINGS
     wanted = settings(ctx, r)
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded == wanted:
-            return []
+            return [], None
         if not ctx.force:
             raise ConfigError(
                 f"units: {r.out_dir} holds units made with other settings ({_differences(recorded, wanted)}): "
                 "set units.out_dir=DIR to keep both, or replace them with `python launch.py "
                 + ("--stage units_kmeans --force` then `--stage units --force`" if r.kmeans_source == "trained"
                    else "--stage units --force`") + " and these settings")
-    if commit:
-        atomic.write_json(path, wanted)
     return [f"units of layer {'last' if r.layer is None else r.layer} of {wanted['checkpoint']} "
-            f"({r.modality}), k-means: {r.kmeans_source} -> {r.out_dir}"]
+            f"({r.modality}), k-means: {r.kmeans_source} -> {r.out_dir}"], wanted
 
 
 def check_trained_kmeans(ctx: StageContext, r: Resolved) -> None:
@@ -361,6 +360,7 @@ class UnitsStage(Stage):
     depends_on = ("manifest", "train")
     after_iterations = True
     libraries = ("numpy", "torch", "fairseq|fairseq-fixed", "av")
+    _to_record: Optional[tuple] = None  # (settings file, settings) that commit_plan writes
 
     def settings(self, ctx: StageContext) -> dict:
         return fingerprint_settings(ctx, resolve(ctx))
@@ -392,7 +392,15 @@ class UnitsStage(Stage):
             raise ConfigError(f"units: k-means model {r.kmeans_path} not found" + (f": {hint}" if hint else ""))
         if r.kmeans_source == "trained":
             check_trained_kmeans(ctx, r)
-        return check_settings(ctx, r, commit)  # recorded only once everything else is right
+        lines, wanted = check_settings(ctx, r)  # recorded (commit_plan) once everything else is right
+        self._to_record = (r.out_dir / SETTINGS, wanted) if commit and wanted is not None else None
+        return lines
+
+    def commit_plan(self, ctx: StageContext) -> None:
+        if self._to_record is not None:
+            path, wanted = self._to_record
+            atomic.write_json(path, wanted)
+        self._to_record = None
 
     def shards(self, ctx: StageContext) -> list:
         n = _nshard(ctx)

@@ -56,3 +56,11 @@ def launch_here(argv: list, capsys) -> tuple:
     rc = launcher.main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out + out.err
+
+
+def freeze_listing(stage, ctx: StageContext) -> list:
+    """What a launch does with the crop stage's listing: plan it (prepare), then write it
+    (commit_plan, once the launch's checks passed). Returns prepare's lines."""
+    lines = stage.prepare(ctx, commit=True)
+    stage.commit_plan(ctx)
+    return lines

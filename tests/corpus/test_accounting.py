@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from corpus_helpers import stage_ctx, touch
+from corpus_helpers import freeze_listing, stage_ctx, touch
 from stages import item_list as il
 from stages.corpus import output_clashes, scan_corpus
 from stages.crop import CropStage, items_dir
@@ -48,7 +48,7 @@ def test_plain_layout_reports_every_file_that_is_not_an_item(tmp_path, capsys):
     _accounted(corpus, listing)
 
     # the launch's lines, listing.json, ignored.tsv and status all say it
-    lines = "\n".join(CropStage().prepare(ctx, commit=True))
+    lines = "\n".join(freeze_listing(CropStage(), ctx))
     idir = items_dir(ctx)
     assert f"7 paths under the corpus dir are not items (all of them: {idir / 'ignored.tsv'}):" in lines, lines
     assert "  1 unknown extension: notes.pdf" in lines and "  2 hidden: .DS_Store, .cache/" in lines
@@ -120,7 +120,7 @@ def test_two_ids_on_one_output_path_both_fail_naming_each_other(tmp_path):
     touch(corpus / "other.mp4")
     ctx = stage_ctx(corpus, tmp_path / "work", items_per_shard=1)
     stage = CropStage()
-    lines = "\n".join(stage.prepare(ctx, commit=True))
+    lines = "\n".join(freeze_listing(stage, ctx))
     assert "2 output path clashes (failure records)" in lines, lines
     items = {i.id: i for s in stage.shards(ctx) for i in stage.shard_items(ctx, s)}
     assert set(items) == {"col", "col.wav/x", "other"} and items["other"].error is None

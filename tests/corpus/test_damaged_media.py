@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from avprep import media
-from corpus_helpers import stage_ctx, touch
+from corpus_helpers import freeze_listing, stage_ctx, touch
 from stages import crop as crop_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_truncated_and_damaged_videos_fail_with_the_damage_named(tmp_path, clips
     touch(corpus / "empty.mp4")
     ctx = stage_ctx(corpus, tmp_path / "work", items_per_shard=20, max_failure_rate=1.0)
     stage = crop_stage.CropStage()
-    stage.prepare(ctx, commit=True)
+    freeze_listing(stage, ctx)
     (shard,) = stage.shards(ctx)
     stats = stage.run(ctx, shard)
     recs = _records(ctx, stage, shard)
@@ -73,7 +73,7 @@ def test_truncated_and_damaged_videos_fail_with_the_damage_named(tmp_path, clips
 KILLED_RUN = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from corpus_helpers import stage_ctx
+from corpus_helpers import freeze_listing, stage_ctx
 from stages import crop as crop_stage
 ctx = stage_ctx({corpus!r}, {work!r}, items_per_shard=10)
 stage = crop_stage.CropStage()
@@ -88,7 +88,7 @@ def test_a_shard_killed_and_resumed_gives_the_bytes_of_a_straight_run(tmp_path, 
         touch(corpus / f"{name}.txt", clips[key].with_suffix(".txt").read_bytes())
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for work in (straight, resumed):
-        crop_stage.CropStage().prepare(stage_ctx(corpus, work, items_per_shard=10), commit=True)
+        freeze_listing(crop_stage.CropStage(), stage_ctx(corpus, work, items_per_shard=10))
 
     # killed (-9) once the first item is done
     script = KILLED_RUN.format(repo=str(REPO_ROOT), tests=str(Path(__file__).parent), corpus=str(corpus),

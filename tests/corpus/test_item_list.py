@@ -17,7 +17,7 @@ from stages import item_list as il
 from stages.corpus import escape_id, list_items, scan_corpus, unescape_id
 from stages.crop import CropStage, items_dir
 
-from corpus_helpers import stage_ctx, touch
+from corpus_helpers import freeze_listing, stage_ctx, touch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_a_shard_reads_only_its_slice_and_never_lists_the_corpus(tmp_path, scand
     ids = vox2_tree(corpus, 1000)
     ctx = stage_ctx(corpus, work, "vox2", items_per_shard=50)
     stage = CropStage()
-    stage.prepare(ctx, commit=True)
+    freeze_listing(stage, ctx)
     listing_reads = scandir_counter.calls
     assert listing_reads >= 1000 // 8  # one read per directory (125 clip dirs, 25 speakers, dev)
 
@@ -66,7 +66,7 @@ def test_a_dry_run_writes_nothing_but_answers_shards(tmp_path):
     assert any("would freeze the item list: 3 items in 2 shards" in line for line in lines), lines
     assert [s.key for s in stage.shards(ctx)] == ["00000", "00001"]
     assert not work.exists()
-    stage.prepare(ctx, commit=True)
+    freeze_listing(stage, ctx)
     assert (items_dir(ctx) / "index.json").is_file()
     assert [s.key for s in CropStage().shards(ctx)] == ["00000", "00001"]
 
@@ -81,7 +81,7 @@ def test_new_videos_become_new_shards_and_frozen_shards_keep_their_meaning(tmp_p
         touch(corpus / f"{name}.mp4", b"x" * 10)
     ctx = stage_ctx(corpus, work, items_per_shard=2)
     stage = CropStage()
-    stage.prepare(ctx, commit=True)
+    freeze_listing(stage, ctx)
     before = _slices(stage, ctx)
     assert before == {"00000": ["m1", "m2"], "00001": ["m3"], "00002": ["m4", "m5"]}
 
@@ -90,7 +90,7 @@ def test_new_videos_become_new_shards_and_frozen_shards_keep_their_meaning(tmp_p
         touch(corpus / f"{name}.mp4", b"y" * 10)
     (corpus / "m2.mp4").unlink()
     touch(corpus / "m4.mp4", b"z" * 20)
-    lines = CropStage().prepare(ctx, commit=True)
+    lines = freeze_listing(CropStage(), ctx)
     text = "\n".join(lines)
     assert "froze 3 new items: 3 items in 2 shards (shards 00003-00004)" in text, text
     assert "1 frozen items are gone from the corpus (e.g. m2)" in text and "manifest.drop_removed" in text
@@ -104,7 +104,7 @@ def test_new_videos_become_new_shards_and_frozen_shards_keep_their_meaning(tmp_p
         "listed": 7, "frozen_before": 5, "new": 3, "replanned": 0, "removed": 1, "changed": 1,
         "removed_examples": ["m2"], "changed_examples": [["m4", "m4.mp4 was modified (size 10 -> 20)"]],
         "problems": {}, "ignored_total": 0, "ignored": {}}
-    again = "\n".join(CropStage().prepare(ctx, commit=True))
+    again = "\n".join(freeze_listing(CropStage(), ctx))
     assert "no new items (frozen: 8 items in 5 shards)" in again
 
 
@@ -114,7 +114,7 @@ def test_a_duplicate_id_fails_once_and_is_planned_again_when_resolved(tmp_path):
     touch(corpus / "a.mov")
     touch(corpus / "b.mp4")
     ctx = stage_ctx(corpus, work, items_per_shard=5)
-    lines = "\n".join(CropStage().prepare(ctx, commit=True))
+    lines = "\n".join(freeze_listing(CropStage(), ctx))
     assert "1 duplicate ids (failure records): 2 videos give the id 'a' (a.mp4, a.mov)" in lines
     # kept for the run report: a count and the first messages per kind
     assert il.read_listing_report(items_dir(ctx))["problems"] == {
@@ -124,7 +124,7 @@ def test_a_duplicate_id_fails_once_and_is_planned_again_when_resolved(tmp_path):
     (item_a, item_b), = [stage.shard_items(ctx, s) for s in stage.shards(ctx)]
     assert item_a.error and item_b.error is None
     (corpus / "a.mov").rename(corpus / "a2.mov")
-    lines = "\n".join(CropStage().prepare(ctx, commit=True))
+    lines = "\n".join(freeze_listing(CropStage(), ctx))
     assert "froze 2 new items (1 planned again: their problem is gone)" in lines
     new = stage.shard_items(ctx, stage.shards(ctx)[-1])
     assert [(i.id, i.error) for i in new] == [("a", None), ("a2", None)]
@@ -180,9 +180,9 @@ def test_lrs3_transcripts_parsed_in_a_pool_match_the_serial_parse(tmp_path, monk
 def test_a_changed_layout_is_refused(tmp_path):
     corpus, work = tmp_path / "c", tmp_path / "work"
     vox2_tree(corpus, 8)
-    CropStage().prepare(stage_ctx(corpus, work, "vox2"), commit=True)
+    freeze_listing(CropStage(), stage_ctx(corpus, work, "vox2"))
     with pytest.raises(ConfigError, match="frozen from a 'vox2' corpus"):
-        CropStage().prepare(stage_ctx(corpus, work, "plain"), commit=True)
+        freeze_listing(CropStage(), stage_ctx(corpus, work, "plain"))
 
 
 def test_the_listing_does_not_import_the_manifest_stage():

@@ -20,7 +20,7 @@ from avprep.crop import crop_one_video
 from stages import crop as crop_stage
 from stages import manifest as manifest_stage
 
-from corpus_helpers import stage_ctx, touch
+from corpus_helpers import freeze_listing, stage_ctx, touch
 
 
 def ffmpeg(*args: str) -> None:
@@ -75,7 +75,7 @@ def test_names_duplicates_and_encodings_end_to_end(tmp_path, clips, caplog):
     ctx = stage_ctx(corpus, tmp_path / "work", items_per_shard=10, max_failure_rate=0.6)
     stage = crop_stage.CropStage()
     with caplog.at_level(logging.WARNING):
-        lines = "\n".join(stage.prepare(ctx, commit=True))
+        lines = "\n".join(freeze_listing(stage, ctx))
         (shard,) = stage.shards(ctx)
         stats = stage.run(ctx, shard)
     assert "1 duplicate ids" in lines and "1 unusable transcripts" in lines, lines
@@ -141,7 +141,7 @@ def test_a_full_disk_fails_the_shard_and_records_nothing(tmp_path, clips, small_
     done = crop_one_video(corpus / "clip.mp4", tmp_path / "first", name="clip")
     ctx = stage_ctx(corpus, small_disk / "work")
     stage = crop_stage.CropStage()
-    stage.prepare(ctx, commit=True)
+    freeze_listing(stage, ctx)
     landmarks = ctx.stage_dir("crop") / "landmarks" / "clip.npz"
     landmarks.parent.mkdir(parents=True)
     shutil.copy(done.landmarks, landmarks)

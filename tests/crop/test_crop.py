@@ -82,6 +82,7 @@ def test_stage_shard_writes_pairs_and_failure_records(tmp_path, source_videos):
     ctx = _ctx(tmp_path)
     stage = crop_stage.CropStage()
     stage.freeze(ctx, items, tmp_path, "plain")  # the corpus layouts have their own tests
+    stage.commit_plan(ctx)
     shard = stage.shards(ctx)[0]
     stats = stage.run(ctx, shard)
     recs = {r["id"]: r for r in map(json.loads, stage.outputs(ctx, shard)[0].read_text().splitlines())}

@@ -78,6 +78,7 @@ def _run(ctx, items, tmp_path):
     stage = crop_stage.CropStage()
     stage.validate(ctx)
     stage.freeze(ctx, items, tmp_path / "corpus", "plain")
+    stage.commit_plan(ctx)
     shard = stage.shards(ctx)[0]
     stage.run(ctx, shard)
     return {r["id"]: r for r in map(json.loads, stage.outputs(ctx, shard)[0].read_text().splitlines())}

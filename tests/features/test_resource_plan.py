@@ -86,6 +86,13 @@ def test_dry_run_refuses_a_work_dir_without_room(corpus_1000h, tmp_path):
         pytest.skip("mount -t tmpfs failed here (no CAP_SYS_ADMIN in this container?)")
     try:
         out = dry_run(corpus_1000h, mnt / "work")
+        # a real launch is refused by the same estimate, which needs the crop step's shards: it
+        # plans them in memory and writes nothing (not the frozen item list either)
+        cmd = [sys.executable, str(REPO / "launch.py"), "--preset", "base", "--cluster", "local", "--stage", "crop",
+               "--corpus", str(corpus_1000h), "--workdir", str(mnt / "launched")]
+        launched = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+        left = sorted(str(p.relative_to(mnt / "launched")) for p in (mnt / "launched").rglob("*")
+                      if p.is_file()) if (mnt / "launched").exists() else []
     finally:
         subprocess.run(["umount", str(mnt)])
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
@@ -93,3 +100,8 @@ def test_dry_run_refuses_a_work_dir_without_room(corpus_1000h, tmp_path):
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "not enough disk for crop" in errors[0] and "1.0 MB free" in errors[0], errors[0]
     assert not (mnt / "work").exists() or not any((mnt / "work").iterdir())
+    assert launched.returncode == 2, launched.stdout[-2000:] + launched.stderr[-2000:]
+    errors = [l for l in launched.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "not enough disk for crop" in errors[0], launched.stderr[-2000:]
+    assert "froze" not in launched.stdout, launched.stdout[-2000:]
+    assert left == [], left
