@@ -125,19 +125,28 @@ def slurm_run(slurm, sample_corpus, tmp_path_factory) -> SlurmRun:
     def note_updates():
         updates_seen.append(checkpoint_updates(ckpt[2]))
 
-    # 1. killed while the crop array runs, relaunched at once
+    # 1. killed while the crop array runs, relaunched at once. The sample corpus crops in a few
+    # seconds a shard, less than a loaded machine takes to start the relaunch: the crop array is
+    # suspended (scontrol suspend: its tasks stay live) before the kill and resumed once adopted.
     p1 = start_launch(cmd, base / "launch1.log")
+    crop_jobs = []
     try:
         wait_for(lambda: list(crop_state.glob("_jobs/*.json")) and list(crop_state.glob("*.running.json")), 600,
                  "a running crop task")
+        crop_jobs = sorted({j["job_id"].split("_")[0] for f in crop_state.glob("_jobs/*.json")
+                            for j in json.loads(f.read_text())["jobs"].values()})
+        # (exit 1 for the array's tasks still pending: they stay pending or start, live either way)
+        subprocess.run(["scontrol", "suspend", ",".join(crop_jobs)], capture_output=True, timeout=30)
     finally:
         kill_tree(p1.pid)  # the launcher only: it has no local children on Slurm
     p1.wait()
     t_kill = time.time()
     p2 = start_launch(cmd, base / "launch2.log")
     try:
-        # (bounded generously: a loaded 2-core CI machine took over 120 s to start the relaunch)
-        adopt["crop"] = wait_for_text(base / "launch2.log", "[crop] adopting", 300) - t_kill
+        try:
+            adopt["crop"] = wait_for_text(base / "launch2.log", "[crop] adopting", 300) - t_kill
+        finally:
+            subprocess.run(["scontrol", "resume", ",".join(crop_jobs)], capture_output=True, timeout=30)
         # 2. iteration 1's training is preempted (USR2) after 2 updates: requeued, resumed
         wait_for_updates(ckpt[1], 2, p2, timeout=1200)
         preempted_at = checkpoint_updates(ckpt[1])
