@@ -177,7 +177,10 @@ def compare(pipe, targets: list) -> Comparison:
         if record.get("place") != stage.output_place(ctx):  # outputs go elsewhere: made there anew
             continue
         change = StepChange(name, it, stale=store.stale_reason(name, it))
+        inert = stage.inert_settings(ctx)
         for k, old, new in fp.differences(record.get("settings") or {}, now):
+            if new is None and k in inert:  # does nothing now: its switch's change (if any) is shown
+                continue
             note = stage.accepts_change(ctx, k, old, new)
             if note:
                 change.accepted.append((k, old, new, note))
@@ -280,7 +283,8 @@ def check_unused(pipe, targets: list) -> None:
     """A setting that does nothing is one ``ConfigError`` line, before anything is submitted:
     ``nodes``/``tasks_per_node`` of a stage that runs one task per shard; on the command line, a
     per-iteration list longer than the run's iterations, an output setting of a stage that is not
-    part of this run, resources of a stage that does not exist."""
+    part of this run or that does nothing in every step of it (``Stage.inert_settings``),
+    resources of a stage that does not exist."""
     cfg = pipe.cfg
     given = {o.split("=", 1)[0].strip(): o.split("=", 1)[1] for o in pipe.overrides if "=" in o}
     multi = [n for n, st in pipe.stages.items() if st.multi_task]
@@ -307,7 +311,8 @@ def check_unused(pipe, targets: list) -> None:
         for key in stage.reads:
             if key.split(".")[0] in readers:
                 readers[key.split(".")[0]].add(name)
-    running = {name for name, _ in dag_steps(pipe, targets)}
+    run_steps = dag_steps(pipe, targets)
+    running = {name for name, _ in run_steps}
     for key, text in given.items():
         kind = fp.kind_of(cfg, key)
         if kind not in ("output", "per_iteration"):
@@ -320,6 +325,10 @@ def check_unused(pipe, targets: list) -> None:
                 f"entr{'y' if len(value) == n + 1 else 'ies'} {n + 1}{'' if len(value) == n + 1 else f'-{len(value)}'} "
                 f"do{'es' if len(value) == n + 1 else ''} nothing (set iterations={len(value)} or shorten the list)")
         section = key.split(".")[0]
+        owners = [(n, it) for n, it in run_steps if (pipe.stages[n].config_section or n) == section]
+        reasons = [pipe.stages[n].inert_settings(pipe.context(it)).get(key) for n, it in owners]
+        if owners and all(reasons):
+            raise ConfigError(f"{key}={text} does nothing: {reasons[0]}; remove it")
         if section in readers and not readers[section] & running:
             names = sorted(readers[section], key=pipe.order.index)
             raise ConfigError(

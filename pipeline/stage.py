@@ -210,8 +210,20 @@ class Stage:
         per-iteration setting as iteration N's entry, ``key[N]``). A stage resolves values that only
         mean something resolved (a null that stands for a default, a file's content) and drops
         settings its configuration does not use. Compared at every launch with the settings the
-        step was made with: a difference is a change (refused until restored or redone)."""
-        return resolve(ctx.cfg, [self.config_section or self.name, *self.reads], ctx.iteration)
+        step was made with: a difference is a change (refused until restored or redone). The
+        ``inert_settings`` of the configuration are left out."""
+        settings = resolve(ctx.cfg, [self.config_section or self.name, *self.reads], ctx.iteration)
+        for key in self.inert_settings(ctx):
+            settings.pop(key, None)
+        return settings
+
+    def inert_settings(self, ctx: StageContext) -> dict[str, str]:
+        """``{dotted key: why}``: output settings of this step that do nothing in this
+        configuration (``finetune.noise.snr`` while fine-tuning adds no noise). They are no part of
+        the step's identity, and one given on the command line is refused with its reason when it
+        does nothing in every step of the run that has it (a setting that does nothing is an
+        error)."""
+        return {}
 
     def accepts_change(self, ctx: StageContext, key: str, old: Any, new: Any) -> Optional[str]:
         """A changed setting the stage follows by itself (training continues when

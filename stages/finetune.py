@@ -71,8 +71,8 @@ from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOIN
                                 distributed_env, hydra_value,
                                 override_key, resume_point, run_overrides, train_device, update_freq_for)
 from stages.manifest import spm_model_path
-from stages.noise_use import (NOISE_TASK_KEYS, FinetuneNoise, noise_categories_made, task_overrides as noise_overrides,
-                              use_dir, uses_noise_stage, validate_use)
+from stages.noise_use import (NOISE_TASK_KEYS, FinetuneNoise, inert_noise_settings, noise_categories_made,
+                              task_overrides as noise_overrides, use_dir, uses_noise_stage, validate_use)
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +497,9 @@ class FinetuneStage(Stage):
             s["finetune.pretrained_checkpoint"] = file_identity(pretrained_checkpoint(ctx))
         s["finetune.max_update"] = max_update(ctx.cfg)
         return s
+
+    def inert_settings(self, ctx: StageContext) -> dict:
+        return inert_noise_settings("finetune", ctx.cfg.finetune.noise)
 
     def accepts_change(self, ctx: StageContext, key: str, old, new) -> Optional[str]:
         if key.startswith("finetune.noise.eval_"):

@@ -60,6 +60,29 @@ class FinetuneNoise(NoiseUse):
     eval_seed: int = 0  # seeds the per-utterance noise clip and offset
 
 
+def inert_noise_settings(section: str, use, iteration: Optional[int] = None) -> Dict[str, str]:
+    """``Stage.inert_settings`` of a ``<section>.noise`` block (``use``): what does nothing while it
+    adds no noise to training (in ``iteration``, for train) and, for fine-tuning, decodes nothing
+    under noise. ``prob`` and ``eval_snrs``, the switches, always count."""
+    inert = {}
+    prob = float(use.get("prob", 0) or 0)
+    trains, why = prob > 0, f"{section}.noise.prob is 0 (no noise in training)"
+    if trains and iteration is not None and list(use.get("iterations") or []) and iteration not in use.iterations:
+        trains, why = False, f"iteration {iteration} is not in {section}.noise.iterations"
+    evaluates = bool(list(use.get("eval_snrs") or []))
+    if not trains:
+        for key in ("snr", "categories", "num"):
+            inert[f"{section}.noise.{key}"] = why
+        if not evaluates:  # decoding under noise reads the dir too
+            inert[f"{section}.noise.dir"] = why + (f" and {section}.noise.eval_snrs is empty" if "eval_snrs" in use else "")
+        if prob == 0 and "iterations" in use:
+            inert[f"{section}.noise.iterations"] = why
+    if "eval_snrs" in use and not evaluates:
+        for key in ("eval_categories", "eval_modalities", "eval_splits", "eval_seed"):
+            inert[f"{section}.noise.{key}"] = f"{section}.noise.eval_snrs is empty (nothing is decoded under noise)"
+    return inert
+
+
 def noise_dir(ctx: StageContext) -> Path:
     return ctx.with_iteration(None).stage_dir("noise")
 

@@ -37,7 +37,8 @@ from stages.fairseq_run import (CHECKPOINT_DIR, FINAL_CHECKPOINT, LAST_CHECKPOIN
                                 DistributedEnv, checkpoint_updates, close_fairseq_tensorboard_writers,
                                 discard_previous_training, distributed_env, hydra_value, override_key, resume_point,
                                 run_overrides, train_device, update_freq_for)
-from stages.noise_use import NOISE_TASK_KEYS, TrainNoise, task_overrides as noise_overrides, uses_noise_stage, validate_use
+from stages.noise_use import (NOISE_TASK_KEYS, TrainNoise, inert_noise_settings, task_overrides as noise_overrides,
+                              uses_noise_stage, validate_use)
 from stages.schedule import label_rate
 from stages.tensorboard import plot_loss_curve
 
@@ -239,6 +240,9 @@ class TrainStage(Stage):
 
     def settings(self, ctx: StageContext) -> dict:
         return pretraining_settings(ctx, super().settings(ctx))
+
+    def inert_settings(self, ctx: StageContext) -> dict:
+        return inert_noise_settings("train", ctx.cfg.train.noise, ctx.iteration)
 
     def accepts_change(self, ctx: StageContext, key: str, old, new) -> Optional[str]:
         if key == f"train.max_update[{ctx.iteration}]" and old is not None and new is not None and new > old:

@@ -329,6 +329,8 @@ def test_work_dir_without_fingerprints_is_adopted(work, capsys):
     ("cluster.stages.cropp.mem_gb=4", "cluster.stages.cropp: there is no stage 'cropp'"),
     ("train.max_update=[6,8,10]", "train.max_update has 3 entries but this run has 1 iteration(s): entries 2-3"),
     ("units.layer=3", "units.layer=3 does nothing: units_kmeans and units are not part of this run"),
+    ("train.noise.snr=5", "train.noise.snr=5 does nothing: train.noise.prob is 0 (no noise in training); remove it"),
+    ("finetune.noise.eval_seed=3", "finetune.noise.eval_seed=3 does nothing: finetune.noise.eval_snrs is empty"),
 ])
 def test_a_setting_that_does_nothing_is_refused(work, capsys, override, message):
     before = snapshot(work)
@@ -338,6 +340,36 @@ def test_a_setting_that_does_nothing_is_refused(work, capsys, override, message)
     assert snapshot(work) == before
     assert launch(work, "--dry-run", override) == 2  # a dry run says it too
     assert message in capsys.readouterr().err
+
+
+def test_noise_settings_count_only_where_they_do_something(tmp_path):
+    """A noise block's settings are part of a step's identity only where it mixes noise (train: in
+    the iterations of train.noise.iterations) or decodes under noise (finetune); elsewhere they do
+    nothing, and one given on the command line while it does nothing anywhere is refused."""
+    from pipeline.config import load_config
+    from pipeline.stage import StageContext
+    from stages import config_sections, get_stage
+
+    def settings(stage, iteration, *overrides):
+        cfg = load_config(config_sections(), "smoke", "local", ["iterations=2", *overrides],
+                          {"workdir": str(tmp_path / "work"), "corpus": str(tmp_path)})
+        ctx = StageContext(cfg=cfg, workdir=Path(cfg.workdir), iteration=iteration)
+        return get_stage(stage).settings(ctx), get_stage(stage).inert_settings(ctx)
+
+    now, inert = settings("finetune", None)
+    assert not any(k.startswith("finetune.noise.") and k not in ("finetune.noise.prob", "finetune.noise.eval_snrs")
+                   for k in now), now
+    assert inert["finetune.noise.dir"].endswith("and finetune.noise.eval_snrs is empty")
+    now, inert = settings("finetune", None, "finetune.noise.eval_snrs=[0]")
+    assert now["finetune.noise.eval_seed"] == 0 and "finetune.noise.dir" in now and "finetune.noise.snr" not in now
+    now, _ = settings("finetune", None, "finetune.noise.prob=0.5", "finetune.noise.snr=5")
+    assert now["finetune.noise.snr"] == "5" and "finetune.noise.eval_seed" not in now
+    # train: iteration 1 without noise, iteration 2 with it
+    two = ["train.noise.prob=0.5", "train.noise.iterations=[2]", "train.noise.snr=5"]
+    first, inert = settings("train", 1, *two)
+    assert first["train.noise[1]"] == "off" and inert["train.noise.snr"] == "iteration 1 is not in train.noise.iterations"
+    second, inert = settings("train", 2, *two)
+    assert second["train.noise.snr"] == "5" and inert == {}
 
 
 # --- provenance ----------------------------------------------------------------------------------
