@@ -289,8 +289,10 @@ def cmd_run(app: Application, argv: List[str]) -> int:
             cfg, pipe, steps = plan(app, args, dry_run=False, compute_shards=False, cfg=cfg)
             if app.refresh_command:
                 built["refresh"] = BackgroundRefresh(
-                    app.entry.command([*app.refresh_command, "--workdir", cfg.workdir]), Path(cfg.workdir), say)
+                    app.entry.command([*app.refresh_command, "--workdir", cfg.workdir]), Path(cfg.workdir), say,
+                    every_s=float(cfg.cluster.get("view_refresh_s", 0) or 0))
                 pipe.after_step = built["refresh"].trigger
+                pipe.while_waiting = built["refresh"].refresh_if_due
             results = run_locked(cfg, pipe, steps, role=role, echo=echo, on_started=lambda: built.update(ran=True))
         ran = sum(r.submitted for r in results)
         print(f"done: {len(results)} step(s), {ran} shard(s) run" + ("" if ran else " (everything was already complete)"))

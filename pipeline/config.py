@@ -65,7 +65,7 @@ class DriverResources:
     "qos": _RESOURCE, "max_array_size": "how shards are grouped into scheduler jobs",
     "array_parallelism": "how many shards run at once", "gpus_per_node": _RESOURCE,
     "poll_interval_s": "how often the launcher looks", "scheduler_poll_s": "how often the launcher looks",
-    "progress_interval_s": "how often progress is printed", "fatal_pending_after_s": "when a stuck job is given up", "blocked_pending_after_s": "when a stuck job is given up",
+    "progress_interval_s": "how often progress is printed", "view_refresh_s": "how often the run's view is rewritten", "fatal_pending_after_s": "when a stuck job is given up", "blocked_pending_after_s": "when a stuck job is given up",
     "check_requests": "a check before submitting", "check_free_space": "a check before submitting",
     "signal_delay_s": "when a job is told its time is up", "max_requeues": "how often a job may be requeued",
     "setup": "how a job's environment is set up", "slurm_additional_parameters": _RESOURCE,
@@ -89,6 +89,9 @@ class ClusterConfig:
     scheduler_poll_s: float = 15.0
     # seconds between progress lines in a log (a terminal gets a progress bar)
     progress_interval_s: float = 60.0
+    # while a step's jobs run, the run's view (the report) is rewritten in the background at most
+    # this often (and after every step); 0 = after steps only
+    view_refresh_s: float = 900.0
     # a job pending for a reason that cannot clear (PartitionConfig, InvalidAccount, ...) for this
     # long fails its step
     fatal_pending_after_s: float = 10.0

@@ -259,9 +259,11 @@ def query(scheduler, tracked: list, name: Optional[str] = None) -> dict[str, Job
     return scheduler.query_records({t.job_id: t.record for t in tracked})
 
 
-def run_shards(cluster, store: StateStore, step, todo: list, echo: Callable[[str], None] = print) -> list:
+def run_shards(cluster, store: StateStore, step, todo: list, echo: Callable[[str], None] = print,
+               while_waiting: Optional[Callable[[], None]] = None) -> list:
     """Run ``todo`` shards of ``step`` (adopting live recorded jobs); return [(shard key, log
-    path, error line)] of the failures."""
+    path, error line)] of the failures. ``while_waiting`` is called at every look while the jobs
+    run."""
     folder = store.submitit_dir(step.stage.name, step.iteration)
     if cluster.executor == "debug":
         echo(f"[{step.name}] submitting {len(todo)}/{len(step.shards or todo)} shard(s) with the debug executor")
@@ -276,7 +278,7 @@ def run_shards(cluster, store: StateStore, step, todo: list, echo: Callable[[str
     if to_submit:
         echo(f"[{step.name}] submitting {len(to_submit)}/{len(step.shards or todo)} shard(s) with the "
              f"{cluster.executor} executor")
-    waiter = Waiter(cluster, store, step, scheduler, echo, adopted)
+    waiter = Waiter(cluster, store, step, scheduler, echo, adopted, while_waiting)
     if to_submit:
         folder.mkdir(parents=True, exist_ok=True)
         executor = make_executor(cluster, folder, step, store.workdir)
@@ -413,8 +415,10 @@ class Waiter:
     """Waits for a step's jobs: submits queued local shards as room frees up, collects results
     from the markers, asks the scheduler about the rest, prints progress."""
 
-    def __init__(self, cluster, store: StateStore, step, scheduler, echo, tracked: list):
+    def __init__(self, cluster, store: StateStore, step, scheduler, echo, tracked: list,
+                 while_waiting: Optional[Callable[[], None]] = None):
         self.cluster, self.store, self.step, self.scheduler, self.echo = cluster, store, step, scheduler, echo
+        self.while_waiting = while_waiting
         self.tracked: list[Tracked] = list(tracked)
         self.queue: list = []
         self.local_executor = None
@@ -477,6 +481,8 @@ class Waiter:
                 self._fail_unschedulable(now)
                 self._handle_held(now)
                 progress.show(done, self._counts(), len(self.failures), len(self.queue))
+                if self.while_waiting is not None and (self.tracked or self.queue):
+                    self.while_waiting()
                 if self.tracked or self.queue:
                     time.sleep(poll)
         finally:

@@ -12,6 +12,8 @@ in a child process of its own session after each step that completed:
   holds the driver and its refresh, and the driver must be the one that survives);
 - at most one runs at a time: a step that ends while the last refresh still runs starts none
   (the next step's end, or the end-of-launch hook, writes a newer view anyway);
+- a step that runs for days gets one too, while its jobs run: when ``cluster.view_refresh_s``
+  passed since the last one started (``refresh_if_due``, called from the wait loop);
 - its output goes to ``.pipeline/logs/refresh.log``; a refresh that fails is one warning line
   in the launch's output (the driver log when detached), never the launch's outcome;
 - when the launch ends, a refresh still running is stopped (its process group, SIGTERM, then
@@ -24,6 +26,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -49,13 +52,22 @@ def _expendable(pid: int) -> None:
 
 
 class BackgroundRefresh:
-    def __init__(self, command: List[str], workdir: Path, echo: Callable[[str], None]):
+    def __init__(self, command: List[str], workdir: Path, echo: Callable[[str], None], every_s: float = 0.0):
         self.command = list(command)
         self.log = refresh_log(workdir)
         self.echo = echo
+        self.every_s = float(every_s or 0)
         self.proc: Optional[subprocess.Popen] = None
         self.started = 0
         self.skipped = 0
+        self.last_start = time.monotonic()  # the launch's start counts as a fresh view's
+
+    def refresh_if_due(self) -> bool:
+        """While a step's jobs run: ``trigger`` when ``every_s`` passed since the last start."""
+        if self.every_s <= 0 or time.monotonic() - self.last_start < self.every_s:
+            return False
+        self.last_start = time.monotonic()  # a skipped one (the last still runs) waits a period too
+        return self.trigger()
 
     def trigger(self, *_why) -> bool:
         """Start a refresh unless one still runs; True when one was started. Never raises."""
@@ -74,6 +86,7 @@ class BackgroundRefresh:
             self.echo(f"warning: the run's view was not refreshed: cannot start {' '.join(self.command)}: {e}")
             return False
         self.started += 1
+        self.last_start = time.monotonic()
         return True
 
     def _reap(self) -> None:

@@ -90,6 +90,8 @@ class Pipeline:
         self.comparison = changes.Comparison()  # recorded settings vs this launch's (plan)
         self._targets: list = []  # (stage, iteration) of the planned steps
         self.after_step: Optional[Callable[[Step], None]] = None
+        # called at every look while a step's jobs run (the application's view refreshed when due)
+        self.while_waiting: Optional[Callable[[], None]] = None
 
     # --- what to run -----------------------------------------------------------------------------
     def context(self, iteration: Optional[int]) -> StageContext:
@@ -372,7 +374,8 @@ class Pipeline:
                 self.echo(f"[{step.name}] stale: {step.stale}; every shard runs again")
             for key, why in sorted(step.out_of_date.items()):
                 self.echo(f"[{step.name}] shard {key} is out of date: {why}")
-            failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo)
+            failures = executors.run_shards(self.cfg.cluster, self.store, step, todo, echo=self.echo,
+                                            while_waiting=self.while_waiting)
             if failures:
                 lines = [f"  {key}: {err}\n    log: {logp}" for key, logp, err in failures]
                 raise StageFailed(

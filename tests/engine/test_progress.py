@@ -116,6 +116,25 @@ def test_the_view_is_refreshed_after_a_step_in_the_background_and_stopped_at_the
     assert len((work / "refresh-starts.txt").read_text().splitlines()) == 1
 
 
+def test_a_long_step_gets_its_view_refreshed_while_its_jobs_run(tmp_path):
+    """A step that trains for days must not leave the report as it was when the step started: while
+    its jobs run, the view is rewritten every cluster.view_refresh_s (one at a time)."""
+    work = tmp_path / "w"
+    env = toy_env({"toy": 2, "sleep_s": 12, "refresh": {}})
+    r = run(toy_cmd(work, "local", "cluster.view_refresh_s=2"), env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [json.loads(line) for line in (work / "refreshes.jsonl").read_text().splitlines()]
+    during = [rec for rec in recs if any(s["stage"] == "toy" and s["state"] == "running" for s in rec["steps"])]
+    assert len(during) >= 2, recs  # ~12 s of toy jobs, a refresh due every 2 s
+    assert all(b["started"] - a["started"] >= 1.9 for a, b in zip(recs, recs[1:]) if b in during), recs
+    # the default (15 min) leaves a short run with its after-step refreshes only
+    work2 = tmp_path / "w2"
+    r = run(toy_cmd(work2, "local"), env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [json.loads(line) for line in (work2 / "refreshes.jsonl").read_text().splitlines()]
+    assert not any(s["state"] == "running" for rec in recs for s in rec["steps"] if s["stage"] == "toy"), recs
+
+
 def test_a_detached_runs_view_shows_the_steps_done_so_far_and_a_failed_refresh_is_one_warning_line(tmp_path):
     work = tmp_path / "w"
     env = toy_env({"toy": 2, "sleep_s": 3, "per_iteration": True, "refresh": {}})
