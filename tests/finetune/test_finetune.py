@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -388,6 +389,43 @@ def test_finetune_audio_visual_runs(ft_workdir, fresh_pretrained, tmp_path):
         assert torch.equal(mean[k], expected), k
 
 
+def test_a_preempted_finetuning_saves_at_its_next_update_and_resumes_from_it(ft_workdir, fresh_pretrained, tmp_path):
+    """The stage's ``save_now`` (what the worker calls on USR2): fine-tuning saves checkpoint_last.pt
+    at its next update and stops (SavedForPreemption, which the worker turns into a requeue); run
+    again, it resumes from that update, trains to max_update and decodes."""
+    import threading
+    import time
+
+    from pipeline.stage import SavedForPreemption
+    from stages.fairseq_run import checkpoint_updates
+
+    work = tmp_path / "work"
+    shutil.copytree(ft_workdir / "manifest", work / "manifest")
+    (work / "crop").symlink_to(ft_workdir / "crop")
+    ctx = make_ctx(work, fresh_pretrained, max_update=6, beam=1)
+    stage = finetune.STAGE
+    shard = stage.shards(ctx)[0]
+    assert not stage.save_now(ctx, shard)  # nothing trains yet: nothing to save
+
+    def ask():
+        deadline = time.time() + 120
+        while not stage.save_now(ctx, shard) and time.time() < deadline:
+            time.sleep(0.02)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    with pytest.raises(SavedForPreemption, match=r"saved checkpoint_last\.pt at update \d+") as stopped:
+        stage.run(ctx, shard)
+    asker.join(timeout=10)
+    saved = int(re.search(r"at update (\d+)", str(stopped.value)).group(1))
+    checkpoints = work / "finetune" / "checkpoints"
+    assert 1 <= saved < 6 and checkpoint_updates(checkpoints / "checkpoint_last.pt") == saved
+    assert not (checkpoints / "checkpoint_final.pt").exists() and not (work / "finetune" / "results.json").exists()
+    resumed = stage.run(ctx, shard)
+    assert resumed["trained"] and resumed["resumed_from_updates"] == saved and resumed["num_updates"] == 6
+    assert json.loads((work / "finetune" / "results.json").read_text())["num_updates"] == 6
+
+
 @pytest.mark.slow
 def test_two_rank_cpu_job(ft_workdir, fresh_pretrained, tmp_path):
     """One submitit job of two tasks (local executor): two gloo ranks fine-tune together (the
@@ -406,3 +444,4 @@ def test_two_rank_cpu_job(ft_workdir, fresh_pretrained, tmp_path):
     assert results[1] == {"rank": 1}
     assert results[0]["world_size"] == 2 and results[0]["num_updates"] == 4
     assert json.loads((work / "finetune" / "results.json").read_text())["num_updates"] == 4
+
