@@ -108,6 +108,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_and_close(proc: subprocess.Popen, log, timeout: float = 300) -> None:
+    """Wait for a training process (killed past ``timeout``) and close its log."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
 def _two_ranks(tmp_path: Path, tag: str, cmd_of_rank):
     """Run ``cmd_of_rank(rank, init_method)`` for ranks 0 and 1 at once: [(exit status, log text)]."""
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -118,12 +128,7 @@ def _two_ranks(tmp_path: Path, tag: str, cmd_of_rank):
         procs.append((subprocess.Popen(cmd_of_rank(rank, init), stdout=f,
                                        stderr=subprocess.STDOUT, env=_env(), cwd=str(tmp_path)), f))
     for p, f in procs:
-        try:
-            p.wait(timeout=300)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            f.close()
+        _wait_and_close(p, f)
     return [(p.returncode, log.read_text()) for (p, _), log in zip(procs, logs)]
 
 
@@ -172,6 +177,10 @@ def test_two_rank_cpu_distributed(av_corpus_25hz, tmp_path):
 
 # train_inner values that measure time, not training
 TIMING_KEYS = {"wps", "ups", "wpb", "bsz", "wall", "train_wall", "gb_free"}
+# BASE's iterations 2-5: input masking with same_seq video substitution (every masking draw taken)
+INPUT_MASKING = ["model.masking_type=input", "model.selection_type=same_seq", "model.mask_prob_image=0.3",
+                 "model.mask_length_image=5", "model.mask_prob_audio=0.8", "model.mask_length_audio=10"]
+NO_SCHEDULED_SAVES = ["checkpoint.save_interval_updates=0", "dataset.validate_interval=100"]
 
 
 @pytest.mark.timeout(400)
@@ -183,22 +192,14 @@ def test_one_seed_trains_the_same_model_another_seed_another(av_corpus_25hz, tmp
     def start(tag, seed):
         overrides = _data_overrides(av_corpus_25hz, 25) + FAST + [
             f"checkpoint.save_dir={tmp_path / tag}", "optimization.max_update=3", f"common.seed={seed}",
-            "model.masking_type=input", "model.selection_type=same_seq", "model.mask_prob_image=0.3",
-            "model.mask_length_image=5", "model.mask_prob_audio=0.8", "model.mask_length_audio=10",
-            "checkpoint.save_interval_updates=0", "dataset.validate_interval=100",
-        ]
+            *INPUT_MASKING, *NO_SCHEDULED_SAVES]
         log = open(tmp_path / f"{tag}.log", "w")
         return subprocess.Popen(_entry_cmd(overrides), stdout=log, stderr=subprocess.STDOUT, env=_env(threads=1),
                                 cwd=str(tmp_path)), log
 
     def finish(tag, proc_log):
-        proc, log = proc_log
-        try:
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        _wait_and_close(*proc_log)
+        proc = proc_log[0]
         text = (tmp_path / f"{tag}.log").read_text()
         assert proc.returncode == 0, f"{tag}:\n{text[-3000:]}"
         inner = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _records(text, "train_inner")]
@@ -226,11 +227,7 @@ def test_a_run_stopped_and_resumed_ends_with_the_weights_of_a_straight_run(av_co
     def run(tag, max_update):
         overrides = _data_overrides(av_corpus_25hz, 25) + FAST + [
             f"checkpoint.save_dir={tmp_path / tag}", f"optimization.max_update={max_update}", "common.seed=1",
-            "model.masking_type=input", "model.selection_type=same_seq", "model.mask_prob_image=0.3",
-            "model.mask_length_image=5", "model.mask_prob_audio=0.8", "model.mask_length_audio=10",
-            "task.random_crop=true", "model.encoder_layerdrop=0.3",
-            "checkpoint.save_interval_updates=0", "dataset.validate_interval=100",
-        ]
+            *INPUT_MASKING, "task.random_crop=true", "model.encoder_layerdrop=0.3", *NO_SCHEDULED_SAVES]
         with open(tmp_path / f"{tag}.log", "a") as log:
             proc = subprocess.run(_entry_cmd(overrides), stdout=log, stderr=subprocess.STDOUT,
                                   env=_env(threads=1), cwd=str(tmp_path), timeout=300)
